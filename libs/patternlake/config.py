@@ -1,0 +1,207 @@
+"""Typed configuration: YAML per environment, validated at start.
+
+Resolution order (later wins):
+
+1. ``conf/base.yaml``                     shared by every environment
+2. ``conf/<env>.yaml``                    ``local`` unless ``--conf`` names another env or a file
+3. ``PATTERNLAKE__A__B=value``            environment variables (``__`` separates levels)
+4. ``--set a.b=value``                    command-line overrides, repeatable
+
+Values from 3 and 4 are parsed as YAML scalars (``4`` is an int, ``true`` a bool,
+``[a, b]`` a list). Any unknown key or bad value fails at once with the key's path.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from patternlake.errors import ConfigError
+
+ENV_PREFIX = "PATTERNLAKE__"
+CONF_DIR_ENV = "PATTERNLAKE_CONF_DIR"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TableSpec(_Strict):
+    """Where a named table lives under the lake root, and how it is laid out."""
+
+    path: str
+    partition_by: list[str] = Field(default_factory=list)
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        if not v or v.startswith("/") or ".." in Path(v).parts:
+            raise ValueError("must be a relative path under lake.root, without '..'")
+        return v.strip("/")
+
+
+class LakeConfig(_Strict):
+    root: str
+    engine: Literal["auto", "delta-rs", "spark-delta"]
+    vacuum_retention_hours: int = Field(ge=0)
+    compact_target_mb: int = Field(gt=0)
+    storage_options: dict[str, str] = Field(default_factory=dict)
+    tables: dict[str, TableSpec]
+
+
+class SparkConfig(_Strict):
+    master: str | None  # None: leave it to spark-submit / the cluster
+    app_name: str
+    shuffle_partitions: int = Field(gt=0)
+    ui: bool
+    driver_memory: str | None = None
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class GenerateConfig(_Strict):
+    users: int = Field(gt=0)
+    items: int = Field(gt=1)
+    events: int = Field(gt=0)
+    segments: int = Field(gt=0)
+    rules_per_segment: int = Field(ge=0)
+    rule_length: int = Field(ge=2, le=6)
+    rule_strength: float = Field(ge=0, le=1)
+    rule_noise: float = Field(ge=0, le=1)
+    chain_rate: float = Field(ge=0, le=1)
+    zipf_exponent: float = Field(gt=0)
+    categories: int = Field(gt=0)
+    start: str
+    days: int = Field(gt=0)
+    seed: int
+    format: Literal["csv", "jsonl", "parquet"]
+    files: int = Field(gt=0)
+
+
+class LoggingConfig(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class Config(_Strict):
+    env: str
+    lake: LakeConfig
+    spark: SparkConfig
+    generate: GenerateConfig
+    logging: LoggingConfig
+
+    def table(self, name: str) -> TableSpec:
+        try:
+            return self.lake.tables[name]
+        except KeyError:
+            known = ", ".join(sorted(self.lake.tables))
+            raise ConfigError(f"lake.tables.{name}: no such table in conf (known: {known})") from None
+
+
+def default_conf_dir() -> Path:
+    """``$PATTERNLAKE_CONF_DIR``, else ``./conf``, else the repository's ``conf/``."""
+    if os.environ.get(CONF_DIR_ENV):
+        return Path(os.environ[CONF_DIR_ENV])
+    cwd = Path.cwd() / "conf"
+    if (cwd / "base.yaml").is_file():
+        return cwd
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def load_config(
+    conf: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    environ: dict[str, str] | None = None,
+    conf_dir: str | Path | None = None,
+) -> Config:
+    """Load and validate the configuration.
+
+    ``conf`` is an environment name (``local``, ``cluster``, ``databricks``) looked up in the
+    conf dir, or a path to a YAML file; ``overrides`` are ``a.b=value`` strings.
+    """
+    directory = Path(conf_dir) if conf_dir else default_conf_dir()
+    base_file = directory / "base.yaml"
+    if not base_file.is_file():
+        raise ConfigError(
+            f"no base.yaml in conf dir {directory}; run from the repository root or set {CONF_DIR_ENV}"
+        )
+    data = _read_yaml(base_file)
+    env_name = conf or "local"
+    env_file = Path(env_name) if env_name.endswith((".yaml", ".yml")) else directory / f"{env_name}.yaml"
+    if not env_file.is_file():
+        known = sorted(p.stem for p in directory.glob("*.yaml") if p.stem != "base")
+        raise ConfigError(f"--conf {env_name}: no such environment or file (known: {', '.join(known)})")
+    data = _deep_merge(data, _read_yaml(env_file))
+    data.setdefault("env", env_file.stem)
+
+    environ = os.environ if environ is None else environ
+    for key, value in sorted(environ.items()):
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+            path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+            _set_path(data, path, _parse_scalar(value), source=key)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set spark.shuffle_partitions=8")
+        key, value = item.split("=", 1)
+        _set_path(data, key.strip().split("."), _parse_scalar(value), source=f"--set {key}")
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            path = ".".join(str(p) for p in err["loc"]) or "<root>"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif "input" in err and not isinstance(err["input"], dict):
+                msg = f"{msg} (got {err['input']!r})"
+            problems.append(f"{path}: {msg}")
+        raise ConfigError("bad configuration: " + "; ".join(problems)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return loaded
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any, source: str) -> None:
+    if not path or any(not p for p in path):
+        raise ConfigError(f"{source}: empty key")
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(path[: i + 1])} is a value, not a section")
+        node = child
+    node[path[-1]] = value

@@ -1,0 +1,24 @@
+"""The one exception type for errors a user can cause.
+
+Bad input files, missing columns, bad configuration, missing tables: these raise
+`PatternlakeError` with a message that says what is wrong and what to do. The CLI prints
+the message on one line and exits with status 2. Bugs raise ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+
+class PatternlakeError(Exception):
+    """An error caused by input, configuration or the state of the lake, not by a bug."""
+
+
+class ConfigError(PatternlakeError):
+    """A configuration key or value is wrong; the message names the key's path."""
+
+
+class TableNotFoundError(PatternlakeError):
+    """A table was read before anything wrote it."""
+
+
+class SchemaMismatchError(PatternlakeError):
+    """Data does not fit a table's schema (a column's type differs)."""

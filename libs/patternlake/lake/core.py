@@ -1,0 +1,291 @@
+"""The lake layer every stage uses: named Delta tables under one root.
+
+>>> lake = Lake(spark, config.lake)
+>>> lake.write(df, "silver_events", mode="append")
+>>> lake.read("silver_events", version=3)
+>>> lake.merge(updates, "item_index", keys=["item_id"])
+
+Names come from ``lake.tables`` in conf. An absolute path or URI also works (notebooks,
+ad-hoc tables). Schema rules follow Delta's: columns are matched by name (case-insensitive),
+a column missing from the data is written as null, a new column needs
+``merge_schema=True``, and a column whose type differs is rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, DataType, MapType, StructField, StructType
+
+from patternlake.config import LakeConfig
+from patternlake.errors import ConfigError, PatternlakeError, SchemaMismatchError
+from patternlake.lake.deltars import DeltaRsEngine
+from patternlake.lake.engine import DeltaEngine, WriteMode
+from patternlake.spark import delta_jars_loaded
+
+log = logging.getLogger(__name__)
+
+
+def make_engine(spark: SparkSession, conf: LakeConfig) -> DeltaEngine:
+    """``auto`` picks native Delta when its jars are on the classpath, else delta-rs."""
+    wanted = conf.engine
+    if wanted == "auto":
+        wanted = "spark-delta" if delta_jars_loaded(spark) else "delta-rs"
+    if wanted == "spark-delta":
+        if not delta_jars_loaded(spark):
+            raise ConfigError(
+                "lake.engine: spark-delta needs the Delta Lake jars on the Spark classpath "
+                "(Databricks, or --packages io.delta:delta-spark_2.13:4.0.0); use delta-rs or auto"
+            )
+        from patternlake.lake.native import SparkDeltaEngine
+
+        return SparkDeltaEngine(spark)
+    return DeltaRsEngine(spark, conf.storage_options)
+
+
+class Lake:
+    def __init__(self, spark: SparkSession, conf: LakeConfig, engine: DeltaEngine | None = None):
+        self.spark = spark
+        self.conf = conf
+        self.root = _resolve_root(conf.root)
+        self.engine = engine or make_engine(spark, conf)
+
+    # ---- names ---------------------------------------------------------------------------
+
+    def uri(self, name: str) -> str:
+        """Where table ``name`` lives: ``lake.root/<path from conf>``, or ``name`` itself when
+        it is an absolute path or URI."""
+        if name in self.conf.tables:
+            return f"{self.root}/{self.conf.tables[name].path}"
+        if name.startswith("/") or "://" in name:
+            return _resolve_root(name)
+        known = ", ".join(sorted(self.conf.tables))
+        raise ConfigError(f"table {name!r} is not in lake.tables (known: {known}) and is not a path")
+
+    def exists(self, name: str) -> bool:
+        return self.engine.exists(self.uri(name))
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def read(self, name: str, version: int | None = None, timestamp: datetime | str | None = None) -> DataFrame:
+        """The latest version, or the one given by ``version`` or ``timestamp`` (time travel)."""
+        if version is not None and timestamp is not None:
+            raise PatternlakeError("read: give version or timestamp, not both")
+        if isinstance(timestamp, str):
+            try:
+                timestamp = datetime.fromisoformat(timestamp)
+            except ValueError:
+                raise PatternlakeError(f"read: timestamp {timestamp!r} is not ISO-8601") from None
+        return self.engine.read(self.uri(name), version, timestamp)
+
+    def version(self, name: str) -> int:
+        return self.engine.version(self.uri(name))
+
+    def schema(self, name: str) -> StructType:
+        return self.engine.schema(self.uri(name))
+
+    def files(self, name: str, version: int | None = None) -> list[str]:
+        """Absolute paths of the Parquet files making up one version (for loaders)."""
+        return self.engine.files(self.uri(name), version)
+
+    def history(self, name: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """Commits, newest first: version, timestamp, operation, parameters, metrics."""
+        return self.engine.history(self.uri(name), limit)
+
+    def register_views(self) -> list[str]:
+        """Expose every existing table as a temp view named after it (for SQL / notebooks)."""
+        names = [n for n in sorted(self.conf.tables) if self.exists(n)]
+        for n in names:
+            self.read(n).createOrReplaceTempView(n)
+        return names
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def write(
+        self,
+        df: DataFrame,
+        name: str,
+        mode: WriteMode = "append",
+        *,
+        partition_by: list[str] | None = None,
+        replace_where: dict[str, Any] | None = None,
+        merge_schema: bool = False,
+        overwrite_schema: bool = False,
+        commit_info: dict[str, str] | None = None,
+    ) -> int:
+        """Append or overwrite; ``replace_where={"day": "2026-01-02"}`` overwrites only that
+        partition. Returns the table version written."""
+        if mode not in ("append", "overwrite"):
+            raise PatternlakeError(f"write {name}: mode must be 'append' or 'overwrite', not {mode!r}")
+        if overwrite_schema and mode != "overwrite":
+            raise PatternlakeError(f"write {name}: overwrite_schema needs mode='overwrite'")
+        if replace_where and mode != "overwrite":
+            raise PatternlakeError(f"write {name}: replace_where needs mode='overwrite'")
+        started = time.monotonic()
+        uri = self.uri(name)
+        partition_by = list(partition_by or self.conf.tables.get(name, _NO_SPEC).partition_by)
+        exists = self.engine.exists(uri)
+        if exists and not overwrite_schema:
+            table_parts = self.engine.partition_columns(uri)
+            if partition_by and [p.lower() for p in partition_by] != [p.lower() for p in table_parts]:
+                raise SchemaMismatchError(
+                    f"write {name}: table is partitioned by {table_parts}, not {partition_by}"
+                )
+            partition_by = table_parts
+            aligned, target, added = _align(df, self.engine.schema(uri), merge_schema, name)
+        else:
+            aligned, target, added = _align(df, StructType([]), True, name)
+            added = None
+        missing = [p for p in partition_by if p not in target.fieldNames()]
+        if missing:
+            raise SchemaMismatchError(f"write {name}: partition columns {missing} are not in the data")
+        if replace_where:
+            self._check_replace_where(aligned, name, partition_by, replace_where)
+        version = self.engine.write(
+            aligned,
+            uri,
+            mode=mode,
+            partition_by=partition_by,
+            replace_where=replace_where if exists else None,
+            schema=target,
+            add_columns=added,
+            overwrite_schema=overwrite_schema,
+            metadata={"patternlake.operation": "write", "patternlake.mode": mode, **(commit_info or {})},
+        )
+        log.info("lake write %s mode=%s -> version %d (%.1fs)", name, mode, version, time.monotonic() - started)
+        return version
+
+    def merge(
+        self,
+        df: DataFrame,
+        name: str,
+        keys: list[str],
+        *,
+        merge_schema: bool = False,
+        commit_info: dict[str, str] | None = None,
+    ) -> int:
+        """Upsert on ``keys``: rows whose keys exist replace them, the others are inserted.
+        Creates the table when it does not exist. Duplicate keys in ``df`` are an error."""
+        started = time.monotonic()
+        uri = self.uri(name)
+        missing = [k for k in keys if k not in df.columns]
+        if not keys or missing:
+            raise SchemaMismatchError(f"merge into {name}: key columns {missing or keys} are not in the data")
+        dup = df.groupBy(*keys).count().filter("count > 1").limit(1).collect()
+        if dup:
+            sample = {k: dup[0][k] for k in keys}
+            raise PatternlakeError(f"merge into {name}: the data has more than one row for key {sample}")
+        if not self.engine.exists(uri):
+            return self.write(df, name, "append", commit_info=commit_info)
+        aligned, target, added = _align(df, self.engine.schema(uri), merge_schema, name)
+        version = self.engine.merge(
+            aligned,
+            uri,
+            keys,
+            schema=target,
+            add_columns=added,
+            metadata={"patternlake.operation": "merge", "patternlake.keys": ",".join(keys), **(commit_info or {})},
+        )
+        log.info("lake merge %s keys=%s -> version %d (%.1fs)", name, keys, version, time.monotonic() - started)
+        return version
+
+    def delete(self, name: str, predicate: str) -> int:
+        """Delete rows matching a SQL predicate (e.g. ``user_id = 'u1'``); returns rows deleted.
+        The data stays in old files until ``vacuum``."""
+        started = time.monotonic()
+        n = self.engine.delete(self.uri(name), predicate)
+        log.info("lake delete %s where %s: %d rows (%.1fs)", name, predicate, n, time.monotonic() - started)
+        return n
+
+    def vacuum(self, name: str, retention_hours: int | None = None, dry_run: bool = False) -> list[str]:
+        """Physically delete files not needed by versions newer than the retention window."""
+        hours = self.conf.vacuum_retention_hours if retention_hours is None else retention_hours
+        removed = self.engine.vacuum(self.uri(name), hours, dry_run)
+        log.info("lake vacuum %s retention=%dh: %d files%s", name, hours, len(removed), " (dry run)" if dry_run else "")
+        return removed
+
+    def compact(self, name: str, target_mb: int | None = None) -> dict[str, Any]:
+        """Rewrite small files into files of about ``target_mb`` (same rows, new version)."""
+        mb = target_mb or self.conf.compact_target_mb
+        metrics = self.engine.compact(self.uri(name), mb * 1024 * 1024)
+        log.info("lake compact %s: %s", name, metrics)
+        return metrics
+
+    def _check_replace_where(
+        self, df: DataFrame, name: str, partition_by: list[str], replace_where: dict[str, Any]
+    ) -> None:
+        not_parts = [k for k in replace_where if k not in partition_by]
+        if not_parts:
+            raise PatternlakeError(
+                f"write {name}: replace_where keys {not_parts} are not partition columns {partition_by}"
+            )
+        cond: Column = F.lit(True)
+        for k, v in replace_where.items():
+            cond = cond & (F.col(k).isNull() if v is None else (F.col(k) == F.lit(v)))
+        if df.filter(~cond).limit(1).count():
+            raise PatternlakeError(f"write {name}: some rows fall outside replace_where {replace_where}")
+
+
+class _NoSpec:
+    partition_by: list[str] = []
+
+
+_NO_SPEC = _NoSpec()
+
+
+def _resolve_root(root: str) -> str:
+    if root.startswith("file://"):
+        root = root[len("file://") :]
+    if "://" in root or root.startswith("dbfs:"):
+        return root.rstrip("/")
+    return str(Path(root).expanduser().resolve())
+
+
+def _align(
+    df: DataFrame, table: StructType, merge_schema: bool, name: str
+) -> tuple[DataFrame, StructType, StructType | None]:
+    """Match ``df``'s columns to the table's by name; return (aligned df, target schema, added)."""
+    by_lower = {f.name.lower(): f for f in table.fields}
+    seen: dict[str, str] = {}
+    mismatched, new = [], []
+    for f in df.schema.fields:
+        low = f.name.lower()
+        if low in seen:
+            raise SchemaMismatchError(f"write {name}: columns {seen[low]!r} and {f.name!r} differ only in case")
+        seen[low] = f.name
+        if low in by_lower:
+            want = by_lower[low].dataType
+            if _shape(f.dataType) != _shape(want):
+                mismatched.append(f"{f.name}: table has {want.simpleString()}, data has {f.dataType.simpleString()}")
+        else:
+            new.append(StructField(f.name, f.dataType, True, f.metadata))
+    if mismatched:
+        raise SchemaMismatchError(f"write {name}: column types differ from the table: " + "; ".join(mismatched))
+    if new and not merge_schema:
+        raise SchemaMismatchError(
+            f"write {name}: columns {[f.name for f in new]} are not in the table; "
+            "pass merge_schema=True to add them"
+        )
+    target = StructType(list(table.fields) + new)
+    cols = []
+    for f in target.fields:
+        src = seen.get(f.name.lower())
+        cols.append(F.col(f"`{src}`").alias(f.name) if src else F.lit(None).cast(f.dataType).alias(f.name))
+    return df.select(*cols), target, StructType(new) if new else None
+
+
+def _shape(t: DataType) -> str:
+    """A type's description without nullability (which Delta lets differ)."""
+    if isinstance(t, ArrayType):
+        return f"array<{_shape(t.elementType)}>"
+    if isinstance(t, MapType):
+        return f"map<{_shape(t.keyType)},{_shape(t.valueType)}>"
+    if isinstance(t, StructType):
+        return "struct<" + ",".join(f"{f.name.lower()}:{_shape(f.dataType)}" for f in t.fields) + ">"
+    return t.simpleString()

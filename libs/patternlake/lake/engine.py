@@ -1,0 +1,82 @@
+"""What every Delta engine behind the lake layer provides.
+
+Engines work on table URIs and Spark DataFrames; the `Lake` facade resolves names from
+conf, checks schemas and logs. Two engines exist:
+
+* ``delta-rs``: Spark writes and reads the Parquet files, delta-rs owns the transaction
+  log (works anywhere, no JVM jars needed);
+* ``spark-delta``: native ``format("delta")`` and ``delta.tables`` when the Delta jars are
+  on the Spark classpath (Databricks, clusters with ``--packages io.delta:...``).
+
+Both read and write the same tables on disk.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from pyspark.sql import DataFrame
+from pyspark.sql.types import StructType
+
+WriteMode = Literal["append", "overwrite"]
+
+
+class DeltaEngine(Protocol):
+    name: str
+
+    def exists(self, uri: str) -> bool: ...
+
+    def schema(self, uri: str) -> StructType: ...
+
+    def partition_columns(self, uri: str) -> list[str]: ...
+
+    def version(self, uri: str) -> int: ...
+
+    def write(
+        self,
+        df: DataFrame,
+        uri: str,
+        *,
+        mode: WriteMode,
+        partition_by: list[str],
+        replace_where: dict[str, Any] | None,
+        schema: StructType,
+        add_columns: StructType | None,
+        overwrite_schema: bool,
+        metadata: dict[str, str],
+    ) -> int:
+        """Write ``df``, already aligned to ``schema`` (the table's schema after this write,
+        ``add_columns`` being the new ones); return the new version."""
+        ...
+
+    def merge(
+        self,
+        df: DataFrame,
+        uri: str,
+        keys: list[str],
+        *,
+        schema: StructType,
+        add_columns: StructType | None,
+        metadata: dict[str, str],
+    ) -> int:
+        """Upsert ``df`` on ``keys`` (update matching rows, insert the rest); return the version."""
+        ...
+
+    def read(self, uri: str, version: int | None, timestamp: datetime | None) -> DataFrame: ...
+
+    def files(self, uri: str, version: int | None) -> list[str]:
+        """Absolute paths of the Parquet files of one version."""
+        ...
+
+    def history(self, uri: str, limit: int | None) -> list[dict[str, Any]]: ...
+
+    def delete(self, uri: str, predicate: str) -> int:
+        """Delete rows matching a SQL predicate; return how many were deleted."""
+        ...
+
+    def vacuum(self, uri: str, retention_hours: int, dry_run: bool) -> list[str]:
+        """Delete files no longer referenced by versions inside the retention window."""
+        ...
+
+    def compact(self, uri: str, target_size: int) -> dict[str, Any]: ...

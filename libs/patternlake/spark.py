@@ -1,0 +1,90 @@
+"""The one place that builds a Spark session.
+
+Locally (``spark.master: local[2]``) it starts an embedded Spark with the UI off, small
+shuffle partition counts and Arrow on. Under ``spark-submit`` or on Databricks, where a
+session or a ``--master`` already exists, it uses that and only adds the settings that
+can change at run time; the cluster's own settings win.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from patternlake.config import SparkConfig
+
+log = logging.getLogger(__name__)
+
+
+def get_spark(conf: SparkConfig) -> SparkSession:
+    """Return the active session (Databricks, spark-submit) or build one from ``conf``."""
+    # Executors must run the same Python as the driver (the project's venv).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+    active = SparkSession.getActiveSession()
+    runtime = {
+        "spark.sql.shuffle.partitions": str(conf.shuffle_partitions),
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        **conf.conf,
+    }
+    if active is not None:
+        for key, value in runtime.items():
+            _try_set(active, key, value)
+        return active
+
+    builder = SparkSession.builder.appName(conf.app_name)
+    # Only force a master when conf names one and spark-submit has not already set it.
+    if conf.master and "spark.master" not in _submit_conf():
+        builder = builder.master(conf.master)
+    static = {
+        "spark.ui.enabled": str(conf.ui).lower(),
+        "spark.ui.showConsoleProgress": "false",
+        "spark.driver.extraJavaOptions": "-Duser.timezone=UTC",
+        "spark.executor.extraJavaOptions": "-Duser.timezone=UTC",
+    }
+    if conf.driver_memory and "spark.driver.memory" not in _submit_conf():
+        static["spark.driver.memory"] = conf.driver_memory
+    for key, value in {**static, **runtime}.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    log.info("spark %s master=%s", spark.version, spark.sparkContext.master)
+    return spark
+
+
+def _submit_conf() -> dict[str, str]:
+    """Settings spark-submit passed to this driver (empty when run as plain Python)."""
+    raw = os.environ.get("PYSPARK_SUBMIT_ARGS", "")
+    out: dict[str, str] = {}
+    if "--master" in raw:
+        out["spark.master"] = "submit"
+    if "--driver-memory" in raw:
+        out["spark.driver.memory"] = "submit"
+    # Under spark-submit the JVM exists already and its conf is visible through this env var.
+    if os.environ.get("SPARK_ENV_LOADED") or os.environ.get("PYSPARK_GATEWAY_PORT"):
+        out.setdefault("spark.master", "submit")
+        out.setdefault("spark.driver.memory", "submit")
+    return out
+
+
+def _try_set(spark: SparkSession, key: str, value: str) -> None:
+    try:
+        spark.conf.set(key, value)
+    except Exception as exc:  # static or cluster-locked settings cannot change at run time
+        log.debug("kept cluster setting %s (%s)", key, exc)
+
+
+def delta_jars_loaded(spark: SparkSession) -> bool:
+    """True when the Delta Lake Spark jars are on the classpath (Databricks, --packages)."""
+    try:
+        jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
+        jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+        return True
+    except Exception:
+        return False
