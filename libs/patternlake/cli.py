@@ -1,0 +1,168 @@
+"""The ``patternlake`` command line.
+
+    patternlake [--conf ENV|FILE] [--set KEY=VALUE ...] COMMAND [...]
+
+A user error (bad path, bad config, missing table) prints one line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from patternlake.config import Config, load_config, validate_config
+from patternlake.errors import PatternlakeError
+
+log = logging.getLogger("patternlake")
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our exit code and one-line errors."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USER_ERROR, f"patternlake: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="patternlake", description="Personalized pattern discovery on the lakehouse.")
+    parser.add_argument("--conf", default=None, help="environment (local, cluster, databricks) or a YAML file; default local")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set spark.shuffle_partitions=8 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    g = sub.add_parser("generate", help="write synthetic events with planted patterns and ground truth")
+    g.add_argument("--out", required=True, help="output folder (events/ and truth/ are written inside)")
+    for name, typ, text in (
+        ("users", int, "number of users"),
+        ("items", int, "catalogue size"),
+        ("events", int, "number of distinct events"),
+        ("segments", int, "latent user segments"),
+        ("rules-per-segment", int, "planted chains per segment"),
+        ("rule-length", int, "items per planted chain"),
+        ("rule-strength", float, "chance a started chain is completed"),
+        ("rule-noise", float, "chance a chain item is replaced by noise"),
+        ("chain-rate", float, "share of picks that start a chain"),
+        ("files", int, "number of time-ordered output files"),
+        ("seed", int, "random seed"),
+        ("start", str, "first possible event time (ISO-8601)"),
+        ("days", int, "days covered by the events"),
+    ):
+        g.add_argument(f"--{name}", type=typ, default=None, help=f"{text} (default: generate.{name.replace('-', '_')} in conf)")
+    g.add_argument("--format", choices=["csv", "jsonl", "parquet"], default=None)
+    g.set_defaults(func=cmd_generate, needs_spark=False)
+
+    c = sub.add_parser("config", help="print the resolved configuration as JSON")
+    c.set_defaults(func=cmd_config, needs_spark=False)
+
+    lk = sub.add_parser("lake", help="inspect and maintain lake tables")
+    lsub = lk.add_subparsers(dest="lake_command", metavar="ACTION", parser_class=_Parser)
+    lsub.required = True
+    t = lsub.add_parser("tables", help="list tables with version, files and rows")
+    t.set_defaults(func=cmd_lake_tables, needs_spark=True)
+    h = lsub.add_parser("history", help="commits of one table, newest first")
+    h.add_argument("table")
+    h.add_argument("--limit", type=int, default=20)
+    h.set_defaults(func=cmd_lake_history, needs_spark=True)
+    v = lsub.add_parser("vacuum", help="delete files older versions no longer need")
+    v.add_argument("table")
+    v.add_argument("--retention-hours", type=int, default=None)
+    v.add_argument("--dry-run", action="store_true")
+    v.set_defaults(func=cmd_lake_vacuum, needs_spark=True)
+    o = lsub.add_parser("compact", help="rewrite small files into large ones")
+    o.add_argument("table")
+    o.add_argument("--target-mb", type=int, default=None)
+    o.set_defaults(func=cmd_lake_compact, needs_spark=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.conf, args.overrides)
+        _setup_logging("DEBUG" if args.verbose else config.logging.level)
+        func: Callable[..., Any] = args.func
+        if args.needs_spark:
+            from patternlake.lake import Lake
+            from patternlake.spark import get_spark
+
+            spark = get_spark(config.spark)
+            func(args, config, Lake(spark, config.lake))
+        else:
+            func(args, config)
+    except PatternlakeError as exc:
+        print(f"patternlake: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("patternlake: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.getLogger().setLevel(level)
+    for noisy in ("py4j", "urllib3", "great_expectations", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace, config: Config) -> None:
+    from patternlake.synthetic.generate import GenerateParams, generate
+
+    params = config.generate.model_dump()
+    for key in params:
+        value = getattr(args, key, None)
+        if value is not None:
+            params[key] = value
+    config = validate_config({**config.model_dump(), "generate": params})  # flags checked like conf
+    meta = generate(GenerateParams(**config.generate.model_dump()), args.out)
+    print(json.dumps({k: meta[k] for k in ("rows", "unique_events", "duplicates", "rules")}))
+
+
+def cmd_config(args: argparse.Namespace, config: Config) -> None:
+    print(json.dumps(config.model_dump(), indent=2))
+
+
+def cmd_lake_tables(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    for name in sorted(config.lake.tables):
+        if not lake.exists(name):
+            print(f"{name:20s} (not written yet)  {lake.uri(name)}")
+            continue
+        files = lake.files(name)
+        rows = lake.read(name).count()
+        print(f"{name:20s} version={lake.version(name):<4d} files={len(files):<5d} rows={rows:<10d} {lake.uri(name)}")
+
+
+def cmd_lake_history(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    for entry in lake.history(args.table, args.limit):
+        print(json.dumps(entry, default=str))
+
+
+def cmd_lake_vacuum(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    removed = lake.vacuum(args.table, args.retention_hours, args.dry_run)
+    print(json.dumps({"files": len(removed), "dry_run": args.dry_run}))
+
+
+def cmd_lake_compact(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    print(json.dumps(lake.compact(args.table, args.target_mb), default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
