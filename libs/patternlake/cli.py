@@ -32,14 +32,17 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="patternlake", description="Personalized pattern discovery on the lakehouse.")
-    parser.add_argument("--conf", default=None, help="environment (local, cluster, databricks) or a YAML file; default local")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set spark.shuffle_partitions=8 (repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_global_options(parser, defaults=True)
+    # the same options are accepted after the command too (jobs/*.py pass them that way)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, defaults=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    g = sub.add_parser("generate", help="write synthetic events with planted patterns and ground truth")
+    def command(group: Any, name: str, help: str) -> argparse.ArgumentParser:
+        return group.add_parser(name, help=help, description=help, parents=[common])
+
+    g = command(sub, "generate", "write synthetic events with planted patterns and ground truth")
     g.add_argument("--out", required=True, help="output folder (events/ and truth/ are written inside)")
     for name, typ, text in (
         ("users", int, "number of users"),
@@ -60,28 +63,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=["csv", "jsonl", "parquet"], default=None)
     g.set_defaults(func=cmd_generate, needs_spark=False)
 
-    c = sub.add_parser("config", help="print the resolved configuration as JSON")
+    c = command(sub, "config", "print the resolved configuration as JSON")
     c.set_defaults(func=cmd_config, needs_spark=False)
 
-    lk = sub.add_parser("lake", help="inspect and maintain lake tables")
+    lk = command(sub, "lake", "inspect and maintain lake tables")
     lsub = lk.add_subparsers(dest="lake_command", metavar="ACTION", parser_class=_Parser)
     lsub.required = True
-    t = lsub.add_parser("tables", help="list tables with version, files and rows")
+    t = command(lsub, "tables", "list tables with version, files and rows")
     t.set_defaults(func=cmd_lake_tables, needs_spark=True)
-    h = lsub.add_parser("history", help="commits of one table, newest first")
+    h = command(lsub, "history", "commits of one table, newest first")
     h.add_argument("table")
     h.add_argument("--limit", type=int, default=20)
     h.set_defaults(func=cmd_lake_history, needs_spark=True)
-    v = lsub.add_parser("vacuum", help="delete files older versions no longer need")
+    v = command(lsub, "vacuum", "delete files older versions no longer need")
     v.add_argument("table")
     v.add_argument("--retention-hours", type=int, default=None)
     v.add_argument("--dry-run", action="store_true")
     v.set_defaults(func=cmd_lake_vacuum, needs_spark=True)
-    o = lsub.add_parser("compact", help="rewrite small files into large ones")
+    o = command(lsub, "compact", "rewrite small files into large ones")
     o.add_argument("table")
     o.add_argument("--target-mb", type=int, default=None)
     o.set_defaults(func=cmd_lake_compact, needs_spark=True)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--conf", default=default(None),
+                        help="environment (local, cluster, databricks) or a YAML file; default local")
+    parser.add_argument("--set", dest="overrides", action="append", default=default([]), metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set spark.shuffle_partitions=8 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False), help="debug logging")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
