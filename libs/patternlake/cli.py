@@ -63,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=["csv", "jsonl", "parquet"], default=None)
     g.set_defaults(func=cmd_generate, needs_spark=False)
 
+    i = command(sub, "ingest", "read raw event files (csv, tsv, jsonl, parquet; file or folder) into bronze_events")
+    i.add_argument("path")
+    i.add_argument("--format", choices=["auto", "csv", "tsv", "jsonl", "parquet"], default=None)
+    i.add_argument("--map", dest="mapping", default=None, metavar="FIELD=COLUMN,...",
+                   help="source column of each field: user_id, item_id, event_time (required), event_type, "
+                        "event_id; names or 0-based positions; replaces ingest.mapping")
+    i.set_defaults(func=cmd_ingest, needs_spark=True)
+
+    va = command(sub, "validate", "split new bronze batches into silver_events and quarantine_events")
+    va.set_defaults(func=cmd_validate, needs_spark=True)
+
     c = command(sub, "config", "print the resolved configuration as JSON")
     c.set_defaults(func=cmd_config, needs_spark=False)
 
@@ -145,13 +156,33 @@ def cmd_generate(args: argparse.Namespace, config: Config) -> None:
         value = getattr(args, key, None)
         if value is not None:
             params[key] = value
-    config = validate_config({**config.model_dump(), "generate": params})  # flags checked like conf
+    config = validate_config({**config.model_dump(by_alias=True), "generate": params})  # flags checked like conf
     meta = generate(GenerateParams(**config.generate.model_dump()), args.out)
     print(json.dumps({k: meta[k] for k in ("rows", "unique_events", "duplicates", "rules")}))
 
 
+def cmd_ingest(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from patternlake.ingest.bronze import ingest, parse_mapping
+
+    result = ingest(lake.spark, lake, config, args.path, args.format, parse_mapping(args.mapping))
+    if result.noop:
+        print(json.dumps({"noop": True, "reason": "already ingested", "skipped_files": len(result.skipped)}))
+    else:
+        print(json.dumps({"batch_id": result.batch_id, "rows": result.rows, "files": len(result.files),
+                          "skipped_files": len(result.skipped)}))
+
+
+def cmd_validate(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from dataclasses import asdict
+
+    from patternlake.quality.validate import validate_pending
+
+    for report in validate_pending(lake.spark, lake, config):
+        print(json.dumps(asdict(report)))
+
+
 def cmd_config(args: argparse.Namespace, config: Config) -> None:
-    print(json.dumps(config.model_dump(), indent=2))
+    print(json.dumps(config.model_dump(by_alias=True), indent=2))
 
 
 def cmd_lake_tables(args: argparse.Namespace, config: Config, lake: Any) -> None:

@@ -28,7 +28,7 @@ CONF_DIR_ENV = "PATTERNLAKE_CONF_DIR"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class TableSpec(_Strict):
@@ -82,6 +82,54 @@ class GenerateConfig(_Strict):
     files: int = Field(gt=0)
 
 
+class IngestConfig(_Strict):
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"]
+    header: Literal["auto", "true", "false"]
+    sep: str | None  # None: "," for csv, tab for tsv
+    mapping: dict[Literal["user_id", "item_id", "event_time", "event_type", "event_id"], str]
+    default_event_type: str
+
+    @field_validator("header", mode="before")
+    @classmethod
+    def _bool_text(cls, v: object) -> object:
+        return str(v).lower() if isinstance(v, bool) else v
+
+
+class ValidateConfig(_Strict):
+    suite: str  # path relative to the conf dir
+    allowed_event_types: list[str] = Field(min_length=1)
+    min_event_time: str
+    future_tolerance_minutes: int = Field(ge=0)
+    max_id_length: int = Field(gt=0)
+    id_pattern: str
+    max_invalid_share: float = Field(ge=0, le=1)
+    report_dir: str  # under lake.root
+
+
+class FeaturesConfig(_Strict):
+    max_seq_len: int = Field(ge=3)
+    session_gap_minutes: int = Field(gt=0)
+    category_property: str
+    top_categories: int = Field(ge=0)
+
+
+class SegmentConfig(_Strict):
+    k: int = Field(ge=1)
+    seed: int
+    min_events: int = Field(ge=1)
+    max_iter: int = Field(gt=0)
+    top_categories: int = Field(ge=0)
+
+
+class MineConfig(_Strict):
+    min_support: float = Field(gt=0, le=1)
+    max_pattern_length: int = Field(ge=2)
+    min_confidence: float = Field(ge=0, le=1)
+    min_lift: float = Field(ge=0)
+    max_rules_per_segment: int = Field(gt=0)
+    cooccurrence: bool
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -91,6 +139,11 @@ class Config(_Strict):
     lake: LakeConfig
     spark: SparkConfig
     generate: GenerateConfig
+    ingest: IngestConfig
+    validate_: ValidateConfig = Field(alias="validate")
+    features: FeaturesConfig
+    segment: SegmentConfig
+    mine: MineConfig
     logging: LoggingConfig
 
     def table(self, name: str) -> TableSpec:
