@@ -74,6 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     va = command(sub, "validate", "split new bronze batches into silver_events and quarantine_events")
     va.set_defaults(func=cmd_validate, needs_spark=True)
 
+    fe = command(sub, "featurize", "build item_index, user_sequences and user_features from silver_events")
+    fe.add_argument("--full", action="store_true", help="rebuild everything instead of only new batches")
+    fe.set_defaults(func=cmd_featurize, needs_spark=True)
+
+    se = command(sub, "segment", "cluster users into segments (MLlib KMeans) with stable ids")
+    se.set_defaults(func=cmd_step, step="segment", needs_spark=True)
+
+    mi = command(sub, "mine", "mine sequential and co-occurrence rules per segment (PrefixSpan, FPGrowth)")
+    mi.set_defaults(func=cmd_step, step="mine", needs_spark=True)
+
+    r = command(sub, "run", "run a pipeline from pipelines/ (daily: ingest -> validate -> featurize -> segment -> mine)")
+    r.add_argument("pipeline", help="pipeline name, e.g. daily")
+    r.add_argument("--input", default=None, help="raw events to ingest first (file or folder)")
+    r.add_argument("--format", choices=["auto", "csv", "tsv", "jsonl", "parquet"], default=None)
+    r.add_argument("--map", dest="mapping", default=None, metavar="FIELD=COLUMN,...")
+    r.add_argument("--full", action="store_true", help="featurize from scratch")
+    r.set_defaults(func=cmd_run, needs_spark=True)
+
     c = command(sub, "config", "print the resolved configuration as JSON")
     c.set_defaults(func=cmd_config, needs_spark=False)
 
@@ -179,6 +197,28 @@ def cmd_validate(args: argparse.Namespace, config: Config, lake: Any) -> None:
 
     for report in validate_pending(lake.spark, lake, config):
         print(json.dumps(asdict(report)))
+
+
+def cmd_featurize(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from dataclasses import asdict
+
+    from patternlake.features.featurize import featurize
+
+    print(json.dumps(asdict(featurize(lake.spark, lake, config, full=args.full))))
+
+
+def cmd_step(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from patternlake.pipeline import STEPS, _plain
+
+    print(json.dumps(_plain(STEPS[args.step](lake, config, {})), default=str))
+
+
+def cmd_run(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from patternlake.ingest.bronze import parse_mapping
+    from patternlake.pipeline import run_pipeline
+
+    options = {"input": args.input, "format": args.format, "mapping": parse_mapping(args.mapping), "full": args.full}
+    print(json.dumps(run_pipeline(args.pipeline, lake, config, options), default=str))
 
 
 def cmd_config(args: argparse.Namespace, config: Config) -> None:

@@ -123,9 +123,11 @@ class SegmentConfig(_Strict):
 
 class MineConfig(_Strict):
     min_support: float = Field(gt=0, le=1)
+    min_support_count: int = Field(ge=1)
     max_pattern_length: int = Field(ge=2)
     min_confidence: float = Field(ge=0, le=1)
     min_lift: float = Field(ge=0)
+    min_extension_share: float = Field(ge=0, le=1)
     max_rules_per_segment: int = Field(gt=0)
     cooccurrence: bool
 

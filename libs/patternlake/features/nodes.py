@@ -1,0 +1,151 @@
+"""Featurization transforms: plain ``DataFrame -> DataFrame`` functions.
+
+Every per-user value is computed from that user's whole silver history only, so an
+incremental run (only users touched by new batches) gives exactly what a full rebuild gives.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.window import Window
+
+# time-gap buckets (seconds since the previous event of the user); 0 = first event
+GAP_EDGES = (60, 300, 1800, 7200, 86400, 604800)
+GAP_BUCKETS = len(GAP_EDGES) + 2  # 0 (first) .. 7 (>= a week)
+
+
+def new_item_index(events: DataFrame, existing: DataFrame | None) -> DataFrame:
+    """Stable integer ids for items not in ``existing``: numbered after the current maximum,
+    in order of (first batch, first time seen in it, item_id). 0 is reserved for padding.
+
+    ``events`` needs item_id, event_time and _batch_order.
+    """
+    first = events.groupBy("item_id").agg(F.min(F.struct("_batch_order", "event_time")).alias("first"))
+    offset = 0
+    if existing is not None:
+        first = first.join(existing.select("item_id"), "item_id", "left_anti")
+        offset = existing.agg(F.max("item_idx")).first()[0] or 0
+    order = Window.orderBy("first._batch_order", "first.event_time", "item_id")
+    return first.select(
+        "item_id",
+        (F.row_number().over(order) + F.lit(offset)).cast("int").alias("item_idx"),
+        F.col("first.event_time").alias("first_seen"),
+        F.col("first._batch_order").cast("int").alias("first_batch"),
+    )
+
+
+def _is_type(type_idx: int):  # a one-argument lambda (Spark reads a second one as the index)
+    return lambda t: t == type_idx
+
+
+def gap_bucket(seconds: Column) -> Column:
+    out = F.lit(len(GAP_EDGES) + 1)
+    for i, edge in reversed(list(enumerate(GAP_EDGES))):
+        out = F.when(seconds < edge, F.lit(i + 1)).otherwise(out)
+    return out
+
+
+def user_histories(events: DataFrame, item_index: DataFrame, event_types: list[str]) -> DataFrame:
+    """One row per user: the whole history as a time-sorted array of structs."""
+    types = F.array(*[F.lit(t) for t in event_types])
+    ev = events.join(F.broadcast(item_index.select("item_id", "item_idx")), "item_id").select(
+        "user_id",
+        F.struct(
+            F.unix_micros("event_time").alias("t"),
+            F.col("event_id").alias("id"),
+            F.col("item_idx").alias("item"),
+            F.array_position(types, F.col("event_type")).cast("int").alias("type"),
+        ).alias("e"),
+    )
+    return ev.groupBy("user_id").agg(F.sort_array(F.collect_list("e")).alias("events"))
+
+
+def user_sequences(histories: DataFrame, max_len: int) -> DataFrame:
+    """The last ``max_len`` events as item / type / gap-bucket / time arrays, plus the
+    evaluation split of the protocol: with >= 3 events, the last item is the test target
+    and the one before it the validation target (the rest is training input)."""
+    gaps = F.transform(
+        "events",
+        lambda e, i: F.when(i == 0, F.lit(0)).otherwise(
+            gap_bucket((e["t"] - F.element_at("events", i)["t"]) / 1e6)  # element_at is 1-based: i = previous
+        ),
+    )
+    n = F.size("events")
+    start = F.greatest(n - max_len + 1, F.lit(1))
+    last = F.least(n, F.lit(max_len))
+    kept = F.slice("events", start, last)
+    df = histories.select("user_id", n.alias("n_events"), kept.alias("kept"), F.slice(gaps, start, last).alias("gap_seq"))
+    evaluable = F.col("n_events") >= 3
+    return df.select(
+        "user_id",
+        "n_events",
+        F.transform("kept", lambda e: e["item"]).alias("item_seq"),
+        F.transform("kept", lambda e: e["type"]).alias("type_seq"),
+        "gap_seq",
+        F.transform("kept", lambda e: (e["t"] / 1_000_000).cast("long")).alias("time_seq"),
+        F.when(evaluable, F.element_at(F.transform("kept", lambda e: e["item"]), -2)).alias("valid_item"),
+        F.when(evaluable, F.element_at(F.transform("kept", lambda e: e["item"]), -1)).alias("test_item"),
+        F.timestamp_micros(F.element_at("kept", -1)["t"]).alias("last_event_time"),
+    )
+
+
+def user_features(
+    histories: DataFrame,
+    events: DataFrame,
+    event_types: list[str],
+    session_gap_minutes: int,
+    category_property: str,
+    top_categories: int,
+) -> DataFrame:
+    """Activity, recency inputs, session stats, diversity, event-type mix, categories."""
+    gap_s = session_gap_minutes * 60
+    times = F.transform("events", lambda e: e["t"])
+    secs = F.transform(
+        F.sequence(F.lit(2), F.greatest(F.size("events"), F.lit(2))),
+        lambda i: (F.element_at(times, i) - F.element_at(times, i - 1)) / 1e6,
+    )
+    secs = F.when(F.size("events") > 1, secs).otherwise(F.array().cast("array<double>"))
+    n = F.size("events")
+    type_ids = F.transform("events", lambda e: e["type"])
+    mix = [(F.size(F.filter(type_ids, _is_type(k + 1))) / n).alias(f"share_{name}") for k, name in enumerate(event_types)]
+    base = histories.select(
+        "user_id",
+        n.alias("n_events"),
+        F.size(F.array_distinct(F.transform("events", lambda e: e["item"]))).alias("n_items"),
+        F.timestamp_micros(F.element_at("events", 1)["t"]).alias("first_event_time"),
+        F.timestamp_micros(F.element_at("events", -1)["t"]).alias("last_event_time"),
+        F.size(F.array_distinct(F.transform("events", lambda e: F.floor(e["t"] / 86_400_000_000)))).alias("active_days"),
+        (F.size(F.filter(secs, lambda s: s >= gap_s)) + 1).alias("n_sessions"),
+        F.coalesce(F.aggregate(secs, F.lit(0.0), lambda a, s: a + s) / F.size(secs) / 3600, F.lit(0.0)).alias(
+            "mean_gap_hours"
+        ),
+        *mix,
+    )
+    base = base.select(
+        "*",
+        (F.col("n_items") / F.col("n_events")).alias("diversity"),
+        (F.col("n_events") / F.col("n_sessions")).alias("events_per_session"),
+    )
+    cats = (
+        events.select("user_id", F.col("properties").getItem(category_property).alias("category"))
+        .filter(F.col("category").isNotNull())
+        .groupBy("user_id", "category")
+        .count()
+        .groupBy("user_id")
+        .agg(F.map_from_entries(F.array_sort(F.collect_list(F.struct("category", "count")))).alias("category_counts"),
+             F.sort_array(F.collect_list(F.struct(-F.col("count"), F.col("category")))).alias("_ranked"))
+        .select(
+            "user_id",
+            "category_counts",
+            F.slice(F.transform("_ranked", lambda r: r["category"]), 1, max(top_categories, 1)).alias("top_categories"),
+        )
+    )
+    out = base.join(cats, "user_id", "left").select(
+        *[c for c in base.columns],
+        F.coalesce("category_counts", F.create_map().cast("map<string,bigint>")).alias("category_counts"),
+        F.coalesce("top_categories", F.array().cast("array<string>")).alias("top_categories"),
+    )
+    if top_categories == 0:
+        out = out.withColumn("top_categories", F.array().cast("array<string>"))
+    return out
