@@ -77,6 +77,9 @@ def ingest(
         log.info("ingest %s: no-op, all %d files were ingested before", path, len(sources))
         return IngestResult(batch_id=None, rows=0, skipped=skipped)
     fresh = _dedupe_content(fresh)
+    if all(s.size == 0 for s in fresh):
+        log.info("ingest %s: all %d new files are empty; nothing to ingest", path, len(fresh))
+        return IngestResult(batch_id=None, rows=0, files=[s.path for s in fresh], skipped=skipped)
 
     explicit = set(mapping or {})
     effective = dict(mapping) if mapping else dict(conf.mapping)
@@ -93,7 +96,21 @@ def ingest(
         F.lit(fmt).alias("_source_format"),
     )
     lake.write(bronze, "bronze_events", "append", commit_info={"patternlake.batch_id": batch_id})
-    rows = lake.read("bronze_events").filter(F.col("_batch_id") == batch_id).count()
+    per_file = {
+        r["_source_fingerprint"]: r["count"]
+        for r in lake.read("bronze_events").filter(F.col("_batch_id") == batch_id).groupBy("_source_fingerprint").count().collect()
+    }
+    rows = sum(per_file.values())
+    log_rows = [(batch_id, s.path, s.fingerprint, s.size, int(per_file.get(s.fingerprint, 0)), fmt, now) for s in fresh]
+    lake.write(
+        spark.createDataFrame(
+            log_rows,
+            "batch_id string, source_file string, fingerprint string, bytes bigint, rows bigint, format string, "
+            "ingested_at timestamp",
+        ),
+        "ingest_log",
+        "append",
+    )
     log.info(
         "ingest %s: batch %s, %d files (%s), %d rows, %d files skipped as already ingested (%.1fs)",
         path, batch_id, len(fresh), fmt, rows, len(skipped), time.monotonic() - started,
@@ -102,10 +119,14 @@ def ingest(
 
 
 def _ingested_fingerprints(lake: Lake) -> set[str]:
-    if not lake.exists("bronze_events"):
-        return set()
-    rows = lake.read("bronze_events").select("_source_fingerprint").distinct().collect()
-    return {r[0] for r in rows}
+    """Content hashes already ingested: the ingest log, and bronze itself (in case a run died
+    between writing bronze and the log)."""
+    seen: set[str] = set()
+    if lake.exists("ingest_log"):
+        seen |= {r[0] for r in lake.read("ingest_log").select("fingerprint").distinct().collect()}
+    if lake.exists("bronze_events"):
+        seen |= {r[0] for r in lake.read("bronze_events").select("_source_fingerprint").distinct().collect()}
+    return seen
 
 
 def _dedupe_content(files: list[SourceFile]) -> list[SourceFile]:

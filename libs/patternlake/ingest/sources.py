@@ -123,6 +123,7 @@ def read_events(
             .option("columnNameOfCorruptRecord", CORRUPT)
             .json(paths)
         )
+        df = df.select(*[_as_string(df, c).alias(c) for c in df.columns])  # nested values -> JSON text
     elif fmt == "parquet":
         df = spark.read.option("mergeSchema", "true").parquet(*paths)
         df = df.select(*[_as_string(df, c).alias(c) for c in df.columns])
@@ -185,7 +186,7 @@ def _map_columns(df: DataFrame, mapping: dict[str, str], explicit: set[str]) -> 
             chosen[field] = None
             continue
         actual = source if source in columns else lower.get(source.lower())
-        if actual is None and (field in REQUIRED_FIELDS or field in explicit):
+        if actual is None and (field in REQUIRED_FIELDS or field in explicit) and _has_rows(df):
             raise PatternlakeError(
                 f"ingest: column {source!r} (mapped to {field}) is not in the input; "
                 f"its columns are: {', '.join(columns) or '(none)'}"
@@ -209,6 +210,11 @@ def _map_columns(df: DataFrame, mapping: dict[str, str], explicit: set[str]) -> 
         F.col(CORRUPT).alias("_raw"),
         F.regexp_replace(F.url_decode(F.col("_metadata.file_path")), "^file:(//)?", "").alias("_source_file"),
     )
+
+
+def _has_rows(df: DataFrame) -> bool:
+    """A file with no rows (blank lines only) names no columns; that is not an error."""
+    return bool(df.limit(1).count())
 
 
 def _as_string(df: DataFrame, column: str) -> Column:

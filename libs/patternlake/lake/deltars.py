@@ -356,16 +356,20 @@ def _file_stats(meta: pq.FileMetaData) -> str:
         physical = column.physical_type
         lo = hi = None
         null_count = 0
-        usable = True
+        usable = usable_range = True
         for g in range(meta.num_row_groups):
             st = meta.row_group(g).column(i).statistics
             if st is None:
                 usable = False
                 break
             null_count += st.null_count or 0
-            if st.has_min_max:
-                lo = st.min if lo is None else min(lo, st.min)
-                hi = st.max if hi is None else max(hi, st.max)
+            if st.has_min_max and usable_range:
+                try:
+                    lo = st.min if lo is None else min(lo, st.min)
+                    hi = st.max if hi is None else max(hi, st.max)
+                except (UnicodeDecodeError, TypeError):  # raw bytes that are not UTF-8: no range
+                    usable_range = False
+                    lo = hi = None
         if not usable:
             continue
         nulls[name] = null_count

@@ -71,6 +71,7 @@ def typed_events(bronze: DataFrame, default_event_type: str) -> DataFrame:
             "\u001f",
             user, item, raw_time, etype,
             F.to_json(F.array_sort(F.map_entries(F.col("properties")))),
+            F.col("_raw"),  # unparsable rows differ only here
         ),
         256,
     ).substr(1, 32)
