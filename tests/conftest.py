@@ -23,3 +23,36 @@ def spark(config: Config):
     session = get_spark(config.spark)
     yield session
     session.stop()
+
+
+@pytest.fixture
+def stage(spark, config: Config, tmp_path):
+    """A fresh, empty lake for one test: (config, lake)."""
+    from patternlake.lake import Lake
+
+    cfg = config.model_copy(update={"lake": config.lake.model_copy(update={"root": str(tmp_path / "lake")})})
+    return cfg, Lake(spark, cfg.lake)
+
+
+def with_overrides(config: Config, **sections) -> Config:
+    """A copy of ``config`` with some keys of some sections changed: with_overrides(c, mine={"min_lift": 3})."""
+    update = {}
+    for section, values in sections.items():
+        attr = "validate_" if section == "validate" else section
+        update[attr] = getattr(config, attr).model_copy(update=values)
+    return config.model_copy(update=update)
+
+
+@pytest.fixture(scope="session")
+def small_events(tmp_path_factory):
+    """Generated events (300 users, 15k events, 2 time-ordered CSV files) with ground truth."""
+    from patternlake.synthetic.generate import GenerateParams, generate
+
+    out = tmp_path_factory.mktemp("small_events")
+    params = GenerateParams(
+        users=300, items=200, events=15_000, segments=3, rules_per_segment=3, rule_length=3,
+        rule_strength=0.8, rule_noise=0.05, chain_rate=0.25, zipf_exponent=1.1, categories=12,
+        start="2026-01-01T00:00:00Z", days=30, seed=11, format="csv", files=2,
+    )
+    generate(params, out)
+    return out

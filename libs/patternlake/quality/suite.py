@@ -137,8 +137,11 @@ def violation(e: Expectation) -> Column:
         bad = c.isNotNull() & ~c.rlike(k["regex"])
     else:  # uniqueness: handled by deduplication
         return F.lit(False)
-    if k.get("row_condition"):
-        bad = bad & F.coalesce(F.expr(k["row_condition"]), F.lit(False))
+    condition = k.get("row_condition")
+    if isinstance(condition, dict):  # GX 1.9+ form: {"type": "pass_through", "pass_through_filter": SQL}
+        condition = condition.get("pass_through_filter")
+    if condition:
+        bad = bad & F.coalesce(F.expr(condition), F.lit(False))
     return F.coalesce(bad, F.lit(False))
 
 

@@ -134,9 +134,9 @@ def validate_batch(spark: SparkSession, lake: Lake, config: Config, suite: Event
         "event_id", "user_id", "item_id", "event_type", "event_time_raw", "event_time", "properties",
         "_raw", "reasons", "_batch_id", "_source_file", "_ingested_at", F.lit(now).alias("_validated_at"),
     )
-    if bad or lake.exists("quarantine_events"):
-        lake.write(quarantine, "quarantine_events", "overwrite", replace_where={"_batch_id": batch_id},
-                   commit_info={"patternlake.batch_id": batch_id})
+    # always written: an empty partition also replaces rows of an earlier failed attempt
+    lake.write(quarantine, "quarantine_events", "overwrite", replace_where={"_batch_id": batch_id},
+               commit_info={"patternlake.batch_id": batch_id})
 
     share = bad / total if total else 0.0
     status = "passed" if share <= conf.max_invalid_share else "failed"

@@ -1,0 +1,70 @@
+import pytest
+
+from patternlake.config import load_config
+from patternlake.errors import ConfigError
+
+
+def test_local_is_the_embedded_default():
+    c = load_config(environ={})
+    assert c.env == "local"
+    assert c.spark.master == "local[2]"
+    assert c.spark.ui is False
+    assert c.lake.engine == "delta-rs"
+    assert c.table("silver_events").path == "silver/events"
+
+
+def test_environment_files_override_base():
+    cluster = load_config("cluster", environ={})
+    assert cluster.spark.master is None  # spark-submit decides
+    assert cluster.lake.root.startswith("s3://")
+    assert load_config("databricks", environ={}).lake.engine == "auto"
+
+
+def test_env_vars_then_set_flags_override_in_that_order():
+    env = {"PATTERNLAKE__SPARK__SHUFFLE_PARTITIONS": "7", "PATTERNLAKE__LAKE__ROOT": "/env/root"}
+    c = load_config(environ=env)
+    assert c.spark.shuffle_partitions == 7 and c.lake.root == "/env/root"
+    c = load_config(overrides=["spark.shuffle_partitions=9", "mine.cooccurrence=false"], environ=env)
+    assert c.spark.shuffle_partitions == 9
+    assert c.mine.cooccurrence is False
+    assert c.lake.root == "/env/root"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lake.engin=delta-rs", "lake.engin: unknown key"),
+        ("spark.shuffle_partitions=abc", "spark.shuffle_partitions: Input should be a valid integer"),
+        ("spark.shuffle_partitions=0", "spark.shuffle_partitions: Input should be greater than 0"),
+        ("lake.engine=hive", "lake.engine: Input should be 'auto', 'delta-rs' or 'spark-delta'"),
+        ("lake.tables.silver_events.path=../escape", "lake.tables.silver_events.path"),
+        ("validate.max_invalid_share=1.5", "validate.max_invalid_share"),
+    ],
+)
+def test_bad_keys_and_values_fail_with_their_path(override, message):
+    with pytest.raises(ConfigError, match="bad configuration") as err:
+        load_config(overrides=[override], environ={})
+    assert message in str(err.value)
+
+
+def test_bad_env_var_and_bad_set_syntax_and_unknown_env():
+    with pytest.raises(ConfigError, match="spark.ui"):
+        load_config(environ={"PATTERNLAKE__SPARK__UI": "[1, 2]"})
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(overrides=["spark.ui"], environ={})
+    with pytest.raises(ConfigError, match="no such environment"):
+        load_config("production", environ={})
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(overrides=["spark.ui.x=1"], environ={})
+
+
+def test_a_yaml_file_can_be_the_environment(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("lake:\n  root: /data/lake\nspark:\n  shuffle_partitions: 3\n")
+    c = load_config(str(f), environ={})
+    assert (c.lake.root, c.spark.shuffle_partitions, c.env) == ("/data/lake", 3, "mine")
+
+
+def test_unknown_table_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="lake.tables.nope"):
+        load_config(environ={}).table("nope")
