@@ -117,9 +117,8 @@ def user_features(
         F.timestamp_micros(F.element_at("events", -1)["t"]).alias("last_event_time"),
         F.size(F.array_distinct(F.transform("events", lambda e: F.floor(e["t"] / 86_400_000_000)))).alias("active_days"),
         (F.size(F.filter(secs, lambda s: s >= gap_s)) + 1).alias("n_sessions"),
-        F.coalesce(F.aggregate(secs, F.lit(0.0), lambda a, s: a + s) / F.size(secs) / 3600, F.lit(0.0)).alias(
-            "mean_gap_hours"
-        ),
+        F.coalesce(F.try_divide(F.aggregate(secs, F.lit(0.0), lambda a, s: a + s), F.size(secs) * 3600), F.lit(0.0))
+        .alias("mean_gap_hours"),
         *mix,
     )
     base = base.select(
