@@ -7,7 +7,33 @@ cd "$(dirname "$0")/.."
 DATA=${1:-data/demo}
 PL=${PL:-.venv/bin/patternlake}
 
+# 1. synthetic events with planted patterns (kept between runs)
 if [ ! -f "$DATA/truth/meta.json" ]; then
-  "$PL" generate --out "$DATA" --users 2000 --items 500 --events 100000 --format csv --files 4
+  "$PL" generate --out "$DATA"
 fi
+# 2. the daily pipeline: ingest -> validate -> featurize -> segment -> mine
+#    (re-running it is safe: files already ingested are skipped)
+"$PL" run daily --input "$DATA/events"
+# 3. what is in the lake now
 "$PL" lake tables
+.venv/bin/python - "$DATA" <<'PY'
+import sys
+from patternlake.config import load_config
+from patternlake.lake import Lake
+from patternlake.spark import get_spark
+from patternlake.synthetic.truth import score_rules
+
+config = load_config()
+lake = Lake(get_spark(config.spark), config.lake)
+patterns = lake.read("segment_patterns")
+print("\nstrongest sequential rule per segment:")
+for seg in sorted(r[0] for r in patterns.select("segment_id").distinct().collect()):
+    best = patterns.filter(f"segment_id = {seg} AND kind = 'sequential'").orderBy("lift", ascending=False).first()
+    if best:
+        print(f"  segment {seg}: {' -> '.join(best.antecedent)} => {best.consequent}"
+              f"  (support {best.support:.3f}, confidence {best.confidence:.2f}, lift {best.lift:.1f})")
+mined = [r.asDict() for r in patterns.filter("kind = 'sequential'").collect()]
+score = score_rules(f"{sys.argv[1]}/truth", mined, {r.user_id: r.segment_id for r in lake.read("segments").collect()})
+print(f"planted rules recalled: {score.found}/{score.planted} (recall {score.recall:.2f}), "
+      f"precision {score.precision:.2f} of {score.mined} mined rules")
+PY

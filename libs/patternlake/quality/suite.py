@@ -173,7 +173,7 @@ def run_gx(df: DataFrame, suite: EventSuite, batch_id: str) -> dict[str, Any]:
         ],
     )
     batch = batch_def.get_batch(batch_parameters={"dataframe": df})
-    result = batch.validate(gx_suite, expectation_parameters=suite.parameters, result_format="SUMMARY")
+    result = batch.validate(gx_suite, expectation_parameters=suite.parameters, result_format="BASIC")
     return json.loads(json.dumps(result.to_json_dict(), default=str))
 
 

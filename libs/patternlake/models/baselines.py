@@ -1,0 +1,68 @@
+"""Baselines computed in the same run as the teacher: popularity and a first-order Markov
+chain (item -> next item transition counts), both fitted on the training parts only."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+class Popularity:
+    name = "popularity"
+
+    def __init__(self, n_items: int):
+        self.n_items = n_items
+        self.counts = np.zeros(n_items, dtype=np.float64)
+
+    def fit(self, items: np.ndarray, targets: np.ndarray) -> Popularity:
+        """``items``/``targets``: the padded training inputs and next-item targets."""
+        seen = np.concatenate([items[:, :1][items[:, :1] > 0], targets[targets > 0]])
+        self.counts = np.bincount(seen, minlength=self.n_items).astype(np.float64)
+        self.counts[0] = 0
+        return self
+
+    def scores(self, items: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.broadcast_to(self.counts, (len(items), self.n_items)).copy()).float()
+
+    def num_params(self) -> int:
+        return int(self.n_items)
+
+    def nbytes(self) -> int:
+        return int(self.counts.nbytes)
+
+
+class MarkovChain:
+    """P(next | last item) from transition counts, backed off to popularity."""
+
+    name = "markov"
+
+    def __init__(self, n_items: int, backoff: float = 1e-3):
+        self.n_items = n_items
+        self.backoff = backoff
+        self.pop = Popularity(n_items)
+        self.transitions = sp.csr_matrix((n_items, n_items))
+
+    def fit(self, items: np.ndarray, targets: np.ndarray) -> MarkovChain:
+        valid = (items > 0) & (targets > 0)
+        prev, nxt = items[valid], targets[valid]
+        self.transitions = sp.csr_matrix(
+            (np.ones(len(prev)), (prev, nxt)), shape=(self.n_items, self.n_items), dtype=np.float64
+        )
+        self.pop.fit(items, targets)
+        return self
+
+    def scores(self, items: np.ndarray) -> torch.Tensor:
+        last = items[:, -1]
+        rows = self.transitions[last].toarray()
+        totals = rows.sum(axis=1, keepdims=True)
+        probs = np.divide(rows, totals, out=np.zeros_like(rows), where=totals > 0)
+        pop = self.pop.counts / max(1.0, self.pop.counts.sum())
+        return torch.from_numpy(probs + self.backoff * pop[None, :]).float()
+
+    def num_params(self) -> int:
+        return int(self.transitions.nnz)
+
+    def nbytes(self) -> int:
+        t = self.transitions
+        return int(t.data.nbytes + t.indices.nbytes + t.indptr.nbytes + self.pop.nbytes())

@@ -1,0 +1,94 @@
+"""Ranking metrics of the evaluation protocol (DESIGN.md): full ranking over the whole
+catalogue, one held-out target per user.
+
+HR@k, NDCG@k, MRR@k for k in (10, 20) and catalogue coverage@10 (share of items that
+appear in at least one user's top 10), overall and per segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+METRICS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "coverage@10")
+
+
+def masked_scores(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores with padding (item 0) and, when given, the user's past items ``exclude``
+    (B, L) set to -inf; the target itself is never masked."""
+    s = scores.clone()
+    s[:, 0] = float("-inf")
+    if exclude is not None:
+        target_score = s.gather(1, targets.unsqueeze(1))
+        s.scatter_(1, exclude, float("-inf"))
+        s.scatter_(1, targets.unsqueeze(1), target_score)
+        s[:, 0] = float("-inf")
+    return s
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among all items; ties count against the target."""
+    t = scores.gather(1, targets.unsqueeze(1))
+    return (scores >= t).sum(dim=1) - 1
+
+
+class RankingAccumulator:
+    """Collects ranks and top-10 lists batch by batch; reports metrics per group."""
+
+    def __init__(self, n_items: int):
+        self.n_items = n_items
+        self.ranks: list[np.ndarray] = []
+        self.groups: list[np.ndarray] = []
+        self.top10: list[np.ndarray] = []
+
+    def add(self, scores: torch.Tensor, targets: torch.Tensor, groups: np.ndarray, exclude: torch.Tensor | None) -> None:
+        s = masked_scores(scores, targets, exclude)
+        self.ranks.append(target_ranks(s, targets).cpu().numpy())
+        self.top10.append(torch.topk(s, 10, dim=1).indices.cpu().numpy())
+        self.groups.append(np.asarray(groups))
+
+    def report(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        ranks = np.concatenate(self.ranks) if self.ranks else np.zeros(0)
+        groups = np.concatenate(self.groups) if self.groups else np.zeros(0)
+        top = np.concatenate(self.top10) if self.top10 else np.zeros((0, 10), dtype=np.int64)
+        overall = _metrics(ranks, top, self.n_items)
+        per = {str(g): _metrics(ranks[groups == g], top[groups == g], self.n_items) for g in np.unique(groups)}
+        return overall, per
+
+
+def _metrics(ranks: np.ndarray, top10: np.ndarray, n_items: int) -> dict[str, float]:
+    out: dict[str, float] = {"users": int(len(ranks))}
+    if len(ranks) == 0:
+        return out | {m: 0.0 for m in METRICS}
+    for k in (10, 20):
+        hit = ranks < k
+        out[f"hr@{k}"] = float(hit.mean())
+        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2), 0.0).mean())
+    out["mrr@10"] = float(np.where(ranks < 10, 1.0 / (ranks + 1), 0.0).mean())
+    out["coverage@10"] = float(len(np.unique(top10[top10 > 0])) / max(1, n_items - 1))
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def evaluate_scorer(
+    score: Callable[[slice], torch.Tensor],
+    n_users: int,
+    targets: np.ndarray,
+    groups: np.ndarray,
+    n_items: int,
+    batch_size: int = 1024,
+    history: np.ndarray | None = None,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """``score(slice)`` returns (b, N) scores for those users; ``history`` (n, L) masks the
+    users' past items when given."""
+    acc = RankingAccumulator(n_items)
+    for s in _slices(n_users, batch_size):
+        exclude = torch.from_numpy(history[s]) if history is not None else None
+        acc.add(score(s).float().cpu(), torch.from_numpy(targets[s]), groups[s], exclude)
+    return acc.report()
+
+
+def _slices(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))

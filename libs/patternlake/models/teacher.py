@@ -1,0 +1,124 @@
+"""The teacher: a SASRec-family sequential transformer.
+
+Causal self-attention over the user's item sequence, with item, event-type, time-gap and
+position embeddings; the output is tied to the item embeddings, so the score of item j
+after position t is ``h_t . E_j``. Trained with full-softmax cross-entropy over the whole
+catalogue, or a sampled softmax (uniform negatives, logQ-corrected) for large catalogues.
+
+Shapes: B batch, L sequence length, D model width, N catalogue size (index 0 = padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GAP_BUCKETS = 8  # see patternlake.features.nodes.GAP_BUCKETS
+
+
+@dataclass
+class TeacherConfig:
+    n_items: int  # catalogue size + 1 (0 is padding)
+    n_types: int  # event types + 1
+    n_gaps: int = GAP_BUCKETS
+    max_len: int = 50
+    d_model: int = 64
+    n_heads: int = 2
+    n_layers: int = 2
+    dropout: float = 0.2
+    sampled_softmax: int = 0  # 0: full softmax; k > 0: k uniform negatives per batch
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention then a position-wise MLP."""
+
+    def __init__(self, c: TeacherConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(c.d_model)
+        self.attn = nn.MultiheadAttention(c.d_model, c.n_heads, dropout=c.dropout, batch_first=True)
+        self.ln2 = nn.LayerNorm(c.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(c.d_model, 4 * c.d_model), nn.GELU(), nn.Dropout(c.dropout), nn.Linear(4 * c.d_model, c.d_model)
+        )
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        a, _ = self.attn(h, h, h, attn_mask=mask, need_weights=False)
+        x = x + self.drop(a)
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class SequentialTeacher(nn.Module):
+    def __init__(self, c: TeacherConfig):
+        super().__init__()
+        self.config = c
+        self.item = nn.Embedding(c.n_items, c.d_model, padding_idx=0)
+        self.type = nn.Embedding(c.n_types, c.d_model, padding_idx=0)
+        self.gap = nn.Embedding(c.n_gaps, c.d_model)
+        self.pos = nn.Embedding(c.max_len, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.ln = nn.LayerNorm(c.d_model)
+        nn.init.normal_(self.item.weight, std=0.02)
+        with torch.no_grad():
+            self.item.weight[0].zero_()
+
+    def encode(self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+        """(B, L) left-padded inputs -> (B, L, D) hidden states (position t sees <= t)."""
+        B, L = items.shape
+        pos = torch.arange(L, device=items.device).unsqueeze(0)  # (1, L)
+        x = self.item(items) * self.config.d_model**0.5 + self.type(types) + self.gap(gaps) + self.pos(pos)
+        x = self.drop(x)
+        # True = may not attend: the future, and padding keys; every position may attend to
+        # itself, so a padding row is never fully masked (its output is never used)
+        causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=items.device), diagonal=1)
+        mask = causal.unsqueeze(0) | (items == 0).unsqueeze(1)  # (B, L, L)
+        mask = mask & ~torch.eye(L, dtype=torch.bool, device=items.device)
+        mask = mask.repeat_interleave(self.config.n_heads, dim=0)  # (B*H, L, L)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln(x)
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(…, D) -> (…, N) scores over the whole catalogue (tied output)."""
+        return hidden @ self.item.weight.T
+
+    def last_scores(self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+        """Next-item scores after the last position: (B, N); padding scored -inf."""
+        s = self.scores(self.encode(items, types, gaps)[:, -1])
+        s[:, 0] = float("-inf")
+        return s
+
+    def forward(self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss (forward() so that DDP's gradient hooks run)."""
+        return self.loss(items, types, gaps, targets)
+
+    def loss(self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Next-item cross-entropy at every non-padded position. targets: (B, L), 0 = ignore."""
+        h = self.encode(items, types, gaps)  # (B, L, D)
+        mask = targets > 0
+        h, y = h[mask], targets[mask]  # (M, D), (M,)
+        k = self.config.sampled_softmax
+        if k <= 0:
+            return F.cross_entropy(self.scores(h), y)
+        # sampled softmax: the true item plus k shared uniform negatives, logQ-corrected
+        neg = torch.randint(1, self.config.n_items, (k,), device=h.device)
+        cand = torch.cat([y.unsqueeze(1), neg.unsqueeze(0).expand(len(y), k)], dim=1)  # (M, 1+k)
+        logits = (h.unsqueeze(1) * self.item(cand)).sum(-1)  # (M, 1+k)
+        logits[:, 1:] = logits[:, 1:].masked_fill(cand[:, 1:] == y.unsqueeze(1), float("-inf"))
+        return F.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def pick_device() -> torch.device:
+    """CUDA when present (production GPU clusters), else CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

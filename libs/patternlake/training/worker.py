@@ -1,0 +1,262 @@
+"""One training function for every backend: Horovod (on Spark barrier tasks or under
+``horovodrun``), torch DDP (``TorchDistributor``) and a single process.
+
+Each process builds the same model from the same seed, averages gradients with the others,
+scales the learning rate by the world size (with linear warm-up), validates NDCG@10 after
+every epoch (rank 0, broadcast to all so that all stop together), checkpoints to the model
+store and resumes from the last checkpoint after a crash.
+
+    python -m patternlake.training.worker SPEC.json   # what `horovodrun` launches
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from patternlake.models.metrics import evaluate_scorer
+from patternlake.models.teacher import SequentialTeacher, TeacherConfig, pick_device
+from patternlake.training.data import ShardedSequences, evaluation_arrays, read_table
+
+
+@dataclass
+class TrainSpec:
+    files: list[str]
+    data_version: int
+    model: dict[str, Any]  # TeacherConfig fields
+    backend: str  # horovod | ddp | single
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    patience: int = 3
+    seed: int = 7
+    valid_users: int = 5000
+    threads: int = 1
+    checkpoint_dir: str = ""
+    result_path: str = ""  # horovodrun: rank 0 writes its result here
+    max_batches_per_epoch: int = 0  # 0: all; >0 caps an epoch (benchmarks)
+
+
+class _Comm:
+    """The few collective operations training needs, for each backend."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        if backend == "horovod":
+            import horovod.torch as hvd
+
+            hvd.init()
+            self.hvd = hvd
+            self.rank, self.world, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+        elif backend == "ddp":
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.dist = dist
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        else:
+            self.rank, self.world, self.local_rank = 0, 1, 0
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.backend == "horovod":
+            return self.hvd.broadcast_object(obj, root_rank=0)
+        if self.backend == "ddp":
+            box = [obj]
+            self.dist.broadcast_object_list(box, src=0)
+            return box[0]
+        return obj
+
+    def allreduce_sum(self, value: float) -> float:
+        if self.backend == "horovod":
+            return float(self.hvd.allreduce(torch.tensor([value]), op=self.hvd.Sum).item())
+        if self.backend == "ddp":
+            t = torch.tensor([value], dtype=torch.float64)
+            self.dist.all_reduce(t)
+            return float(t.item())
+        return value
+
+    def close(self) -> None:
+        if self.backend == "ddp" and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """Runs in every training process; returns the result on rank 0 (None elsewhere)."""
+    spec = TrainSpec(**spec_dict)
+    comm = _Comm(spec.backend)
+    torch.set_num_threads(max(1, spec.threads))
+    torch.manual_seed(spec.seed)
+    np.random.seed(spec.seed)
+    device = pick_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(comm.local_rank)
+        device = torch.device("cuda", comm.local_rank)
+
+    cfg = TeacherConfig(**spec.model)
+    model = SequentialTeacher(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr * comm.world, weight_decay=spec.weight_decay)
+    warmup = max(1, spec.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+
+    state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "history": [], "bad_epochs": 0}
+    ckpt_dir = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
+    resumed_from = None
+    last = _latest_checkpoint(ckpt_dir) if ckpt_dir else None
+    if last is not None:  # every rank reads the same file from the shared model store
+        saved = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        resumed_from = str(last)
+
+    train_model: torch.nn.Module = model
+    if spec.backend == "horovod":
+        hvd = comm.hvd
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    elif spec.backend == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[comm.local_rank] if device.type == "cuda" else None)
+
+    data = ShardedSequences(spec.files, comm.rank, comm.world, cfg.max_len, spec.batch_size, spec.seed)
+    valid = _validation_set(spec, cfg) if comm.rank == 0 else None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
+
+    samples, train_seconds = 0, 0.0
+    for epoch in range(state["epoch"], spec.epochs):
+        model.train()
+        started = time.perf_counter()
+        loss_sum, steps = 0.0, 0
+        for b, batch in enumerate(data.epoch(epoch)):
+            if spec.max_batches_per_epoch and b >= spec.max_batches_per_epoch:
+                break
+            batch = batch.to(device)
+            with amp:  # forward() is the training loss (so DDP's hooks see it)
+                loss = train_model(batch.items, batch.types, batch.gaps, batch.targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach())
+            steps += 1
+            samples += len(batch.items)
+        elapsed = time.perf_counter() - started
+        train_seconds += elapsed
+        mean_loss = comm.allreduce_sum(loss_sum / max(steps, 1)) / comm.world
+        ndcg = _validate(model, valid, cfg, device) if comm.rank == 0 else None
+        ndcg = comm.broadcast_object(ndcg)
+        improved = ndcg > state["best"]
+        state["history"].append({"epoch": epoch, "loss": round(mean_loss, 5), "valid_ndcg@10": ndcg,
+                                 "seconds": round(elapsed, 2), "lr": opt.param_groups[0]["lr"]})
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        if improved:
+            state["best"], state["best_epoch"] = ndcg, epoch
+        state["epoch"] = epoch + 1
+        if comm.rank == 0 and ckpt_dir:
+            _save(ckpt_dir, epoch, model, opt, sched, state, improved)
+        if state["bad_epochs"] >= spec.patience:
+            break
+
+    total_samples = comm.allreduce_sum(float(samples))
+    result = None
+    if comm.rank == 0:
+        result = {
+            "history": state["history"],
+            "best_epoch": state["best_epoch"],
+            "best_valid_ndcg@10": state["best"],
+            "best_path": str(ckpt_dir / "best.pt") if ckpt_dir else "",
+            "world": comm.world,
+            "backend": spec.backend,
+            "device": str(device),
+            "samples_per_s": round(total_samples / train_seconds, 1) if train_seconds else 0.0,
+            "resumed_from": resumed_from,
+            "params": model.num_params(),
+        }
+        if spec.result_path:
+            Path(spec.result_path).write_text(json.dumps(result))
+    comm.close()
+    return result
+
+
+class _NoAutocast:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _validation_set(spec: TrainSpec, cfg: TeacherConfig) -> tuple[np.ndarray, ...]:
+    users, items, types, gaps, target = evaluation_arrays(read_table(spec.files), cfg.max_len, "valid")
+    if len(users) > spec.valid_users:
+        pick = np.random.default_rng(spec.seed).choice(len(users), spec.valid_users, replace=False)
+        items, types, gaps, target = items[pick], types[pick], gaps[pick], target[pick]
+    return items, types, gaps, target
+
+
+@torch.no_grad()
+def _validate(model: SequentialTeacher, valid: tuple[np.ndarray, ...] | None, cfg: TeacherConfig, device: torch.device) -> float:
+    if valid is None or len(valid[0]) == 0:
+        return 0.0
+    items, types, gaps, target = valid
+    model.eval()
+
+    def score(s: slice) -> torch.Tensor:
+        t = [torch.from_numpy(a[s]).to(device) for a in (items, types, gaps)]
+        return model.last_scores(*t)
+
+    overall, _ = evaluate_scorer(score, len(target), target, np.zeros(len(target)), cfg.n_items, batch_size=512)
+    return float(overall["ndcg@10"])
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    if not directory.is_dir():
+        return None
+    found = sorted(directory.glob("epoch-*.pt"))
+    return found[-1] if found else None
+
+
+def _save(directory: Path, epoch: int, model: SequentialTeacher, opt: Any, sched: Any, state: dict, best: bool) -> None:
+    """Atomic: write to a temporary name, then rename (a crash never leaves half a file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    inner_opt = getattr(opt, "_optimizer", None) or opt
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": inner_opt.state_dict() if hasattr(inner_opt, "state_dict") else opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "state": state,
+        "config": model.config.to_dict(),
+    }
+    tmp = directory / f".epoch-{epoch:04d}.pt.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, directory / f"epoch-{epoch:04d}.pt")
+    if best:
+        tmp = directory / ".best.pt.tmp"
+        torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "epoch": epoch}, tmp)
+        os.replace(tmp, directory / "best.pt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = argv if argv is not None else sys.argv[1:]
+    spec = json.loads(Path(argv[0]).read_text())
+    train_worker(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
