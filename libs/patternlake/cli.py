@@ -20,6 +20,7 @@ from patternlake.errors import PatternlakeError
 log = logging.getLogger("patternlake")
 
 EXIT_USER_ERROR = 2
+METRIC_NAMES = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "coverage@10")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     mi = command(sub, "mine", "mine sequential and co-occurrence rules per segment (PrefixSpan, FPGrowth)")
     mi.set_defaults(func=cmd_step, step="mine", needs_spark=True)
+
+    tr = command(sub, "train", "train the teacher model on user_sequences and register it in MLflow")
+    tr.add_argument("--backend", choices=["horovod", "horovodrun", "ddp", "single"], default=None,
+                    help="default: train.backend in conf")
+    tr.add_argument("--fresh", action="store_true", help="ignore checkpoints of an earlier run of the same job")
+    tr.set_defaults(func=cmd_train, needs_spark=True)
+
+    ev = command(sub, "evaluate", "evaluate the registered teacher and the baselines (protocol in DESIGN.md)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_evaluate, needs_spark=True)
 
     r = command(sub, "run", "run a pipeline from pipelines/ (daily: ingest -> validate -> featurize -> segment -> mine)")
     r.add_argument("pipeline", help="pipeline name, e.g. daily")
@@ -219,6 +230,27 @@ def cmd_run(args: argparse.Namespace, config: Config, lake: Any) -> None:
 
     options = {"input": args.input, "format": args.format, "mapping": parse_mapping(args.mapping), "full": args.full}
     print(json.dumps(run_pipeline(args.pipeline, lake, config, options), default=str))
+
+
+def cmd_train(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from patternlake.training.teacher_job import train_teacher
+
+    print(json.dumps(train_teacher(lake.spark, lake, config, args.backend, args.fresh), default=str))
+
+
+def cmd_evaluate(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from patternlake.models.evaluate import evaluate_models
+
+    result = evaluate_models(lake.spark, lake, config)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{'model':12s} {'params':>10s} {'bytes':>10s} " + " ".join(f"{m:>11s}" for m in METRIC_NAMES))
+    for name, m in result["models"].items():
+        print(f"{name:12s} {m['params']:>10d} {m['bytes']:>10d} "
+              + " ".join(f"{m['overall'][k]:>11.4f}" for k in METRIC_NAMES))
+    print(f"({result['protocol']['users']} users, mask_history={result['protocol']['mask_history']}, "
+          f"user_sequences@v{result['data_version']})")
 
 
 def cmd_config(args: argparse.Namespace, config: Config) -> None:

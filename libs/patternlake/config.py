@@ -132,6 +132,42 @@ class MineConfig(_Strict):
     cooccurrence: bool
 
 
+class ModelsConfig(_Strict):
+    root: str  # model store: checkpoints and saved models (local path or shared mount)
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str
+    experiment: str
+
+
+class TeacherModelConfig(_Strict):
+    d_model: int = Field(gt=0)
+    n_heads: int = Field(gt=0)
+    n_layers: int = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    sampled_softmax: int = Field(ge=0)
+
+
+class TrainConfig(_Strict):
+    backend: Literal["horovod", "horovodrun", "ddp", "single"]
+    num_proc: int = Field(gt=0)
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    patience: int = Field(gt=0)
+    seed: int
+    valid_users: int = Field(gt=0)
+    threads_per_proc: int = Field(gt=0)
+
+
+class EvaluateConfig(_Strict):
+    mask_history: bool
+    batch_size: int = Field(gt=0)
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -146,6 +182,11 @@ class Config(_Strict):
     features: FeaturesConfig
     segment: SegmentConfig
     mine: MineConfig
+    models: ModelsConfig
+    mlflow: MlflowConfig
+    teacher: TeacherModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
     logging: LoggingConfig
 
     def table(self, name: str) -> TableSpec:

@@ -52,12 +52,26 @@ def _mine(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
     return mine_patterns(lake.spark, lake, config)
 
 
+def _train_teacher(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
+    from patternlake.training.teacher_job import train_teacher
+
+    return train_teacher(lake.spark, lake, config, options.get("backend"), bool(options.get("fresh")))
+
+
+def _evaluate(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
+    from patternlake.models.evaluate import evaluate_models
+
+    return evaluate_models(lake.spark, lake, config)
+
+
 STEPS: dict[str, Callable[[Lake, Config, dict[str, Any]], Any]] = {
     "ingest": _ingest,
     "validate": _validate,
     "featurize": _featurize,
     "segment": _segment,
     "mine": _mine,
+    "train_teacher": _train_teacher,
+    "evaluate": _evaluate,
 }
 
 

@@ -59,22 +59,24 @@ class SequentialTeacher(nn.Module):
     def __init__(self, c: TeacherConfig):
         super().__init__()
         self.config = c
-        self.item = nn.Embedding(c.n_items, c.d_model, padding_idx=0)
-        self.type = nn.Embedding(c.n_types, c.d_model, padding_idx=0)
-        self.gap = nn.Embedding(c.n_gaps, c.d_model)
-        self.pos = nn.Embedding(c.max_len, c.d_model)
+        self.item_emb = nn.Embedding(c.n_items, c.d_model, padding_idx=0)
+        self.type_emb = nn.Embedding(c.n_types, c.d_model, padding_idx=0)
+        self.gap_emb = nn.Embedding(c.n_gaps, c.d_model)
+        self.pos_emb = nn.Embedding(c.max_len, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.ln = nn.LayerNorm(c.d_model)
-        nn.init.normal_(self.item.weight, std=0.02)
+        for emb in (self.item_emb, self.type_emb, self.gap_emb, self.pos_emb):
+            nn.init.normal_(emb.weight, std=0.02)  # GPT-style: no embedding drowns the others
         with torch.no_grad():
-            self.item.weight[0].zero_()
+            self.item_emb.weight[0].zero_()
+            self.type_emb.weight[0].zero_()
 
     def encode(self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
         """(B, L) left-padded inputs -> (B, L, D) hidden states (position t sees <= t)."""
         B, L = items.shape
         pos = torch.arange(L, device=items.device).unsqueeze(0)  # (1, L)
-        x = self.item(items) * self.config.d_model**0.5 + self.type(types) + self.gap(gaps) + self.pos(pos)
+        x = self.item_emb(items) + self.type_emb(types) + self.gap_emb(gaps) + self.pos_emb(pos)
         x = self.drop(x)
         # True = may not attend: the future, and padding keys; every position may attend to
         # itself, so a padding row is never fully masked (its output is never used)
@@ -88,7 +90,7 @@ class SequentialTeacher(nn.Module):
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """(…, D) -> (…, N) scores over the whole catalogue (tied output)."""
-        return hidden @ self.item.weight.T
+        return hidden @ self.item_emb.weight.T
 
     def last_scores(self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
         """Next-item scores after the last position: (B, N); padding scored -inf."""
@@ -111,7 +113,7 @@ class SequentialTeacher(nn.Module):
         # sampled softmax: the true item plus k shared uniform negatives, logQ-corrected
         neg = torch.randint(1, self.config.n_items, (k,), device=h.device)
         cand = torch.cat([y.unsqueeze(1), neg.unsqueeze(0).expand(len(y), k)], dim=1)  # (M, 1+k)
-        logits = (h.unsqueeze(1) * self.item(cand)).sum(-1)  # (M, 1+k)
+        logits = (h.unsqueeze(1) * self.item_emb(cand)).sum(-1)  # (M, 1+k)
         logits[:, 1:] = logits[:, 1:].masked_fill(cand[:, 1:] == y.unsqueeze(1), float("-inf"))
         return F.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
 
@@ -122,3 +124,15 @@ class SequentialTeacher(nn.Module):
 def pick_device() -> torch.device:
     """CUDA when present (production GPU clusters), else CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class TeacherScorer(nn.Module):
+    """What the registry serves: one (B, 3, L) int64 tensor (items, types, gaps, left-padded)
+    -> (B, N) next-item scores. A single input keeps the MLflow signature simple."""
+
+    def __init__(self, teacher: SequentialTeacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher.last_scores(x[:, 0], x[:, 1], x[:, 2])

@@ -1,0 +1,11 @@
+"""spark-submit-able entry point: train the teacher (see `patternlake train --help`).
+
+    spark-submit --master spark://host:7077 jobs/train_teacher.py --backend horovod --conf cluster
+"""
+
+import sys
+
+from patternlake.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,158 @@
+"""train_teacher: ``user_sequences`` (a pinned Delta version) -> the teacher model.
+
+Picks the backend from ``train.backend``, runs the one training function everywhere,
+then logs the run to MLflow (params, per-epoch metrics, the Delta version trained on, the
+model with its signature) and registers it as ``teacher`` with alias ``candidate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from patternlake.config import Config
+from patternlake.errors import PatternlakeError
+from patternlake.lake import Lake
+from patternlake.models.teacher import SequentialTeacher, TeacherConfig, TeacherScorer
+from patternlake.training.worker import TrainSpec, train_worker
+
+log = logging.getLogger(__name__)
+REGISTERED_NAME = "teacher"
+ALIAS = "candidate"  # set on every new teacher; quality gates promote to "champion"
+
+
+def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
+    for table in ("user_sequences", "item_index"):
+        if not lake.exists(table):
+            raise PatternlakeError(f"train: {table} does not exist yet; run `patternlake run daily` first")
+    version = lake.version("user_sequences")
+    n_items = (lake.read("item_index").agg(F.max("item_idx")).first()[0] or 0) + 1
+    model = TeacherConfig(
+        n_items=n_items,
+        n_types=len(config.validate_.allowed_event_types) + 1,
+        max_len=config.features.max_seq_len,
+        **config.teacher.model_dump(),
+    )
+    t = config.train
+    spec = TrainSpec(
+        files=lake.files("user_sequences", version),
+        data_version=version,
+        model=model.to_dict(),
+        backend="horovod" if backend == "horovodrun" else backend,
+        epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay, patience=t.patience, seed=t.seed, valid_users=t.valid_users,
+        threads=t.threads_per_proc,
+    )
+    # one checkpoint folder per (data version, model, training settings, world size): a rerun
+    # of the same job resumes, a changed job starts over
+    key = {k: v for k, v in asdict(spec).items() if k not in ("files", "checkpoint_dir", "result_path")}
+    key["num_proc"] = 1 if backend == "single" else t.num_proc
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    spec.checkpoint_dir = str(Path(config.models.root).resolve() / "teacher" / "checkpoints" / digest)
+    return spec
+
+
+def run_backend(spark: SparkSession, spec: TrainSpec, backend: str, num_proc: int) -> dict[str, Any]:
+    payload = asdict(spec)
+    if backend == "single":
+        return train_worker(payload)
+    if backend == "horovod":
+        import horovod.spark
+
+        results = horovod.spark.run(train_worker, args=(payload,), num_proc=num_proc, use_gloo=True,
+                                    start_timeout=600, verbose=1)
+        return next(r for r in results if r is not None)
+    if backend == "ddp":
+        from pyspark.ml.torch.distributor import TorchDistributor
+
+        local = spark.sparkContext.master.startswith("local")
+        distributor = TorchDistributor(num_processes=num_proc, local_mode=local, use_gpu=torch.cuda.is_available())
+        return distributor.run(train_worker, payload)
+    if backend == "horovodrun":
+        with tempfile.TemporaryDirectory(prefix="pl-hvd-") as tmp:
+            payload["result_path"] = str(Path(tmp) / "result.json")
+            spec_path = Path(tmp) / "spec.json"
+            spec_path.write_text(json.dumps(payload))
+            horovodrun = Path(sys.executable).parent / "horovodrun"
+            cmd = [str(horovodrun), "-np", str(num_proc), "--gloo", "-H", f"localhost:{num_proc}",
+                   sys.executable, "-m", "patternlake.training.worker", str(spec_path)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"horovodrun failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+            return json.loads(Path(payload["result_path"]).read_text())
+    raise PatternlakeError(f"train.backend: unknown backend {backend!r}")
+
+
+def load_best(result: dict[str, Any]) -> SequentialTeacher:
+    saved = torch.load(result["best_path"], map_location="cpu", weights_only=False)
+    model = SequentialTeacher(TeacherConfig(**saved["config"]))
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+def train_teacher(
+    spark: SparkSession, lake: Lake, config: Config, backend: str | None = None, fresh: bool = False
+) -> dict[str, Any]:
+    started = time.monotonic()
+    backend = backend or config.train.backend
+    num_proc = 1 if backend == "single" else config.train.num_proc
+    spec = build_spec(lake, config, backend)
+    if fresh:
+        shutil.rmtree(spec.checkpoint_dir, ignore_errors=True)
+    log.info("train teacher: backend=%s processes=%d data=user_sequences@v%d items=%d checkpoints=%s",
+             backend, num_proc, spec.data_version, spec.model["n_items"], spec.checkpoint_dir)
+    result = run_backend(spark, spec, backend, num_proc)
+    model = load_best(result)
+    run_id, version = log_to_mlflow(config, spec, result, model, backend)
+    result.update({"mlflow_run_id": run_id, "registered_version": version, "data_version": spec.data_version,
+                   "seconds": round(time.monotonic() - started, 1)})
+    log.info("train teacher: best validation NDCG@10 %.4f at epoch %d, %d params, registered %s v%s (%.1fs)",
+             result["best_valid_ndcg@10"], result["best_epoch"], result["params"], REGISTERED_NAME, version,
+             time.monotonic() - started)
+    return result
+
+
+def log_to_mlflow(config: Config, spec: TrainSpec, result: dict[str, Any], model: SequentialTeacher,
+                  backend: str) -> tuple[str, str]:
+    import mlflow
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(config.mlflow.tracking_uri)
+    mlflow.set_experiment(config.mlflow.experiment)
+    with mlflow.start_run(run_name=f"teacher-{backend}") as run:
+        mlflow.log_params({f"model.{k}": v for k, v in spec.model.items()})
+        mlflow.log_params({"backend": backend, "world_size": result["world"], "epochs": spec.epochs,
+                           "batch_size": spec.batch_size, "lr": spec.lr, "warmup_steps": spec.warmup_steps,
+                           "seed": spec.seed, "params": result["params"]})
+        mlflow.set_tags({"data.table": "user_sequences", "data.version": spec.data_version,
+                         "patternlake.role": "teacher", "device": result["device"]})
+        for h in result["history"]:
+            mlflow.log_metrics({"train_loss": h["loss"], "valid_ndcg_at_10": h["valid_ndcg@10"],
+                                "epoch_seconds": h["seconds"]}, step=h["epoch"])
+        mlflow.log_metrics({"best_valid_ndcg_at_10": result["best_valid_ndcg@10"],
+                            "samples_per_s": result["samples_per_s"]})
+        scorer = TeacherScorer(model).eval()
+        example = np.zeros((2, 3, spec.model["max_len"]), dtype=np.int64)
+        example[:, 0, -1] = 1
+        with torch.no_grad():
+            out = scorer(torch.from_numpy(example)).numpy()
+        info = mlflow.pytorch.log_model(scorer, name="model", signature=infer_signature(example, out),
+                                        serialization_format="pickle", input_example=example,
+                                        registered_model_name=REGISTERED_NAME)
+        version = str(info.registered_model_version)
+        mlflow.MlflowClient().set_registered_model_alias(REGISTERED_NAME, ALIAS, version)
+        return run.info.run_id, version
