@@ -170,8 +170,17 @@ def _setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger().setLevel(level)
-    for noisy in ("py4j", "urllib3", "great_expectations", "mlflow"):
+    for noisy in ("py4j", "urllib3", "great_expectations", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_libraries)
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """Horovod and py4j log chatty INFO lines through the root logger; keep their warnings."""
+    if record.levelno >= logging.WARNING:
+        return True
+    return not any(part in record.pathname for part in ("/horovod/", "/py4j/"))
 
 
 # ---- commands ----------------------------------------------------------------------------

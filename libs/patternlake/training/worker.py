@@ -71,7 +71,10 @@ class _Comm:
 
     def broadcast_object(self, obj: Any) -> Any:
         if self.backend == "horovod":
-            return self.hvd.broadcast_object(obj, root_rank=0)
+            # collectives are matched by name; the default name is the object's type, which
+            # differs between the root (a value) and the others (None)
+            self._calls = getattr(self, "_calls", 0) + 1
+            return self.hvd.broadcast_object(obj, root_rank=0, name=f"broadcast_object.{self._calls}")
         if self.backend == "ddp":
             box = [obj]
             self.dist.broadcast_object_list(box, src=0)
@@ -148,7 +151,7 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
             batch = batch.to(device)
             with amp:  # forward() is the training loss (so DDP's hooks see it)
                 loss = train_model(batch.items, batch.types, batch.gaps, batch.targets)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
