@@ -56,3 +56,17 @@ def small_events(tmp_path_factory):
     )
     generate(params, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def daily_lake(spark, config, tmp_path_factory):
+    """`patternlake generate` at default settings run through `run daily`: (work dir, lake, config)."""
+    from patternlake.cli import main
+    from patternlake.lake import Lake
+
+    work = tmp_path_factory.mktemp("daily")
+    assert main(["generate", "--out", str(work / "data")]) == 0  # conf defaults
+    root = work / "lake"
+    assert main(["--set", f"lake.root={root}", "run", "daily", "--input", str(work / "data" / "events")]) == 0
+    cfg = config.model_copy(update={"lake": config.lake.model_copy(update={"root": str(root)})})
+    return work, Lake(spark, cfg.lake)

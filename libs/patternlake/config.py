@@ -139,6 +139,7 @@ class ModelsConfig(_Strict):
 class MlflowConfig(_Strict):
     tracking_uri: str
     experiment: str
+    artifact_location: str  # where a new experiment keeps its artifacts
 
 
 class TeacherModelConfig(_Strict):

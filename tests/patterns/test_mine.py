@@ -10,18 +10,6 @@ from patternlake.cli import main
 from patternlake.synthetic.truth import score_rules
 
 
-@pytest.fixture(scope="module")
-def daily_lake(spark, config, tmp_path_factory):
-    from patternlake.lake import Lake
-
-    work = tmp_path_factory.mktemp("daily")
-    assert main(["generate", "--out", str(work / "data")]) == 0  # conf defaults
-    root = work / "lake"
-    assert main(["--set", f"lake.root={root}", "run", "daily", "--input", str(work / "data" / "events")]) == 0
-    cfg = config.model_copy(update={"lake": config.lake.model_copy(update={"root": str(root)})})
-    return work, Lake(spark, cfg.lake)
-
-
 @pytest.mark.slow
 def test_planted_rules_are_recalled_with_reported_precision(daily_lake, capsys):
     work, lake = daily_lake

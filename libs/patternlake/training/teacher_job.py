@@ -126,13 +126,25 @@ def train_teacher(
     return result
 
 
+def use_experiment(config: Config) -> None:
+    """Point MLflow at conf's tracking URI and experiment (created with its artifact location)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(config.mlflow.tracking_uri)
+    if mlflow.get_experiment_by_name(config.mlflow.experiment) is None:
+        location = config.mlflow.artifact_location
+        if "://" not in location:
+            location = Path(location).resolve().as_uri()
+        mlflow.create_experiment(config.mlflow.experiment, artifact_location=location)
+    mlflow.set_experiment(config.mlflow.experiment)
+
+
 def log_to_mlflow(config: Config, spec: TrainSpec, result: dict[str, Any], model: SequentialTeacher,
                   backend: str) -> tuple[str, str]:
     import mlflow
     from mlflow.models import infer_signature
 
-    mlflow.set_tracking_uri(config.mlflow.tracking_uri)
-    mlflow.set_experiment(config.mlflow.experiment)
+    use_experiment(config)
     with mlflow.start_run(run_name=f"teacher-{backend}") as run:
         mlflow.log_params({f"model.{k}": v for k, v in spec.model.items()})
         mlflow.log_params({"backend": backend, "world_size": result["world"], "epochs": spec.epochs,

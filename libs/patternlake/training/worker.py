@@ -96,7 +96,7 @@ class _Comm:
 
 
 def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
-    """Runs in every training process; returns the result on rank 0 (None elsewhere)."""
+    """Runs in every training process; every rank returns rank 0's result."""
     spec = TrainSpec(**spec_dict)
     comm = _Comm(spec.backend)
     torch.set_num_threads(max(1, spec.threads))
@@ -192,6 +192,8 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
         }
         if spec.result_path:
             Path(spec.result_path).write_text(json.dumps(result))
+    # every rank returns rank 0's result: TorchDistributor keeps whichever rank writes last
+    result = comm.broadcast_object(result)
     comm.close()
     return result
 
