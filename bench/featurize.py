@@ -29,7 +29,9 @@ from patternlake.synthetic.generate import GenerateParams, generate
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--users", type=int, default=200_000)
     ap.add_argument("--items", type=int, default=20_000)
@@ -38,8 +40,16 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-featurize-"))
     config = load_config("local", [f"lake.root={work}/lake"])
-    params = GenerateParams(**{**config.generate.model_dump(), "events": args.events, "users": args.users,
-                               "items": args.items, "format": "csv", "files": 8})
+    params = GenerateParams(
+        **{
+            **config.generate.model_dump(),
+            "events": args.events,
+            "users": args.users,
+            "items": args.items,
+            "format": "csv",
+            "files": 8,
+        }
+    )
     t = time.perf_counter()
     meta = generate(params, work / "data")
     print(f"generated {meta['rows']:,} rows in {time.perf_counter() - t:.1f}s")
@@ -52,7 +62,9 @@ def main() -> None:
         t0 = time.perf_counter()
         df = spark.read.option("header", "true").csv(events)
         grouped = df.groupBy("user_id").agg(
-            F.sort_array(F.collect_list(F.struct("event_time", "item_id", "event_type"))).alias("events")
+            F.sort_array(F.collect_list(F.struct("event_time", "item_id", "event_type"))).alias(
+                "events"
+            )
         )
         grouped.write.format("noop").mode("overwrite").save()
         return time.perf_counter() - t0
@@ -71,8 +83,10 @@ def main() -> None:
     n = meta["rows"]
     print(f"events={n:,} users={args.users:,} items={args.items:,} (local[2])")
     print(f"baseline read+groupBy+sort: {base:.1f}s ({n / base / 1e6:.2f} M events/s)")
-    print(f"ingest {t1 - t0:.1f}s + validate {t2 - t1:.1f}s + featurize {t3 - t2:.1f}s = {pipeline:.1f}s "
-          f"({n / pipeline / 1e6:.2f} M events/s)")
+    print(
+        f"ingest {t1 - t0:.1f}s + validate {t2 - t1:.1f}s + featurize {t3 - t2:.1f}s = {pipeline:.1f}s "
+        f"({n / pipeline / 1e6:.2f} M events/s)"
+    )
     print(f"ratio pipeline/baseline: {pipeline / base:.2f}x (target <= 1.50x)")
     spark.stop()
     if not args.keep:

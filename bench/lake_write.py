@@ -23,7 +23,9 @@ from patternlake.spark import get_spark
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rows", type=int, default=5_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -37,7 +39,10 @@ def main() -> None:
         .select(
             F.concat(F.lit("u"), (F.col("id") % 200_000).cast("string")).alias("user_id"),
             F.concat(F.lit("i"), (F.col("id") * 7919 % 20_000).cast("string")).alias("item_id"),
-            F.element_at(F.array(F.lit("view"), F.lit("cart"), F.lit("buy")), (F.col("id") % 3 + 1).cast("int")).alias("event_type"),
+            F.element_at(
+                F.array(F.lit("view"), F.lit("cart"), F.lit("buy")),
+                (F.col("id") % 3 + 1).cast("int"),
+            ).alias("event_type"),
             (F.lit(1_767_225_600_000) + F.col("id") * 997).alias("event_time"),
             (F.col("id") % 1000 / 10.0).alias("price"),
         )

@@ -1,6 +1,6 @@
 """spark-submit-able entry point: evaluate the registered teacher and the baselines.
 
-    spark-submit jobs/evaluate.py --json
+spark-submit jobs/evaluate.py --json
 """
 
 import sys

@@ -1,6 +1,6 @@
 """spark-submit-able entry point for the `featurize` stage (see `patternlake featurize --help`).
 
-    spark-submit jobs/featurize.py [OPTIONS] [--conf cluster] [--set key=value]
+spark-submit jobs/featurize.py [OPTIONS] [--conf cluster] [--set key=value]
 """
 
 import sys

@@ -1,6 +1,6 @@
 """spark-submit-able entry point: synthetic events with planted patterns.
 
-    spark-submit jobs/generate.py --out data/demo --events 1000000
+spark-submit jobs/generate.py --out data/demo --events 1000000
 """
 
 import sys

@@ -1,6 +1,6 @@
 """spark-submit-able entry point for the `ingest` stage (see `patternlake ingest --help`).
 
-    spark-submit jobs/ingest.py [OPTIONS] [--conf cluster] [--set key=value]
+spark-submit jobs/ingest.py [OPTIONS] [--conf cluster] [--set key=value]
 """
 
 import sys

@@ -1,6 +1,6 @@
 """spark-submit-able entry point for the `segment` stage (see `patternlake segment --help`).
 
-    spark-submit jobs/segment.py [OPTIONS] [--conf cluster] [--set key=value]
+spark-submit jobs/segment.py [OPTIONS] [--conf cluster] [--set key=value]
 """
 
 import sys

@@ -1,6 +1,6 @@
 """spark-submit-able entry point for the `validate` stage (see `patternlake validate --help`).
 
-    spark-submit jobs/validate.py [OPTIONS] [--conf cluster] [--set key=value]
+spark-submit jobs/validate.py [OPTIONS] [--conf cluster] [--set key=value]
 """
 
 import sys

@@ -13,7 +13,12 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
     root = tmp_path_factory.mktemp("lake")
     return load_config(
         "local",
-        [f"lake.root={root}", "spark.shuffle_partitions=2", "spark.ui=false", "spark.master=local[2]"],
+        [
+            f"lake.root={root}",
+            "spark.shuffle_partitions=2",
+            "spark.ui=false",
+            "spark.master=local[2]",
+        ],
         environ={},
     )
 
@@ -30,7 +35,9 @@ def stage(spark, config: Config, tmp_path):
     """A fresh, empty lake for one test: (config, lake)."""
     from patternlake.lake import Lake
 
-    cfg = config.model_copy(update={"lake": config.lake.model_copy(update={"root": str(tmp_path / "lake")})})
+    cfg = config.model_copy(
+        update={"lake": config.lake.model_copy(update={"root": str(tmp_path / "lake")})}
+    )
     return cfg, Lake(spark, cfg.lake)
 
 
@@ -50,9 +57,22 @@ def small_events(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("small_events")
     params = GenerateParams(
-        users=300, items=200, events=15_000, segments=3, rules_per_segment=3, rule_length=3,
-        rule_strength=0.8, rule_noise=0.05, chain_rate=0.25, zipf_exponent=1.1, categories=12,
-        start="2026-01-01T00:00:00Z", days=30, seed=11, format="csv", files=2,
+        users=300,
+        items=200,
+        events=15_000,
+        segments=3,
+        rules_per_segment=3,
+        rule_length=3,
+        rule_strength=0.8,
+        rule_noise=0.05,
+        chain_rate=0.25,
+        zipf_exponent=1.1,
+        categories=12,
+        start="2026-01-01T00:00:00Z",
+        days=30,
+        seed=11,
+        format="csv",
+        files=2,
     )
     generate(params, out)
     return out
@@ -67,6 +87,11 @@ def daily_lake(spark, config, tmp_path_factory):
     work = tmp_path_factory.mktemp("daily")
     assert main(["generate", "--out", str(work / "data")]) == 0  # conf defaults
     root = work / "lake"
-    assert main(["--set", f"lake.root={root}", "run", "daily", "--input", str(work / "data" / "events")]) == 0
+    assert (
+        main(
+            ["--set", f"lake.root={root}", "run", "daily", "--input", str(work / "data" / "events")]
+        )
+        == 0
+    )
     cfg = config.model_copy(update={"lake": config.lake.model_copy(update={"root": str(root)})})
     return work, Lake(spark, cfg.lake)

@@ -10,11 +10,31 @@ from patternlake.cli import main
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "patternlake.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "patternlake.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_generate_then_user_errors_exit_2_without_traceback(tmp_path, capsys):
-    assert main(["generate", "--out", str(tmp_path / "g"), "--users", "20", "--events", "400", "--items", "200"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--out",
+                str(tmp_path / "g"),
+                "--users",
+                "20",
+                "--events",
+                "400",
+                "--items",
+                "200",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["unique_events"] == 400
     for argv, text in [
@@ -39,7 +59,9 @@ def test_missing_table_and_bad_arguments_in_a_real_process(tmp_path):
     assert r.returncode == 2 and "--out" in r.stderr
 
 
-@pytest.mark.parametrize("command", ["generate", "ingest", "validate", "featurize", "segment", "mine", "run", "lake"])
+@pytest.mark.parametrize(
+    "command", ["generate", "ingest", "validate", "featurize", "segment", "mine", "run", "lake"]
+)
 def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as code:
         main([command, "--help"])

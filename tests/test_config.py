@@ -24,7 +24,9 @@ def test_env_vars_then_set_flags_override_in_that_order():
     env = {"PATTERNLAKE__SPARK__SHUFFLE_PARTITIONS": "7", "PATTERNLAKE__LAKE__ROOT": "/env/root"}
     c = load_config(environ=env)
     assert c.spark.shuffle_partitions == 7 and c.lake.root == "/env/root"
-    c = load_config(overrides=["spark.shuffle_partitions=9", "mine.cooccurrence=false"], environ=env)
+    c = load_config(
+        overrides=["spark.shuffle_partitions=9", "mine.cooccurrence=false"], environ=env
+    )
     assert c.spark.shuffle_partitions == 9
     assert c.mine.cooccurrence is False
     assert c.lake.root == "/env/root"
@@ -34,7 +36,10 @@ def test_env_vars_then_set_flags_override_in_that_order():
     ("override", "message"),
     [
         ("lake.engin=delta-rs", "lake.engin: unknown key"),
-        ("spark.shuffle_partitions=abc", "spark.shuffle_partitions: Input should be a valid integer"),
+        (
+            "spark.shuffle_partitions=abc",
+            "spark.shuffle_partitions: Input should be a valid integer",
+        ),
         ("spark.shuffle_partitions=0", "spark.shuffle_partitions: Input should be greater than 0"),
         ("lake.engine=hive", "lake.engine: Input should be 'auto', 'delta-rs' or 'spark-delta'"),
         ("lake.tables.silver_events.path=../escape", "lake.tables.silver_events.path"),

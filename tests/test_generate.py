@@ -12,9 +12,22 @@ from patternlake.synthetic.truth import planted_chains
 
 def params(**kw) -> GenerateParams:
     base = dict(
-        users=200, items=150, events=8000, segments=2, rules_per_segment=3, rule_length=3, rule_strength=0.9,
-        rule_noise=0.0, chain_rate=0.3, zipf_exponent=1.1, categories=6, start="2026-01-01T00:00:00Z", days=20,
-        seed=3, format="csv", files=3,
+        users=200,
+        items=150,
+        events=8000,
+        segments=2,
+        rules_per_segment=3,
+        rule_length=3,
+        rule_strength=0.9,
+        rule_noise=0.0,
+        chain_rate=0.3,
+        zipf_exponent=1.1,
+        categories=6,
+        start="2026-01-01T00:00:00Z",
+        days=20,
+        seed=3,
+        format="csv",
+        files=3,
     )
     base.update(kw)
     return GenerateParams(**base)
@@ -34,7 +47,9 @@ def test_exact_event_count_duplicates_and_time_order():
 def test_planted_chains_are_followed_in_their_segment():
     gen = generate_events(params())
     by_user: dict[str, list[str]] = {}
-    for u, i in zip(gen.events["user_id"].to_pylist(), gen.events["item_id"].to_pylist(), strict=True):
+    for u, i in zip(
+        gen.events["user_id"].to_pylist(), gen.events["item_id"].to_pylist(), strict=True
+    ):
         by_user.setdefault(u, []).append(i)
     seg = dict(zip(gen.users["user_id"].to_pylist(), gen.users["segment"].to_pylist(), strict=True))
     for rule in gen.rules:

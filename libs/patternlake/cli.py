@@ -32,7 +32,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="patternlake", description="Personalized pattern discovery on the lakehouse.")
+    parser = _Parser(
+        prog="patternlake", description="Personalized pattern discovery on the lakehouse."
+    )
     _add_global_options(parser, defaults=True)
     # the same options are accepted after the command too (jobs/*.py pass them that way)
     common = argparse.ArgumentParser(add_help=False)
@@ -44,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         return group.add_parser(name, help=help, description=help, parents=[common])
 
     g = command(sub, "generate", "write synthetic events with planted patterns and ground truth")
-    g.add_argument("--out", required=True, help="output folder (events/ and truth/ are written inside)")
+    g.add_argument(
+        "--out", required=True, help="output folder (events/ and truth/ are written inside)"
+    )
     for name, typ, text in (
         ("users", int, "number of users"),
         ("items", int, "catalogue size"),
@@ -60,42 +64,78 @@ def build_parser() -> argparse.ArgumentParser:
         ("start", str, "first possible event time (ISO-8601)"),
         ("days", int, "days covered by the events"),
     ):
-        g.add_argument(f"--{name}", type=typ, default=None, help=f"{text} (default: generate.{name.replace('-', '_')} in conf)")
+        g.add_argument(
+            f"--{name}",
+            type=typ,
+            default=None,
+            help=f"{text} (default: generate.{name.replace('-', '_')} in conf)",
+        )
     g.add_argument("--format", choices=["csv", "jsonl", "parquet"], default=None)
     g.set_defaults(func=cmd_generate, needs_spark=False)
 
-    i = command(sub, "ingest", "read raw event files (csv, tsv, jsonl, parquet; file or folder) into bronze_events")
+    i = command(
+        sub,
+        "ingest",
+        "read raw event files (csv, tsv, jsonl, parquet; file or folder) into bronze_events",
+    )
     i.add_argument("path")
     i.add_argument("--format", choices=["auto", "csv", "tsv", "jsonl", "parquet"], default=None)
-    i.add_argument("--map", dest="mapping", default=None, metavar="FIELD=COLUMN,...",
-                   help="source column of each field: user_id, item_id, event_time (required), event_type, "
-                        "event_id; names or 0-based positions; replaces ingest.mapping")
+    i.add_argument(
+        "--map",
+        dest="mapping",
+        default=None,
+        metavar="FIELD=COLUMN,...",
+        help="source column of each field: user_id, item_id, event_time (required), event_type, "
+        "event_id; names or 0-based positions; replaces ingest.mapping",
+    )
     i.set_defaults(func=cmd_ingest, needs_spark=True)
 
-    va = command(sub, "validate", "split new bronze batches into silver_events and quarantine_events")
+    va = command(
+        sub, "validate", "split new bronze batches into silver_events and quarantine_events"
+    )
     va.set_defaults(func=cmd_validate, needs_spark=True)
 
-    fe = command(sub, "featurize", "build item_index, user_sequences and user_features from silver_events")
-    fe.add_argument("--full", action="store_true", help="rebuild everything instead of only new batches")
+    fe = command(
+        sub, "featurize", "build item_index, user_sequences and user_features from silver_events"
+    )
+    fe.add_argument(
+        "--full", action="store_true", help="rebuild everything instead of only new batches"
+    )
     fe.set_defaults(func=cmd_featurize, needs_spark=True)
 
     se = command(sub, "segment", "cluster users into segments (MLlib KMeans) with stable ids")
     se.set_defaults(func=cmd_step, step="segment", needs_spark=True)
 
-    mi = command(sub, "mine", "mine sequential and co-occurrence rules per segment (PrefixSpan, FPGrowth)")
+    mi = command(
+        sub, "mine", "mine sequential and co-occurrence rules per segment (PrefixSpan, FPGrowth)"
+    )
     mi.set_defaults(func=cmd_step, step="mine", needs_spark=True)
 
-    tr = command(sub, "train", "train the teacher model on user_sequences and register it in MLflow")
-    tr.add_argument("--backend", choices=["horovod", "horovodrun", "ddp", "single"], default=None,
-                    help="default: train.backend in conf")
-    tr.add_argument("--fresh", action="store_true", help="ignore checkpoints of an earlier run of the same job")
+    tr = command(
+        sub, "train", "train the teacher model on user_sequences and register it in MLflow"
+    )
+    tr.add_argument(
+        "--backend",
+        choices=["horovod", "horovodrun", "ddp", "single"],
+        default=None,
+        help="default: train.backend in conf",
+    )
+    tr.add_argument(
+        "--fresh", action="store_true", help="ignore checkpoints of an earlier run of the same job"
+    )
     tr.set_defaults(func=cmd_train, needs_spark=True)
 
-    ev = command(sub, "evaluate", "evaluate the registered teacher and the baselines (protocol in DESIGN.md)")
+    ev = command(
+        sub, "evaluate", "evaluate the registered teacher and the baselines (protocol in DESIGN.md)"
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_evaluate, needs_spark=True)
 
-    r = command(sub, "run", "run a pipeline from pipelines/ (daily: ingest -> validate -> featurize -> segment -> mine)")
+    r = command(
+        sub,
+        "run",
+        "run a pipeline from pipelines/ (daily: ingest -> validate -> featurize -> segment -> mine)",
+    )
     r.add_argument("pipeline", help="pipeline name, e.g. daily")
     r.add_argument("--input", default=None, help="raw events to ingest first (file or folder)")
     r.add_argument("--format", choices=["auto", "csv", "tsv", "jsonl", "parquet"], default=None)
@@ -131,11 +171,22 @@ def _add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None
     def default(value: Any) -> Any:
         return value if defaults else argparse.SUPPRESS
 
-    parser.add_argument("--conf", default=default(None),
-                        help="environment (local, cluster, databricks) or a YAML file; default local")
-    parser.add_argument("--set", dest="overrides", action="append", default=default([]), metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set spark.shuffle_partitions=8 (repeatable)")
-    parser.add_argument("-v", "--verbose", action="store_true", default=default(False), help="debug logging")
+    parser.add_argument(
+        "--conf",
+        default=default(None),
+        help="environment (local, cluster, databricks) or a YAML file; default local",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=default([]),
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set spark.shuffle_partitions=8 (repeatable)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default(False), help="debug logging"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,7 +245,9 @@ def cmd_generate(args: argparse.Namespace, config: Config) -> None:
         value = getattr(args, key, None)
         if value is not None:
             params[key] = value
-    config = validate_config({**config.model_dump(by_alias=True), "generate": params})  # flags checked like conf
+    config = validate_config(
+        {**config.model_dump(by_alias=True), "generate": params}
+    )  # flags checked like conf
     meta = generate(GenerateParams(**config.generate.model_dump()), args.out)
     print(json.dumps({k: meta[k] for k in ("rows", "unique_events", "duplicates", "rules")}))
 
@@ -204,10 +257,22 @@ def cmd_ingest(args: argparse.Namespace, config: Config, lake: Any) -> None:
 
     result = ingest(lake.spark, lake, config, args.path, args.format, parse_mapping(args.mapping))
     if result.noop:
-        print(json.dumps({"noop": True, "reason": "already ingested", "skipped_files": len(result.skipped)}))
+        print(
+            json.dumps(
+                {"noop": True, "reason": "already ingested", "skipped_files": len(result.skipped)}
+            )
+        )
     else:
-        print(json.dumps({"batch_id": result.batch_id, "rows": result.rows, "files": len(result.files),
-                          "skipped_files": len(result.skipped)}))
+        print(
+            json.dumps(
+                {
+                    "batch_id": result.batch_id,
+                    "rows": result.rows,
+                    "files": len(result.files),
+                    "skipped_files": len(result.skipped),
+                }
+            )
+        )
 
 
 def cmd_validate(args: argparse.Namespace, config: Config, lake: Any) -> None:
@@ -237,14 +302,21 @@ def cmd_run(args: argparse.Namespace, config: Config, lake: Any) -> None:
     from patternlake.ingest.bronze import parse_mapping
     from patternlake.pipeline import run_pipeline
 
-    options = {"input": args.input, "format": args.format, "mapping": parse_mapping(args.mapping), "full": args.full}
+    options = {
+        "input": args.input,
+        "format": args.format,
+        "mapping": parse_mapping(args.mapping),
+        "full": args.full,
+    }
     print(json.dumps(run_pipeline(args.pipeline, lake, config, options), default=str))
 
 
 def cmd_train(args: argparse.Namespace, config: Config, lake: Any) -> None:
     from patternlake.training.teacher_job import train_teacher
 
-    print(json.dumps(train_teacher(lake.spark, lake, config, args.backend, args.fresh), default=str))
+    print(
+        json.dumps(train_teacher(lake.spark, lake, config, args.backend, args.fresh), default=str)
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace, config: Config, lake: Any) -> None:
@@ -254,12 +326,19 @@ def cmd_evaluate(args: argparse.Namespace, config: Config, lake: Any) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{'model':12s} {'params':>10s} {'bytes':>10s} " + " ".join(f"{m:>11s}" for m in METRIC_NAMES))
+    print(
+        f"{'model':12s} {'params':>10s} {'bytes':>10s} "
+        + " ".join(f"{m:>11s}" for m in METRIC_NAMES)
+    )
     for name, m in result["models"].items():
-        print(f"{name:12s} {m['params']:>10d} {m['bytes']:>10d} "
-              + " ".join(f"{m['overall'][k]:>11.4f}" for k in METRIC_NAMES))
-    print(f"({result['protocol']['users']} users, mask_history={result['protocol']['mask_history']}, "
-          f"user_sequences@v{result['data_version']})")
+        print(
+            f"{name:12s} {m['params']:>10d} {m['bytes']:>10d} "
+            + " ".join(f"{m['overall'][k]:>11.4f}" for k in METRIC_NAMES)
+        )
+    print(
+        f"({result['protocol']['users']} users, mask_history={result['protocol']['mask_history']}, "
+        f"user_sequences@v{result['data_version']})"
+    )
 
 
 def cmd_config(args: argparse.Namespace, config: Config) -> None:
@@ -273,7 +352,9 @@ def cmd_lake_tables(args: argparse.Namespace, config: Config, lake: Any) -> None
             continue
         files = lake.files(name)
         rows = lake.read(name).count()
-        print(f"{name:20s} version={lake.version(name):<4d} files={len(files):<5d} rows={rows:<10d} {lake.uri(name)}")
+        print(
+            f"{name:20s} version={lake.version(name):<4d} files={len(files):<5d} rows={rows:<10d} {lake.uri(name)}"
+        )
 
 
 def cmd_lake_history(args: argparse.Namespace, config: Config, lake: Any) -> None:

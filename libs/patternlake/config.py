@@ -195,7 +195,9 @@ class Config(_Strict):
             return self.lake.tables[name]
         except KeyError:
             known = ", ".join(sorted(self.lake.tables))
-            raise ConfigError(f"lake.tables.{name}: no such table in conf (known: {known})") from None
+            raise ConfigError(
+                f"lake.tables.{name}: no such table in conf (known: {known})"
+            ) from None
 
 
 def default_conf_dir() -> Path:
@@ -227,10 +229,14 @@ def load_config(
         )
     data = _read_yaml(base_file)
     env_name = conf or "local"
-    env_file = Path(env_name) if env_name.endswith((".yaml", ".yml")) else directory / f"{env_name}.yaml"
+    env_file = (
+        Path(env_name) if env_name.endswith((".yaml", ".yml")) else directory / f"{env_name}.yaml"
+    )
     if not env_file.is_file():
         known = sorted(p.stem for p in directory.glob("*.yaml") if p.stem != "base")
-        raise ConfigError(f"--conf {env_name}: no such environment or file (known: {', '.join(known)})")
+        raise ConfigError(
+            f"--conf {env_name}: no such environment or file (known: {', '.join(known)})"
+        )
     data = _deep_merge(data, _read_yaml(env_file))
     data.setdefault("env", env_file.stem)
 
@@ -241,7 +247,9 @@ def load_config(
             _set_path(data, path, _parse_scalar(value), source=key)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set spark.shuffle_partitions=8")
+            raise ConfigError(
+                f"--set {item}: expected KEY=VALUE, e.g. --set spark.shuffle_partitions=8"
+            )
         key, value = item.split("=", 1)
         _set_path(data, key.strip().split("."), _parse_scalar(value), source=f"--set {key}")
     return validate_config(data)

@@ -25,7 +25,9 @@ def _ingest(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
     if not options.get("input"):
         log.info("ingest: skipped (no --input)")
         return None
-    return ingest(lake.spark, lake, config, options["input"], options.get("format"), options.get("mapping"))
+    return ingest(
+        lake.spark, lake, config, options["input"], options.get("format"), options.get("mapping")
+    )
 
 
 def _validate(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
@@ -55,7 +57,9 @@ def _mine(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
 def _train_teacher(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
     from patternlake.training.teacher_job import train_teacher
 
-    return train_teacher(lake.spark, lake, config, options.get("backend"), bool(options.get("fresh")))
+    return train_teacher(
+        lake.spark, lake, config, options.get("backend"), bool(options.get("fresh"))
+    )
 
 
 def _evaluate(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
@@ -76,7 +80,9 @@ STEPS: dict[str, Callable[[Lake, Config, dict[str, Any]], Any]] = {
 
 
 def pipeline_steps(name: str, directory: Path | None = None) -> list[str]:
-    candidates = [directory] if directory else [default_conf_dir().parent / "pipelines", REPO_PIPELINES]
+    candidates = (
+        [directory] if directory else [default_conf_dir().parent / "pipelines", REPO_PIPELINES]
+    )
     directory = next((d for d in candidates if (d / f"{name}.yaml").is_file()), candidates[0])
     path = directory / f"{name}.yaml"
     if not path.is_file():
@@ -86,7 +92,9 @@ def pipeline_steps(name: str, directory: Path | None = None) -> list[str]:
     steps = spec.get("steps") or []
     unknown = [s for s in steps if s not in STEPS]
     if unknown or not steps:
-        raise ConfigError(f"{path}: steps {unknown or '(none)'} are not jobs (known: {', '.join(STEPS)})")
+        raise ConfigError(
+            f"{path}: steps {unknown or '(none)'} are not jobs (known: {', '.join(STEPS)})"
+        )
     return steps
 
 

@@ -11,7 +11,10 @@ TABLES = {"item_index": "item_id", "user_sequences": "user_id", "user_features":
 
 
 def rows(lake, table):
-    return sorted((r.asDict(recursive=True) for r in lake.read(table).collect()), key=lambda r: r[TABLES[table]])
+    return sorted(
+        (r.asDict(recursive=True) for r in lake.read(table).collect()),
+        key=lambda r: r[TABLES[table]],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,10 @@ def two_batch_lakes(spark, config, small_events, tmp_path_factory):
 def test_incremental_featurize_equals_a_full_rebuild(two_batch_lakes):
     _, inc, inc_results = two_batch_lakes["incremental"]
     _, full, _ = two_batch_lakes["full"]
-    assert [r.mode for r in inc_results] == ["full", "incremental"]  # first run builds, second updates
+    assert [r.mode for r in inc_results] == [
+        "full",
+        "incremental",
+    ]  # first run builds, second updates
     second = inc_results[1]
     assert 0 < second.users_updated < 300  # only users touched by the new batch
     for table in TABLES:
@@ -60,7 +66,9 @@ def test_sequences_follow_the_protocol(two_batch_lakes):
     silver = lake.read("silver_events")
     index = {r.item_id: r.item_idx for r in lake.read("item_index").collect()}
     user = silver.groupBy("user_id").count().orderBy(F.desc("count")).first().user_id
-    events = sorted(silver.filter(F.col("user_id") == user).collect(), key=lambda r: (r.event_time, r.event_id))
+    events = sorted(
+        silver.filter(F.col("user_id") == user).collect(), key=lambda r: (r.event_time, r.event_id)
+    )
     seq = lake.read("user_sequences").filter(F.col("user_id") == user).first()
     n = config.features.max_seq_len
     assert seq.n_events == len(events) > n
@@ -68,7 +76,10 @@ def test_sequences_follow_the_protocol(two_batch_lakes):
     assert (seq.valid_item, seq.test_item) == (seq.item_seq[-2], seq.item_seq[-1])
     types = config.validate_.allowed_event_types
     assert seq.type_seq == [types.index(e.event_type) + 1 for e in events[-n:]]
-    gaps = [(b.event_time - a.event_time).total_seconds() for a, b in zip(events, events[1:], strict=False)][-n:]
+    gaps = [
+        (b.event_time - a.event_time).total_seconds()
+        for a, b in zip(events, events[1:], strict=False)
+    ][-n:]
     expected = [1 + sum(g >= edge for edge in GAP_EDGES) for g in gaps]
     assert seq.gap_seq == expected
     short = lake.read("user_sequences").filter("n_events < 3").collect()

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -46,7 +46,11 @@ def table(tmp_path) -> str:
 
 def events(spark, rows: list[tuple]) -> object:
     schema = StructType(
-        [StructField("user_id", StringType()), StructField("day", StringType()), StructField("n", LongType())]
+        [
+            StructField("user_id", StringType()),
+            StructField("day", StringType()),
+            StructField("n", LongType()),
+        ]
     )
     return spark.createDataFrame(rows, schema)
 
@@ -67,7 +71,7 @@ def test_append_then_read_latest_and_every_version(lake, spark, table):
 def test_time_travel_by_timestamp(lake, spark, table):
     lake.write(events(spark, [("u1", "d1", 1)]), table)
     time.sleep(1.1)
-    between = datetime.now(timezone.utc)
+    between = datetime.now(UTC)
     time.sleep(1.1)
     lake.write(events(spark, [("u2", "d1", 2)]), table)
     assert rows_of(lake.read(table, timestamp=between)) == [("u1", "d1", 1)]
@@ -84,19 +88,29 @@ def test_overwrite_replaces_everything(lake, spark, table):
 
 
 def test_overwrite_of_one_partition_keeps_the_others(lake, spark, table):
-    lake.write(events(spark, [("u1", "d1", 1), ("u2", "d2", 2), ("u3", "d2", 3)]), table, partition_by=["day"])
+    lake.write(
+        events(spark, [("u1", "d1", 1), ("u2", "d2", 2), ("u3", "d2", 3)]),
+        table,
+        partition_by=["day"],
+    )
     lake.write(events(spark, [("u4", "d2", 4)]), table, "overwrite", replace_where={"day": "d2"})
     assert rows_of(lake.read(table)) == [("u1", "d1", 1), ("u4", "d2", 4)]
     with pytest.raises(PatternlakeError, match="outside replace_where"):
-        lake.write(events(spark, [("u5", "d3", 5)]), table, "overwrite", replace_where={"day": "d2"})
+        lake.write(
+            events(spark, [("u5", "d3", 5)]), table, "overwrite", replace_where={"day": "d2"}
+        )
     with pytest.raises(PatternlakeError, match="not partition columns"):
-        lake.write(events(spark, [("u5", "d2", 5)]), table, "overwrite", replace_where={"user_id": "u5"})
+        lake.write(
+            events(spark, [("u5", "d2", 5)]), table, "overwrite", replace_where={"user_id": "u5"}
+        )
     assert rows_of(lake.read(table)) == [("u1", "d1", 1), ("u4", "d2", 4)]
 
 
 def test_partition_values_with_special_characters_round_trip(lake, spark, table):
     odd = ["a b:c", "x/y", "50%", None, "é"]
-    lake.write(events(spark, [(f"u{i}", d, i) for i, d in enumerate(odd)]), table, partition_by=["day"])
+    lake.write(
+        events(spark, [(f"u{i}", d, i) for i, d in enumerate(odd)]), table, partition_by=["day"]
+    )
     got = {r.user_id: r.day for r in lake.read(table).collect()}
     assert got == {f"u{i}": d for i, d in enumerate(odd)}
     plain = DeltaTable(table).to_pyarrow_table().to_pydict()
@@ -104,9 +118,18 @@ def test_partition_values_with_special_characters_round_trip(lake, spark, table)
 
 
 def test_merge_updates_matching_keys_and_inserts_the_rest(lake, spark, table):
-    lake.write(events(spark, [("u1", "d1", 1), ("u2", "d1", 2), ("u3", "d2", 3)]), table, partition_by=["day"])
+    lake.write(
+        events(spark, [("u1", "d1", 1), ("u2", "d1", 2), ("u3", "d2", 3)]),
+        table,
+        partition_by=["day"],
+    )
     lake.merge(events(spark, [("u2", "d1", 20), ("u4", "d2", 4)]), table, keys=["user_id", "day"])
-    assert rows_of(lake.read(table)) == [("u1", "d1", 1), ("u2", "d1", 20), ("u3", "d2", 3), ("u4", "d2", 4)]
+    assert rows_of(lake.read(table)) == [
+        ("u1", "d1", 1),
+        ("u2", "d1", 20),
+        ("u3", "d2", 3),
+        ("u4", "d2", 4),
+    ]
     # merging the same data again changes nothing
     lake.merge(events(spark, [("u2", "d1", 20), ("u4", "d2", 4)]), table, keys=["user_id", "day"])
     assert lake.read(table).count() == 4
@@ -201,9 +224,21 @@ def test_two_concurrent_appenders_lose_no_rows(lake, tmp_path, table):
     barrier.mkdir()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WRITER), table, str(tmp_path / "lake"), str(offset), "5", "2000",
-             str(barrier), f"w{offset}", "2"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                str(WRITER),
+                table,
+                str(tmp_path / "lake"),
+                str(offset),
+                "5",
+                "2000",
+                str(barrier),
+                f"w{offset}",
+                "2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for offset in (0, 1_000_000)
     ]
@@ -217,13 +252,19 @@ def test_two_concurrent_appenders_lose_no_rows(lake, tmp_path, table):
 
 
 @pytest.mark.slow
-def test_writer_killed_mid_write_leaves_previous_version_and_rerun_succeeds(lake, spark, tmp_path, table):
+def test_writer_killed_mid_write_leaves_previous_version_and_rerun_succeeds(
+    lake, spark, tmp_path, table
+):
     if lake.engine.name != "delta-rs":
         pytest.skip("subprocess writers use the default engine")
-    lake.write(spark.range(10).withColumn("payload", F.lit("x")).withColumn("writer", F.lit(-1)), table)
+    lake.write(
+        spark.range(10).withColumn("payload", F.lit("x")).withColumn("writer", F.lit(-1)), table
+    )
     before = rows_of(lake.read(table))
     cmd = [sys.executable, str(WRITER), table, str(tmp_path / "lake"), "100", "1", "30000000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     staging = Path(table) / "_staging"
     deadline = time.time() + 180
     while time.time() < deadline and not (staging.exists() and any(staging.iterdir())):
@@ -253,4 +294,3 @@ def _user_ids_on_disk(table: str) -> set[str]:
     for f in files:
         found.update(v for v in pq.read_table(f, columns=["user_id"]).column(0).to_pylist() if v)
     return found
-

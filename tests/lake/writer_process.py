@@ -20,8 +20,16 @@ from patternlake.spark import get_spark
 
 def main() -> None:
     uri, root, offset, batches, rows = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
-    config = load_config("local", [f"lake.root={root}", "spark.master=local[1]", "spark.shuffle_partitions=1",
-                                   "spark.driver_memory=1g"], environ={})
+    config = load_config(
+        "local",
+        [
+            f"lake.root={root}",
+            "spark.master=local[1]",
+            "spark.shuffle_partitions=1",
+            "spark.driver_memory=1g",
+        ],
+        environ={},
+    )
     spark = get_spark(config.spark)
     lake = Lake(spark, config.lake)
     if len(sys.argv) > 6:

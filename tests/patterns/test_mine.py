@@ -18,11 +18,15 @@ def test_planted_rules_are_recalled_with_reported_precision(daily_lake, capsys):
     assignments = {r.user_id: r.segment_id for r in lake.read("segments").collect()}
     score = score_rules(work / "data" / "truth", mined, assignments)
     with capsys.disabled():
-        print(f"\nplanted-rule recall {score.recall:.3f} ({score.found}/{score.planted}), "
-              f"precision {score.precision:.3f} of {score.mined} mined sequential rules")
+        print(
+            f"\nplanted-rule recall {score.recall:.3f} ({score.found}/{score.planted}), "
+            f"precision {score.precision:.3f} of {score.mined} mined sequential rules"
+        )
     assert score.recall >= 0.9
     assert score.precision >= 0.5
-    assert len(set(score.segment_map.values())) == len(score.segment_map)  # latent segments kept apart
+    assert len(set(score.segment_map.values())) == len(
+        score.segment_map
+    )  # latent segments kept apart
 
 
 @pytest.mark.slow
@@ -40,7 +44,19 @@ def test_rules_carry_support_confidence_lift_and_cooccurrence(daily_lake):
 def test_daily_run_is_idempotent_and_keeps_the_invariant(daily_lake):
     work, lake = daily_lake
     before = lake.read("silver_events").count()
-    assert main(["--set", f"lake.root={lake.root}", "run", "daily", "--input", str(work / "data" / "events")]) == 0
+    assert (
+        main(
+            [
+                "--set",
+                f"lake.root={lake.root}",
+                "run",
+                "daily",
+                "--input",
+                str(work / "data" / "events"),
+            ]
+        )
+        == 0
+    )
     assert lake.read("silver_events").count() == before
     meta = json.loads((work / "data" / "truth" / "meta.json").read_text())
     v = lake.read("validation_results").collect()

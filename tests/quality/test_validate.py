@@ -14,7 +14,12 @@ EXPECTED = json.loads((CORPUS / "expected.json").read_text())
 
 
 def check_invariant(lake, batch_id):
-    report = lake.read("validation_results").filter(F.col("batch_id") == batch_id).orderBy(F.desc("validated_at")).first()
+    report = (
+        lake.read("validation_results")
+        .filter(F.col("batch_id") == batch_id)
+        .orderBy(F.desc("validated_at"))
+        .first()
+    )
     bronze = lake.read("bronze_events").filter(F.col("_batch_id") == batch_id).count()
     silver = lake.read("silver_events").filter(F.col("_batch_id") == batch_id).count()
     quarantined = lake.read("quarantine_events").filter(F.col("_batch_id") == batch_id).count()
@@ -35,7 +40,11 @@ def test_bad_input_corpus_every_bad_row_quarantined_with_its_reasons(spark, stag
     quarantine = lake.read("quarantine_events").collect()
     by_id = {r.event_id: sorted(r.reasons) for r in quarantine}
     silver_ids = {r.event_id for r in lake.read("silver_events").collect()}
-    expected = {k: v for k, v in EXPECTED["by_event_id"].items() if (k.startswith("c-") == (folder == "csv"))}
+    expected = {
+        k: v
+        for k, v in EXPECTED["by_event_id"].items()
+        if (k.startswith("c-") == (folder == "csv"))
+    }
     assert expected
     for event_id, reasons in expected.items():
         if reasons:
@@ -62,7 +71,9 @@ def test_bad_input_corpus_every_bad_row_quarantined_with_its_reasons(spark, stag
 def test_too_many_invalid_rows_fail_the_batch_and_lose_nothing(spark, stage):
     config, lake = stage
     batch = ingest(spark, lake, config, str(CORPUS / "jsonl")).batch_id
-    with pytest.raises(PatternlakeError, match=r"invalid rows \(limit validate.max_invalid_share=20%") as err:
+    with pytest.raises(
+        PatternlakeError, match=r"invalid rows \(limit validate.max_invalid_share=20%"
+    ) as err:
         validate_pending(spark, lake, config)
     assert "Nothing was lost" in str(err.value)
     assert not lake.exists("silver_events")
@@ -77,7 +88,9 @@ def test_too_many_invalid_rows_fail_the_batch_and_lose_nothing(spark, stage):
     assert validate_pending(spark, lake, relaxed) == []  # nothing left to do
 
 
-def test_generated_batches_validate_clean_and_dedupe_across_batches(spark, stage, small_events, tmp_path):
+def test_generated_batches_validate_clean_and_dedupe_across_batches(
+    spark, stage, small_events, tmp_path
+):
     config, lake = stage
     files = sorted((small_events / "events").iterdir())
     first = ingest(spark, lake, config, str(files[0])).batch_id

@@ -37,7 +37,10 @@ def test_segments_recover_the_latent_groups_and_cold_start(spark, featurized, sm
     assert all((got[u] == COLD_START) == (feats[u] < 10) for u in got)
     assert set(result.segments) <= {0, 1, 2, 3}
     # purity: each found segment is dominated by one latent segment
-    truth = {r["user_id"]: r["segment"] for r in pq.read_table(small_events / "truth" / "users.parquet").to_pylist()}
+    truth = {
+        r["user_id"]: r["segment"]
+        for r in pq.read_table(small_events / "truth" / "users.parquet").to_pylist()
+    }
     pure = 0
     warm = [u for u in got if got[u] != COLD_START]
     for s in {got[u] for u in warm}:

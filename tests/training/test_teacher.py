@@ -22,7 +22,10 @@ def training_config(config, lake, tmp: Path):
     return with_overrides(
         cfg,
         models={"root": str(tmp / "models")},
-        mlflow={"tracking_uri": f"sqlite:///{tmp}/mlruns.db", "artifact_location": str(tmp / "artifacts")},
+        mlflow={
+            "tracking_uri": f"sqlite:///{tmp}/mlruns.db",
+            "artifact_location": str(tmp / "artifacts"),
+        },
         train={"epochs": EPOCHS, "num_proc": 2},
     )
 
@@ -32,7 +35,9 @@ def trained(spark, config, daily_lake, tmp_path_factory):
     _, lake = daily_lake
     cfg = training_config(config, lake, tmp_path_factory.mktemp("teacher"))
     results = {b: train_teacher(spark, lake, cfg, b) for b in ("horovod", "ddp", "single")}
-    report = evaluate_models(spark, lake, cfg, {b: TeacherScorer(load_best(r)) for b, r in results.items()})
+    report = evaluate_models(
+        spark, lake, cfg, {b: TeacherScorer(load_best(r)) for b, r in results.items()}
+    )
     return cfg, lake, results, report
 
 
@@ -44,8 +49,10 @@ def test_two_process_training_beats_markov_by_a_clear_margin(trained, backend, c
     teacher = report["models"][backend]["overall"]
     markov = report["models"]["markov"]["overall"]
     with capsys.disabled():
-        print(f"\n{backend} x2: test NDCG@10 {teacher['ndcg@10']:.4f} vs markov {markov['ndcg@10']:.4f}, "
-              f"HR@10 {teacher['hr@10']:.4f} vs {markov['hr@10']:.4f}")
+        print(
+            f"\n{backend} x2: test NDCG@10 {teacher['ndcg@10']:.4f} vs markov {markov['ndcg@10']:.4f}, "
+            f"HR@10 {teacher['hr@10']:.4f} vs {markov['hr@10']:.4f}"
+        )
     assert teacher["ndcg@10"] >= 1.05 * markov["ndcg@10"]
     assert teacher["hr@10"] > markov["hr@10"]
 
@@ -86,18 +93,34 @@ def test_training_is_tracked_and_registered_in_mlflow(trained):
 
 
 @pytest.mark.slow
-def test_a_training_process_killed_mid_epoch_resumes_from_its_checkpoint(config, daily_lake, tmp_path):
+def test_a_training_process_killed_mid_epoch_resumes_from_its_checkpoint(
+    config, daily_lake, tmp_path
+):
     _, lake = daily_lake
     cfg = training_config(config, lake, tmp_path)
     args = [
-        sys.executable, "-m", "patternlake.cli",
-        "--set", f"lake.root={lake.root}", "--set", f"models.root={cfg.models.root}",
-        "--set", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
-        "--set", f"mlflow.artifact_location={cfg.mlflow.artifact_location}",
-        "--set", "train.epochs=6", "--set", "train.patience=10",
-        "train", "--backend", "single",
+        sys.executable,
+        "-m",
+        "patternlake.cli",
+        "--set",
+        f"lake.root={lake.root}",
+        "--set",
+        f"models.root={cfg.models.root}",
+        "--set",
+        f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+        "--set",
+        f"mlflow.artifact_location={cfg.mlflow.artifact_location}",
+        "--set",
+        "train.epochs=6",
+        "--set",
+        "train.patience=10",
+        "train",
+        "--backend",
+        "single",
     ]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     checkpoints = Path(cfg.models.root) / "teacher" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not list(checkpoints.glob("*/epoch-0001.pt")):

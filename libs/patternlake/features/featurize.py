@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pyspark import StorageLevel
 from pyspark.sql import SparkSession
@@ -33,19 +33,28 @@ class FeaturizeResult:
     silver_version: int | None
 
 
-def featurize(spark: SparkSession, lake: Lake, config: Config, full: bool = False) -> FeaturizeResult:
+def featurize(
+    spark: SparkSession, lake: Lake, config: Config, full: bool = False
+) -> FeaturizeResult:
     started = time.monotonic()
     if not lake.exists("silver_events"):
-        raise PatternlakeError("featurize: silver_events does not exist yet; run ingest and validate first")
+        raise PatternlakeError(
+            "featurize: silver_events does not exist yet; run ingest and validate first"
+        )
     silver_version = lake.version("silver_events")
     silver = lake.read("silver_events", version=silver_version)
     order = [
         r["_batch_id"]
-        for r in silver.groupBy("_batch_id").agg(F.min("_ingested_at").alias("t")).orderBy("t", "_batch_id").collect()
+        for r in silver.groupBy("_batch_id")
+        .agg(F.min("_ingested_at").alias("t"))
+        .orderBy("t", "_batch_id")
+        .collect()
     ]
     tables = ("item_index", "user_sequences", "user_features", "featurize_log")
     full = full or not all(lake.exists(t) for t in tables)
-    done = set() if full else {r[0] for r in lake.read("featurize_log").select("batch_id").collect()}
+    done = (
+        set() if full else {r[0] for r in lake.read("featurize_log").select("batch_id").collect()}
+    )
     pending = [b for b in order if b not in done]
     if not pending:
         log.info("featurize: nothing to do, all %d silver batches are featurized", len(order))
@@ -65,11 +74,20 @@ def featurize(spark: SparkSession, lake: Lake, config: Config, full: bool = Fals
 
     conf = config.features
     types = list(config.validate_.allowed_event_types)
-    touched = events if full else events.join(fresh.select("user_id").distinct(), "user_id", "left_semi")
+    touched = (
+        events if full else events.join(fresh.select("user_id").distinct(), "user_id", "left_semi")
+    )
     histories = user_histories(touched, index, types).persist(StorageLevel.MEMORY_AND_DISK)
     n_users = histories.count()
     seqs = user_sequences(histories, conf.max_seq_len)
-    feats = user_features(histories, touched, types, conf.session_gap_minutes, conf.category_property, conf.top_categories)
+    feats = user_features(
+        histories,
+        touched,
+        types,
+        conf.session_gap_minutes,
+        conf.category_property,
+        conf.top_categories,
+    )
     if full:
         lake.write(seqs, "user_sequences", "overwrite", overwrite_schema=True, commit_info=info)
         lake.write(feats, "user_features", "overwrite", overwrite_schema=True, commit_info=info)
@@ -78,7 +96,7 @@ def featurize(spark: SparkSession, lake: Lake, config: Config, full: bool = Fals
         lake.merge(feats, "user_features", keys=["user_id"], commit_info=info)
     histories.unpersist()
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     log_rows = spark.createDataFrame(
         [(b, now, "full" if full else "incremental", silver_version) for b in pending],
         "batch_id string, featurized_at timestamp, mode string, silver_version bigint",
@@ -87,7 +105,12 @@ def featurize(spark: SparkSession, lake: Lake, config: Config, full: bool = Fals
     mode = "full" if full else "incremental"
     log.info(
         "featurize (%s): %d batches, %d new items, %d users updated, silver version %d (%.1fs)",
-        mode, len(pending), n_new_items, n_users, silver_version, time.monotonic() - started,
+        mode,
+        len(pending),
+        n_new_items,
+        n_users,
+        silver_version,
+        time.monotonic() - started,
     )
     return FeaturizeResult(mode, pending, n_new_items, n_users, silver_version)
 
@@ -96,4 +119,3 @@ def vocab_sizes(lake: Lake, config: Config) -> tuple[int, int]:
     """(number of item ids incl. padding 0, number of event-type ids incl. 0)."""
     n_items = lake.read("item_index").agg(F.max("item_idx")).first()[0] or 0
     return n_items + 1, len(config.validate_.allowed_event_types) + 1
-

@@ -21,7 +21,9 @@ def new_item_index(events: DataFrame, existing: DataFrame | None) -> DataFrame:
 
     ``events`` needs item_id, event_time and _batch_order.
     """
-    first = events.groupBy("item_id").agg(F.min(F.struct("_batch_order", "event_time")).alias("first"))
+    first = events.groupBy("item_id").agg(
+        F.min(F.struct("_batch_order", "event_time")).alias("first")
+    )
     offset = 0
     if existing is not None:
         first = first.join(existing.select("item_id"), "item_id", "left_anti")
@@ -68,14 +70,21 @@ def user_sequences(histories: DataFrame, max_len: int) -> DataFrame:
     gaps = F.transform(
         "events",
         lambda e, i: F.when(i == 0, F.lit(0)).otherwise(
-            gap_bucket((e["t"] - F.element_at("events", i)["t"]) / 1e6)  # element_at is 1-based: i = previous
+            gap_bucket(
+                (e["t"] - F.element_at("events", i)["t"]) / 1e6
+            )  # element_at is 1-based: i = previous
         ),
     )
     n = F.size("events")
     start = F.greatest(n - max_len + 1, F.lit(1))
     last = F.least(n, F.lit(max_len))
     kept = F.slice("events", start, last)
-    df = histories.select("user_id", n.alias("n_events"), kept.alias("kept"), F.slice(gaps, start, last).alias("gap_seq"))
+    df = histories.select(
+        "user_id",
+        n.alias("n_events"),
+        kept.alias("kept"),
+        F.slice(gaps, start, last).alias("gap_seq"),
+    )
     evaluable = F.col("n_events") >= 3
     return df.select(
         "user_id",
@@ -84,8 +93,12 @@ def user_sequences(histories: DataFrame, max_len: int) -> DataFrame:
         F.transform("kept", lambda e: e["type"]).alias("type_seq"),
         "gap_seq",
         F.transform("kept", lambda e: (e["t"] / 1_000_000).cast("long")).alias("time_seq"),
-        F.when(evaluable, F.element_at(F.transform("kept", lambda e: e["item"]), -2)).alias("valid_item"),
-        F.when(evaluable, F.element_at(F.transform("kept", lambda e: e["item"]), -1)).alias("test_item"),
+        F.when(evaluable, F.element_at(F.transform("kept", lambda e: e["item"]), -2)).alias(
+            "valid_item"
+        ),
+        F.when(evaluable, F.element_at(F.transform("kept", lambda e: e["item"]), -1)).alias(
+            "test_item"
+        ),
         F.timestamp_micros(F.element_at("kept", -1)["t"]).alias("last_event_time"),
     )
 
@@ -108,17 +121,24 @@ def user_features(
     secs = F.when(F.size("events") > 1, secs).otherwise(F.array().cast("array<double>"))
     n = F.size("events")
     type_ids = F.transform("events", lambda e: e["type"])
-    mix = [(F.size(F.filter(type_ids, _is_type(k + 1))) / n).alias(f"share_{name}") for k, name in enumerate(event_types)]
+    mix = [
+        (F.size(F.filter(type_ids, _is_type(k + 1))) / n).alias(f"share_{name}")
+        for k, name in enumerate(event_types)
+    ]
     base = histories.select(
         "user_id",
         n.alias("n_events"),
         F.size(F.array_distinct(F.transform("events", lambda e: e["item"]))).alias("n_items"),
         F.timestamp_micros(F.element_at("events", 1)["t"]).alias("first_event_time"),
         F.timestamp_micros(F.element_at("events", -1)["t"]).alias("last_event_time"),
-        F.size(F.array_distinct(F.transform("events", lambda e: F.floor(e["t"] / 86_400_000_000)))).alias("active_days"),
+        F.size(
+            F.array_distinct(F.transform("events", lambda e: F.floor(e["t"] / 86_400_000_000)))
+        ).alias("active_days"),
         (F.size(F.filter(secs, lambda s: s >= gap_s)) + 1).alias("n_sessions"),
-        F.coalesce(F.try_divide(F.aggregate(secs, F.lit(0.0), lambda a, s: a + s), F.size(secs) * 3600), F.lit(0.0))
-        .alias("mean_gap_hours"),
+        F.coalesce(
+            F.try_divide(F.aggregate(secs, F.lit(0.0), lambda a, s: a + s), F.size(secs) * 3600),
+            F.lit(0.0),
+        ).alias("mean_gap_hours"),
         *mix,
     )
     base = base.select(
@@ -132,17 +152,27 @@ def user_features(
         .groupBy("user_id", "category")
         .count()
         .groupBy("user_id")
-        .agg(F.map_from_entries(F.array_sort(F.collect_list(F.struct("category", "count")))).alias("category_counts"),
-             F.sort_array(F.collect_list(F.struct(-F.col("count"), F.col("category")))).alias("_ranked"))
+        .agg(
+            F.map_from_entries(F.array_sort(F.collect_list(F.struct("category", "count")))).alias(
+                "category_counts"
+            ),
+            F.sort_array(F.collect_list(F.struct(-F.col("count"), F.col("category")))).alias(
+                "_ranked"
+            ),
+        )
         .select(
             "user_id",
             "category_counts",
-            F.slice(F.transform("_ranked", lambda r: r["category"]), 1, max(top_categories, 1)).alias("top_categories"),
+            F.slice(
+                F.transform("_ranked", lambda r: r["category"]), 1, max(top_categories, 1)
+            ).alias("top_categories"),
         )
     )
     out = base.join(cats, "user_id", "left").select(
         *[c for c in base.columns],
-        F.coalesce("category_counts", F.create_map().cast("map<string,bigint>")).alias("category_counts"),
+        F.coalesce("category_counts", F.create_map().cast("map<string,bigint>")).alias(
+            "category_counts"
+        ),
         F.coalesce("top_categories", F.array().cast("array<string>")).alias("top_categories"),
     )
     if top_categories == 0:

@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
@@ -48,7 +48,9 @@ def parse_mapping(text: str | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for part in text.split(","):
         if "=" not in part:
-            raise PatternlakeError(f"--map: expected FIELD=COLUMN pairs separated by commas, got {part!r}")
+            raise PatternlakeError(
+                f"--map: expected FIELD=COLUMN pairs separated by commas, got {part!r}"
+            )
         key, value = (s.strip() for s in part.split("=", 1))
         if not key or not value:
             raise PatternlakeError(f"--map: empty field or column in {part!r}")
@@ -85,9 +87,11 @@ def ingest(
     effective = dict(mapping) if mapping else dict(conf.mapping)
     df = read_events(spark, fresh, fmt, effective, explicit, conf.header, conf.sep)
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     batch_id = f"{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    fp_map = F.create_map(*[x for s in fresh for x in (F.lit(_local(s.path)), F.lit(s.fingerprint))])
+    fp_map = F.create_map(
+        *[x for s in fresh for x in (F.lit(_local(s.path)), F.lit(s.fingerprint))]
+    )
     bronze = df.select(
         "*",
         fp_map[F.col("_source_file")].alias("_source_fingerprint"),
@@ -98,10 +102,17 @@ def ingest(
     lake.write(bronze, "bronze_events", "append", commit_info={"patternlake.batch_id": batch_id})
     per_file = {
         r["_source_fingerprint"]: r["count"]
-        for r in lake.read("bronze_events").filter(F.col("_batch_id") == batch_id).groupBy("_source_fingerprint").count().collect()
+        for r in lake.read("bronze_events")
+        .filter(F.col("_batch_id") == batch_id)
+        .groupBy("_source_fingerprint")
+        .count()
+        .collect()
     }
     rows = sum(per_file.values())
-    log_rows = [(batch_id, s.path, s.fingerprint, s.size, int(per_file.get(s.fingerprint, 0)), fmt, now) for s in fresh]
+    log_rows = [
+        (batch_id, s.path, s.fingerprint, s.size, int(per_file.get(s.fingerprint, 0)), fmt, now)
+        for s in fresh
+    ]
     lake.write(
         spark.createDataFrame(
             log_rows,
@@ -113,9 +124,17 @@ def ingest(
     )
     log.info(
         "ingest %s: batch %s, %d files (%s), %d rows, %d files skipped as already ingested (%.1fs)",
-        path, batch_id, len(fresh), fmt, rows, len(skipped), time.monotonic() - started,
+        path,
+        batch_id,
+        len(fresh),
+        fmt,
+        rows,
+        len(skipped),
+        time.monotonic() - started,
     )
-    return IngestResult(batch_id=batch_id, rows=rows, files=[s.path for s in fresh], skipped=skipped)
+    return IngestResult(
+        batch_id=batch_id, rows=rows, files=[s.path for s in fresh], skipped=skipped
+    )
 
 
 def _ingested_fingerprints(lake: Lake) -> set[str]:
@@ -125,7 +144,10 @@ def _ingested_fingerprints(lake: Lake) -> set[str]:
     if lake.exists("ingest_log"):
         seen |= {r[0] for r in lake.read("ingest_log").select("fingerprint").distinct().collect()}
     if lake.exists("bronze_events"):
-        seen |= {r[0] for r in lake.read("bronze_events").select("_source_fingerprint").distinct().collect()}
+        seen |= {
+            r[0]
+            for r in lake.read("bronze_events").select("_source_fingerprint").distinct().collect()
+        }
     return seen
 
 

@@ -63,7 +63,9 @@ def list_source_files(path: str) -> list[str]:
         f.path
         for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
         if f.type == pafs.FileType.File
-        and not any(part.startswith((".", "_")) for part in PurePosixPath(f.path[len(root) :]).parts)
+        and not any(
+            part.startswith((".", "_")) for part in PurePosixPath(f.path[len(root) :]).parts
+        )
     ]
     if not found:
         raise PatternlakeError(f"ingest: no files under {path}")
@@ -75,12 +77,20 @@ def detect_format(files: list[str], wanted: str) -> str:
         return wanted
     kinds = {EXTENSIONS.get(PurePosixPath(f).suffix.lower()) for f in files}
     if None in kinds:
-        odd = sorted({PurePosixPath(f).suffix or "(none)" for f in files if EXTENSIONS.get(PurePosixPath(f).suffix.lower()) is None})
+        odd = sorted(
+            {
+                PurePosixPath(f).suffix or "(none)"
+                for f in files
+                if EXTENSIONS.get(PurePosixPath(f).suffix.lower()) is None
+            }
+        )
         raise PatternlakeError(
             f"ingest: cannot tell the format of files with extension {', '.join(odd)}; pass --format csv|tsv|jsonl|parquet"
         )
     if len(kinds) > 1:
-        raise PatternlakeError(f"ingest: the input mixes formats {sorted(kinds)}; ingest them separately")
+        raise PatternlakeError(
+            f"ingest: the input mixes formats {sorted(kinds)}; ingest them separately"
+        )
     return kinds.pop()
 
 
@@ -113,7 +123,9 @@ def read_events(
     paths = [f.path for f in files]
     for field in REQUIRED_FIELDS:
         if field not in mapping:
-            raise PatternlakeError(f"ingest: the mapping has no column for required field {field!r}; add --map {field}=COLUMN")
+            raise PatternlakeError(
+                f"ingest: the mapping has no column for required field {field!r}; add --map {field}=COLUMN"
+            )
     if fmt in ("csv", "tsv"):
         df, mapping = _read_delimited(spark, paths, fmt, mapping, header, sep)
     elif fmt == "jsonl":
@@ -123,7 +135,9 @@ def read_events(
             .option("columnNameOfCorruptRecord", CORRUPT)
             .json(paths)
         )
-        df = df.select(*[_as_string(df, c).alias(c) for c in df.columns])  # nested values -> JSON text
+        df = df.select(
+            *[_as_string(df, c).alias(c) for c in df.columns]
+        )  # nested values -> JSON text
     elif fmt == "parquet":
         df = spark.read.option("mergeSchema", "true").parquet(*paths)
         df = df.select(*[_as_string(df, c).alias(c) for c in df.columns])
@@ -135,11 +149,20 @@ def read_events(
 
 
 def _read_delimited(
-    spark: SparkSession, paths: list[str], fmt: str, mapping: dict[str, str], header: str, sep: str | None
+    spark: SparkSession,
+    paths: list[str],
+    fmt: str,
+    mapping: dict[str, str],
+    header: str,
+    sep: str | None,
 ) -> tuple[DataFrame, dict[str, str]]:
     sep = sep or ("\t" if fmt == "tsv" else ",")
     first = _first_line(paths)
-    fields = next(csv.reader(io.StringIO(first), delimiter=sep[0]), []) if len(sep) == 1 else first.split(sep)
+    fields = (
+        next(csv.reader(io.StringIO(first), delimiter=sep[0]), [])
+        if len(sep) == 1
+        else first.split(sep)
+    )
     fields = [f.strip() for f in fields]
     by_position = all(v.isdigit() for v in mapping.values() if v)
     has_header = header == "true" or (header == "auto" and not by_position)
@@ -152,7 +175,9 @@ def _read_delimited(
         # names a positional property (rating=2 -> "rating")
         extra = {int(v): k for k, v in mapping.items() if k not in CONTRACT_FIELDS and v.isdigit()}
         names = [extra.get(i, f"c{i}") for i in range(len(fields))]
-    schema = StructType([StructField(n, StringType()) for n in names] + [StructField(CORRUPT, StringType())])
+    schema = StructType(
+        [StructField(n, StringType()) for n in names] + [StructField(CORRUPT, StringType())]
+    )
     df = (
         spark.read.schema(schema)
         .option("header", str(has_header).lower())
@@ -202,13 +227,16 @@ def _map_columns(df: DataFrame, mapping: dict[str, str], explicit: set[str]) -> 
     else:
         props = F.create_map().cast("map<string,string>")
     out = [
-        (F.col(f"`{chosen[f]}`") if chosen[f] else F.lit(None).cast("string")).alias(f) for f in CONTRACT_FIELDS
+        (F.col(f"`{chosen[f]}`") if chosen[f] else F.lit(None).cast("string")).alias(f)
+        for f in CONTRACT_FIELDS
     ]
     return df.select(
         *out,
         props.alias("properties"),
         F.col(CORRUPT).alias("_raw"),
-        F.regexp_replace(F.url_decode(F.col("_metadata.file_path")), "^file:(//)?", "").alias("_source_file"),
+        F.regexp_replace(F.url_decode(F.col("_metadata.file_path")), "^file:(//)?", "").alias(
+            "_source_file"
+        ),
     )
 
 

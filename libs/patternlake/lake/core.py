@@ -66,14 +66,18 @@ class Lake:
         if name.startswith("/") or "://" in name:
             return _resolve_root(name)
         known = ", ".join(sorted(self.conf.tables))
-        raise ConfigError(f"table {name!r} is not in lake.tables (known: {known}) and is not a path")
+        raise ConfigError(
+            f"table {name!r} is not in lake.tables (known: {known}) and is not a path"
+        )
 
     def exists(self, name: str) -> bool:
         return self.engine.exists(self.uri(name))
 
     # ---- reading -------------------------------------------------------------------------
 
-    def read(self, name: str, version: int | None = None, timestamp: datetime | str | None = None) -> DataFrame:
+    def read(
+        self, name: str, version: int | None = None, timestamp: datetime | str | None = None
+    ) -> DataFrame:
         """The latest version, or the one given by ``version`` or ``timestamp`` (time travel)."""
         if version is not None and timestamp is not None:
             raise PatternlakeError("read: give version or timestamp, not both")
@@ -122,7 +126,9 @@ class Lake:
         """Append or overwrite; ``replace_where={"day": "2026-01-02"}`` overwrites only that
         partition. Returns the table version written."""
         if mode not in ("append", "overwrite"):
-            raise PatternlakeError(f"write {name}: mode must be 'append' or 'overwrite', not {mode!r}")
+            raise PatternlakeError(
+                f"write {name}: mode must be 'append' or 'overwrite', not {mode!r}"
+            )
         if overwrite_schema and mode != "overwrite":
             raise PatternlakeError(f"write {name}: overwrite_schema needs mode='overwrite'")
         if replace_where and mode != "overwrite":
@@ -133,7 +139,9 @@ class Lake:
         exists = self.engine.exists(uri)
         if exists and not overwrite_schema:
             table_parts = self.engine.partition_columns(uri)
-            if partition_by and [p.lower() for p in partition_by] != [p.lower() for p in table_parts]:
+            if partition_by and [p.lower() for p in partition_by] != [
+                p.lower() for p in table_parts
+            ]:
                 raise SchemaMismatchError(
                     f"write {name}: table is partitioned by {table_parts}, not {partition_by}"
                 )
@@ -144,7 +152,9 @@ class Lake:
             added = None
         missing = [p for p in partition_by if p not in target.fieldNames()]
         if missing:
-            raise SchemaMismatchError(f"write {name}: partition columns {missing} are not in the data")
+            raise SchemaMismatchError(
+                f"write {name}: partition columns {missing} are not in the data"
+            )
         if replace_where:
             self._check_replace_where(aligned, name, partition_by, replace_where)
         version = self.engine.write(
@@ -156,9 +166,19 @@ class Lake:
             schema=target,
             add_columns=added,
             overwrite_schema=overwrite_schema,
-            metadata={"patternlake.operation": "write", "patternlake.mode": mode, **(commit_info or {})},
+            metadata={
+                "patternlake.operation": "write",
+                "patternlake.mode": mode,
+                **(commit_info or {}),
+            },
         )
-        log.info("lake write %s mode=%s -> version %d (%.1fs)", name, mode, version, time.monotonic() - started)
+        log.info(
+            "lake write %s mode=%s -> version %d (%.1fs)",
+            name,
+            mode,
+            version,
+            time.monotonic() - started,
+        )
         return version
 
     def merge(
@@ -176,11 +196,15 @@ class Lake:
         uri = self.uri(name)
         missing = [k for k in keys if k not in df.columns]
         if not keys or missing:
-            raise SchemaMismatchError(f"merge into {name}: key columns {missing or keys} are not in the data")
+            raise SchemaMismatchError(
+                f"merge into {name}: key columns {missing or keys} are not in the data"
+            )
         dup = df.groupBy(*keys).count().filter("count > 1").limit(1).collect()
         if dup:
             sample = {k: dup[0][k] for k in keys}
-            raise PatternlakeError(f"merge into {name}: the data has more than one row for key {sample}")
+            raise PatternlakeError(
+                f"merge into {name}: the data has more than one row for key {sample}"
+            )
         if not self.engine.exists(uri):
             return self.write(df, name, "append", commit_info=commit_info)
         aligned, target, added = _align(df, self.engine.schema(uri), merge_schema, name)
@@ -190,9 +214,19 @@ class Lake:
             keys,
             schema=target,
             add_columns=added,
-            metadata={"patternlake.operation": "merge", "patternlake.keys": ",".join(keys), **(commit_info or {})},
+            metadata={
+                "patternlake.operation": "merge",
+                "patternlake.keys": ",".join(keys),
+                **(commit_info or {}),
+            },
         )
-        log.info("lake merge %s keys=%s -> version %d (%.1fs)", name, keys, version, time.monotonic() - started)
+        log.info(
+            "lake merge %s keys=%s -> version %d (%.1fs)",
+            name,
+            keys,
+            version,
+            time.monotonic() - started,
+        )
         return version
 
     def delete(self, name: str, predicate: str) -> int:
@@ -200,14 +234,28 @@ class Lake:
         The data stays in old files until ``vacuum``."""
         started = time.monotonic()
         n = self.engine.delete(self.uri(name), predicate)
-        log.info("lake delete %s where %s: %d rows (%.1fs)", name, predicate, n, time.monotonic() - started)
+        log.info(
+            "lake delete %s where %s: %d rows (%.1fs)",
+            name,
+            predicate,
+            n,
+            time.monotonic() - started,
+        )
         return n
 
-    def vacuum(self, name: str, retention_hours: int | None = None, dry_run: bool = False) -> list[str]:
+    def vacuum(
+        self, name: str, retention_hours: int | None = None, dry_run: bool = False
+    ) -> list[str]:
         """Physically delete files not needed by versions newer than the retention window."""
         hours = self.conf.vacuum_retention_hours if retention_hours is None else retention_hours
         removed = self.engine.vacuum(self.uri(name), hours, dry_run)
-        log.info("lake vacuum %s retention=%dh: %d files%s", name, hours, len(removed), " (dry run)" if dry_run else "")
+        log.info(
+            "lake vacuum %s retention=%dh: %d files%s",
+            name,
+            hours,
+            len(removed),
+            " (dry run)" if dry_run else "",
+        )
         return removed
 
     def compact(self, name: str, target_mb: int | None = None) -> dict[str, Any]:
@@ -229,7 +277,9 @@ class Lake:
         for k, v in replace_where.items():
             cond = cond & (F.col(k).isNull() if v is None else (F.col(k) == F.lit(v)))
         if df.filter(~cond).limit(1).count():
-            raise PatternlakeError(f"write {name}: some rows fall outside replace_where {replace_where}")
+            raise PatternlakeError(
+                f"write {name}: some rows fall outside replace_where {replace_where}"
+            )
 
 
 class _NoSpec:
@@ -257,16 +307,22 @@ def _align(
     for f in df.schema.fields:
         low = f.name.lower()
         if low in seen:
-            raise SchemaMismatchError(f"write {name}: columns {seen[low]!r} and {f.name!r} differ only in case")
+            raise SchemaMismatchError(
+                f"write {name}: columns {seen[low]!r} and {f.name!r} differ only in case"
+            )
         seen[low] = f.name
         if low in by_lower:
             want = by_lower[low].dataType
             if _shape(f.dataType) != _shape(want):
-                mismatched.append(f"{f.name}: table has {want.simpleString()}, data has {f.dataType.simpleString()}")
+                mismatched.append(
+                    f"{f.name}: table has {want.simpleString()}, data has {f.dataType.simpleString()}"
+                )
         else:
             new.append(StructField(f.name, f.dataType, True, f.metadata))
     if mismatched:
-        raise SchemaMismatchError(f"write {name}: column types differ from the table: " + "; ".join(mismatched))
+        raise SchemaMismatchError(
+            f"write {name}: column types differ from the table: " + "; ".join(mismatched)
+        )
     if new and not merge_schema:
         raise SchemaMismatchError(
             f"write {name}: columns {[f.name for f in new]} are not in the table; "
@@ -276,7 +332,9 @@ def _align(
     cols = []
     for f in target.fields:
         src = seen.get(f.name.lower())
-        cols.append(F.col(f"`{src}`").alias(f.name) if src else F.lit(None).cast(f.dataType).alias(f.name))
+        cols.append(
+            F.col(f"`{src}`").alias(f.name) if src else F.lit(None).cast(f.dataType).alias(f.name)
+        )
     return df.select(*cols), target, StructType(new) if new else None
 
 
@@ -287,5 +345,7 @@ def _shape(t: DataType) -> str:
     if isinstance(t, MapType):
         return f"map<{_shape(t.keyType)},{_shape(t.valueType)}>"
     if isinstance(t, StructType):
-        return "struct<" + ",".join(f"{f.name.lower()}:{_shape(f.dataType)}" for f in t.fields) + ">"
+        return (
+            "struct<" + ",".join(f"{f.name.lower()}:{_shape(f.dataType)}" for f in t.fields) + ">"
+        )
     return t.simpleString()

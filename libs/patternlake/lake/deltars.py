@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Schema
-from deltalake.exceptions import DeltaError, TableNotFoundError as DeltaTableNotFound
+from deltalake.exceptions import DeltaError
+from deltalake.exceptions import TableNotFoundError as DeltaTableNotFound
 from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -60,7 +61,9 @@ class DeltaRsEngine:
         try:
             return DeltaTable(uri, version=version, storage_options=self.storage_options)
         except DeltaTableNotFound:
-            raise TableNotFoundError(f"no Delta table at {uri}: run the job that writes it first") from None
+            raise TableNotFoundError(
+                f"no Delta table at {uri}: run the job that writes it first"
+            ) from None
         except DeltaError as exc:
             if version is not None and "version" in str(exc).lower():
                 raise PatternlakeError(f"{uri}: no version {version} ({exc})") from None
@@ -81,7 +84,9 @@ class DeltaRsEngine:
             try:
                 dt.load_as_version(timestamp)
             except DeltaError as exc:
-                raise PatternlakeError(f"{uri}: no version at or before {timestamp} ({exc})") from None
+                raise PatternlakeError(
+                    f"{uri}: no version at or before {timestamp} ({exc})"
+                ) from None
         protocol = dt.protocol()
         unsupported = {"deletionVectors", "columnMapping"} & set(protocol.reader_features or [])
         if unsupported:
@@ -149,7 +154,9 @@ class DeltaRsEngine:
         _add_columns(dt, add_columns)
         filters = None
         if replace_where:
-            filters = [(k, "=", HIVE_NULL if v is None else str(v)) for k, v in replace_where.items()]
+            filters = [
+                (k, "=", HIVE_NULL if v is None else str(v)) for k, v in replace_where.items()
+            ]
         dt.create_write_transaction(
             adds,
             mode,
@@ -172,7 +179,13 @@ class DeltaRsEngine:
     ) -> int:
         """Copy-on-write upsert computed by Spark: files holding a matching key are rewritten."""
         dt = self._table(uri)
-        before = StructType([f for f in schema.fields if add_columns is None or f.name not in add_columns.fieldNames()])
+        before = StructType(
+            [
+                f
+                for f in schema.fields
+                if add_columns is None or f.name not in add_columns.fieldNames()
+            ]
+        )
         partition_by = list(dt.metadata().partition_columns)
         files = dt.file_uris()
         current = self._read_files(uri, before, files).select(
@@ -180,7 +193,11 @@ class DeltaRsEngine:
         )
         source_keys = df.select(*keys).distinct()
         touched_uris = [
-            r[0] for r in current.join(source_keys, keys, "left_semi").select("_pl_file").distinct().collect()
+            r[0]
+            for r in current.join(source_keys, keys, "left_semi")
+            .select("_pl_file")
+            .distinct()
+            .collect()
         ]
         by_path = {_strip_scheme(f): f for f in files}
         touched = [by_path[_strip_scheme(unquote(u))] for u in touched_uris]
@@ -195,7 +212,11 @@ class DeltaRsEngine:
             _delta_schema(schema),
             partition_by=partition_by or None,
             commit_properties=CommitProperties(
-                custom_metadata={**metadata, TXN_KEY: txn, "patternlake.rewritten_files": str(len(removes))}
+                custom_metadata={
+                    **metadata,
+                    TXN_KEY: txn,
+                    "patternlake.rewritten_files": str(len(removes)),
+                }
             ),
         )
         return self._committed_version(uri, txn)
@@ -205,12 +226,16 @@ class DeltaRsEngine:
         try:
             metrics = dt.delete(predicate)
         except DeltaError as exc:
-            raise PatternlakeError(f"delete from {uri}: bad predicate {predicate!r}: {exc}") from None
+            raise PatternlakeError(
+                f"delete from {uri}: bad predicate {predicate!r}: {exc}"
+            ) from None
         return int(metrics.get("num_deleted_rows", 0))
 
     def vacuum(self, uri: str, retention_hours: int, dry_run: bool) -> list[str]:
         dt = self._table(uri)
-        removed = dt.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
+        removed = dt.vacuum(
+            retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False
+        )
         removed += self._sweep_staging(uri, retention_hours, dry_run)
         return removed
 
@@ -241,15 +266,22 @@ class DeltaRsEngine:
         staged = [
             info.path
             for info in fs.get_file_info(selector)
-            if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
+            if info.type == pafs.FileType.File
+            and info.base_name.endswith(".parquet")
             and not info.base_name.startswith((".", "_"))
         ]
         with ThreadPoolExecutor(max_workers=8) as pool:
-            adds = [a for a in pool.map(lambda p: self._publish(fs, p, staging_path, table_path), staged) if a]
+            adds = [
+                a
+                for a in pool.map(lambda p: self._publish(fs, p, staging_path, table_path), staged)
+                if a
+            ]
         fs.delete_dir(staging_path)
         return adds
 
-    def _publish(self, fs: pafs.FileSystem, path: str, staging_path: str, table_path: str) -> AddAction | None:
+    def _publish(
+        self, fs: pafs.FileSystem, path: str, staging_path: str, table_path: str
+    ) -> AddAction | None:
         rel = path[len(staging_path) :].lstrip("/")  # e.g. "day=2026-01-01/part-0000-....parquet"
         meta = pq.ParquetFile(fs.open_input_file(path)).metadata
         if meta.num_rows == 0:
@@ -265,7 +297,9 @@ class DeltaRsEngine:
             path=rel,  # delta-rs percent-encodes it in the log
             size=info.size,
             partition_values=partition_values,
-            modification_time=int(info.mtime.timestamp() * 1000) if info.mtime else int(time.time() * 1000),
+            modification_time=int(info.mtime.timestamp() * 1000)
+            if info.mtime
+            else int(time.time() * 1000),
             data_change=True,
             stats=_file_stats(meta),
         )
@@ -291,7 +325,9 @@ class DeltaRsEngine:
                     )
                 )
         if len(removes) != len(wanted):
-            raise RuntimeError(f"merge: matched {len(removes)} of {len(wanted)} files in the log of {uri}")
+            raise RuntimeError(
+                f"merge: matched {len(removes)} of {len(wanted)} files in the log of {uri}"
+            )
         return removes
 
     def _sweep_staging(self, uri: str, retention_hours: int, dry_run: bool) -> list[str]:
@@ -388,10 +424,13 @@ def _file_stats(meta: pq.FileMetaData) -> str:
 
 
 def _stat_kind(physical: str, logical: str) -> str | None:
-    if physical in ("INT32", "INT64") and logical in ("None", "Int(bitWidth=32, isSigned=true)",
-                                                      "Int(bitWidth=64, isSigned=true)",
-                                                      "Int(bitWidth=16, isSigned=true)",
-                                                      "Int(bitWidth=8, isSigned=true)"):
+    if physical in ("INT32", "INT64") and logical in (
+        "None",
+        "Int(bitWidth=32, isSigned=true)",
+        "Int(bitWidth=64, isSigned=true)",
+        "Int(bitWidth=16, isSigned=true)",
+        "Int(bitWidth=8, isSigned=true)",
+    ):
         return "int"
     if physical in ("FLOAT", "DOUBLE"):
         return "float"

@@ -118,14 +118,18 @@ class SparkDeltaEngine:
         try:
             table.delete(predicate)
         except Exception as exc:
-            raise PatternlakeError(f"delete from {uri}: bad predicate {predicate!r}: {exc}") from None
+            raise PatternlakeError(
+                f"delete from {uri}: bad predicate {predicate!r}: {exc}"
+            ) from None
         last = table.history(1).collect()[0]
         return int((last["operationMetrics"] or {}).get("numDeletedRows", 0))
 
     def vacuum(self, uri: str, retention_hours: int, dry_run: bool) -> list[str]:
         self.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
         if dry_run:
-            rows = self.spark.sql(f"VACUUM delta.`{uri}` RETAIN {retention_hours} HOURS DRY RUN").collect()
+            rows = self.spark.sql(
+                f"VACUUM delta.`{uri}` RETAIN {retention_hours} HOURS DRY RUN"
+            ).collect()
             return [r[0] for r in rows]
         before = set(_all_files(self.spark, uri))
         self._table(uri).vacuum(retention_hours)

@@ -23,7 +23,9 @@ class Popularity:
         return self
 
     def scores(self, items: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.broadcast_to(self.counts, (len(items), self.n_items)).copy()).float()
+        return torch.from_numpy(
+            np.broadcast_to(self.counts, (len(items), self.n_items)).copy()
+        ).float()
 
     def num_params(self) -> int:
         return int(self.n_items)

@@ -30,14 +30,18 @@ log = logging.getLogger(__name__)
 NO_SEGMENT = -1
 
 
-def load_registered(config: Config, name: str = "teacher", alias: str = "candidate") -> torch.nn.Module | None:
+def load_registered(
+    config: Config, name: str = "teacher", alias: str = "candidate"
+) -> torch.nn.Module | None:
     import mlflow
 
     mlflow.set_tracking_uri(config.mlflow.tracking_uri)
     try:
         model = mlflow.pytorch.load_model(f"models:/{name}@{alias}", map_location="cpu")
     except Exception as exc:  # not registered yet
-        log.info("evaluate: no %s@%s in the registry (%s)", name, alias, str(exc).splitlines()[0][:120])
+        log.info(
+            "evaluate: no %s@%s in the registry (%s)", name, alias, str(exc).splitlines()[0][:120]
+        )
         return None
     return model.eval()
 
@@ -49,11 +53,16 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def evaluate_models(
-    spark: SparkSession, lake: Lake, config: Config, models: dict[str, torch.nn.Module] | None = None
+    spark: SparkSession,
+    lake: Lake,
+    config: Config,
+    models: dict[str, torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
     started = time.monotonic()
     if not lake.exists("user_sequences"):
-        raise PatternlakeError("evaluate: user_sequences does not exist yet; run `patternlake run daily` first")
+        raise PatternlakeError(
+            "evaluate: user_sequences does not exist yet; run `patternlake run daily` first"
+        )
     version = lake.version("user_sequences")
     table = read_table(lake.files("user_sequences", version))
     max_len = config.features.max_seq_len
@@ -63,7 +72,10 @@ def evaluate_models(
         raise PatternlakeError("evaluate: no user has the 3 events the protocol needs")
     seg_of: dict[str, int] = {}
     if lake.exists("segments"):
-        seg_of = {r.user_id: r.segment_id for r in lake.read("segments").select("user_id", "segment_id").collect()}
+        seg_of = {
+            r.user_id: r.segment_id
+            for r in lake.read("segments").select("user_id", "segment_id").collect()
+        }
     groups = np.array([seg_of.get(u, NO_SEGMENT) for u in users])
     history = items if config.evaluate.mask_history else None
     train_in, _, _, train_out = training_arrays(table, max_len)
@@ -78,6 +90,7 @@ def evaluate_models(
         models = {"teacher": teacher} if teacher is not None else {}
     stacked = np.stack([items, types, gaps], axis=1)  # (n, 3, L)
     for name, model in models.items():
+
         def score(s: slice, m: torch.nn.Module = model) -> torch.Tensor:
             with torch.no_grad():
                 return m(torch.from_numpy(stacked[s]))
@@ -86,22 +99,41 @@ def evaluate_models(
         scorers[name] = (score, params, model_bytes(model))
 
     out: dict[str, Any] = {
-        "protocol": {"split": "leave-last-out test", "min_events": 3, "ranking": "full catalogue",
-                     "mask_history": config.evaluate.mask_history, "users": int(len(users)),
-                     "items": int(n_items - 1)},
+        "protocol": {
+            "split": "leave-last-out test",
+            "min_events": 3,
+            "ranking": "full catalogue",
+            "mask_history": config.evaluate.mask_history,
+            "users": int(len(users)),
+            "items": int(n_items - 1),
+        },
         "data_version": version,
         "models": {},
     }
     for name, (score, params, nbytes) in scorers.items():
         t = time.monotonic()
-        overall, per = evaluate_scorer(score, len(users), target, groups, n_items, config.evaluate.batch_size, history)
+        overall, per = evaluate_scorer(
+            score, len(users), target, groups, n_items, config.evaluate.batch_size, history
+        )
         out["models"][name] = {
             "params": int(params),
             "bytes": int(nbytes),
             "overall": overall,
-            "segments": {g: {**m, "params": int(params), "bytes": int(nbytes)} for g, m in per.items()},
+            "segments": {
+                g: {**m, "params": int(params), "bytes": int(nbytes)} for g, m in per.items()
+            },
         }
-        log.info("evaluate %s: NDCG@10 %.4f HR@10 %.4f (%.1fs)", name, overall["ndcg@10"], overall["hr@10"],
-                 time.monotonic() - t)
-    log.info("evaluate: %d users, %d models (%.1fs)", len(users), len(scorers), time.monotonic() - started)
+        log.info(
+            "evaluate %s: NDCG@10 %.4f HR@10 %.4f (%.1fs)",
+            name,
+            overall["ndcg@10"],
+            overall["hr@10"],
+            time.monotonic() - t,
+        )
+    log.info(
+        "evaluate: %d users, %d models (%.1fs)",
+        len(users),
+        len(scorers),
+        time.monotonic() - started,
+    )
     return out

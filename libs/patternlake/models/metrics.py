@@ -15,7 +15,9 @@ import torch
 METRICS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "coverage@10")
 
 
-def masked_scores(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def masked_scores(
+    scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """Scores with padding (item 0) and, when given, the user's past items ``exclude``
     (B, L) set to -inf; the target itself is never masked."""
     s = scores.clone()
@@ -43,7 +45,13 @@ class RankingAccumulator:
         self.groups: list[np.ndarray] = []
         self.top10: list[np.ndarray] = []
 
-    def add(self, scores: torch.Tensor, targets: torch.Tensor, groups: np.ndarray, exclude: torch.Tensor | None) -> None:
+    def add(
+        self,
+        scores: torch.Tensor,
+        targets: torch.Tensor,
+        groups: np.ndarray,
+        exclude: torch.Tensor | None,
+    ) -> None:
         s = masked_scores(scores, targets, exclude)
         self.ranks.append(target_ranks(s, targets).cpu().numpy())
         self.top10.append(torch.topk(s, 10, dim=1).indices.cpu().numpy())
@@ -54,7 +62,10 @@ class RankingAccumulator:
         groups = np.concatenate(self.groups) if self.groups else np.zeros(0)
         top = np.concatenate(self.top10) if self.top10 else np.zeros((0, 10), dtype=np.int64)
         overall = _metrics(ranks, top, self.n_items)
-        per = {str(g): _metrics(ranks[groups == g], top[groups == g], self.n_items) for g in np.unique(groups)}
+        per = {
+            str(g): _metrics(ranks[groups == g], top[groups == g], self.n_items)
+            for g in np.unique(groups)
+        }
         return overall, per
 
 

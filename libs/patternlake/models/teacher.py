@@ -44,7 +44,10 @@ class Block(nn.Module):
         self.attn = nn.MultiheadAttention(c.d_model, c.n_heads, dropout=c.dropout, batch_first=True)
         self.ln2 = nn.LayerNorm(c.d_model)
         self.mlp = nn.Sequential(
-            nn.Linear(c.d_model, 4 * c.d_model), nn.GELU(), nn.Dropout(c.dropout), nn.Linear(4 * c.d_model, c.d_model)
+            nn.Linear(c.d_model, 4 * c.d_model),
+            nn.GELU(),
+            nn.Dropout(c.dropout),
+            nn.Linear(4 * c.d_model, c.d_model),
         )
         self.drop = nn.Dropout(c.dropout)
 
@@ -92,17 +95,23 @@ class SequentialTeacher(nn.Module):
         """(…, D) -> (…, N) scores over the whole catalogue (tied output)."""
         return hidden @ self.item_emb.weight.T
 
-    def last_scores(self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+    def last_scores(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor
+    ) -> torch.Tensor:
         """Next-item scores after the last position: (B, N); padding scored -inf."""
         s = self.scores(self.encode(items, types, gaps)[:, -1])
         s[:, 0] = float("-inf")
         return s
 
-    def forward(self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         """The training loss (forward() so that DDP's gradient hooks run)."""
         return self.loss(items, types, gaps, targets)
 
-    def loss(self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         """Next-item cross-entropy at every non-padded position. targets: (B, L), 0 = ignore."""
         h = self.encode(items, types, gaps)  # (B, L, D)
         mask = targets > 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pyspark.ml.fpm import FPGrowth, PrefixSpan
 from pyspark.sql import DataFrame, SparkSession, Window
@@ -45,26 +45,40 @@ class MineResult:
     sessions: dict[int, int]
 
 
-def training_sessions(sequences: DataFrame, segments: DataFrame, session_gap_minutes: int) -> DataFrame:
+def training_sessions(
+    sequences: DataFrame, segments: DataFrame, session_gap_minutes: int
+) -> DataFrame:
     """segment_id, session (array<int> of item idx, in order) for sessions of >= 2 events."""
     evaluable = F.col("valid_item").isNotNull()
     n = F.size("item_seq")
     train_items = F.when(evaluable, F.slice("item_seq", 1, n - 2)).otherwise(F.col("item_seq"))
     train_times = F.when(evaluable, F.slice("time_seq", 1, n - 2)).otherwise(F.col("time_seq"))
-    seqs = sequences.select("user_id", F.arrays_zip(train_items.alias("item"), train_times.alias("t")).alias("ev"))
+    seqs = sequences.select(
+        "user_id", F.arrays_zip(train_items.alias("item"), train_times.alias("t")).alias("ev")
+    )
     exploded = seqs.select("user_id", F.posexplode("ev").alias("pos", "e"))
     w = Window.partitionBy("user_id").orderBy("pos")
     gap = F.col("e.t") - F.lag("e.t").over(w)
     exploded = exploded.withColumn("brk", F.when(gap >= session_gap_minutes * 60, 1).otherwise(0))
-    exploded = exploded.withColumn("session", F.sum("brk").over(w.rowsBetween(Window.unboundedPreceding, 0)))
-    sessions = exploded.groupBy("user_id", "session").agg(
-        F.transform(F.sort_array(F.collect_list(F.struct("pos", "e.item"))), lambda x: x["item"]).alias("items")
+    exploded = exploded.withColumn(
+        "session", F.sum("brk").over(w.rowsBetween(Window.unboundedPreceding, 0))
     )
-    return sessions.filter(F.size("items") >= 2).join(segments.select("user_id", "segment_id"), "user_id")
+    sessions = exploded.groupBy("user_id", "session").agg(
+        F.transform(
+            F.sort_array(F.collect_list(F.struct("pos", "e.item"))), lambda x: x["item"]
+        ).alias("items")
+    )
+    return sessions.filter(F.size("items") >= 2).join(
+        segments.select("user_id", "segment_id"), "user_id"
+    )
 
 
 def sequential_rules(
-    sessions: DataFrame, min_support: float, min_count: int, max_len: int, min_extension_share: float
+    sessions: DataFrame,
+    min_support: float,
+    min_count: int,
+    max_len: int,
+    min_extension_share: float,
 ) -> tuple[list[tuple], int]:
     """PrefixSpan on one segment's sessions; returns (antecedent, consequent, count, conf,
     lift, support) tuples and the number of sessions.
@@ -78,7 +92,9 @@ def sequential_rules(
         return [], n
     seq = sessions.select(F.transform("items", lambda i: F.array(i)).alias("sequence"))
     min_support = max(min_support, min_count / n)
-    prefix_span = PrefixSpan(minSupport=min_support, maxPatternLength=max_len, maxLocalProjDBSize=32_000_000)
+    prefix_span = PrefixSpan(
+        minSupport=min_support, maxPatternLength=max_len, maxLocalProjDBSize=32_000_000
+    )
     freq: dict[tuple[int, ...], int] = {}
     for row in prefix_span.findFrequentSequentialPatterns(seq).collect():
         if all(len(itemset) == 1 for itemset in row["sequence"]):
@@ -90,7 +106,9 @@ def sequential_rules(
         ante, cons = pattern[:-1], pattern[-1]
         if ante not in freq or (cons,) not in freq:
             continue
-        shorter = [ante[:i] + ante[i + 1 :] + (cons,) for i in range(len(ante))] if len(ante) > 1 else []
+        shorter = (
+            [ante[:i] + ante[i + 1 :] + (cons,) for i in range(len(ante))] if len(ante) > 1 else []
+        )
         if any(s in freq and count < min_extension_share * freq[s] for s in shorter):
             continue
         confidence = count / freq[ante]
@@ -99,14 +117,27 @@ def sequential_rules(
     return rules, n
 
 
-def cooccurrence_rules(sessions: DataFrame, min_support: float, min_confidence: float, n: int) -> list[tuple]:
+def cooccurrence_rules(
+    sessions: DataFrame, min_support: float, min_confidence: float, n: int
+) -> list[tuple]:
     baskets = sessions.select(F.array_distinct("items").alias("items")).filter(F.size("items") >= 2)
-    model = FPGrowth(itemsCol="items", minSupport=min_support, minConfidence=min_confidence).fit(baskets)
+    model = FPGrowth(itemsCol="items", minSupport=min_support, minConfidence=min_confidence).fit(
+        baskets
+    )
     out = []
     for r in model.associationRules.collect():
         if len(r["consequent"]) == 1:
             support = float(r["support"])
-            out.append((list(r["antecedent"]), r["consequent"][0], round(support * n), r["confidence"], r["lift"], support))
+            out.append(
+                (
+                    list(r["antecedent"]),
+                    r["consequent"][0],
+                    round(support * n),
+                    r["confidence"],
+                    r["lift"],
+                    support,
+                )
+            )
     return out
 
 
@@ -118,17 +149,26 @@ def mine_patterns(spark: SparkSession, lake: Lake, config: Config) -> MineResult
     conf = config.mine
     segments = lake.read("segments")
     model_version = segments.agg(F.max("model_version")).first()[0]
-    sessions = training_sessions(lake.read("user_sequences"), segments, config.features.session_gap_minutes).persist()
-    names = {r["item_idx"]: r["item_id"] for r in lake.read("item_index").select("item_idx", "item_id").collect()}
+    sessions = training_sessions(
+        lake.read("user_sequences"), segments, config.features.session_gap_minutes
+    ).persist()
+    names = {
+        r["item_idx"]: r["item_id"]
+        for r in lake.read("item_index").select("item_idx", "item_id").collect()
+    }
     segment_ids = sorted(r[0] for r in sessions.select("segment_id").distinct().collect())
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     rows: list[tuple] = []
     kept: dict[int, int] = {}
     counts: dict[int, int] = {}
     for sid in segment_ids:
         seg = sessions.filter(F.col("segment_id") == sid).persist()
         seq_rules, n = sequential_rules(
-            seg, conf.min_support, conf.min_support_count, conf.max_pattern_length, conf.min_extension_share
+            seg,
+            conf.min_support,
+            conf.min_support_count,
+            conf.max_pattern_length,
+            conf.min_extension_share,
         )
         counts[sid] = n
         kinds = [("sequential", seq_rules)]
@@ -142,14 +182,38 @@ def mine_patterns(spark: SparkSession, lake: Lake, config: Config) -> MineResult
             if kind == "sequential":
                 kept[sid] = len(good)
             for ante, cons, count, confidence, lift, support in good:
-                rows.append((
-                    int(sid), kind, [names[i] for i in ante], names[cons], [int(i) for i in ante], int(cons),
-                    float(support), int(count), float(confidence), float(lift), int(n), model_version, now,
-                ))
+                rows.append(
+                    (
+                        int(sid),
+                        kind,
+                        [names[i] for i in ante],
+                        names[cons],
+                        [int(i) for i in ante],
+                        int(cons),
+                        float(support),
+                        int(count),
+                        float(confidence),
+                        float(lift),
+                        int(n),
+                        model_version,
+                        now,
+                    )
+                )
         seg.unpersist()
     sessions.unpersist()
-    lake.write(spark.createDataFrame(rows, SCHEMA), "segment_patterns", "overwrite", overwrite_schema=True,
-               commit_info={"patternlake.segment_model_version": str(model_version)})
-    log.info("mine: %d rules over %d segments (sequential per segment %s, sessions %s) (%.1fs)",
-             len(rows), len(segment_ids), kept, counts, time.monotonic() - started)
+    lake.write(
+        spark.createDataFrame(rows, SCHEMA),
+        "segment_patterns",
+        "overwrite",
+        overwrite_schema=True,
+        commit_info={"patternlake.segment_model_version": str(model_version)},
+    )
+    log.info(
+        "mine: %d rules over %d segments (sequential per segment %s, sessions %s) (%.1fs)",
+        len(rows),
+        len(segment_ids),
+        kept,
+        counts,
+        time.monotonic() - started,
+    )
     return MineResult(kept, counts)

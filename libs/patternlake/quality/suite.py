@@ -15,11 +15,12 @@ equal the number of rows tagged with its reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ class EventSuite:
 
 
 def suite_parameters(conf: ValidateConfig, now: datetime | None = None) -> dict[str, Any]:
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return {
         "min_event_time": _parse_time(conf.min_event_time, "validate.min_event_time"),
         "max_event_time": now + timedelta(minutes=conf.future_tolerance_minutes),
@@ -75,7 +76,9 @@ def suite_parameters(conf: ValidateConfig, now: datetime | None = None) -> dict[
     }
 
 
-def load_suite(conf: ValidateConfig, now: datetime | None = None, conf_dir: Path | None = None) -> EventSuite:
+def load_suite(
+    conf: ValidateConfig, now: datetime | None = None, conf_dir: Path | None = None
+) -> EventSuite:
     path = Path(conf.suite)
     if not path.is_absolute():
         path = (conf_dir or default_conf_dir()) / path
@@ -91,7 +94,9 @@ def load_suite(conf: ValidateConfig, now: datetime | None = None, conf_dir: Path
         where = f"validate.suite {path.name} expectation {i}"
         etype = item.get("type")
         if etype not in SUPPORTED:
-            raise ConfigError(f"{where}: type {etype!r} is not supported for row-level checks ({sorted(SUPPORTED)})")
+            raise ConfigError(
+                f"{where}: type {etype!r} is not supported for row-level checks ({sorted(SUPPORTED)})"
+            )
         meta = item.get("meta") or {}
         if not meta.get("reason"):
             raise ConfigError(f"{where}: meta.reason (the quarantine reason code) is required")
@@ -102,7 +107,9 @@ def load_suite(conf: ValidateConfig, now: datetime | None = None, conf_dir: Path
         if action not in ("quarantine", DEDUPLICATE):
             raise ConfigError(f"{where}: meta.action must be 'quarantine' or 'deduplicate'")
         if (etype == "expect_column_values_to_be_unique") != (action == DEDUPLICATE):
-            raise ConfigError(f"{where}: uniqueness is enforced by deduplication (meta.action: deduplicate)")
+            raise ConfigError(
+                f"{where}: uniqueness is enforced by deduplication (meta.action: deduplicate)"
+            )
         expectations.append(Expectation(etype, kwargs, item, meta["reason"], action))
     return EventSuite(source.get("name", path.stem), expectations, params, source)
 
@@ -138,7 +145,9 @@ def violation(e: Expectation) -> Column:
     else:  # uniqueness: handled by deduplication
         return F.lit(False)
     condition = k.get("row_condition")
-    if isinstance(condition, dict):  # GX 1.9+ form: {"type": "pass_through", "pass_through_filter": SQL}
+    if isinstance(
+        condition, dict
+    ):  # GX 1.9+ form: {"type": "pass_through", "pass_through_filter": SQL}
         condition = condition.get("pass_through_filter")
     if condition:
         bad = bad & F.coalesce(F.expr(condition), F.lit(False))
@@ -159,21 +168,22 @@ def run_gx(df: DataFrame, suite: EventSuite, batch_id: str) -> dict[str, Any]:
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
-    try:
+    with contextlib.suppress(Exception):  # a GX without the setting: progress bars are cosmetic
         context.variables.progress_bars = {"globally": False, "metric_calculations": False}
-    except Exception:  # older/newer GX without the setting: progress bars are cosmetic
-        pass
     source = context.data_sources.add_spark(name="patternlake")
     asset = source.add_dataframe_asset(name="events")
     batch_def = asset.add_batch_definition_whole_dataframe(batch_id)
     gx_suite = ExpectationSuite(
         name=suite.name,
         expectations=[
-            {"type": e.type, "kwargs": e.raw["kwargs"], "meta": e.raw.get("meta", {})} for e in suite.expectations
+            {"type": e.type, "kwargs": e.raw["kwargs"], "meta": e.raw.get("meta", {})}
+            for e in suite.expectations
         ],
     )
     batch = batch_def.get_batch(batch_parameters={"dataframe": df})
-    result = batch.validate(gx_suite, expectation_parameters=suite.parameters, result_format="BASIC")
+    result = batch.validate(
+        gx_suite, expectation_parameters=suite.parameters, result_format="BASIC"
+    )
     return json.loads(json.dumps(result.to_json_dict(), default=str))
 
 
@@ -191,4 +201,4 @@ def _parse_time(text: str, key: str) -> datetime:
         t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ConfigError(f"{key}: {text!r} is not an ISO-8601 time") from None
-    return t.astimezone(timezone.utc) if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)

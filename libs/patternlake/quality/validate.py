@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -33,8 +33,15 @@ from patternlake.quality.suite import EventSuite, load_suite, row_reasons, run_g
 log = logging.getLogger(__name__)
 
 SILVER_COLUMNS = (
-    "event_id", "user_id", "item_id", "event_type", "event_time", "properties",
-    "_batch_id", "_source_file", "_ingested_at",
+    "event_id",
+    "user_id",
+    "item_id",
+    "event_type",
+    "event_time",
+    "properties",
+    "_batch_id",
+    "_source_file",
+    "_ingested_at",
 )
 
 
@@ -58,18 +65,25 @@ def typed_events(bronze: DataFrame, default_event_type: str) -> DataFrame:
     numeric = raw_time.rlike(r"^-?\d{1,16}(\.\d+)?$")
     number = raw_time.try_cast("double")
     parsed = (
-        F.when(numeric & (F.abs(number) >= 1e11), F.timestamp_seconds(number / 1000))  # epoch millis
+        F.when(
+            numeric & (F.abs(number) >= 1e11), F.timestamp_seconds(number / 1000)
+        )  # epoch millis
         .when(numeric, F.timestamp_seconds(number))  # epoch seconds
         .otherwise(raw_time.try_cast("timestamp"))  # ISO-8601, with or without zone
     )
     user = F.nullif(F.trim(F.col("user_id")), F.lit(""))
     item = F.nullif(F.trim(F.col("item_id")), F.lit(""))
-    etype = F.coalesce(F.nullif(F.lower(F.trim(F.col("event_type"))), F.lit("")), F.lit(default_event_type))
+    etype = F.coalesce(
+        F.nullif(F.lower(F.trim(F.col("event_type"))), F.lit("")), F.lit(default_event_type)
+    )
     given_id = F.nullif(F.trim(F.col("event_id")), F.lit(""))
     row_hash = F.sha2(
         F.concat_ws(
             "\u001f",
-            user, item, raw_time, etype,
+            user,
+            item,
+            raw_time,
+            etype,
             F.to_json(F.array_sort(F.map_entries(F.col("properties")))),
             F.col("_raw"),  # unparsable rows differ only here
         ),
@@ -93,16 +107,25 @@ def typed_events(bronze: DataFrame, default_event_type: str) -> DataFrame:
 def validate_pending(spark: SparkSession, lake: Lake, config: Config) -> list[BatchReport]:
     """Validate every bronze batch that has not passed yet, oldest first."""
     if not lake.exists("bronze_events"):
-        raise PatternlakeError("validate: bronze_events does not exist yet; run `patternlake ingest PATH` first")
+        raise PatternlakeError(
+            "validate: bronze_events does not exist yet; run `patternlake ingest PATH` first"
+        )
     bronze = lake.read("bronze_events")
     batches = [
         r["_batch_id"]
-        for r in bronze.groupBy("_batch_id").agg(F.min("_ingested_at").alias("t")).orderBy("t", "_batch_id").collect()
+        for r in bronze.groupBy("_batch_id")
+        .agg(F.min("_ingested_at").alias("t"))
+        .orderBy("t", "_batch_id")
+        .collect()
     ]
     passed: set[str] = set()
     if lake.exists("validation_results"):
         passed = {
-            r[0] for r in lake.read("validation_results").filter("status = 'passed'").select("batch_id").collect()
+            r[0]
+            for r in lake.read("validation_results")
+            .filter("status = 'passed'")
+            .select("batch_id")
+            .collect()
         }
     pending = [b for b in batches if b not in passed]
     if not pending:
@@ -111,7 +134,9 @@ def validate_pending(spark: SparkSession, lake: Lake, config: Config) -> list[Ba
     return [validate_batch(spark, lake, config, suite, b) for b in pending]
 
 
-def validate_batch(spark: SparkSession, lake: Lake, config: Config, suite: EventSuite, batch_id: str) -> BatchReport:
+def validate_batch(
+    spark: SparkSession, lake: Lake, config: Config, suite: EventSuite, batch_id: str
+) -> BatchReport:
     started = time.monotonic()
     conf = config.validate_
     bronze = lake.read("bronze_events").filter(F.col("_batch_id") == batch_id)
@@ -120,8 +145,14 @@ def validate_batch(spark: SparkSession, lake: Lake, config: Config, suite: Event
 
     # one pass: totals and the count of every reason
     reasons = sorted({e.reason for e in suite.quarantine_rules})
-    aggs: list[Column] = [F.count(F.lit(1)).alias("total"), F.sum(F.when(F.size("reasons") > 0, 1).otherwise(0)).alias("bad")]
-    aggs += [F.sum(F.array_contains("reasons", r).cast("int")).alias(f"r{i}") for i, r in enumerate(reasons)]
+    aggs: list[Column] = [
+        F.count(F.lit(1)).alias("total"),
+        F.sum(F.when(F.size("reasons") > 0, 1).otherwise(0)).alias("bad"),
+    ]
+    aggs += [
+        F.sum(F.array_contains("reasons", r).cast("int")).alias(f"r{i}")
+        for i, r in enumerate(reasons)
+    ]
     stats = tagged.agg(*aggs).first()
     total, bad = int(stats["total"]), int(stats["bad"] or 0)
     reason_counts = {r: int(stats[f"r{i}"] or 0) for i, r in enumerate(reasons) if stats[f"r{i}"]}
@@ -129,46 +160,85 @@ def validate_batch(spark: SparkSession, lake: Lake, config: Config, suite: Event
     gx_result = run_gx(typed, suite, batch_id)
     _check_agreement(gx_result, suite, reason_counts)
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     quarantine = tagged.filter(F.size("reasons") > 0).select(
-        "event_id", "user_id", "item_id", "event_type", "event_time_raw", "event_time", "properties",
-        "_raw", "reasons", "_batch_id", "_source_file", "_ingested_at", F.lit(now).alias("_validated_at"),
+        "event_id",
+        "user_id",
+        "item_id",
+        "event_type",
+        "event_time_raw",
+        "event_time",
+        "properties",
+        "_raw",
+        "reasons",
+        "_batch_id",
+        "_source_file",
+        "_ingested_at",
+        F.lit(now).alias("_validated_at"),
     )
     # always written: an empty partition also replaces rows of an earlier failed attempt
-    lake.write(quarantine, "quarantine_events", "overwrite", replace_where={"_batch_id": batch_id},
-               commit_info={"patternlake.batch_id": batch_id})
+    lake.write(
+        quarantine,
+        "quarantine_events",
+        "overwrite",
+        replace_where={"_batch_id": batch_id},
+        commit_info={"patternlake.batch_id": batch_id},
+    )
 
     share = bad / total if total else 0.0
     status = "passed" if share <= conf.max_invalid_share else "failed"
     silver_rows = duplicates = 0
     if status == "passed":
         valid = tagged.filter(F.size("reasons") == 0)
-        first = Window.partitionBy("event_id").orderBy("_source_file", "event_time", "user_id", "item_id")
+        first = Window.partitionBy("event_id").orderBy(
+            "_source_file", "event_time", "user_id", "item_id"
+        )
         deduped = valid.withColumn("_n", F.row_number().over(first)).filter("_n = 1")
         if lake.exists("silver_events"):
             known = lake.read("silver_events").select("event_id")
             deduped = deduped.join(known, "event_id", "left_anti")
-        lake.write(deduped.select(*SILVER_COLUMNS), "silver_events", "append",
-                   commit_info={"patternlake.batch_id": batch_id})
+        lake.write(
+            deduped.select(*SILVER_COLUMNS),
+            "silver_events",
+            "append",
+            commit_info={"patternlake.batch_id": batch_id},
+        )
         silver_rows = lake.read("silver_events").filter(F.col("_batch_id") == batch_id).count()
         duplicates = total - bad - silver_rows
         if total != silver_rows + bad + duplicates or duplicates < 0:
-            raise RuntimeError(f"validate {batch_id}: rows lost: bronze {total} != silver {silver_rows} + "
-                               f"quarantined {bad} + duplicates {duplicates}")
+            raise RuntimeError(
+                f"validate {batch_id}: rows lost: bronze {total} != silver {silver_rows} + "
+                f"quarantined {bad} + duplicates {duplicates}"
+            )
 
     report = BatchReport(
-        batch_id=batch_id, status=status, bronze_rows=total, silver_rows=silver_rows, quarantined_rows=bad,
-        duplicate_rows=duplicates, invalid_share=round(share, 6), reason_counts=reason_counts,
+        batch_id=batch_id,
+        status=status,
+        bronze_rows=total,
+        silver_rows=silver_rows,
+        quarantined_rows=bad,
+        duplicate_rows=duplicates,
+        invalid_share=round(share, 6),
+        reason_counts=reason_counts,
         gx_success=bool(gx_result.get("success")),
     )
     report.report_path = _write_html(lake, config, report, gx_result)
     _record(spark, lake, report, gx_result, now)
     log.info(
         "validate %s: %s, bronze=%d silver=%d quarantined=%d duplicates=%d reasons=%s (%.1fs)",
-        batch_id, status, total, silver_rows, bad, duplicates, reason_counts, time.monotonic() - started,
+        batch_id,
+        status,
+        total,
+        silver_rows,
+        bad,
+        duplicates,
+        reason_counts,
+        time.monotonic() - started,
     )
     if status == "failed":
-        top = ", ".join(f"{k}={v}" for k, v in sorted(reason_counts.items(), key=lambda kv: -kv[1])[:5])
+        top = ", ".join(
+            f"{k}={v}" for k, v in sorted(reason_counts.items(), key=lambda kv: -kv[1])[:5]
+        )
         raise PatternlakeError(
             f"validate: batch {batch_id} has {share:.1%} invalid rows (limit validate.max_invalid_share="
             f"{conf.max_invalid_share:.0%}; {top}). Nothing was lost: the bad rows are in quarantine_events, "
@@ -177,7 +247,9 @@ def validate_batch(spark: SparkSession, lake: Lake, config: Config, suite: Event
     return report
 
 
-def _check_agreement(gx_result: dict[str, Any], suite: EventSuite, reason_counts: dict[str, int]) -> None:
+def _check_agreement(
+    gx_result: dict[str, Any], suite: EventSuite, reason_counts: dict[str, int]
+) -> None:
     """GX's unexpected counts must match the row-level split (else the split is wrong)."""
     for res in gx_result.get("results", []):
         meta = (res.get("expectation_config") or {}).get("meta") or {}
@@ -193,7 +265,9 @@ def _check_agreement(gx_result: dict[str, Any], suite: EventSuite, reason_counts
             )
 
 
-def _record(spark: SparkSession, lake: Lake, report: BatchReport, gx_result: dict[str, Any], now: datetime) -> None:
+def _record(
+    spark: SparkSession, lake: Lake, report: BatchReport, gx_result: dict[str, Any], now: datetime
+) -> None:
     row = asdict(report)
     row["reason_counts"] = {k: int(v) for k, v in row["reason_counts"].items()}
     row["gx_result"] = json.dumps(gx_result, default=str)
@@ -204,7 +278,9 @@ def _record(spark: SparkSession, lake: Lake, report: BatchReport, gx_result: dic
         "report_path string, gx_result string, validated_at timestamp"
     )
     cols = [c.split()[0] for c in schema.split(", ")]
-    lake.write(spark.createDataFrame([tuple(row[c] for c in cols)], schema), "validation_results", "append")
+    lake.write(
+        spark.createDataFrame([tuple(row[c] for c in cols)], schema), "validation_results", "append"
+    )
 
 
 def _write_html(lake: Lake, config: Config, report: BatchReport, gx_result: dict[str, Any]) -> str:

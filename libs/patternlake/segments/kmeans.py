@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from pyspark.ml.clustering import KMeans
@@ -38,7 +38,9 @@ class SegmentResult:
     matched_previous: bool
 
 
-def feature_columns(features: DataFrame, event_types: list[str], categories: list[str]) -> dict[str, Column]:
+def feature_columns(
+    features: DataFrame, event_types: list[str], categories: list[str]
+) -> dict[str, Column]:
     """Named numeric inputs of the clustering (activity, sessions, mix, category shares)."""
     cols: dict[str, Column] = {
         "log_events": F.log1p("n_events"),
@@ -51,9 +53,13 @@ def feature_columns(features: DataFrame, event_types: list[str], categories: lis
     }
     for t in event_types:
         cols[f"share_{t}"] = F.col(f"share_{t}")
-    total = F.aggregate(F.map_values("category_counts"), F.lit(0).cast("bigint"), lambda a, v: a + v)
+    total = F.aggregate(
+        F.map_values("category_counts"), F.lit(0).cast("bigint"), lambda a, v: a + v
+    )
     for c in categories:
-        cols[f"cat_{c}"] = F.coalesce(F.col("category_counts")[c] / F.greatest(total, F.lit(1)), F.lit(0.0))
+        cols[f"cat_{c}"] = F.coalesce(
+            F.col("category_counts")[c] / F.greatest(total, F.lit(1)), F.lit(0.0)
+        )
     return cols
 
 
@@ -64,16 +70,25 @@ def segment_users(spark: SparkSession, lake: Lake, config: Config) -> SegmentRes
         raise PatternlakeError("segment: user_features does not exist yet; run featurize first")
     features = lake.read("user_features")
     top = (
-        features.select(F.explode("category_counts"))
-        .groupBy("key").agg(F.sum("value").alias("n"))
-        .orderBy(F.desc("n"), "key").limit(conf.top_categories).collect()
-    ) if conf.top_categories else []
+        (
+            features.select(F.explode("category_counts"))
+            .groupBy("key")
+            .agg(F.sum("value").alias("n"))
+            .orderBy(F.desc("n"), "key")
+            .limit(conf.top_categories)
+            .collect()
+        )
+        if conf.top_categories
+        else []
+    )
     categories = sorted(r["key"] for r in top)
     cols = feature_columns(features, list(config.validate_.allowed_event_types), categories)
     names = list(cols)
-    eligible = features.filter(F.col("n_events") >= conf.min_events).select(
-        "user_id", *[c.cast("double").alias(n) for n, c in cols.items()]
-    ).persist()
+    eligible = (
+        features.filter(F.col("n_events") >= conf.min_events)
+        .select("user_id", *[c.cast("double").alias(n) for n, c in cols.items()])
+        .persist()
+    )
     n_eligible = eligible.count()
     if n_eligible < conf.k:
         raise PatternlakeError(
@@ -83,7 +98,9 @@ def segment_users(spark: SparkSession, lake: Lake, config: Config) -> SegmentRes
     vec = VectorAssembler(inputCols=names, outputCol="raw").transform(eligible)
     scaler = StandardScaler(inputCol="raw", outputCol="x", withMean=True, withStd=True).fit(vec)
     scaled = scaler.transform(vec)
-    kmeans = KMeans(k=conf.k, seed=conf.seed, maxIter=conf.max_iter, featuresCol="x", predictionCol="cluster").fit(scaled)
+    kmeans = KMeans(
+        k=conf.k, seed=conf.seed, maxIter=conf.max_iter, featuresCol="x", predictionCol="cluster"
+    ).fit(scaled)
     mean, std = scaler.mean.toArray(), scaler.std.toArray()
     safe_std = np.where(std > 0, std, 1.0)
     centers = np.array(kmeans.clusterCenters())  # standardized space
@@ -91,7 +108,9 @@ def segment_users(spark: SparkSession, lake: Lake, config: Config) -> SegmentRes
 
     version, previous = _previous_model(lake, names)
     relabel, matched = _stable_ids(centers, previous, mean, safe_std)
-    mapping = F.create_map(*[x for cluster, sid in relabel.items() for x in (F.lit(cluster), F.lit(sid))])
+    mapping = F.create_map(
+        *[x for cluster, sid in relabel.items() for x in (F.lit(cluster), F.lit(sid))]
+    )
 
     center_arr = F.array(*[F.array(*[F.lit(float(v)) for v in c]) for c in centers])
     assigned = kmeans.transform(scaled).select(
@@ -99,15 +118,21 @@ def segment_users(spark: SparkSession, lake: Lake, config: Config) -> SegmentRes
         mapping[F.col("cluster")].alias("segment_id"),
         F.sqrt(
             F.aggregate(
-                F.zip_with(vector_to_array("x"), F.element_at(center_arr, F.col("cluster") + 1), lambda a, b: (a - b) * (a - b)),
+                F.zip_with(
+                    vector_to_array("x"),
+                    F.element_at(center_arr, F.col("cluster") + 1),
+                    lambda a, b: (a - b) * (a - b),
+                ),
                 F.lit(0.0),
                 lambda acc, v: acc + v,
             )
         ).alias("distance"),
     )
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     cold = features.filter(F.col("n_events") < conf.min_events).select(
-        "user_id", F.lit(COLD_START).alias("segment_id"), F.lit(None).cast("double").alias("distance")
+        "user_id",
+        F.lit(COLD_START).alias("segment_id"),
+        F.lit(None).cast("double").alias("distance"),
     )
     segments = assigned.unionByName(cold).select(
         "user_id",
@@ -117,13 +142,28 @@ def segment_users(spark: SparkSession, lake: Lake, config: Config) -> SegmentRes
         F.lit(version).alias("model_version"),
         F.lit(now).alias("assigned_at"),
     )
-    lake.write(segments, "segments", "overwrite", overwrite_schema=True,
-               commit_info={"patternlake.segment_model_version": str(version)})
+    lake.write(
+        segments,
+        "segments",
+        "overwrite",
+        overwrite_schema=True,
+        commit_info={"patternlake.segment_model_version": str(version)},
+    )
     eligible.unpersist()
 
-    counts = {r["segment_id"]: r["count"] for r in lake.read("segments").groupBy("segment_id").count().collect()}
+    counts = {
+        r["segment_id"]: r["count"]
+        for r in lake.read("segments").groupBy("segment_id").count().collect()
+    }
     model_rows = [
-        (version, int(relabel[i]), [float(v) for v in raw_centers[i]], names, int(counts.get(relabel[i], 0)), now)
+        (
+            version,
+            int(relabel[i]),
+            [float(v) for v in raw_centers[i]],
+            names,
+            int(counts.get(relabel[i], 0)),
+            now,
+        )
         for i in range(len(centers))
     ]
     lake.write(
@@ -135,8 +175,14 @@ def segment_users(spark: SparkSession, lake: Lake, config: Config) -> SegmentRes
         "segment_models",
         "append",
     )
-    log.info("segment: model version %d, %d segments + cold start, users per segment %s, matched previous=%s (%.1fs)",
-             version, conf.k, dict(sorted(counts.items())), matched, time.monotonic() - started)
+    log.info(
+        "segment: model version %d, %d segments + cold start, users per segment %s, matched previous=%s (%.1fs)",
+        version,
+        conf.k,
+        dict(sorted(counts.items())),
+        matched,
+        time.monotonic() - started,
+    )
     return SegmentResult(version, dict(sorted(counts.items())), matched)
 
 
@@ -162,7 +208,9 @@ def _stable_ids(
         order = sorted(range(k), key=lambda i: tuple(np.round(centers[i], 6)))
         return {cluster: rank + 1 for rank, cluster in enumerate(order)}, False
     prev_ids = sorted(previous)
-    prev = np.array([(previous[s] - mean) / std for s in prev_ids])  # into the new standardized space
+    prev = np.array(
+        [(previous[s] - mean) / std for s in prev_ids]
+    )  # into the new standardized space
     cost = np.linalg.norm(centers[:, None, :] - prev[None, :, :], axis=2)
     rows, cols = linear_sum_assignment(cost)
     relabel = {int(r): int(prev_ids[c]) for r, c in zip(rows, cols, strict=True)}
@@ -172,4 +220,3 @@ def _stable_ids(
             relabel[cluster] = next_id
             next_id += 1
     return relabel, True
-

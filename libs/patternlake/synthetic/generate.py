@@ -30,7 +30,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +69,9 @@ class GenerateParams:
 
     def check(self) -> None:
         if self.events < self.users:
-            raise PatternlakeError(f"generate: --events ({self.events}) must be at least --users ({self.users})")
+            raise PatternlakeError(
+                f"generate: --events ({self.events}) must be at least --users ({self.users})"
+            )
         planted = self.segments * self.rules_per_segment * self.rule_length
         if planted > self.items // 2:
             raise PatternlakeError(
@@ -77,7 +79,9 @@ class GenerateParams:
                 f"{self.rule_length} items = {planted} planted items needs --items >= {2 * planted}"
             )
         if self.format not in ("csv", "jsonl", "parquet"):
-            raise PatternlakeError(f"generate: --format must be csv, jsonl or parquet, not {self.format!r}")
+            raise PatternlakeError(
+                f"generate: --format must be csv, jsonl or parquet, not {self.format!r}"
+            )
         _parse_start(self.start)
 
 
@@ -98,7 +102,10 @@ def generate_events(p: GenerateParams) -> GeneratedEvents:
     item_category = rng.integers(0, p.categories, M)
     popularity = 1.0 / np.arange(1, M + 1) ** p.zipf_exponent
     popularity = popularity[rng.permutation(M)]
-    seg_cats = [rng.choice(p.categories, size=max(1, p.categories // max(K, 1)), replace=False) for _ in range(K)]
+    seg_cats = [
+        rng.choice(p.categories, size=max(1, p.categories // max(K, 1)), replace=False)
+        for _ in range(K)
+    ]
     seg_cdf = np.empty((K, M))
     for k in range(K):
         w = popularity * np.where(np.isin(item_category, seg_cats[k]), 6.0, 1.0)
@@ -127,7 +134,6 @@ def generate_events(p: GenerateParams) -> GeneratedEvents:
     # --- picks (tokens): one per event is always enough, a chain covers several ------------
     T = p.events
     tok_user = np.repeat(np.arange(U), n_user)
-    tok_seg = user_seg[tok_user]
     is_chain = (rng.random(T) < p.chain_rate) if p.rules_per_segment else np.zeros(T, bool)
     tok_rule = rng.integers(0, max(p.rules_per_segment, 1), T)
     full = rng.random(T) < p.rule_strength
@@ -178,7 +184,9 @@ def generate_events(p: GenerateParams) -> GeneratedEvents:
     # --- event types ------------------------------------------------------------------------
     chain_end = ev_chain & (ev_pos == L - 1)
     u = rng.random(n)
-    etype = np.where(u < np.where(chain_end, 0.30, 0.04), 2, np.where(u < np.where(chain_end, 0.45, 0.14), 1, 0))
+    etype = np.where(
+        u < np.where(chain_end, 0.30, 0.04), 2, np.where(u < np.where(chain_end, 0.45, 0.14), 1, 0)
+    )
     price = np.round(5.0 + 95.0 * ((item * 2654435761) % 1000) / 1000.0, 2)
 
     # --- strings with Arrow ---------------------------------------------------------------
@@ -199,7 +207,9 @@ def generate_events(p: GenerateParams) -> GeneratedEvents:
     )
     dup_idx = np.flatnonzero(rng.random(n) < DUPLICATE_RATE)
     table = pa.concat_tables([table, table.take(pa.array(dup_idx))])
-    table = table.take(pc.sort_indices(table, [("event_time", "ascending"), ("event_id", "ascending")]))
+    table = table.take(
+        pc.sort_indices(table, [("event_time", "ascending"), ("event_id", "ascending")])
+    )
 
     rules = []
     for k in range(K):
@@ -207,7 +217,12 @@ def generate_events(p: GenerateParams) -> GeneratedEvents:
             names = [item_names[int(i)].as_py() for i in chains[k, r]]
             for j in range(1, L):
                 rules.append(
-                    {"segment": k, "antecedent": names[:j], "consequent": names[j], "strength": p.rule_strength}
+                    {
+                        "segment": k,
+                        "antecedent": names[:j],
+                        "consequent": names[j],
+                        "strength": p.rule_strength,
+                    }
                 )
     users = pa.table({"user_id": user_names, "segment": pa.array(user_seg.astype(np.int32))})
     return GeneratedEvents(events=table, users=users, rules=rules, duplicates=len(dup_idx))
@@ -225,24 +240,30 @@ def write_generated(gen: GeneratedEvents, out: str | Path, params: GenerateParam
         if params.format == "csv":
             pacsv.write_csv(part, path)
         elif params.format == "parquet":
-            part = part.set_column(3, "event_time", pc.cast(part["event_time"], pa.timestamp("ms", tz="UTC")))
+            part = part.set_column(
+                3, "event_time", pc.cast(part["event_time"], pa.timestamp("ms", tz="UTC"))
+            )
             pq.write_table(part, path)
         else:  # jsonl, ISO-8601 times with zone, as web trackers send them
             df = part.to_pandas()
             df["event_time"] = (
-                np.datetime_as_string(df["event_time"].to_numpy().astype("datetime64[ms]"), unit="ms")
+                np.datetime_as_string(
+                    df["event_time"].to_numpy().astype("datetime64[ms]"), unit="ms"
+                )
                 + "Z"
             )
             df.to_json(path, orient="records", lines=True)
     pq.write_table(gen.users, truth_dir / "users.parquet")
-    (truth_dir / "rules.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in gen.rules) + "\n]\n")
+    (truth_dir / "rules.json").write_text(
+        "[\n" + ",\n".join(json.dumps(r) for r in gen.rules) + "\n]\n"
+    )
     meta = {
         "params": asdict(params),
         "rows": n,
         "unique_events": n - gen.duplicates,
         "duplicates": gen.duplicates,
         "rules": len(gen.rules),
-        "generated_at": datetime.now(timezone.utc).isoformat(),
+        "generated_at": datetime.now(UTC).isoformat(),
     }
     (truth_dir / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
@@ -253,10 +274,14 @@ def _prepare_out(out: Path) -> tuple[Path, Path]:
     for d in dirs:
         try:
             if d.exists() and any(d.iterdir()):
-                raise PatternlakeError(f"generate: {d} is not empty; choose another --out or remove it")
+                raise PatternlakeError(
+                    f"generate: {d} is not empty; choose another --out or remove it"
+                )
             d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise PatternlakeError(f"generate: cannot write to {out}: {exc.strerror or exc}") from None
+            raise PatternlakeError(
+                f"generate: cannot write to {out}: {exc.strerror or exc}"
+            ) from None
     return dirs
 
 
@@ -265,11 +290,21 @@ def generate(params: GenerateParams, out: str | Path) -> dict:
     params.check()
     _prepare_out(Path(out))
     gen = generate_events(params)
-    log.info("generate: %d events (%d duplicates) for %d users in %.1fs",
-             gen.events.num_rows, gen.duplicates, params.users, time.monotonic() - started)
+    log.info(
+        "generate: %d events (%d duplicates) for %d users in %.1fs",
+        gen.events.num_rows,
+        gen.duplicates,
+        params.users,
+        time.monotonic() - started,
+    )
     meta = write_generated(gen, out, params)
-    log.info("generate: wrote %d %s files to %s (%.1fs total)",
-             params.files, params.format, out, time.monotonic() - started)
+    log.info(
+        "generate: wrote %d %s files to %s (%.1fs total)",
+        params.files,
+        params.format,
+        out,
+        time.monotonic() - started,
+    )
     return meta
 
 
@@ -290,5 +325,5 @@ def _parse_start(text: str) -> float:
     except ValueError:
         raise PatternlakeError(f"generate: start {text!r} is not an ISO-8601 time") from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()

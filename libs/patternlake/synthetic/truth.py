@@ -46,8 +46,10 @@ def score_rules(truth_dir: str | Path, mined: list[dict], assignments: dict[str,
     for m in mined:
         by_segment.setdefault(m["segment_id"], set()).add((tuple(m["antecedent"]), m["consequent"]))
     found = sum(
-        1 for r in rules
-        if (tuple(r["antecedent"]), r["consequent"]) in by_segment.get(segment_map.get(r["segment"], -1), set())
+        1
+        for r in rules
+        if (tuple(r["antecedent"]), r["consequent"])
+        in by_segment.get(segment_map.get(r["segment"], -1), set())
     )
     chains = planted_chains(rules)
 

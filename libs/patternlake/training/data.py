@@ -45,10 +45,17 @@ class Batch:
     targets: torch.Tensor  # (B, L) next items (training) or (B,) one target (evaluation)
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.items, self.types, self.gaps, self.targets)))
+        return Batch(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.items, self.types, self.gaps, self.targets)
+            )
+        )
 
 
-def pad_left(column: pa.ListArray | pa.ChunkedArray, max_len: int, drop_last: np.ndarray | int = 0) -> np.ndarray:
+def pad_left(
+    column: pa.ListArray | pa.ChunkedArray, max_len: int, drop_last: np.ndarray | int = 0
+) -> np.ndarray:
     """Lists -> (n, max_len) int64, keeping the last ``max_len`` values of each list after
     dropping its last ``drop_last`` values; padding (0) on the left."""
     if isinstance(column, pa.ChunkedArray):
@@ -89,7 +96,9 @@ def evaluation_arrays(table: pa.Table, max_len: int, split: str) -> tuple[np.nda
     evaluable = table.column("valid_item").is_valid()
     t = table.filter(evaluable)
     drop = 2 if split == "valid" else 1
-    target = t.column("valid_item" if split == "valid" else "test_item").to_numpy(zero_copy_only=False)
+    target = t.column("valid_item" if split == "valid" else "test_item").to_numpy(
+        zero_copy_only=False
+    )
     return (
         np.asarray(t.column("user_id").to_pylist(), dtype=object),
         pad_left(t.column("item_seq"), max_len, drop),

@@ -38,7 +38,9 @@ ALIAS = "candidate"  # set on every new teacher; quality gates promote to "champ
 def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
     for table in ("user_sequences", "item_index"):
         if not lake.exists(table):
-            raise PatternlakeError(f"train: {table} does not exist yet; run `patternlake run daily` first")
+            raise PatternlakeError(
+                f"train: {table} does not exist yet; run `patternlake run daily` first"
+            )
     version = lake.version("user_sequences")
     n_items = (lake.read("item_index").agg(F.max("item_idx")).first()[0] or 0) + 1
     model = TeacherConfig(
@@ -53,34 +55,54 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
         data_version=version,
         model=model.to_dict(),
         backend="horovod" if backend == "horovodrun" else backend,
-        epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay, patience=t.patience, seed=t.seed, valid_users=t.valid_users,
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        patience=t.patience,
+        seed=t.seed,
+        valid_users=t.valid_users,
         threads=t.threads_per_proc,
     )
     # one checkpoint folder per (data version, model, training settings, world size): a rerun
     # of the same job resumes, a changed job starts over
-    key = {k: v for k, v in asdict(spec).items() if k not in ("files", "checkpoint_dir", "result_path")}
+    key = {
+        k: v for k, v in asdict(spec).items() if k not in ("files", "checkpoint_dir", "result_path")
+    }
     key["num_proc"] = 1 if backend == "single" else t.num_proc
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    spec.checkpoint_dir = str(Path(config.models.root).resolve() / "teacher" / "checkpoints" / digest)
+    spec.checkpoint_dir = str(
+        Path(config.models.root).resolve() / "teacher" / "checkpoints" / digest
+    )
     return spec
 
 
-def run_backend(spark: SparkSession, spec: TrainSpec, backend: str, num_proc: int) -> dict[str, Any]:
+def run_backend(
+    spark: SparkSession, spec: TrainSpec, backend: str, num_proc: int
+) -> dict[str, Any]:
     payload = asdict(spec)
     if backend == "single":
         return train_worker(payload)
     if backend == "horovod":
         import horovod.spark
 
-        results = horovod.spark.run(train_worker, args=(payload,), num_proc=num_proc, use_gloo=True,
-                                    start_timeout=600, verbose=1)
+        results = horovod.spark.run(
+            train_worker,
+            args=(payload,),
+            num_proc=num_proc,
+            use_gloo=True,
+            start_timeout=600,
+            verbose=1,
+        )
         return next(r for r in results if r is not None)
     if backend == "ddp":
         from pyspark.ml.torch.distributor import TorchDistributor
 
         local = spark.sparkContext.master.startswith("local")
-        distributor = TorchDistributor(num_processes=num_proc, local_mode=local, use_gpu=torch.cuda.is_available())
+        distributor = TorchDistributor(
+            num_processes=num_proc, local_mode=local, use_gpu=torch.cuda.is_available()
+        )
         return distributor.run(train_worker, payload)
     if backend == "horovodrun":
         with tempfile.TemporaryDirectory(prefix="pl-hvd-") as tmp:
@@ -88,11 +110,23 @@ def run_backend(spark: SparkSession, spec: TrainSpec, backend: str, num_proc: in
             spec_path = Path(tmp) / "spec.json"
             spec_path.write_text(json.dumps(payload))
             horovodrun = Path(sys.executable).parent / "horovodrun"
-            cmd = [str(horovodrun), "-np", str(num_proc), "--gloo", "-H", f"localhost:{num_proc}",
-                   sys.executable, "-m", "patternlake.training.worker", str(spec_path)]
+            cmd = [
+                str(horovodrun),
+                "-np",
+                str(num_proc),
+                "--gloo",
+                "-H",
+                f"localhost:{num_proc}",
+                sys.executable,
+                "-m",
+                "patternlake.training.worker",
+                str(spec_path),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                raise RuntimeError(f"horovodrun failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+                raise RuntimeError(
+                    f"horovodrun failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+                )
             return json.loads(Path(payload["result_path"]).read_text())
     raise PatternlakeError(f"train.backend: unknown backend {backend!r}")
 
@@ -113,16 +147,34 @@ def train_teacher(
     spec = build_spec(lake, config, backend)
     if fresh:
         shutil.rmtree(spec.checkpoint_dir, ignore_errors=True)
-    log.info("train teacher: backend=%s processes=%d data=user_sequences@v%d items=%d checkpoints=%s",
-             backend, num_proc, spec.data_version, spec.model["n_items"], spec.checkpoint_dir)
+    log.info(
+        "train teacher: backend=%s processes=%d data=user_sequences@v%d items=%d checkpoints=%s",
+        backend,
+        num_proc,
+        spec.data_version,
+        spec.model["n_items"],
+        spec.checkpoint_dir,
+    )
     result = run_backend(spark, spec, backend, num_proc)
     model = load_best(result)
     run_id, version = log_to_mlflow(config, spec, result, model, backend)
-    result.update({"mlflow_run_id": run_id, "registered_version": version, "data_version": spec.data_version,
-                   "seconds": round(time.monotonic() - started, 1)})
-    log.info("train teacher: best validation NDCG@10 %.4f at epoch %d, %d params, registered %s v%s (%.1fs)",
-             result["best_valid_ndcg@10"], result["best_epoch"], result["params"], REGISTERED_NAME, version,
-             time.monotonic() - started)
+    result.update(
+        {
+            "mlflow_run_id": run_id,
+            "registered_version": version,
+            "data_version": spec.data_version,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+    )
+    log.info(
+        "train teacher: best validation NDCG@10 %.4f at epoch %d, %d params, registered %s v%s (%.1fs)",
+        result["best_valid_ndcg@10"],
+        result["best_epoch"],
+        result["params"],
+        REGISTERED_NAME,
+        version,
+        time.monotonic() - started,
+    )
     return result
 
 
@@ -139,32 +191,63 @@ def use_experiment(config: Config) -> None:
     mlflow.set_experiment(config.mlflow.experiment)
 
 
-def log_to_mlflow(config: Config, spec: TrainSpec, result: dict[str, Any], model: SequentialTeacher,
-                  backend: str) -> tuple[str, str]:
+def log_to_mlflow(
+    config: Config, spec: TrainSpec, result: dict[str, Any], model: SequentialTeacher, backend: str
+) -> tuple[str, str]:
     import mlflow
     from mlflow.models import infer_signature
 
     use_experiment(config)
     with mlflow.start_run(run_name=f"teacher-{backend}") as run:
         mlflow.log_params({f"model.{k}": v for k, v in spec.model.items()})
-        mlflow.log_params({"backend": backend, "world_size": result["world"], "epochs": spec.epochs,
-                           "batch_size": spec.batch_size, "lr": spec.lr, "warmup_steps": spec.warmup_steps,
-                           "seed": spec.seed, "params": result["params"]})
-        mlflow.set_tags({"data.table": "user_sequences", "data.version": spec.data_version,
-                         "patternlake.role": "teacher", "device": result["device"]})
+        mlflow.log_params(
+            {
+                "backend": backend,
+                "world_size": result["world"],
+                "epochs": spec.epochs,
+                "batch_size": spec.batch_size,
+                "lr": spec.lr,
+                "warmup_steps": spec.warmup_steps,
+                "seed": spec.seed,
+                "params": result["params"],
+            }
+        )
+        mlflow.set_tags(
+            {
+                "data.table": "user_sequences",
+                "data.version": spec.data_version,
+                "patternlake.role": "teacher",
+                "device": result["device"],
+            }
+        )
         for h in result["history"]:
-            mlflow.log_metrics({"train_loss": h["loss"], "valid_ndcg_at_10": h["valid_ndcg@10"],
-                                "epoch_seconds": h["seconds"]}, step=h["epoch"])
-        mlflow.log_metrics({"best_valid_ndcg_at_10": result["best_valid_ndcg@10"],
-                            "samples_per_s": result["samples_per_s"]})
+            mlflow.log_metrics(
+                {
+                    "train_loss": h["loss"],
+                    "valid_ndcg_at_10": h["valid_ndcg@10"],
+                    "epoch_seconds": h["seconds"],
+                },
+                step=h["epoch"],
+            )
+        mlflow.log_metrics(
+            {
+                "best_valid_ndcg_at_10": result["best_valid_ndcg@10"],
+                "samples_per_s": result["samples_per_s"],
+            }
+        )
         scorer = TeacherScorer(model).eval()
         example = np.zeros((2, 3, spec.model["max_len"]), dtype=np.int64)
         example[:, 0, -1] = 1
         with torch.no_grad():
             out = scorer(torch.from_numpy(example)).numpy()
-        info = mlflow.pytorch.log_model(scorer, name="model", signature=infer_signature(example, out),
-                                        serialization_format="pickle", input_example=example,
-                                        registered_model_name=REGISTERED_NAME)
+        info = mlflow.pytorch.log_model(
+            scorer,
+            name="model",
+            signature=infer_signature(example, out),
+            serialization_format="pickle",
+            input_example=example,
+            registered_model_name=REGISTERED_NAME,
+        )
         version = str(info.registered_model_version)
         mlflow.MlflowClient().set_registered_model_alias(REGISTERED_NAME, ALIAS, version)
         return run.info.run_id, version

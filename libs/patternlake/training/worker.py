@@ -74,7 +74,9 @@ class _Comm:
             # collectives are matched by name; the default name is the object's type, which
             # differs between the root (a value) and the others (None)
             self._calls = getattr(self, "_calls", 0) + 1
-            return self.hvd.broadcast_object(obj, root_rank=0, name=f"broadcast_object.{self._calls}")
+            return self.hvd.broadcast_object(
+                obj, root_rank=0, name=f"broadcast_object.{self._calls}"
+            )
         if self.backend == "ddp":
             box = [obj]
             self.dist.broadcast_object_list(box, src=0)
@@ -109,7 +111,9 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
 
     cfg = TeacherConfig(**spec.model)
     model = SequentialTeacher(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr * comm.world, weight_decay=spec.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=spec.lr * comm.world, weight_decay=spec.weight_decay
+    )
     warmup = max(1, spec.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
 
@@ -134,9 +138,13 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
     elif spec.backend == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[comm.local_rank] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(
+            model, device_ids=[comm.local_rank] if device.type == "cuda" else None
+        )
 
-    data = ShardedSequences(spec.files, comm.rank, comm.world, cfg.max_len, spec.batch_size, spec.seed)
+    data = ShardedSequences(
+        spec.files, comm.rank, comm.world, cfg.max_len, spec.batch_size, spec.seed
+    )
     valid = _validation_set(spec, cfg) if comm.rank == 0 else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
 
@@ -164,8 +172,15 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
         ndcg = _validate(model, valid, cfg, device) if comm.rank == 0 else None
         ndcg = comm.broadcast_object(ndcg)
         improved = ndcg > state["best"]
-        state["history"].append({"epoch": epoch, "loss": round(mean_loss, 5), "valid_ndcg@10": ndcg,
-                                 "seconds": round(elapsed, 2), "lr": opt.param_groups[0]["lr"]})
+        state["history"].append(
+            {
+                "epoch": epoch,
+                "loss": round(mean_loss, 5),
+                "valid_ndcg@10": ndcg,
+                "seconds": round(elapsed, 2),
+                "lr": opt.param_groups[0]["lr"],
+            }
+        )
         state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         if improved:
             state["best"], state["best_epoch"] = ndcg, epoch
@@ -207,7 +222,9 @@ class _NoAutocast:
 
 
 def _validation_set(spec: TrainSpec, cfg: TeacherConfig) -> tuple[np.ndarray, ...]:
-    users, items, types, gaps, target = evaluation_arrays(read_table(spec.files), cfg.max_len, "valid")
+    users, items, types, gaps, target = evaluation_arrays(
+        read_table(spec.files), cfg.max_len, "valid"
+    )
     if len(users) > spec.valid_users:
         pick = np.random.default_rng(spec.seed).choice(len(users), spec.valid_users, replace=False)
         items, types, gaps, target = items[pick], types[pick], gaps[pick], target[pick]
@@ -215,7 +232,12 @@ def _validation_set(spec: TrainSpec, cfg: TeacherConfig) -> tuple[np.ndarray, ..
 
 
 @torch.no_grad()
-def _validate(model: SequentialTeacher, valid: tuple[np.ndarray, ...] | None, cfg: TeacherConfig, device: torch.device) -> float:
+def _validate(
+    model: SequentialTeacher,
+    valid: tuple[np.ndarray, ...] | None,
+    cfg: TeacherConfig,
+    device: torch.device,
+) -> float:
     if valid is None or len(valid[0]) == 0:
         return 0.0
     items, types, gaps, target = valid
@@ -225,7 +247,9 @@ def _validate(model: SequentialTeacher, valid: tuple[np.ndarray, ...] | None, cf
         t = [torch.from_numpy(a[s]).to(device) for a in (items, types, gaps)]
         return model.last_scores(*t)
 
-    overall, _ = evaluate_scorer(score, len(target), target, np.zeros(len(target)), cfg.n_items, batch_size=512)
+    overall, _ = evaluate_scorer(
+        score, len(target), target, np.zeros(len(target)), cfg.n_items, batch_size=512
+    )
     return float(overall["ndcg@10"])
 
 
@@ -236,13 +260,23 @@ def _latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save(directory: Path, epoch: int, model: SequentialTeacher, opt: Any, sched: Any, state: dict, best: bool) -> None:
+def _save(
+    directory: Path,
+    epoch: int,
+    model: SequentialTeacher,
+    opt: Any,
+    sched: Any,
+    state: dict,
+    best: bool,
+) -> None:
     """Atomic: write to a temporary name, then rename (a crash never leaves half a file)."""
     directory.mkdir(parents=True, exist_ok=True)
     inner_opt = getattr(opt, "_optimizer", None) or opt
     payload = {
         "model": model.state_dict(),
-        "optimizer": inner_opt.state_dict() if hasattr(inner_opt, "state_dict") else opt.state_dict(),
+        "optimizer": inner_opt.state_dict()
+        if hasattr(inner_opt, "state_dict")
+        else opt.state_dict(),
         "scheduler": sched.state_dict(),
         "state": state,
         "config": model.config.to_dict(),
@@ -252,7 +286,9 @@ def _save(directory: Path, epoch: int, model: SequentialTeacher, opt: Any, sched
     os.replace(tmp, directory / f"epoch-{epoch:04d}.pt")
     if best:
         tmp = directory / ".best.pt.tmp"
-        torch.save({"model": model.state_dict(), "config": model.config.to_dict(), "epoch": epoch}, tmp)
+        torch.save(
+            {"model": model.state_dict(), "config": model.config.to_dict(), "epoch": epoch}, tmp
+        )
         os.replace(tmp, directory / "best.pt")
 
 
