@@ -61,8 +61,8 @@ def cluster(tmp_path):
                 str(free_port()),
             ],
             env=env,
-            stdout=open(tmp_path / "master.log", "w"),
-            stderr=subprocess.STDOUT,  # noqa: SIM115
+            stdout=open(tmp_path / "master.log", "w"),  # noqa: SIM115  (closed with the process)
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     ]
@@ -91,8 +91,8 @@ def cluster(tmp_path):
                     str(tmp_path / f"work{i}"),
                 ],
                 env=env,
-                stdout=open(tmp_path / f"worker{i}.log", "w"),
-                stderr=subprocess.STDOUT,  # noqa: SIM115
+                stdout=open(tmp_path / f"worker{i}.log", "w"),  # noqa: SIM115
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         )
