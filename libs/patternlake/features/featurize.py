@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.features.nodes import new_item_index, user_features, user_histories, user_sequences
-from patternlake.lake import Lake
+from patternlake.lake import Lake, batches_in_order
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,7 @@ def featurize(
         )
     silver_version = lake.version("silver_events")
     silver = lake.read("silver_events", version=silver_version)
-    order = [
-        r["_batch_id"]
-        for r in silver.groupBy("_batch_id")
-        .agg(F.min("_ingested_at").alias("t"))
-        .orderBy("t", "_batch_id")
-        .collect()
-    ]
+    order = batches_in_order(silver)
     tables = ("item_index", "user_sequences", "user_features", "featurize_log")
     full = full or not all(lake.exists(t) for t in tables)
     done = (

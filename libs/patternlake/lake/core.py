@@ -289,6 +289,17 @@ class _NoSpec:
 _NO_SPEC = _NoSpec()
 
 
+def batches_in_order(df: DataFrame) -> list[str]:
+    """The ``_batch_id`` values of an event table in ingest order (``_ingested_at``, then id)."""
+    rows = (
+        df.groupBy("_batch_id")
+        .agg(F.min("_ingested_at").alias("t"))
+        .orderBy("t", "_batch_id")
+        .collect()
+    )
+    return [r["_batch_id"] for r in rows]
+
+
 def _resolve_root(root: str) -> str:
     if root.startswith("file://"):
         root = root[len("file://") :]

@@ -26,7 +26,7 @@ from pyspark.sql import functions as F
 
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
-from patternlake.lake import Lake
+from patternlake.lake import Lake, batches_in_order
 from patternlake.quality.report import render_html
 from patternlake.quality.suite import EventSuite, load_suite, row_reasons, run_gx
 
@@ -111,13 +111,7 @@ def validate_pending(spark: SparkSession, lake: Lake, config: Config) -> list[Ba
             "validate: bronze_events does not exist yet; run `patternlake ingest PATH` first"
         )
     bronze = lake.read("bronze_events")
-    batches = [
-        r["_batch_id"]
-        for r in bronze.groupBy("_batch_id")
-        .agg(F.min("_ingested_at").alias("t"))
-        .orderBy("t", "_batch_id")
-        .collect()
-    ]
+    batches = batches_in_order(bronze)
     passed: set[str] = set()
     if lake.exists("validation_results"):
         passed = {
