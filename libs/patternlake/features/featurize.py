@@ -107,9 +107,3 @@ def featurize(
         time.monotonic() - started,
     )
     return FeaturizeResult(mode, pending, n_new_items, n_users, silver_version)
-
-
-def vocab_sizes(lake: Lake, config: Config) -> tuple[int, int]:
-    """(number of item ids incl. padding 0, number of event-type ids incl. 0)."""
-    n_items = lake.read("item_index").agg(F.max("item_idx")).first()[0] or 0
-    return n_items + 1, len(config.validate_.allowed_event_types) + 1

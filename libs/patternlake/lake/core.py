@@ -135,7 +135,8 @@ class Lake:
             raise PatternlakeError(f"write {name}: replace_where needs mode='overwrite'")
         started = time.monotonic()
         uri = self.uri(name)
-        partition_by = list(partition_by or self.conf.tables.get(name, _NO_SPEC).partition_by)
+        spec = self.conf.tables.get(name)
+        partition_by = list(partition_by or (spec.partition_by if spec else []))
         exists = self.engine.exists(uri)
         if exists and not overwrite_schema:
             table_parts = self.engine.partition_columns(uri)
@@ -280,13 +281,6 @@ class Lake:
             raise PatternlakeError(
                 f"write {name}: some rows fall outside replace_where {replace_where}"
             )
-
-
-class _NoSpec:
-    partition_by: list[str] = []
-
-
-_NO_SPEC = _NoSpec()
 
 
 def batches_in_order(df: DataFrame) -> list[str]:

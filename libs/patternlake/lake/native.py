@@ -103,14 +103,19 @@ class SparkDeltaEngine:
         if add_columns is not None:
             self.spark.conf.set("spark.databricks.delta.schema.autoMerge.enabled", "true")
         cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
-        (
-            self._table(uri)
-            .alias("t")
-            .merge(df.alias("s"), cond)
-            .whenMatchedUpdateAll()
-            .whenNotMatchedInsertAll()
-            .execute()
-        )
+        key = "spark.databricks.delta.commitInfo.userMetadata"
+        self.spark.conf.set(key, json.dumps(metadata, sort_keys=True))
+        try:
+            (
+                self._table(uri)
+                .alias("t")
+                .merge(df.alias("s"), cond)
+                .whenMatchedUpdateAll()
+                .whenNotMatchedInsertAll()
+                .execute()
+            )
+        finally:
+            self.spark.conf.unset(key)
         return self.version(uri)
 
     def delete(self, uri: str, predicate: str) -> int:

@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.models.baselines import MarkovChain, Popularity
 from patternlake.models.metrics import evaluate_scorer
-from patternlake.training.data import evaluation_arrays, read_table, training_arrays
+from patternlake.training.data import evaluation_arrays, item_id_count, read_table, training_arrays
 
 log = logging.getLogger(__name__)
 NO_SEGMENT = -1
@@ -66,7 +65,7 @@ def evaluate_models(
     version = lake.version("user_sequences")
     table = read_table(lake.files("user_sequences", version))
     max_len = config.features.max_seq_len
-    n_items = (lake.read("item_index").agg(F.max("item_idx")).first()[0] or 0) + 1
+    n_items = item_id_count(lake)
     users, items, types, gaps, target = evaluation_arrays(table, max_len, "test")
     if len(users) == 0:
         raise PatternlakeError("evaluate: no user has the 3 events the protocol needs")

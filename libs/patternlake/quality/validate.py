@@ -152,7 +152,7 @@ def validate_batch(
     reason_counts = {r: int(stats[f"r{i}"] or 0) for i, r in enumerate(reasons) if stats[f"r{i}"]}
 
     gx_result = run_gx(typed, suite, batch_id)
-    _check_agreement(gx_result, suite, reason_counts)
+    _check_agreement(gx_result, reason_counts)
 
     now = datetime.now(UTC)
     quarantine = tagged.filter(F.size("reasons") > 0).select(
@@ -241,9 +241,7 @@ def validate_batch(
     return report
 
 
-def _check_agreement(
-    gx_result: dict[str, Any], suite: EventSuite, reason_counts: dict[str, int]
-) -> None:
+def _check_agreement(gx_result: dict[str, Any], reason_counts: dict[str, int]) -> None:
     """GX's unexpected counts must match the row-level split (else the split is wrong)."""
     for res in gx_result.get("results", []):
         meta = (res.get("expectation_config") or {}).get("meta") or {}

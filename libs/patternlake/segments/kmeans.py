@@ -18,7 +18,7 @@ import numpy as np
 from pyspark.ml.clustering import KMeans
 from pyspark.ml.feature import StandardScaler, VectorAssembler
 from pyspark.ml.functions import vector_to_array
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, SparkSession
 from pyspark.sql import functions as F
 from scipy.optimize import linear_sum_assignment
 
@@ -38,9 +38,7 @@ class SegmentResult:
     matched_previous: bool
 
 
-def feature_columns(
-    features: DataFrame, event_types: list[str], categories: list[str]
-) -> dict[str, Column]:
+def feature_columns(event_types: list[str], categories: list[str]) -> dict[str, Column]:
     """Named numeric inputs of the clustering (activity, sessions, mix, category shares)."""
     cols: dict[str, Column] = {
         "log_events": F.log1p("n_events"),
@@ -82,7 +80,7 @@ def segment_users(spark: SparkSession, lake: Lake, config: Config) -> SegmentRes
         else []
     )
     categories = sorted(r["key"] for r in top)
-    cols = feature_columns(features, list(config.validate_.allowed_event_types), categories)
+    cols = feature_columns(list(config.validate_.allowed_event_types), categories)
     names = list(cols)
     eligible = (
         features.filter(F.col("n_events") >= conf.min_events)

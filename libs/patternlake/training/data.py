@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -106,6 +107,13 @@ def evaluation_arrays(table: pa.Table, max_len: int, split: str) -> tuple[np.nda
         pad_left(t.column("gap_seq"), max_len, drop),
         target.astype(np.int64),
     )
+
+
+def item_id_count(lake: Any) -> int:
+    """Item ids the models score: the largest ``item_index.item_idx`` plus padding id 0."""
+    from pyspark.sql import functions as F
+
+    return (lake.read("item_index").agg(F.max("item_idx")).first()[0] or 0) + 1
 
 
 def read_table(files: list[str], columns: list[str] | None = None) -> pa.Table:

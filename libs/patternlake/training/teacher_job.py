@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig, TeacherScorer
+from patternlake.training.data import item_id_count
 from patternlake.training.worker import TrainSpec, train_worker
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
                 f"train: {table} does not exist yet; run `patternlake run daily` first"
             )
     version = lake.version("user_sequences")
-    n_items = (lake.read("item_index").agg(F.max("item_idx")).first()[0] or 0) + 1
+    n_items = item_id_count(lake)
     model = TeacherConfig(
         n_items=n_items,
         n_types=len(config.validate_.allowed_event_types) + 1,
