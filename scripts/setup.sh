@@ -21,6 +21,9 @@ if ! command -v java >/dev/null 2>&1 || [ "$(java_major)" -lt 17 ]; then
 fi
 say "java $(java_major)"
 
+# --- the lock must hold index packages only (a path into one machine's cache breaks others)
+python3 scripts/check_requirements.py
+
 # --- Python 3.11+ venv --------------------------------------------------------------------
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { say "Python 3.11+ needed"; exit 1; }
@@ -29,7 +32,7 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 
 stamp="$VENV/.patternlake-setup"
-want=$(cat requirements/lock.txt pyproject.toml scripts/build_horovod.sh | sha256sum | cut -d' ' -f1)
+want=$(cat requirements/lock.txt pyproject.toml scripts/build_horovod.sh scripts/check_requirements.py | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" scripts/check_imports.py >/dev/null 2>&1; then
   say "already set up ($VENV)"
   exit 0
