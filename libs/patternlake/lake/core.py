@@ -191,8 +191,14 @@ class Lake:
         merge_schema: bool = False,
         commit_info: dict[str, str] | None = None,
     ) -> int:
-        """Upsert on ``keys``: rows whose keys exist replace them, the others are inserted.
-        Creates the table when it does not exist. Duplicate keys in ``df`` are an error."""
+        """Upsert on ``keys`` with Delta's MERGE semantics: every table row whose keys equal a
+        row of ``df`` takes that row's values (all of them, when several match), the rows of
+        ``df`` that match nothing are inserted. Creates the table when it does not exist.
+
+        Keys compare with SQL ``=``: a null never equals anything, not even another null. A
+        row of ``df`` with a null key therefore never matches and is always inserted (merging
+        it twice gives two rows); filter such rows out first when that is not wanted. Two rows
+        of ``df`` with the same non-null keys are an error."""
         started = time.monotonic()
         uri = self.uri(name)
         missing = [k for k in keys if k not in df.columns]
@@ -200,7 +206,14 @@ class Lake:
             raise SchemaMismatchError(
                 f"merge into {name}: key columns {missing or keys} are not in the data"
             )
-        dup = df.groupBy(*keys).count().filter("count > 1").limit(1).collect()
+        dup = (
+            df.dropna(subset=keys)  # null keys never match, so they never collide either
+            .groupBy(*keys)
+            .count()
+            .filter("count > 1")
+            .limit(1)
+            .collect()
+        )
         if dup:
             sample = {k: dup[0][k] for k in keys}
             raise PatternlakeError(
@@ -276,7 +289,7 @@ class Lake:
             )
         cond: Column = F.lit(True)
         for k, v in replace_where.items():
-            cond = cond & (F.col(k).isNull() if v is None else (F.col(k) == F.lit(v)))
+            cond = cond & F.col(k).eqNullSafe(F.lit(v))  # a null partition is a value too
         if df.filter(~cond).limit(1).count():
             raise PatternlakeError(
                 f"write {name}: some rows fall outside replace_where {replace_where}"

@@ -2,25 +2,43 @@
 
 A write goes in three steps, so that no reader ever sees half of it:
 
-1. Spark writes the DataFrame as Parquet into ``<table>/_staging/<txn>/`` (a folder of its
-   own per transaction, so concurrent writers never share Spark's ``_temporary``);
+1. Spark writes the DataFrame as Parquet into ``<table>/_staging/<txn>/data-<n>/`` (a folder
+   of its own per transaction, so concurrent writers never share Spark's ``_temporary``);
 2. each file's statistics are read from its footer and the file is moved next to the
-   table's other files (``col=value/`` folders for partitioned tables);
-3. delta-rs commits Add (and Remove) actions in one atomic transaction, retrying on
-   concurrent appends.
+   table's other files (``col=value/`` folders for partitioned tables), after its name is
+   recorded in the staging folder's manifest;
+3. delta-rs commits Add (and Remove, and schema) actions in one atomic transaction.
 
-A writer killed before step 3 leaves only files that no version references: the table
-stays at its previous version, and ``vacuum`` removes the leftovers.
+Concurrency is optimistic: a commit is made against the snapshot its actions were computed
+from (``max_commit_retries=0``). When another writer committed first, the actions are
+computed again from the new snapshot (a merge re-reads the table; an append is simply
+re-committed) and committed again, so a merge never inserts a key twice and an overwrite
+never keeps rows appended after it read the table.
+
+While a writer runs, its staging folder holds a marker (pid, host, heartbeat) and a manifest
+of the files it moved into the table: ``vacuum`` never touches them. A writer killed before
+step 3 leaves only files that no version references: the table stays at its previous
+version, and ``vacuum`` (a full one: every unreferenced file under the table older than the
+retention) removes the leftovers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import decimal
 import json
 import logging
+import math
+import os
+import random
+import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
@@ -28,7 +46,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Schema
-from deltalake.exceptions import DeltaError
+from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.exceptions import TableNotFoundError as DeltaTableNotFound
 from deltalake.transaction import AddAction, RemoveAction, create_table_with_add_actions
 from pyspark.sql import DataFrame, SparkSession
@@ -41,8 +59,27 @@ from patternlake.lake.engine import WriteMode
 log = logging.getLogger(__name__)
 
 STAGING_DIR = "_staging"
+MARKER = "_writer.json"
+MANIFEST = "_published.json"
 TXN_KEY = "patternlake.txn"
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+HEARTBEAT_S = 30.0
+# A writer on another host whose heartbeat is older than this is taken for dead.
+STALE_AFTER_S = 600.0
+# How long a commit keeps retrying against newer snapshots before giving up (nothing committed).
+COMMIT_DEADLINE_S = 900.0
+
+
+@dataclass
+class _Plan:
+    """The actions of one commit attempt, computed from one snapshot."""
+
+    actions: list[AddAction | RemoveAction]
+    mode: str
+    schema: StructType
+    filters: list[tuple[str, str, Any]] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    abandon: Callable[[], None] = lambda: None  # undo what this attempt staged
 
 
 class DeltaRsEngine:
@@ -87,14 +124,29 @@ class DeltaRsEngine:
                 raise PatternlakeError(
                     f"{uri}: no version at or before {timestamp} ({exc})"
                 ) from None
-        protocol = dt.protocol()
-        unsupported = {"deletionVectors", "columnMapping"} & set(protocol.reader_features or [])
-        if unsupported:
-            raise PatternlakeError(
-                f"{uri} uses Delta features {sorted(unsupported)} that Spark cannot read through "
-                "plain Parquet; read it with lake.engine: spark-delta"
-            )
+            first = self._commit_time(uri, dt.version())
+            wanted = timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=UTC)
+            if first is not None and wanted < first:
+                raise PatternlakeError(
+                    f"{uri}: no version at or before {wanted.isoformat()}: the oldest version "
+                    f"available ({dt.version()}) was committed at {first.isoformat()}"
+                )
+        _check_supported(dt, uri)
         return dt
+
+    def _commit_time(self, uri: str, version: int) -> datetime | None:
+        """When ``version`` was committed (its commitInfo timestamp), if its log file is there."""
+        fs, table_path = pafs.FileSystem.from_uri(uri)
+        try:
+            with fs.open_input_stream(f"{table_path}/_delta_log/{version:020d}.json") as f:
+                lines = f.read().decode().splitlines()
+        except (FileNotFoundError, OSError):
+            return None
+        for line in lines:
+            info = json.loads(line).get("commitInfo") if line.strip() else None
+            if info and "timestamp" in info:
+                return datetime.fromtimestamp(info["timestamp"] / 1000, UTC)
+        return None
 
     def read(self, uri: str, version: int | None, timestamp: datetime | None) -> DataFrame:
         dt = self._snapshot(uri, version, timestamp)
@@ -131,41 +183,43 @@ class DeltaRsEngine:
         overwrite_schema: bool,
         metadata: dict[str, str],
     ) -> int:
-        adds = self._stage(df, uri, partition_by)
-        txn = uuid.uuid4().hex
-        props = CommitProperties(custom_metadata={**metadata, TXN_KEY: txn})
-        if overwrite_schema or not self.exists(uri):
-            try:
-                create_table_with_add_actions(
-                    uri,
-                    _delta_schema(schema),
-                    adds,
-                    mode="overwrite" if overwrite_schema else "error",
-                    partition_by=partition_by or None,
-                    storage_options=self.storage_options,
-                    commit_properties=props,
-                )
-                return self._committed_version(uri, txn)
-            except DeltaError as exc:  # another writer created it first: commit on top
-                if overwrite_schema or "exist" not in str(exc).lower():
-                    raise
-                log.info("%s was created concurrently; appending", uri)
-        dt = self._table(uri)
-        _add_columns(dt, add_columns)
-        filters = None
-        if replace_where:
-            filters = [
-                (k, "=", HIVE_NULL if v is None else str(v)) for k, v in replace_where.items()
-            ]
-        dt.create_write_transaction(
-            adds,
-            mode,
-            _delta_schema(schema),
-            partition_by=partition_by or None,
-            partition_filters=filters,
-            commit_properties=props,
-        )
-        return self._committed_version(uri, txn)
+        with _InFlight(uri) as flight:
+            adds = self._stage(flight, df, uri, partition_by)
+            txn = uuid.uuid4().hex
+            if overwrite_schema or not self.exists(uri):
+                before = self.version(uri) if overwrite_schema else -1
+                try:
+                    create_table_with_add_actions(
+                        uri,
+                        _delta_schema(schema),
+                        adds,
+                        mode="overwrite" if overwrite_schema else "error",
+                        partition_by=partition_by or None,
+                        storage_options=self.storage_options,
+                        commit_properties=CommitProperties(
+                            custom_metadata={**metadata, TXN_KEY: txn}
+                        ),
+                    )
+                    return self._find_commit(uri, txn, before)
+                except DeltaError as exc:  # another writer created it first: commit on top
+                    if overwrite_schema or "exist" not in str(exc).lower():
+                        raise
+                    log.info("%s was created concurrently; appending", uri)
+
+            def plan(dt: DeltaTable) -> _Plan:
+                _check_supported(dt, uri)
+                if mode == "overwrite":
+                    return _Plan(adds, "overwrite", schema, _partition_filters(replace_where))
+                if add_columns is not None:
+                    # delta-rs writes a schema change only with mode="overwrite"; a filter that
+                    # matches no file makes it remove nothing: new columns and data, one commit.
+                    parts = list(dt.metadata().partition_columns)
+                    return _Plan(
+                        adds, "overwrite", schema, [((parts or schema.names)[0], "in", [])]
+                    )
+                return _Plan(adds, "append", schema)
+
+            return self._commit(uri, metadata, plan)
 
     def merge(
         self,
@@ -177,49 +231,52 @@ class DeltaRsEngine:
         add_columns: StructType | None,
         metadata: dict[str, str],
     ) -> int:
-        """Copy-on-write upsert computed by Spark: files holding a matching key are rewritten."""
-        dt = self._table(uri)
-        before = StructType(
-            [
-                f
-                for f in schema.fields
-                if add_columns is None or f.name not in add_columns.fieldNames()
-            ]
-        )
-        partition_by = list(dt.metadata().partition_columns)
-        files = dt.file_uris()
-        current = self._read_files(uri, before, files).select(
-            "*", F.col("_metadata.file_path").alias("_pl_file")
-        )
-        source_keys = df.select(*keys).distinct()
-        touched_uris = [
-            r[0]
-            for r in current.join(source_keys, keys, "left_semi")
-            .select("_pl_file")
-            .distinct()
-            .collect()
-        ]
-        by_path = {_strip_scheme(f): f for f in files}
-        touched = [by_path[_strip_scheme(unquote(u))] for u in touched_uris]
-        kept = self._read_files(uri, schema, touched).join(source_keys, keys, "left_anti")
-        adds = self._stage(kept.unionByName(df), uri, partition_by)
-        _add_columns(dt, add_columns)
-        removes = self._removes(dt, uri, touched)
-        txn = uuid.uuid4().hex
-        dt.create_write_transaction(
-            adds + removes,
-            "append",
-            _delta_schema(schema),
-            partition_by=partition_by or None,
-            commit_properties=CommitProperties(
-                custom_metadata={
-                    **metadata,
-                    TXN_KEY: txn,
-                    "patternlake.rewritten_files": str(len(removes)),
-                }
-            ),
-        )
-        return self._committed_version(uri, txn)
+        """Copy-on-write upsert computed by Spark: files holding a matching key are rewritten.
+
+        Delta's MERGE semantics: target and source rows match when every key is equal by SQL
+        ``=`` (a null key never matches); every matched target row takes the source row's
+        values, unmatched source rows are inserted. When the merge adds columns, the whole
+        table is rewritten in the same commit (delta-rs changes a schema only in an overwrite).
+        """
+        new_names = set(add_columns.fieldNames()) if add_columns is not None else set()
+        before = StructType([f for f in schema.fields if f.name not in new_names])
+        with _InFlight(uri) as flight:
+
+            def plan(dt: DeltaTable) -> _Plan:
+                _check_supported(dt, uri)
+                partition_by = list(dt.metadata().partition_columns)
+                files = dt.file_uris()
+                source_keys = df.select(*keys)
+                if add_columns is not None:
+                    touched = files
+                else:
+                    current = self._read_files(uri, before, files).select(
+                        "*", F.col("_metadata.file_path").alias("_pl_file")
+                    )
+                    touched_uris = [
+                        r[0]
+                        for r in current.join(source_keys, keys, "left_semi")
+                        .select("_pl_file")
+                        .distinct()
+                        .collect()
+                    ]
+                    by_path = {_strip_scheme(f): f for f in files}
+                    touched = [by_path[_strip_scheme(unquote(u))] for u in touched_uris]
+                target = self._read_files(uri, schema, touched)
+                names = schema.fieldNames()
+                kept = target.join(source_keys, keys, "left_anti")
+                updated = target.select(*keys).join(df, keys, "inner").select(*names)
+                inserted = df.join(target.select(*keys), keys, "left_anti")
+                adds = self._stage(
+                    flight, kept.unionByName(updated).unionByName(inserted), uri, partition_by
+                )
+                info = {"patternlake.rewritten_files": str(len(touched))}
+                if add_columns is not None:
+                    return _Plan(adds, "overwrite", schema, None, info, flight.undo(adds))
+                removes = self._removes(dt, uri, touched)
+                return _Plan(adds + removes, "append", schema, None, info, flight.undo(adds))
+
+            return self._commit(uri, metadata, plan)
 
     def delete(self, uri: str, predicate: str) -> int:
         dt = self._table(uri)
@@ -232,37 +289,96 @@ class DeltaRsEngine:
         return int(metrics.get("num_deleted_rows", 0))
 
     def vacuum(self, uri: str, retention_hours: int, dry_run: bool) -> list[str]:
+        """A full vacuum: every file under the table that no version inside the retention
+        window references and that is older than the retention, except the files of writers
+        still running; then the staging folders of writers that died."""
         dt = self._table(uri)
-        removed = dt.vacuum(
-            retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False
+        candidates = dt.vacuum(
+            retention_hours=retention_hours,
+            dry_run=True,
+            enforce_retention_duration=False,
+            full=True,
         )
-        removed += self._sweep_staging(uri, retention_hours, dry_run)
-        return removed
+        fs, table_path = pafs.FileSystem.from_uri(uri)
+        writers = _staged_writers(fs, table_path)
+        protected = {p for w in writers if w.alive for p in w.published}
+        # a writer may have committed since the candidates were listed: keep what is live now
+        live = {_relative(uri, f) for f in self._table(uri).file_uris()}
+        removed = []
+        for rel in candidates:
+            if fs.get_file_info(f"{table_path}/{rel}").type != pafs.FileType.File:
+                rel = unquote(rel)
+            if rel in protected or rel in live:
+                continue
+            removed.append(f"{table_path}/{rel}")
+            if not dry_run:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.delete_file(f"{table_path}/{rel}")
+        return removed + _sweep_staging(fs, writers, retention_hours, dry_run)
 
     def compact(self, uri: str, target_size: int) -> dict[str, Any]:
         return self._table(uri).optimize.compact(target_size=target_size)
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _committed_version(self, uri: str, txn: str) -> int:
-        """The version our commit got (others may have committed before or after it)."""
-        for entry in self._table(uri).history(100):
+    def _commit(
+        self, uri: str, metadata: dict[str, str], plan: Callable[[DeltaTable], _Plan]
+    ) -> int:
+        """Commit ``plan``'s actions against the snapshot they were computed from; when another
+        writer committed first, compute them again from the new snapshot and retry."""
+        txn = uuid.uuid4().hex
+        deadline = time.monotonic() + COMMIT_DEADLINE_S
+        for attempt in range(1_000_000):
+            dt = self._table(uri)
+            read_version = dt.version()
+            p = plan(dt)
+            props = CommitProperties(
+                custom_metadata={**metadata, **p.metadata, TXN_KEY: txn}, max_commit_retries=0
+            )
+            try:
+                dt.create_write_transaction(
+                    p.actions,
+                    p.mode,
+                    _delta_schema(p.schema),
+                    partition_by=list(dt.metadata().partition_columns) or None,
+                    partition_filters=p.filters,
+                    commit_properties=props,
+                )
+                return read_version + 1  # no retries inside delta-rs: it is this version or none
+            except CommitFailedError:
+                if self._table(uri).version() == read_version:
+                    raise  # not a lost race: a real failure
+                p.abandon()
+                if time.monotonic() > deadline:
+                    raise PatternlakeError(
+                        f"commit to {uri}: other writers kept committing first for "
+                        f"{COMMIT_DEADLINE_S:.0f} s ({attempt + 1} attempts); nothing was "
+                        "committed, so the write can be run again"
+                    ) from None
+                log.info("%s: version %d taken by another writer, retrying", uri, read_version + 1)
+                time.sleep(random.uniform(0, min(2.0, 0.05 * 2 ** min(attempt, 6))))
+        raise AssertionError("unreachable")
+
+    def _find_commit(self, uri: str, txn: str, after: int) -> int:
+        """The version of our commit ``txn``, made after version ``after``."""
+        dt = self._table(uri)
+        for entry in dt.history(dt.version() - after):
             if entry.get(TXN_KEY) == txn:
                 return int(entry["version"])
-        raise RuntimeError(f"commit {txn} not found in the last 100 versions of {uri}")
+        raise RuntimeError(f"commit {txn} not found after version {after} of {uri}")
 
-    def _stage(self, df: DataFrame, uri: str, partition_by: list[str]) -> list[AddAction]:
+    def _stage(
+        self, flight: _InFlight, df: DataFrame, uri: str, partition_by: list[str]
+    ) -> list[AddAction]:
         """Write ``df`` as Parquet with Spark, move the files into the table, describe them."""
-        txn = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:12]}"
-        staging = f"{uri.rstrip('/')}/{STAGING_DIR}/{txn}"
+        staging = flight.next_data_dir()
         writer = df.write.mode("errorifexists")
         if partition_by:
             writer = writer.partitionBy(*partition_by)
-        writer.parquet(_spark_path(staging))
+        writer.parquet(_spark_path(flight.uri_of(staging)))
 
-        fs, staging_path = pafs.FileSystem.from_uri(staging)
-        _, table_path = pafs.FileSystem.from_uri(uri)
-        selector = pafs.FileSelector(staging_path, recursive=True)
+        fs = flight.fs
+        selector = pafs.FileSelector(staging, recursive=True)
         staged = [
             info.path
             for info in fs.get_file_info(selector)
@@ -270,13 +386,16 @@ class DeltaRsEngine:
             and info.base_name.endswith(".parquet")
             and not info.base_name.startswith((".", "_"))
         ]
+        flight.publishing([p[len(staging) :].lstrip("/") for p in staged])
         with ThreadPoolExecutor(max_workers=8) as pool:
             adds = [
                 a
-                for a in pool.map(lambda p: self._publish(fs, p, staging_path, table_path), staged)
+                for a in pool.map(
+                    lambda p: self._publish(fs, p, staging, flight.table_path), staged
+                )
                 if a
             ]
-        fs.delete_dir(staging_path)
+        fs.delete_dir(staging)
         return adds
 
     def _publish(
@@ -308,8 +427,7 @@ class DeltaRsEngine:
         if not files:
             return []
         actions = pa.table(dt.get_add_actions(flatten=False)).to_pydict()
-        root = _strip_scheme(uri).rstrip("/")
-        wanted = {_strip_scheme(f)[len(root) + 1 :] for f in files}
+        wanted = {_relative(uri, f) for f in files}
         now = int(time.time() * 1000)
         removes = []
         for i, path in enumerate(actions["path"]):
@@ -330,29 +448,179 @@ class DeltaRsEngine:
             )
         return removes
 
-    def _sweep_staging(self, uri: str, retention_hours: int, dry_run: bool) -> list[str]:
-        """Delete staging folders of writers that died more than ``retention_hours`` ago."""
-        fs, table_path = pafs.FileSystem.from_uri(uri)
-        staging = f"{table_path}/{STAGING_DIR}"
-        if fs.get_file_info(staging).type != pafs.FileType.Directory:
-            return []
-        cutoff = time.time() - retention_hours * 3600
-        swept = []
-        for info in fs.get_file_info(pafs.FileSelector(staging)):
-            started_ms = info.base_name.split("-", 1)[0]
-            if started_ms.isdigit() and int(started_ms) / 1000 <= cutoff:
-                swept.append(info.path)
-                if not dry_run:
-                    fs.delete_dir(info.path)
-        return swept
+
+# ---- writers in flight ---------------------------------------------------------------------
 
 
-def _add_columns(dt: DeltaTable, add_columns: StructType | None) -> None:
-    """Schema evolution: add new (nullable) columns to the table's metadata."""
-    if add_columns is None or not add_columns.fields:
-        return
-    dt.alter.add_columns(_delta_schema(add_columns).fields)
-    dt.update_incremental()
+class _InFlight:
+    """One writer's staging folder ``_staging/<txn>/``: a marker saying who writes (pid, host,
+    refreshed every ``HEARTBEAT_S``) and a manifest of the files it moves into the table. Both
+    live until the commit is over, so ``vacuum`` can tell this writer's files from leftovers."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, self.table_path = pafs.FileSystem.from_uri(self.uri)
+        self.txn = f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:12]}"
+        self.dir = f"{self.table_path}/{STAGING_DIR}/{self.txn}"
+        self._published: list[str] = []
+        self._attempts = 0
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def __enter__(self) -> _InFlight:
+        self.fs.create_dir(self.dir)
+        self._write_marker()
+        self._beat = threading.Thread(target=self._heartbeat, name="lake-writer", daemon=True)
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+        try:
+            self.fs.delete_dir(self.dir)
+        except (FileNotFoundError, OSError) as e:
+            log.warning("could not remove staging folder %s: %s", self.dir, e)
+
+    def uri_of(self, path: str) -> str:
+        """``path`` (on this table's filesystem) as a URI Spark can write to."""
+        return self.uri + path[len(self.table_path) :]
+
+    def next_data_dir(self) -> str:
+        self._attempts += 1
+        return f"{self.dir}/data-{self._attempts}"
+
+    def publishing(self, rels: list[str]) -> None:
+        """Record files about to be moved into the table (before they are moved)."""
+        self._published.extend(rels)
+        with self.fs.open_output_stream(f"{self.dir}/{MANIFEST}") as f:
+            f.write(json.dumps(self._published).encode())
+
+    def undo(self, adds: list[AddAction]) -> Callable[[], None]:
+        """Delete files this writer moved into the table and did not commit."""
+
+        def run() -> None:
+            for a in adds:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.delete_file(f"{self.table_path}/{a.path}")
+
+        return run
+
+    def _write_marker(self) -> None:
+        marker = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "process_start": _process_start(os.getpid()),
+            "heartbeat": time.time(),
+        }
+        with self.fs.open_output_stream(f"{self.dir}/{MARKER}") as f:
+            f.write(json.dumps(marker).encode())
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._write_marker()
+            except OSError as e:  # the folder was removed under us: nothing to protect any more
+                log.warning("lake writer heartbeat failed: %s", e)
+
+
+@dataclass
+class _StagedWriter:
+    path: str
+    alive: bool
+    published: list[str]
+    newest: float  # newest modification time of anything in the folder (epoch seconds)
+
+
+def _staged_writers(fs: pafs.FileSystem, table_path: str) -> list[_StagedWriter]:
+    staging = f"{table_path}/{STAGING_DIR}"
+    if fs.get_file_info(staging).type != pafs.FileType.Directory:
+        return []
+    now = time.time()
+    out = []
+    for entry in fs.get_file_info(pafs.FileSelector(staging)):
+        if entry.type != pafs.FileType.Directory:
+            continue
+        inside = fs.get_file_info(pafs.FileSelector(entry.path, recursive=True))
+        times = [i.mtime.timestamp() for i in [entry, *inside] if i.mtime is not None]
+        newest = max(times) if times else now
+        marker = _read_json(fs, f"{entry.path}/{MARKER}")
+        if marker is None:  # just created, or left by an older version: judge by age only
+            alive = now - newest < STALE_AFTER_S
+        elif marker.get("host") == socket.gethostname():
+            alive = _pid_alive(int(marker["pid"]), marker.get("process_start"))
+        else:
+            alive = now - float(marker.get("heartbeat", 0)) < STALE_AFTER_S
+        published = _read_json(fs, f"{entry.path}/{MANIFEST}") or []
+        out.append(_StagedWriter(entry.path, alive, list(published), newest))
+    return out
+
+
+def _sweep_staging(
+    fs: pafs.FileSystem, writers: list[_StagedWriter], retention_hours: int, dry_run: bool
+) -> list[str]:
+    """Delete the staging folders of dead writers untouched for ``retention_hours``."""
+    cutoff = time.time() - retention_hours * 3600
+    swept = []
+    for w in writers:
+        if w.alive or w.newest > cutoff:
+            continue
+        swept.append(w.path)
+        if not dry_run:
+            fs.delete_dir(w.path)
+    return swept
+
+
+def _read_json(fs: pafs.FileSystem, path: str) -> Any:
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (tells a live writer from a reused pid), Linux only."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return started is None or _process_start(pid) in (None, started)
+
+
+# ---- table checks and conversions ------------------------------------------------------------
+
+
+def _check_supported(dt: DeltaTable, uri: str) -> None:
+    """Refuse tables whose data files Spark cannot read or write as plain Parquet."""
+    protocol = dt.protocol()
+    unsupported = {"deletionVectors", "columnMapping"} & set(protocol.reader_features or [])
+    mapping = (dt.metadata().configuration or {}).get("delta.columnMapping.mode") or "none"
+    if mapping != "none":  # reader version 2 has column mapping without naming features
+        unsupported.add("columnMapping")
+    if unsupported:
+        raise PatternlakeError(
+            f"{uri} uses Delta features {sorted(unsupported)} that Spark cannot read or write "
+            "through plain Parquet; use lake.engine: spark-delta for this table"
+        )
+
+
+def _partition_filters(values: dict[str, Any] | None) -> list[tuple[str, str, Any]] | None:
+    """delta-rs partition filters; a null partition value is matched by ``""``."""
+    if not values:
+        return None
+    return [(k, "=", "" if v is None else str(v)) for k, v in values.items()]
 
 
 def _spark_schema(dt: DeltaTable) -> StructType:
@@ -376,66 +644,118 @@ def _strip_scheme(path: str) -> str:
     return path
 
 
+def _relative(uri: str, file_uri: str) -> str:
+    """A data file's path relative to the table root, as named on disk."""
+    root = _strip_scheme(uri).rstrip("/")
+    return _strip_scheme(file_uri)[len(root) + 1 :]
+
+
+# ---- statistics ------------------------------------------------------------------------------
+
+# Types whose min/max delta-rs readers do not use (so they need none).
+_NO_RANGE_TYPES = (
+    pa.types.is_binary,
+    pa.types.is_large_binary,
+    pa.types.is_list,
+    pa.types.is_large_list,
+    pa.types.is_map,
+    pa.types.is_fixed_size_binary,
+)
+MAX_STAT_STRING = 32
+
+
 def _file_stats(meta: pq.FileMetaData) -> str:
-    """Delta ``stats`` JSON from a Parquet footer: row count, min/max and null counts of the
-    top-level primitive columns (what readers use for data skipping)."""
+    """Delta ``stats`` JSON from a Parquet footer, in the form delta-rs's own writer uses.
+
+    A statistic is written only when it is known to be right: a null count only when every
+    row group has one (Spark drops statistics of values over 4 KB), min/max only when they are
+    finite and of a type with a known encoding. delta-rs readers turn ``minValues`` into a
+    guarantee on *every* column (a missing one reads as ``>= null``, which drops the file),
+    so min/max are written for all columns of the file or for none.
+    """
     mins: dict[str, Any] = {}
     maxs: dict[str, Any] = {}
     nulls: dict[str, int] = {}
+    ranges_ok = True
+    arrow = meta.schema.to_arrow_schema()
+    top = {f.name: f.type for f in arrow}
+    if any(pa.types.is_struct(t) for t in top.values()):
+        ranges_ok = False  # nested statistics are not written, and readers would want them
     schema = meta.schema
     for i in range(meta.num_columns):
         column = schema.column(i)
         if "." in column.path:  # nested: no stats
             continue
         name = column.path
-        logical = str(column.logical_type)
-        physical = column.physical_type
+        count: int | None = 0
         lo = hi = None
-        null_count = 0
-        usable = usable_range = True
+        bounded = True
         for g in range(meta.num_row_groups):
-            st = meta.row_group(g).column(i).statistics
-            if st is None:
-                usable = False
+            chunk = meta.row_group(g).column(i)
+            st = chunk.statistics
+            if st is None or not st.has_null_count:
+                count = None
+                bounded = False
                 break
-            null_count += st.null_count or 0
-            if st.has_min_max and usable_range:
-                try:
-                    lo = st.min if lo is None else min(lo, st.min)
-                    hi = st.max if hi is None else max(hi, st.max)
-                except (UnicodeDecodeError, TypeError):  # raw bytes that are not UTF-8: no range
-                    usable_range = False
-                    lo = hi = None
-        if not usable:
+            count += st.null_count
+            if st.null_count == chunk.num_values:
+                continue  # only nulls in this row group: no range needed
+            if not st.has_min_max:
+                bounded = False
+                continue
+            try:
+                lo = st.min if lo is None else min(lo, st.min)
+                hi = st.max if hi is None else max(hi, st.max)
+            except (UnicodeDecodeError, TypeError, ValueError):
+                bounded = False
+        if count is not None:
+            nulls[name] = count
+        if any(pred(top[name]) for pred in _NO_RANGE_TYPES):
             continue
-        nulls[name] = null_count
-        kind = _stat_kind(physical, logical)
-        if kind and lo is not None:
-            if kind == "string":
-                if isinstance(lo, bytes) or isinstance(hi, bytes) or len(hi) > 32:
-                    continue  # Delta truncates long strings; skip rather than get max wrong
-            elif kind == "date":
-                lo, hi = lo.isoformat(), hi.isoformat()
-            mins[name], maxs[name] = lo, hi
-    return json.dumps(
-        {"numRecords": meta.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls},
-        default=str,
-    )
+        if count is not None and count == meta.num_rows:
+            continue  # all null: the null count says it all
+        encoded = _encode_range(top[name], lo, hi) if bounded and lo is not None else None
+        if encoded is None:
+            ranges_ok = False
+        else:
+            mins[name], maxs[name] = encoded
+    stats: dict[str, Any] = {"numRecords": meta.num_rows}
+    if ranges_ok and mins:
+        stats["minValues"], stats["maxValues"] = mins, maxs
+    stats["nullCount"] = nulls
+    return json.dumps(stats, allow_nan=False)
 
 
-def _stat_kind(physical: str, logical: str) -> str | None:
-    if physical in ("INT32", "INT64") and logical in (
-        "None",
-        "Int(bitWidth=32, isSigned=true)",
-        "Int(bitWidth=64, isSigned=true)",
-        "Int(bitWidth=16, isSigned=true)",
-        "Int(bitWidth=8, isSigned=true)",
-    ):
-        return "int"
-    if physical in ("FLOAT", "DOUBLE"):
-        return "float"
-    if physical == "BYTE_ARRAY" and logical == "String":
-        return "string"
-    if physical == "INT32" and logical == "Date":
-        return "date"
+def _encode_range(typ: pa.DataType, lo: Any, hi: Any) -> tuple[Any, Any] | None:
+    """(min, max) as delta-rs writes them, or None when they cannot be written exactly."""
+    if pa.types.is_boolean(typ) or (pa.types.is_integer(typ) and pa.types.is_signed_integer(typ)):
+        return lo, hi
+    if pa.types.is_floating(typ):
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return None  # NaN (Spark ranks it highest) or infinity: not JSON
+        return float(lo), float(hi)
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        if not isinstance(lo, str) or not isinstance(hi, str):
+            return None
+        lo = lo[:MAX_STAT_STRING]  # a prefix is still a lower bound
+        if len(hi) > MAX_STAT_STRING:  # a bound above every string with this prefix
+            last = ord(hi[MAX_STAT_STRING - 1])
+            if last in (0xD7FF, 0x10FFFF):
+                return None
+            hi = hi[: MAX_STAT_STRING - 1] + chr(last + 1)
+        return lo, hi
+    if pa.types.is_date32(typ):
+        return lo.isoformat(), hi.isoformat()
+    if pa.types.is_timestamp(typ) and typ.unit in ("ms", "us"):
+        # milliseconds, truncated (readers add 1 ms to the max, as for Delta on Spark)
+        fmt = "%Y-%m-%dT%H:%M:%S.%f"
+        suffix = "Z" if typ.tz is not None else ""
+        return (
+            lo.strftime(fmt)[:-3] + suffix,
+            hi.strftime(fmt)[:-3] + suffix,
+        )
+    if pa.types.is_decimal(typ):
+        if typ.precision > 15:  # written as a JSON double: exact up to 15 digits only
+            return None
+        return float(decimal.Decimal(lo)), float(decimal.Decimal(hi))
     return None

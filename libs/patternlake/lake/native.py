@@ -55,7 +55,14 @@ class SparkDeltaEngine:
             reader = reader.option("versionAsOf", version)
         if timestamp is not None:
             reader = reader.option("timestampAsOf", timestamp.isoformat())
-        return reader.load(uri)
+        try:
+            return reader.load(uri)
+        except Exception as exc:  # Delta resolves the version here, when the plan is built
+            if timestamp is not None and "earliest" in str(exc).lower():
+                raise PatternlakeError(
+                    f"{uri}: no version at or before {timestamp.isoformat()} ({exc})"
+                ) from None
+            raise
 
     def files(self, uri: str, version: int | None) -> list[str]:
         return list(self.read(uri, version, None).inputFiles())
