@@ -1,5 +1,6 @@
 """A real Spark standalone cluster on 127.0.0.1: a master, two workers, and the jobs sent
-to it with spark-submit (featurize, then Horovod teacher training on barrier tasks)."""
+to it with spark-submit (featurize, then Horovod teacher training: `horovod.spark.run`,
+one Spark task per process, started with mapPartitionsWithIndex)."""
 
 import json
 import os

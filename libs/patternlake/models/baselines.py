@@ -16,8 +16,13 @@ class Popularity:
         self.counts = np.zeros(n_items, dtype=np.float64)
 
     def fit(self, items: np.ndarray, targets: np.ndarray) -> Popularity:
-        """``items``/``targets``: the padded training inputs and next-item targets."""
-        seen = np.concatenate([items[:, :1][items[:, :1] > 0], targets[targets > 0]])
+        """``items``/``targets``: the left-padded training inputs and next-item targets. Every
+        training event is counted once: each row's first input (its first non-padding column;
+        column 0 is padding for rows shorter than ``max_len``), then every target."""
+        filled = items > 0
+        rows = filled.any(axis=1)
+        first = items[rows, filled[rows].argmax(axis=1)]
+        seen = np.concatenate([first, targets[targets > 0]])
         self.counts = np.bincount(seen, minlength=self.n_items).astype(np.float64)
         self.counts[0] = 0
         return self

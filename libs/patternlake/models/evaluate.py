@@ -5,6 +5,10 @@ Per user, events ordered by time; users with fewer than 3 events are not evaluat
 last event is the test target and everything before it the input; full ranking over the
 whole catalogue. ``evaluate.mask_history`` removes the user's past items from the ranking
 (the output says which was used).
+
+The data is the version the registered teacher was trained on (its run's ``data.version``
+and ``data.item_index.version`` tags), not the latest: a newer version may hold items the
+model has never seen.
 """
 
 from __future__ import annotations
@@ -45,6 +49,23 @@ def load_registered(
     return model.eval()
 
 
+def trained_on(
+    config: Config, name: str = "teacher", alias: str = "candidate"
+) -> tuple[int | None, int | None]:
+    """(user_sequences version, item_index version) a registered model was trained on, from
+    its run's tags; None for a tag the run lacks."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=config.mlflow.tracking_uri)
+    run_id = client.get_model_version_by_alias(name, alias).run_id
+    tags = client.get_run(run_id).data.tags
+
+    def tag(key: str) -> int | None:
+        return int(tags[key]) if key in tags else None
+
+    return tag("data.version"), tag("data.item_index.version")
+
+
 def model_bytes(model: torch.nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -56,16 +77,32 @@ def evaluate_models(
     lake: Lake,
     config: Config,
     models: dict[str, torch.nn.Module] | None = None,
+    data_version: int | None = None,
+    item_index_version: int | None = None,
 ) -> dict[str, Any]:
+    """Evaluates ``models`` (default: the registered teacher, on the data versions it was
+    trained on) and the baselines on ``user_sequences@data_version`` (default: latest)."""
     started = time.monotonic()
     if not lake.exists("user_sequences"):
         raise PatternlakeError(
             "evaluate: user_sequences does not exist yet; run `patternlake run daily` first"
         )
-    version = lake.version("user_sequences")
+    if models is None:
+        teacher = load_registered(config)
+        models = {"teacher": teacher} if teacher is not None else {}
+        if teacher is not None and data_version is None:
+            data_version, item_index_version = trained_on(config)
+            if item_index_version is None:
+                log.warning(
+                    "evaluate: the teacher's run has no data.item_index.version tag (trained "
+                    "before it was recorded); using the latest item_index"
+                )
+    version = lake.version("user_sequences") if data_version is None else data_version
     table = read_table(lake.files("user_sequences", version))
     max_len = config.features.max_seq_len
-    n_items = item_id_count(lake)
+    if item_index_version is None:
+        item_index_version = lake.version("item_index")
+    n_items = item_id_count(lake, item_index_version)
     users, items, types, gaps, target = evaluation_arrays(table, max_len, "test")
     if len(users) == 0:
         raise PatternlakeError("evaluate: no user has the 3 events the protocol needs")
@@ -84,9 +121,6 @@ def evaluate_models(
     markov = MarkovChain(n_items).fit(train_in, train_out)
     scorers["popularity"] = (lambda s: pop.scores(items[s]), pop.num_params(), pop.nbytes())
     scorers["markov"] = (lambda s: markov.scores(items[s]), markov.num_params(), markov.nbytes())
-    if models is None:
-        teacher = load_registered(config)
-        models = {"teacher": teacher} if teacher is not None else {}
     stacked = np.stack([items, types, gaps], axis=1)  # (n, 3, L)
     for name, model in models.items():
 
@@ -107,6 +141,7 @@ def evaluate_models(
             "items": int(n_items - 1),
         },
         "data_version": version,
+        "item_index_version": item_index_version,
         "models": {},
     }
     for name, (score, params, nbytes) in scorers.items():

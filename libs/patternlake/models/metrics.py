@@ -19,8 +19,12 @@ def masked_scores(
     scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Scores with padding (item 0) and, when given, the user's past items ``exclude``
-    (B, L) set to -inf; the target itself is never masked."""
-    s = scores.clone()
+    (B, L) set to -inf; the target itself is never masked.
+
+    A score that is not finite (NaN, +inf, -inf: a diverged model) becomes -inf, so it ranks
+    last: a NaN target counts as a miss, never as a hit, and NaN items never enter a top 10."""
+    worst = float("-inf")
+    s = scores.nan_to_num(nan=worst, posinf=worst, neginf=worst)  # a copy
     s[:, 0] = float("-inf")
     if exclude is not None:
         target_score = s.gather(1, targets.unsqueeze(1))
@@ -31,7 +35,8 @@ def masked_scores(
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target among all items; ties count against the target."""
+    """0-based rank of each target among all items; ties count against the target, so a
+    target scored -inf ranks last. Give it ``masked_scores`` (no NaN left)."""
     t = scores.gather(1, targets.unsqueeze(1))
     return (scores >= t).sum(dim=1) - 1
 
@@ -54,7 +59,9 @@ class RankingAccumulator:
     ) -> None:
         s = masked_scores(scores, targets, exclude)
         self.ranks.append(target_ranks(s, targets).cpu().numpy())
-        self.top10.append(torch.topk(s, 10, dim=1).indices.cpu().numpy())
+        top = torch.topk(s, 10, dim=1)
+        # an item scored -inf (masked, or not finite) is in no one's top 10: coverage skips 0
+        self.top10.append(torch.where(top.values > float("-inf"), top.indices, 0).cpu().numpy())
         self.groups.append(np.asarray(groups))
 
     def report(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

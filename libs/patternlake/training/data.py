@@ -3,11 +3,17 @@
 The lake layer gives the Parquet files of one table version; every worker reads only its
 shard, as Arrow record batches, straight from those files:
 
-* the rows are cut into pieces (file, row group, offset, length) from the footers alone;
-* each epoch the pieces are shuffled with ``seed + epoch`` (the same order on every rank)
-  and dealt round-robin to the ranks, then rows are shuffled inside a bounded buffer;
-* every rank stops after the same number of batches (the smallest shard's), so collective
-  operations never wait for a rank that has run out of data.
+* the rows are cut into pieces (file, row group, offset, length) from the footers, and the
+  training examples of each piece are counted once (from two columns: ``item_seq``'s list
+  lengths and ``valid_item``'s validity), so every rank knows every piece's size;
+* each epoch the pieces are shuffled with ``seed + epoch`` (the same order on every rank),
+  which lines all N examples up in one stream; rank r takes the ``ceil(N / world)``
+  examples from position ``r * ceil(N / world)`` on, wrapping around to the start of the
+  stream for the last rank(s). Every rank so gets exactly the same number of examples and
+  runs exactly the same number of steps (no collective ever waits for a rank that ran
+  dry), and every example is trained every epoch (a handful, at most ``world - 1``, twice);
+  this holds for one file of a single piece as for many files of uneven sizes;
+* rows are shuffled inside a bounded buffer.
 
 Nothing is materialised on one node except a bounded buffer per worker.
 
@@ -24,8 +30,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+
+from patternlake.errors import PatternlakeError
 
 COLUMNS = ["user_id", "item_seq", "type_seq", "gap_seq", "valid_item", "test_item"]
 
@@ -75,9 +84,25 @@ def pad_left(
     return out
 
 
+def training_lengths(table: pa.Table) -> np.ndarray:
+    """Events in each row's training part: the whole sequence, less the validation and test
+    targets of evaluable users (those with a ``valid_item``)."""
+    lengths = pc.list_value_length(table.column("item_seq")).fill_null(0)
+    evaluable = table.column("valid_item").is_valid().to_numpy(zero_copy_only=False)
+    return np.maximum(lengths.to_numpy(zero_copy_only=False) - np.where(evaluable, 2, 0), 0)
+
+
+def training_example_counts(table: pa.Table) -> np.ndarray:
+    """How many training examples (rows of ``training_arrays``) each user row gives: one for
+    every row with at least 2 training events (an input and a target), else none. The
+    sharding plan counts with this, so it must agree with ``training_arrays``."""
+    return (training_lengths(table) >= 2).astype(np.int64)
+
+
 def training_arrays(table: pa.Table, max_len: int) -> tuple[np.ndarray, ...]:
     """Inputs and next-item targets from each user's training part (validation and test
-    targets dropped for evaluable users). Rows with fewer than 2 training events vanish."""
+    targets dropped for evaluable users). Rows with fewer than 2 training events vanish.
+    The order of the examples follows the rows' order (the sharding plan relies on it)."""
     evaluable = table.column("valid_item").is_valid().to_numpy(zero_copy_only=False)
     drop = np.where(evaluable, 2, 0)
     # inputs: training part without its last event; targets: training part without its first
@@ -86,7 +111,7 @@ def training_arrays(table: pa.Table, max_len: int) -> tuple[np.ndarray, ...]:
     gaps_in = pad_left(table.column("gap_seq"), max_len, drop + 1)
     targets = pad_left(table.column("item_seq"), max_len + 1, drop)[:, 1:]
     targets = np.where(items_in > 0, targets, 0)
-    keep = (targets > 0).any(axis=1)
+    keep = training_example_counts(table) > 0
     return items_in[keep], types_in[keep], gaps_in[keep], targets[keep]
 
 
@@ -109,11 +134,13 @@ def evaluation_arrays(table: pa.Table, max_len: int, split: str) -> tuple[np.nda
     )
 
 
-def item_id_count(lake: Any) -> int:
-    """Item ids the models score: the largest ``item_index.item_idx`` plus padding id 0."""
+def item_id_count(lake: Any, version: int | None = None) -> int:
+    """Item ids the models score: the largest ``item_index.item_idx`` (of ``version``, or
+    the latest) plus padding id 0."""
     from pyspark.sql import functions as F
 
-    return (lake.read("item_index").agg(F.max("item_idx")).first()[0] or 0) + 1
+    items = lake.read("item_index", version=version)
+    return (items.agg(F.max("item_idx")).first()[0] or 0) + 1
 
 
 def read_table(files: list[str], columns: list[str] | None = None) -> pa.Table:
@@ -136,7 +163,8 @@ def plan_pieces(files: list[str], chunk_rows: int = 1024) -> list[Piece]:
 
 
 class ShardedSequences:
-    """Per-rank iterator of training batches over a pinned table version."""
+    """Per-rank iterator of training batches over a pinned table version: every rank yields
+    exactly ``batches_per_epoch()`` batches every epoch (see the module's docstring)."""
 
     def __init__(
         self,
@@ -149,47 +177,68 @@ class ShardedSequences:
         chunk_rows: int = 1024,
         buffer_rows: int = 8192,
     ):
-        self.pieces = plan_pieces(files, chunk_rows)
-        if not self.pieces:
-            raise ValueError("user_sequences has no rows")
+        pieces = plan_pieces(files, chunk_rows)
+        counts = count_examples(pieces)
+        # pieces without a training example take no part in the stream
+        self.pieces = [p for p, n in zip(pieces, counts, strict=True) if n > 0]
+        self.counts = np.array([n for n in counts if n > 0], dtype=np.int64)
+        self.examples = int(self.counts.sum())
+        if self.examples == 0:
+            raise PatternlakeError(
+                f"train: user_sequences has {sum(p.length for p in pieces)} rows but no user "
+                "with the 2 training events (an input and a target) training needs, beyond "
+                "the validation and test targets; ingest more events"
+            )
         self.rank, self.world = rank, world
         self.max_len, self.batch_size, self.seed = max_len, batch_size, seed
         self.buffer_rows = max(buffer_rows, batch_size)
 
-    def _deal(self, epoch: int) -> list[list[Piece]]:
-        order = np.random.default_rng(self.seed + epoch).permutation(len(self.pieces))
-        return [[self.pieces[i] for i in order[r :: self.world]] for r in range(self.world)]
+    @property
+    def examples_per_rank(self) -> int:
+        return -(-self.examples // self.world)
 
     def batches_per_epoch(self, epoch: int = 0) -> int:
-        """The same for every rank: the smallest shard's row count decides (rows, not
-        training examples: a lower bound, the loop also stops early if a shard runs dry)."""
-        rows = min(sum(p.length for p in shard) for shard in self._deal(epoch))
-        return max(1, rows // self.batch_size)
+        """The same for every rank and every epoch: ``ceil(ceil(N / world) / batch_size)``."""
+        return -(-self.examples_per_rank // self.batch_size)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng(self.seed + epoch).permutation(len(self.pieces))
+
+    def assignment(self, epoch: int, rank: int | None = None) -> list[tuple[Piece, int, int]]:
+        """(piece, first, end) example ranges of one rank in one epoch: positions
+        ``[r * per, (r + 1) * per)`` of the epoch's example stream, modulo its length."""
+        rank = self.rank if rank is None else rank
+        order = self._order(epoch)
+        ends = np.cumsum(self.counts[order])
+        starts = ends - self.counts[order]
+        per, n = self.examples_per_rank, self.examples
+        begin = (rank * per) % n
+        spans = [(begin, min(begin + per, n))]
+        if begin + per > n:  # the tail of the stream wraps around to its start
+            spans.append((0, begin + per - n))
+        out = []
+        for lo, hi in spans:
+            first = int(np.searchsorted(ends, lo, side="right"))
+            for k in range(first, len(order)):
+                if starts[k] >= hi:
+                    break
+                a, b = max(lo, starts[k]), min(hi, ends[k])
+                out.append((self.pieces[order[k]], int(a - starts[k]), int(b - starts[k])))
+        return out
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        mine = self._deal(epoch)[self.rank]
         rng = np.random.default_rng((self.seed + epoch) * 1009 + self.rank)
-        limit = self.batches_per_epoch(epoch)
-        produced = 0
         buffer: list[tuple[np.ndarray, ...]] = []
         buffered = 0
-        for piece in self._read(mine):
+        for piece, (first, end) in self._read(self.assignment(epoch)):
             arrays = training_arrays(piece, self.max_len)
-            buffer.append(arrays)
-            buffered += len(arrays[0])
+            buffer.append(tuple(a[first:end] for a in arrays))
+            buffered += end - first
             if buffered < self.buffer_rows:
                 continue
-            for batch in self._flush(buffer, rng, keep_tail=True):
-                yield batch
-                produced += 1
-                if produced >= limit:
-                    return
+            yield from self._flush(buffer, rng, keep_tail=True)
             buffered = sum(len(a[0]) for a in buffer)
-        for batch in self._flush(buffer, rng, keep_tail=False):
-            yield batch
-            produced += 1
-            if produced >= limit:
-                return
+        yield from self._flush(buffer, rng, keep_tail=False)
 
     def _flush(self, buffer: list, rng: np.random.Generator, keep_tail: bool) -> Iterator[Batch]:
         if not buffer:
@@ -209,11 +258,30 @@ class ShardedSequences:
             else:
                 yield Batch(*(torch.from_numpy(a[tail:]) for a in cat))
 
-    def _read(self, pieces: list[Piece]) -> Iterator[pa.Table]:
-        cached: tuple[str, int] | None = None
-        group: pa.Table | None = None
-        for p in pieces:
-            if cached != (p.path, p.row_group):
-                group = pq.ParquetFile(p.path).read_row_group(p.row_group, columns=COLUMNS[1:])
-                cached = (p.path, p.row_group)
-            yield group.slice(p.offset, p.length)
+    def _read(
+        self, ranges: list[tuple[Piece, int, int]]
+    ) -> Iterator[tuple[pa.Table, tuple[int, int]]]:
+        groups = _RowGroups(COLUMNS[1:])
+        for p, first, end in ranges:
+            yield groups.slice(p), (first, end)
+
+
+def count_examples(pieces: list[Piece]) -> list[int]:
+    """Training examples in each piece, read from two columns only."""
+    groups = _RowGroups(["item_seq", "valid_item"])
+    return [int(training_example_counts(groups.slice(p)).sum()) for p in pieces]
+
+
+class _RowGroups:
+    """Reads pieces, keeping the last row group read (consecutive pieces often share it)."""
+
+    def __init__(self, columns: list[str]):
+        self.columns = columns
+        self.key: tuple[str, int] | None = None
+        self.group: pa.Table | None = None
+
+    def slice(self, p: Piece) -> pa.Table:
+        if self.key != (p.path, p.row_group):
+            self.group = pq.ParquetFile(p.path).read_row_group(p.row_group, columns=self.columns)
+            self.key = (p.path, p.row_group)
+        return self.group.slice(p.offset, p.length)

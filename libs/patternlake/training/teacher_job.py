@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
                 f"train: {table} does not exist yet; run `patternlake run daily` first"
             )
     version = lake.version("user_sequences")
-    n_items = item_id_count(lake)
+    item_version = lake.version("item_index")
+    n_items = item_id_count(lake, item_version)
     model = TeacherConfig(
         n_items=n_items,
         n_types=len(config.validate_.allowed_event_types) + 1,
@@ -53,6 +55,7 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
     spec = TrainSpec(
         files=lake.files("user_sequences", version),
         data_version=version,
+        item_index_version=item_version,
         model=model.to_dict(),
         backend="horovod" if backend == "horovodrun" else backend,
         epochs=t.epochs,
@@ -87,6 +90,10 @@ def run_backend(
     if backend == "horovod":
         import horovod.spark
 
+        # one Spark task per process, started with mapPartitionsWithIndex (not barrier mode,
+        # so not gang-scheduled): with fewer free task slots than num_proc, the tasks that got
+        # one hold it and wait up to start_timeout for the rest; then Horovod cancels the
+        # Spark job and raises a timeout error
         results = horovod.spark.run(
             train_worker,
             args=(payload,),
@@ -156,6 +163,14 @@ def train_teacher(
         spec.checkpoint_dir,
     )
     result = run_backend(spark, spec, backend, num_proc)
+    if result.get("diverged") or not math.isfinite(result["best_valid_ndcg@10"]):
+        raise PatternlakeError(
+            f"train: the teacher did not train: {result.get('diverged')}; nothing was "
+            f"registered (checkpoints of the epochs before are in {spec.checkpoint_dir}; "
+            "rerun with --fresh to start over)"
+        )
+    if result["best_epoch"] < 0:
+        raise PatternlakeError("train: no epoch finished, so there is no model to register")
     model = load_best(result)
     run_id, version = log_to_mlflow(config, spec, result, model, backend)
     result.update(
@@ -216,6 +231,7 @@ def log_to_mlflow(
             {
                 "data.table": "user_sequences",
                 "data.version": spec.data_version,
+                "data.item_index.version": spec.item_index_version,
                 "patternlake.role": "teacher",
                 "device": result["device"],
             }

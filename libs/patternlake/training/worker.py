@@ -1,10 +1,14 @@
-"""One training function for every backend: Horovod (on Spark barrier tasks or under
-``horovodrun``), torch DDP (``TorchDistributor``) and a single process.
+"""One training function for every backend: Horovod (``horovod.spark.run``, which starts
+one Spark task per process with ``mapPartitionsWithIndex``, or ``horovodrun``), torch DDP
+(``TorchDistributor``, on Spark barrier tasks) and a single process.
 
 Each process builds the same model from the same seed, averages gradients with the others,
 scales the learning rate by the world size (with linear warm-up), validates NDCG@10 after
 every epoch (rank 0, broadcast to all so that all stop together), checkpoints to the model
-store and resumes from the last checkpoint after a crash.
+store and resumes from the last checkpoint after a crash (model, optimizer and scheduler
+state). An epoch whose mean training loss or validation NDCG@10 is not finite stops the
+run on every rank: it is neither checkpointed nor saved as best, and the result says why
+(``diverged``), so that the job raises instead of registering the model.
 
     python -m patternlake.training.worker SPEC.json   # what `horovodrun` launches
 """
@@ -12,6 +16,7 @@ store and resumes from the last checkpoint after a crash.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -30,7 +35,7 @@ from patternlake.training.data import ShardedSequences, evaluation_arrays, read_
 @dataclass
 class TrainSpec:
     files: list[str]
-    data_version: int
+    data_version: int  # the user_sequences version trained on
     model: dict[str, Any]  # TeacherConfig fields
     backend: str  # horovod | ddp | single
     epochs: int = 20
@@ -45,6 +50,7 @@ class TrainSpec:
     checkpoint_dir: str = ""
     result_path: str = ""  # horovodrun: rank 0 writes its result here
     max_batches_per_epoch: int = 0  # 0: all; >0 caps an epoch (benchmarks)
+    item_index_version: int = -1  # the item_index version of the catalogue (for evaluate)
 
 
 class _Comm:
@@ -114,6 +120,10 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
     opt = torch.optim.AdamW(
         model.parameters(), lr=spec.lr * comm.world, weight_decay=spec.weight_decay
     )
+    if spec.backend == "horovod":
+        # wrap before loading a checkpoint: DistributedOptimizer builds a new optimizer (of
+        # the same class, over the same parameter groups) with an empty state
+        opt = comm.hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
     warmup = max(1, spec.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
 
@@ -128,13 +138,14 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
         sched.load_state_dict(saved["scheduler"])
         state = saved["state"]
         resumed_from = str(last)
+    # rank 0's view of where the run stands wins (every rank then runs the same epochs)
+    state = comm.broadcast_object(state)
 
     train_model: torch.nn.Module = model
     if spec.backend == "horovod":
         hvd = comm.hvd
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        hvd.broadcast_optimizer_state(opt, root_rank=0)
-        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+        hvd.broadcast_optimizer_state(opt, root_rank=0)  # Adam's moments and step counts
     elif spec.backend == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -149,6 +160,7 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
 
     samples, train_seconds = 0, 0.0
+    diverged = None
     for epoch in range(state["epoch"], spec.epochs):
         model.train()
         started = time.perf_counter()
@@ -171,11 +183,22 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
         mean_loss = comm.allreduce_sum(loss_sum / max(steps, 1)) / comm.world
         ndcg = _validate(model, valid, cfg, device) if comm.rank == 0 else None
         ndcg = comm.broadcast_object(ndcg)
+        if not (math.isfinite(mean_loss) and math.isfinite(ndcg)):
+            # every rank sees the same (all-reduced, broadcast) values and stops here
+            bad = {"training loss": mean_loss, "validation NDCG@10": ndcg}
+            diverged = (
+                f"epoch {epoch}: "
+                + ", ".join(f"{k} is {v}" for k, v in bad.items() if not math.isfinite(v))
+                + "; the model diverged (try a lower train.lr or more train.warmup_steps); "
+                "this epoch is neither checkpointed nor kept as best"
+            )
+            break
         improved = ndcg > state["best"]
         state["history"].append(
             {
                 "epoch": epoch,
                 "loss": round(mean_loss, 5),
+                "steps": steps,
                 "valid_ndcg@10": ndcg,
                 "seconds": round(elapsed, 2),
                 "lr": opt.param_groups[0]["lr"],
@@ -204,6 +227,7 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
             "samples_per_s": round(total_samples / train_seconds, 1) if train_seconds else 0.0,
             "resumed_from": resumed_from,
             "params": model.num_params(),
+            "diverged": diverged,
         }
         if spec.result_path:
             Path(spec.result_path).write_text(json.dumps(result))
@@ -271,12 +295,9 @@ def _save(
 ) -> None:
     """Atomic: write to a temporary name, then rename (a crash never leaves half a file)."""
     directory.mkdir(parents=True, exist_ok=True)
-    inner_opt = getattr(opt, "_optimizer", None) or opt
     payload = {
         "model": model.state_dict(),
-        "optimizer": inner_opt.state_dict()
-        if hasattr(inner_opt, "state_dict")
-        else opt.state_dict(),
+        "optimizer": opt.state_dict(),  # Horovod's DistributedOptimizer is an AdamW too
         "scheduler": sched.state_dict(),
         "state": state,
         "config": model.config.to_dict(),
