@@ -15,7 +15,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # a direct reference (name @ url), a bare path or URL, an editable or a find-links option
-_LOCAL = re.compile(r"(\s@\s)|(^[./~])|(://)|(^-e\b)|(^--?(find-links|f|index-url|extra-index-url)\b)")
+_LOCAL = re.compile(
+    r"(\s@\s)|(^[./~])|(://)|(^-e\b)|(^--?(find-links|f|index-url|extra-index-url)\b)"
+)
 
 
 def offending_lines(path: Path) -> list[str]:

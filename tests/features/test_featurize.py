@@ -108,3 +108,26 @@ def test_featurize_again_is_a_noop(spark, two_batch_lakes):
     before = {t: lake.version(t) for t in TABLES}
     assert featurize(spark, lake, config).mode == "noop"
     assert {t: lake.version(t) for t in TABLES} == before
+
+
+def test_tied_times_keep_the_order_of_the_source_file(spark, stage, tmp_path):
+    """MovieLens-style data has many events in the same second: their order must be the
+    order of the lines in the file (then earlier batch first), not the event-id hash."""
+    cfg, lake = stage
+    items = ["z9", "a1", "m5", "b2", "y8", "c3", "q7"]
+    lines = ["user\titem\trating\tts"]
+    lines += [f"u1\t{item}\t4\t881250949" for item in items]  # seven events, one second
+    lines += [f"u2\t{item}\t3\t881250949" for item in reversed(items)]
+    first = tmp_path / "day1.tsv"
+    first.write_text("\n".join(lines) + "\n")
+    second = tmp_path / "day2.tsv"  # a later batch with the same second: after day 1
+    second.write_text("user\titem\trating\tts\nu1\tk0\t5\t881250949\n")
+    mapping = {"user_id": "user", "item_id": "item", "event_time": "ts"}
+    for f in (first, second):
+        ingest(spark, lake, cfg, str(f), fmt="tsv", mapping=mapping)
+        validate_pending(spark, lake, cfg)
+    featurize(spark, lake, cfg)
+    name = {r.item_idx: r.item_id for r in lake.read("item_index").collect()}
+    seqs = {r.user_id: [name[i] for i in r.item_seq] for r in lake.read("user_sequences").collect()}
+    assert seqs["u1"] == [*items, "k0"]
+    assert seqs["u2"] == list(reversed(items))

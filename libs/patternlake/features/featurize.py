@@ -55,6 +55,8 @@ def featurize(
         return FeaturizeResult("noop", [], 0, 0, silver_version)
 
     rank = F.create_map(*[x for i, b in enumerate(order) for x in (F.lit(b), F.lit(i))])
+    if "_line_ordinal" not in silver.columns:  # silver written before ingest kept ordinals
+        silver = silver.withColumn("_line_ordinal", F.lit(None).cast("long"))
     events = silver.withColumn("_batch_order", rank[F.col("_batch_id")])
     fresh = events if full else events.filter(F.col("_batch_id").isin(pending))
 

@@ -49,12 +49,21 @@ def gap_bucket(seconds: Column) -> Column:
 
 
 def user_histories(events: DataFrame, item_index: DataFrame, event_types: list[str]) -> DataFrame:
-    """One row per user: the whole history as a time-sorted array of structs."""
+    """One row per user: the whole history as a time-sorted array of structs.
+
+    Events with the same time keep the order in which they were delivered: earlier batch
+    first (``_batch_order``), then source file, then position in that file
+    (``_line_ordinal``, kept by ingest) — what a user expects and what other tools do with
+    tied timestamps. The event id only breaks ties that remain (rows without an ordinal).
+    """
     types = F.array(*[F.lit(t) for t in event_types])
     ev = events.join(F.broadcast(item_index.select("item_id", "item_idx")), "item_id").select(
         "user_id",
         F.struct(
             F.unix_micros("event_time").alias("t"),
+            F.col("_batch_order").cast("int").alias("b"),
+            F.col("_source_file").alias("f"),
+            F.col("_line_ordinal").alias("o"),
             F.col("event_id").alias("id"),
             F.col("item_idx").alias("item"),
             F.array_position(types, F.col("event_type")).cast("int").alias("type"),

@@ -237,7 +237,21 @@ def _map_columns(df: DataFrame, mapping: dict[str, str], explicit: set[str]) -> 
         F.regexp_replace(F.url_decode(F.col("_metadata.file_path")), "^file:(//)?", "").alias(
             "_source_file"
         ),
+        line_ordinal().alias("_line_ordinal"),
     )
+
+
+def line_ordinal() -> Column:
+    """A number that grows with a row's position inside its source file.
+
+    Spark reads a file in splits (``_metadata.file_block_start`` is the split's byte offset)
+    and every split is read front to back, so (split offset, row number inside the Spark
+    partition) orders the rows of one file as they are written. Packed into one long: the
+    offset in the high bits (files up to 512 GiB), the row number in the low 24 bits (a split
+    holds far fewer rows than bytes). Ties in event time are ordered by it downstream.
+    """
+    row_in_partition = F.monotonically_increasing_id().bitwiseAND(F.lit((1 << 33) - 1))
+    return (F.col("_metadata.file_block_start").cast("long") * F.lit(1 << 24)) + row_in_partition
 
 
 def _has_rows(df: DataFrame) -> bool:

@@ -41,6 +41,7 @@ SILVER_COLUMNS = (
     "properties",
     "_batch_id",
     "_source_file",
+    "_line_ordinal",
     "_ingested_at",
 )
 
@@ -100,8 +101,14 @@ def typed_events(bronze: DataFrame, default_event_type: str) -> DataFrame:
         "_raw",
         "_batch_id",
         "_source_file",
+        _optional_long(bronze, "_line_ordinal"),
         "_ingested_at",
     )
+
+
+def _optional_long(df: DataFrame, name: str) -> Column:
+    """A column that tables written before it existed lack (null there)."""
+    return F.col(name) if name in df.columns else F.lit(None).cast("long").alias(name)
 
 
 def validate_pending(spark: SparkSession, lake: Lake, config: Config) -> list[BatchReport]:
@@ -185,7 +192,7 @@ def validate_batch(
     if status == "passed":
         valid = tagged.filter(F.size("reasons") == 0)
         first = Window.partitionBy("event_id").orderBy(
-            "_source_file", "event_time", "user_id", "item_id"
+            "_source_file", "_line_ordinal", "event_time", "user_id", "item_id"
         )
         deduped = valid.withColumn("_n", F.row_number().over(first)).filter("_n = 1")
         if lake.exists("silver_events"):
