@@ -145,7 +145,9 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
     if spec.backend == "horovod":
         hvd = comm.hvd
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        hvd.broadcast_optimizer_state(opt, root_rank=0)  # Adam's moments and step counts
+        if state["epoch"] > 0:  # resumed (rank 0 says): its Adam moments and step counts
+            # (on a fresh start every state is empty; broadcasting would take a zero step)
+            hvd.broadcast_optimizer_state(opt, root_rank=0)
     elif spec.backend == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
