@@ -333,7 +333,7 @@ def ids_table(spark, ids, writer: int):
     return (
         spark.createDataFrame([(i,) for i in ids], "id long")
         .withColumn("payload", F.sha2(F.col("id").cast("string"), 256))
-        .withColumn("writer", F.lit(writer).cast("long"))
+        .withColumn("writer", F.lit(writer))  # an int, as in writer_process.py
     )
 
 
