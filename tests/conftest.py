@@ -18,6 +18,7 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Config:
             "spark.shuffle_partitions=2",
             "spark.ui=false",
             "spark.master=local[2]",
+            "features.max_history=50",  # small enough that the generated users are cut
         ],
         environ={},
     )

@@ -107,7 +107,7 @@ class ValidateConfig(_Strict):
 
 
 class FeaturesConfig(_Strict):
-    max_seq_len: int = Field(ge=3)
+    max_history: int = Field(ge=3)
     session_gap_minutes: int = Field(gt=0)
     category_property: str
     top_categories: int = Field(ge=0)
@@ -143,6 +143,7 @@ class MlflowConfig(_Strict):
 
 
 class TeacherModelConfig(_Strict):
+    max_len: int = Field(ge=2)
     d_model: int = Field(gt=0)
     n_heads: int = Field(gt=0)
     n_layers: int = Field(gt=0)
@@ -157,10 +158,13 @@ class TrainConfig(_Strict):
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
     warmup_steps: int = Field(ge=0)
+    lr_scaling: Literal["none", "sqrt", "linear"]
+    schedule: Literal["cosine", "constant"]
+    min_lr_ratio: float = Field(ge=0, le=1)
     weight_decay: float = Field(ge=0)
     patience: int = Field(gt=0)
     seed: int
-    valid_users: int = Field(gt=0)
+    valid_users: int = Field(ge=0)
     threads_per_proc: int = Field(gt=0)
 
 

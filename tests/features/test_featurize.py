@@ -70,7 +70,7 @@ def test_sequences_follow_the_protocol(two_batch_lakes):
         silver.filter(F.col("user_id") == user).collect(), key=lambda r: (r.event_time, r.event_id)
     )
     seq = lake.read("user_sequences").filter(F.col("user_id") == user).first()
-    n = config.features.max_seq_len
+    n = config.features.max_history
     assert seq.n_events == len(events) > n
     assert seq.item_seq == [index[e.item_id] for e in events[-n:]]
     assert (seq.valid_item, seq.test_item) == (seq.item_seq[-2], seq.item_seq[-1])

@@ -32,17 +32,23 @@ def test_every_rank_runs_the_same_steps_and_every_example_is_trained_every_epoch
     layouts, layout, world
 ):
     files = layouts[layout]
-    expected = handmade.trainable_users(read_table(files, handmade.SCHEMA.names))
+    table = read_table(files, handmade.SCHEMA.names)
+    assert handmade.trainable_users(table)  # the layout has something to train
+    n_examples = int(training_example_counts(table, MAX_LEN).sum())
+    every_target = set(training_arrays(table, MAX_LEN)[3].ravel().tolist()) - {0}
     ranks = [ShardedSequences(files, r, world, MAX_LEN, BATCH, seed=7) for r in range(world)]
     for epoch in range(3):
         batches = [list(r.epoch(epoch)) for r in ranks]
         steps = [len(b) for b in batches]
         assert steps == [ranks[0].batches_per_epoch()] * world, (epoch, steps)
-        users = [trained_users(b) for b in batches]
+        examples = [sum(len(b.targets) for b in rb) for rb in batches]
         # the same number of examples on every rank: the last batches match in size too
-        assert len({len(u) for u in users}) == 1
-        assert set().union(*users) == expected, epoch
-        repeated = sum(len(u) for u in users) - len(expected)
+        assert len(set(examples)) == 1
+        trained = set().union(
+            *(set(b.targets.numpy().ravel().tolist()) for rb in batches for b in rb)
+        )
+        assert trained - {0} == every_target, epoch  # every training target, every epoch
+        repeated = sum(examples) - n_examples
         assert 0 <= repeated < world  # only the short rank's wrap-around repeats examples
 
 
@@ -50,10 +56,10 @@ def test_the_plan_counts_exactly_the_examples_training_arrays_gives():
     table = handmade.sequences(
         list(range(40)), lambda u: u % 9, handmade.user_id_item
     )  # 0 to 8 events: no, one or several training events, evaluable or not
-    counts = training_example_counts(table)
+    counts = training_example_counts(table, MAX_LEN)
     assert counts.sum() == len(training_arrays(table, MAX_LEN)[0])
     assert counts.tolist() == [
-        int((n - 2 if n >= 3 else n) >= 2) for n in (u % 9 for u in range(40))
+        -(-max((n - 2 if n >= 3 else n) - 1, 0) // MAX_LEN) for n in (u % 9 for u in range(40))
     ]
 
 

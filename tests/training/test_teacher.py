@@ -84,7 +84,7 @@ def test_training_is_tracked_and_registered_in_mlflow(trained):
     import numpy as np
     import torch
 
-    x = torch.zeros((1, 3, cfg.features.max_seq_len), dtype=torch.long)
+    x = torch.zeros((1, 3, cfg.teacher.max_len), dtype=torch.long)
     x[0, 0, -1] = 1
     with torch.no_grad():
         scores = model(x)

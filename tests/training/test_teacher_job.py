@@ -47,8 +47,7 @@ def small_lake(spark, config, tmp_path):
             "tracking_uri": f"sqlite:///{tmp_path}/mlruns.db",
             "artifact_location": str(tmp_path / "artifacts"),
         },
-        features={"max_seq_len": 8},
-        teacher={"d_model": 16, "n_layers": 1, "dropout": 0.0},
+        teacher={"max_len": 8, "d_model": 16, "n_layers": 1, "dropout": 0.0},
         train={"epochs": 2, "backend": "single", "batch_size": 32, "warmup_steps": 1},
     )
     lake = Lake(spark, cfg.lake)

@@ -75,7 +75,7 @@ def featurize(
     )
     histories = user_histories(touched, index, types).persist(StorageLevel.MEMORY_AND_DISK)
     n_users = histories.count()
-    seqs = user_sequences(histories, conf.max_seq_len)
+    seqs = user_sequences(histories, conf.max_history)
     feats = user_features(
         histories,
         touched,

@@ -15,13 +15,20 @@ class Popularity:
         self.n_items = n_items
         self.counts = np.zeros(n_items, dtype=np.float64)
 
-    def fit(self, items: np.ndarray, targets: np.ndarray) -> Popularity:
+    def fit(
+        self, items: np.ndarray, targets: np.ndarray, first_items: np.ndarray | None = None
+    ) -> Popularity:
         """``items``/``targets``: the left-padded training inputs and next-item targets. Every
-        training event is counted once: each row's first input (its first non-padding column;
-        column 0 is padding for rows shorter than ``max_len``), then every target."""
-        filled = items > 0
-        rows = filled.any(axis=1)
-        first = items[rows, filled[rows].argmax(axis=1)]
+        training event is counted once: every target, plus each user's first event, which is
+        never a target: ``first_items`` when given (windows over long histories: a later
+        window's first input is also an earlier window's target), else each row's first
+        input (its first non-padding column; column 0 is padding for short rows)."""
+        if first_items is not None:
+            first = np.asarray(first_items, dtype=np.int64)
+        else:
+            filled = items > 0
+            rows = filled.any(axis=1)
+            first = items[rows, filled[rows].argmax(axis=1)]
         seen = np.concatenate([first, targets[targets > 0]])
         self.counts = np.bincount(seen, minlength=self.n_items).astype(np.float64)
         self.counts[0] = 0
@@ -50,13 +57,15 @@ class MarkovChain:
         self.pop = Popularity(n_items)
         self.transitions = sp.csr_matrix((n_items, n_items))
 
-    def fit(self, items: np.ndarray, targets: np.ndarray) -> MarkovChain:
+    def fit(
+        self, items: np.ndarray, targets: np.ndarray, first_items: np.ndarray | None = None
+    ) -> MarkovChain:
         valid = (items > 0) & (targets > 0)
         prev, nxt = items[valid], targets[valid]
         self.transitions = sp.csr_matrix(
             (np.ones(len(prev)), (prev, nxt)), shape=(self.n_items, self.n_items), dtype=np.float64
         )
-        self.pop.fit(items, targets)
+        self.pop.fit(items, targets, first_items)
         return self
 
     def scores(self, items: np.ndarray) -> torch.Tensor:

@@ -27,7 +27,13 @@ from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.models.baselines import MarkovChain, Popularity
 from patternlake.models.metrics import evaluate_scorer
-from patternlake.training.data import evaluation_arrays, item_id_count, read_table, training_arrays
+from patternlake.training.data import (
+    evaluation_arrays,
+    first_training_items,
+    item_id_count,
+    read_table,
+    training_arrays,
+)
 
 log = logging.getLogger(__name__)
 NO_SEGMENT = -1
@@ -66,6 +72,12 @@ def trained_on(
     return tag("data.version"), tag("data.item_index.version")
 
 
+def _window(model: torch.nn.Module) -> int:
+    """The number of past events a sequential model reads (its ``max_len``)."""
+    inner = getattr(model, "teacher", model)
+    return int(getattr(getattr(inner, "config", None), "max_len", 0) or 0)
+
+
 def model_bytes(model: torch.nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -99,7 +111,9 @@ def evaluate_models(
                 )
     version = lake.version("user_sequences") if data_version is None else data_version
     table = read_table(lake.files("user_sequences", version))
-    max_len = config.features.max_seq_len
+    # every model sees the last ``max_len`` events it was built for: the arrays are as wide
+    # as the widest model, and each model takes its own tail of them
+    max_len = max([config.teacher.max_len, *(_window(m) for m in (models or {}).values())])
     if item_index_version is None:
         item_index_version = lake.version("item_index")
     n_items = item_id_count(lake, item_index_version)
@@ -117,16 +131,17 @@ def evaluate_models(
     train_in, _, _, train_out = training_arrays(table, max_len)
 
     scorers: dict[str, tuple[Any, int, int]] = {}
-    pop = Popularity(n_items).fit(train_in, train_out)
-    markov = MarkovChain(n_items).fit(train_in, train_out)
+    firsts = first_training_items(table)
+    pop = Popularity(n_items).fit(train_in, train_out, firsts)
+    markov = MarkovChain(n_items).fit(train_in, train_out, firsts)
     scorers["popularity"] = (lambda s: pop.scores(items[s]), pop.num_params(), pop.nbytes())
     scorers["markov"] = (lambda s: markov.scores(items[s]), markov.num_params(), markov.nbytes())
     stacked = np.stack([items, types, gaps], axis=1)  # (n, 3, L)
     for name, model in models.items():
 
-        def score(s: slice, m: torch.nn.Module = model) -> torch.Tensor:
+        def score(s: slice, m: torch.nn.Module = model, w: int = _window(model)) -> torch.Tensor:
             with torch.no_grad():
-                return m(torch.from_numpy(stacked[s]))
+                return m(torch.from_numpy(stacked[s][:, :, -w:]))
 
         params = sum(p.numel() for p in model.parameters())
         scorers[name] = (score, params, model_bytes(model))

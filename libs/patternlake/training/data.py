@@ -92,27 +92,77 @@ def training_lengths(table: pa.Table) -> np.ndarray:
     return np.maximum(lengths.to_numpy(zero_copy_only=False) - np.where(evaluable, 2, 0), 0)
 
 
-def training_example_counts(table: pa.Table) -> np.ndarray:
-    """How many training examples (rows of ``training_arrays``) each user row gives: one for
-    every row with at least 2 training events (an input and a target), else none. The
-    sharding plan counts with this, so it must agree with ``training_arrays``."""
-    return (training_lengths(table) >= 2).astype(np.int64)
+def training_example_counts(table: pa.Table, max_len: int) -> np.ndarray:
+    """How many training examples (rows of ``training_arrays``) each user row gives: a
+    training part of T events has T - 1 targets (every event but the first), cut into
+    ``ceil((T - 1) / max_len)`` windows; rows with fewer than 2 training events give none.
+    The sharding plan counts with this, so it must agree with ``training_arrays``."""
+    targets = np.maximum(training_lengths(table) - 1, 0)
+    return -(-targets // max_len)
+
+
+def first_training_items(table: pa.Table) -> np.ndarray:
+    """Each user's first training event (never a target), for rows with a training part."""
+    has = training_lengths(table) > 0
+    firsts = pc.list_element(table.filter(pa.array(has)).column("item_seq"), 0)
+    return firsts.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _window_bounds(table: pa.Table, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) of every window's *targets* as flat positions in the rows' values, in
+    row order and, within a row, oldest window first. Windows are cut from the end of the
+    training part backwards, so the newest window is full and the oldest may be short."""
+    counts = training_example_counts(table, max_len)
+    column = table.column("item_seq")
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    offsets = offsets - offsets[0]
+    lengths = training_lengths(table)
+    row = np.repeat(np.arange(len(counts)), counts)
+    # k: 0 for a row's oldest window ... counts - 1 for its newest
+    first_of_row = np.cumsum(counts) - counts
+    k = np.arange(len(row)) - first_of_row[row]
+    from_end = counts[row] - 1 - k
+    end = offsets[row] + lengths[row] - from_end * max_len  # exclusive
+    start = np.maximum(end - max_len, offsets[row] + 1)  # the first event is never a target
+    return start, end
+
+
+def _gather(values: np.ndarray, start: np.ndarray, end: np.ndarray, width: int) -> np.ndarray:
+    """values[start:end] of every window, left-padded with 0 to ``width``."""
+    out = np.zeros((len(start), width), dtype=np.int64)
+    lengths = end - start
+    cols = np.arange(width)
+    first = width - lengths
+    keep = cols[None, :] >= first[:, None]
+    idx = start[:, None] + (cols[None, :] - first[:, None])
+    out[keep] = values[idx[keep]]
+    return out
+
+
+def _flat(table: pa.Table, name: str) -> np.ndarray:
+    column = table.column(name)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def training_arrays(table: pa.Table, max_len: int) -> tuple[np.ndarray, ...]:
-    """Inputs and next-item targets from each user's training part (validation and test
-    targets dropped for evaluable users). Rows with fewer than 2 training events vanish.
-    The order of the examples follows the rows' order (the sharding plan relies on it)."""
-    evaluable = table.column("valid_item").is_valid().to_numpy(zero_copy_only=False)
-    drop = np.where(evaluable, 2, 0)
-    # inputs: training part without its last event; targets: training part without its first
-    items_in = pad_left(table.column("item_seq"), max_len, drop + 1)
-    types_in = pad_left(table.column("type_seq"), max_len, drop + 1)
-    gaps_in = pad_left(table.column("gap_seq"), max_len, drop + 1)
-    targets = pad_left(table.column("item_seq"), max_len + 1, drop)[:, 1:]
-    targets = np.where(items_in > 0, targets, 0)
-    keep = training_example_counts(table) > 0
-    return items_in[keep], types_in[keep], gaps_in[keep], targets[keep]
+    """Inputs and next-item targets over each user's whole training part (validation and
+    test targets dropped for evaluable users), in windows of ``max_len``: every training
+    event but a user's first is the target of exactly one window position, so one epoch
+    over these examples trains every training interaction once. A window's inputs are the
+    events just before its targets (its first input is the previous window's last target).
+    Rows with fewer than 2 training events give nothing. Examples follow the rows' order
+    (the sharding plan relies on it)."""
+    start, end = _window_bounds(table, max_len)
+    items = _flat(table, "item_seq")
+    targets = _gather(items, start, end, max_len)
+    items_in = _gather(items, start - 1, end - 1, max_len)
+    types_in = _gather(_flat(table, "type_seq"), start - 1, end - 1, max_len)
+    gaps_in = _gather(_flat(table, "gap_seq"), start - 1, end - 1, max_len)
+    return items_in, types_in, gaps_in, targets
 
 
 def evaluation_arrays(table: pa.Table, max_len: int, split: str) -> tuple[np.ndarray, ...]:
@@ -178,7 +228,7 @@ class ShardedSequences:
         buffer_rows: int = 8192,
     ):
         pieces = plan_pieces(files, chunk_rows)
-        counts = count_examples(pieces)
+        counts = count_examples(pieces, max_len)
         # pieces without a training example take no part in the stream
         self.pieces = [p for p, n in zip(pieces, counts, strict=True) if n > 0]
         self.counts = np.array([n for n in counts if n > 0], dtype=np.int64)
@@ -266,10 +316,10 @@ class ShardedSequences:
             yield groups.slice(p), (first, end)
 
 
-def count_examples(pieces: list[Piece]) -> list[int]:
+def count_examples(pieces: list[Piece], max_len: int) -> list[int]:
     """Training examples in each piece, read from two columns only."""
     groups = _RowGroups(["item_seq", "valid_item"])
-    return [int(training_example_counts(groups.slice(p)).sum()) for p in pieces]
+    return [int(training_example_counts(groups.slice(p), max_len).sum()) for p in pieces]
 
 
 class _RowGroups:

@@ -48,7 +48,6 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
     model = TeacherConfig(
         n_items=n_items,
         n_types=len(config.validate_.allowed_event_types) + 1,
-        max_len=config.features.max_seq_len,
         **config.teacher.model_dump(),
     )
     t = config.train
@@ -62,6 +61,9 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
         batch_size=t.batch_size,
         lr=t.lr,
         warmup_steps=t.warmup_steps,
+        lr_scaling=t.lr_scaling,
+        schedule=t.schedule,
+        min_lr_ratio=t.min_lr_ratio,
         weight_decay=t.weight_decay,
         patience=t.patience,
         seed=t.seed,

@@ -44,6 +44,9 @@ class TrainSpec:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     patience: int = 3
+    lr_scaling: str = "none"  # none | sqrt | linear (x processes)
+    schedule: str = "cosine"  # cosine | constant (after the warm-up)
+    min_lr_ratio: float = 0.1  # cosine: the last step's learning rate, as a share of lr
     seed: int = 7
     valid_users: int = 5000
     threads: int = 1
@@ -51,6 +54,37 @@ class TrainSpec:
     result_path: str = ""  # horovodrun: rank 0 writes its result here
     max_batches_per_epoch: int = 0  # 0: all; >0 caps an epoch (benchmarks)
     item_index_version: int = -1  # the item_index version of the catalogue (for evaluate)
+
+
+def lr_scale(rule: str, world: int) -> float:
+    """How the learning rate grows with the number of processes (each adds a batch to the
+    averaged gradient). ``none`` by default: Adam's step size barely depends on the batch
+    size, and the linear rule (x world) made 2-process training diverge-prone at 0.01."""
+    return {"none": 1.0, "sqrt": world**0.5, "linear": float(world)}[rule]
+
+
+def lr_schedule(kind: str, warmup_steps: int, total_steps: int, min_ratio: float):
+    """Multiplier of the base learning rate at each optimizer step: linear warm-up over
+    ``warmup_steps``, then constant or a cosine decay to ``min_ratio`` at ``total_steps``."""
+    import math
+
+    warmup = max(1, warmup_steps)
+    span = max(1, total_steps - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _steps_per_epoch(data: ShardedSequences, spec: TrainSpec) -> int:
+    n = data.batches_per_epoch()
+    return min(n, spec.max_batches_per_epoch) if spec.max_batches_per_epoch else n
 
 
 class _Comm:
@@ -118,14 +152,21 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
     cfg = TeacherConfig(**spec.model)
     model = SequentialTeacher(cfg).to(device)
     opt = torch.optim.AdamW(
-        model.parameters(), lr=spec.lr * comm.world, weight_decay=spec.weight_decay
+        model.parameters(),
+        lr=spec.lr * lr_scale(spec.lr_scaling, comm.world),
+        weight_decay=spec.weight_decay,
     )
     if spec.backend == "horovod":
         # wrap before loading a checkpoint: DistributedOptimizer builds a new optimizer (of
         # the same class, over the same parameter groups) with an empty state
         opt = comm.hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
-    warmup = max(1, spec.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+    data = ShardedSequences(
+        spec.files, comm.rank, comm.world, cfg.max_len, spec.batch_size, spec.seed
+    )
+    total_steps = spec.epochs * _steps_per_epoch(data, spec)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_schedule(spec.schedule, spec.warmup_steps, total_steps, spec.min_lr_ratio)
+    )
 
     state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "history": [], "bad_epochs": 0}
     ckpt_dir = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
@@ -155,9 +196,6 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
             model, device_ids=[comm.local_rank] if device.type == "cuda" else None
         )
 
-    data = ShardedSequences(
-        spec.files, comm.rank, comm.world, cfg.max_len, spec.batch_size, spec.seed
-    )
     valid = _validation_set(spec, cfg) if comm.rank == 0 else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
 
@@ -251,7 +289,7 @@ def _validation_set(spec: TrainSpec, cfg: TeacherConfig) -> tuple[np.ndarray, ..
     users, items, types, gaps, target = evaluation_arrays(
         read_table(spec.files), cfg.max_len, "valid"
     )
-    if len(users) > spec.valid_users:
+    if 0 < spec.valid_users < len(users):
         pick = np.random.default_rng(spec.seed).choice(len(users), spec.valid_users, replace=False)
         items, types, gaps, target = items[pick], types[pick], gaps[pick], target[pick]
     return items, types, gaps, target

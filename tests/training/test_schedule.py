@@ -1,0 +1,58 @@
+"""The training schedule: warm-up then cosine decay in optimizer steps, no linear scaling of
+the learning rate by default, and the best validation epoch is what training hands back."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from patternlake.training.teacher_job import load_best
+from patternlake.training.worker import (
+    _validate,
+    _validation_set,
+    lr_scale,
+    lr_schedule,
+    train_worker,
+)
+from tests.training import handmade
+from tests.training.test_distributed import spec_for
+
+
+def test_warm_up_then_cosine_decay_to_the_floor():
+    f = lr_schedule("cosine", warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert [round(f(s), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    values = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))  # never rises again
+    constant = lr_schedule("constant", warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert constant(9) == 1.0 and constant(100) == 1.0
+
+
+def test_the_learning_rate_is_not_scaled_by_workers_unless_asked():
+    assert lr_scale("none", 4) == 1.0
+    assert lr_scale("sqrt", 4) == 2.0
+    assert lr_scale("linear", 4) == 4.0
+
+
+@pytest.mark.slow
+def test_training_hands_back_the_best_validation_epoch_not_the_last(tmp_path):
+    files = handmade.layouts(tmp_path / "data", lambda u, j: 1 + (3 * u + j) % 59)["one_file"]
+    spec = spec_for(files, "single", tmp_path / "checkpoints", epochs=12)
+    spec.lr, spec.schedule, spec.patience = 3e-2, "constant", 100  # noisy: best is rarely last
+    result = train_worker(vars(spec))
+    history = [h["valid_ndcg@10"] for h in result["history"]]
+    assert len(history) == 12
+    assert result["best_epoch"] == max(range(12), key=lambda e: (history[e], -e))
+    assert result["best_valid_ndcg@10"] == history[result["best_epoch"]]
+    # the weights handed back score exactly the best epoch's validation NDCG@10
+    best = load_best(result)
+    cfg = best.config
+    again = _validate(best, _validation_set(spec, cfg), cfg, torch.device("cpu"))
+    assert again == pytest.approx(history[result["best_epoch"]], abs=1e-9)
+    last = torch.load(sorted((tmp_path / "checkpoints").glob("epoch-*.pt"))[-1], weights_only=False)
+    if result["best_epoch"] != 11:  # and they are not the last epoch's weights
+        assert any(not torch.equal(last["model"][k], v) for k, v in best.state_dict().items())
