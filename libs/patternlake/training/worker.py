@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,8 +138,13 @@ class _Comm:
             self.dist.destroy_process_group()
 
 
-def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
-    """Runs in every training process; every rank returns rank 0's result."""
+def train_worker(
+    spec_dict: dict[str, Any], on_epoch: Callable[[int, float], None] | None = None
+) -> dict[str, Any] | None:
+    """Runs in every training process; every rank returns rank 0's result.
+
+    ``on_epoch(epoch, valid_ndcg@10)``, if given, is called on rank 0 after each finished
+    epoch; it may raise to stop training (the tuner's pruning; single-process use only)."""
     spec = TrainSpec(**spec_dict)
     comm = _Comm(spec.backend)
     torch.set_num_threads(max(1, spec.threads))
@@ -250,6 +256,8 @@ def train_worker(spec_dict: dict[str, Any]) -> dict[str, Any] | None:
         state["epoch"] = epoch + 1
         if comm.rank == 0 and ckpt_dir:
             _save(ckpt_dir, epoch, model, opt, sched, state, improved)
+        if comm.rank == 0 and on_epoch is not None:
+            on_epoch(epoch, ndcg)
         if state["bad_epochs"] >= spec.patience:
             break
 
