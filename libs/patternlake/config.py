@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from patternlake.errors import ConfigError
 
@@ -166,6 +173,57 @@ class TrainConfig(_Strict):
     seed: int
     valid_users: int = Field(ge=0)
     threads_per_proc: int = Field(gt=0)
+    use_tuned: bool = False  # true: model + lr + batch size from the latest `tune teacher`
+
+
+class TuneSpaceConfig(_Strict):
+    """The search space of `tune teacher`: lists are choices, pairs are [low, high] ranges."""
+
+    d_model: list[int] = Field(min_length=1)
+    n_heads: list[int] = Field(min_length=1)
+    n_layers: tuple[int, int]
+    dropout: tuple[float, float]
+    max_len: list[int] = Field(min_length=1)
+    lr: tuple[float, float]  # sampled log-uniformly
+    batch_size: list[int] = Field(min_length=1)
+
+    @field_validator("d_model", "n_heads", "max_len", "batch_size")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if min(v) < 1 or len(set(v)) != len(v):
+            raise ValueError("choices must be distinct positive integers")
+        return v
+
+    @field_validator("n_layers", "dropout", "lr")
+    @classmethod
+    def _range(cls, v: tuple) -> tuple:
+        if not 0 <= v[0] <= v[1]:
+            raise ValueError("must be [low, high] with 0 <= low <= high")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuneSpaceConfig:
+        bad = [(d, h) for d in self.d_model for h in self.n_heads if d % h]
+        if bad:
+            raise ValueError(
+                f"every n_heads choice must divide every d_model choice ({bad[0][1]} does not "
+                f"divide {bad[0][0]})"
+            )
+        if self.n_layers[0] < 1 or self.lr[0] <= 0 or self.dropout[1] >= 1:
+            raise ValueError("n_layers needs low >= 1, lr low > 0, dropout high < 1")
+        return self
+
+
+class TuneConfig(_Strict):
+    n_trials: int = Field(gt=0)  # in all, shared by the parallel processes
+    parallel: int = Field(gt=0)  # processes running trials against one Optuna storage
+    epochs_per_trial: int = Field(gt=0)
+    patience: int = Field(gt=0)
+    prune_after: int = Field(gt=0)  # epochs before a trial may be pruned
+    prune_startup_trials: int = Field(ge=1)  # finished trials needed before pruning starts
+    seed: int
+    max_params: int | None = Field(default=None, gt=0)  # the chosen trial's parameter budget
+    space: TuneSpaceConfig
 
 
 class EvaluateConfig(_Strict):
@@ -191,6 +249,7 @@ class Config(_Strict):
     mlflow: MlflowConfig
     teacher: TeacherModelConfig
     train: TrainConfig
+    tune: TuneConfig
     evaluate: EvaluateConfig
     logging: LoggingConfig
 
