@@ -45,12 +45,19 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
     version = lake.version("user_sequences")
     item_version = lake.version("item_index")
     n_items = item_id_count(lake, item_version)
+    t = config.train
+    teacher, lr, batch_size = config.teacher.model_dump(), t.lr, t.batch_size
+    if t.use_tuned:
+        tuned = tuned_teacher(lake)
+        teacher.update(
+            {k: tuned[k] for k in ("d_model", "n_heads", "n_layers", "dropout", "max_len")}
+        )
+        lr, batch_size = tuned["lr"], tuned["batch_size"]
     model = TeacherConfig(
         n_items=n_items,
         n_types=len(config.validate_.allowed_event_types) + 1,
-        **config.teacher.model_dump(),
+        **teacher,
     )
-    t = config.train
     spec = TrainSpec(
         files=lake.files("user_sequences", version),
         data_version=version,
@@ -58,8 +65,8 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
         model=model.to_dict(),
         backend="horovod" if backend == "horovodrun" else backend,
         epochs=t.epochs,
-        batch_size=t.batch_size,
-        lr=t.lr,
+        batch_size=batch_size,
+        lr=lr,
         warmup_steps=t.warmup_steps,
         lr_scaling=t.lr_scaling,
         schedule=t.schedule,
@@ -81,6 +88,33 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
         Path(config.models.root).resolve() / "teacher" / "checkpoints" / digest
     )
     return spec
+
+
+def tuned_teacher(lake: Lake) -> dict[str, Any]:
+    """The chosen trial of the latest `patternlake tune teacher` study (``train.use_tuned``):
+    its row of ``teacher_tuning`` (d_model, n_heads, n_layers, dropout, max_len, lr,
+    batch_size, study, valid_ndcg_at_10, ...)."""
+    if not lake.exists("teacher_tuning"):
+        raise PatternlakeError(
+            "train.use_tuned: teacher_tuning does not exist yet; run `patternlake tune teacher` "
+            "first (or set train.use_tuned=false)"
+        )
+    row = (
+        lake.read("teacher_tuning")
+        .where("chosen")
+        .orderBy("study_started", "study", ascending=False)
+        .first()
+    )
+    if row is None:
+        raise PatternlakeError("train.use_tuned: teacher_tuning has no chosen trial")
+    tuned = row.asDict()
+    log.info(
+        "train teacher: tuned configuration of study %s (trial %d, validation NDCG@10 %.4f)",
+        tuned["study"],
+        tuned["trial"],
+        tuned["valid_ndcg_at_10"],
+    )
+    return tuned
 
 
 def run_backend(
