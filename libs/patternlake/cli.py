@@ -125,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(func=cmd_train, needs_spark=True)
 
+    tu = command(sub, "tune", "search model architectures and hyperparameters (Optuna)")
+    tsub = tu.add_subparsers(dest="tune_command", metavar="MODEL", parser_class=_Parser)
+    tsub.required = True
+    tt = command(
+        tsub,
+        "teacher",
+        "multi-objective study of the teacher (validation NDCG@10 vs parameters) in tune.parallel "
+        "processes; trials to teacher_tuning, the front to MLflow (train.use_tuned uses it)",
+    )
+    tt.set_defaults(func=cmd_tune_teacher, needs_spark=True)
+
     ev = command(
         sub, "evaluate", "evaluate the registered teacher and the baselines (protocol in DESIGN.md)"
     )
@@ -317,6 +328,12 @@ def cmd_train(args: argparse.Namespace, config: Config, lake: Any) -> None:
     print(
         json.dumps(train_teacher(lake.spark, lake, config, args.backend, args.fresh), default=str)
     )
+
+
+def cmd_tune_teacher(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from patternlake.tuning.teacher_study import tune_teacher
+
+    print(json.dumps(tune_teacher(lake, config), default=str))
 
 
 def cmd_evaluate(args: argparse.Namespace, config: Config, lake: Any) -> None:

@@ -1,0 +1,2 @@
+"""The tune stage: architecture and hyperparameter search for the teacher
+(`patternlake tune teacher`, table ``teacher_tuning``); see ``teacher_study``."""
