@@ -187,7 +187,7 @@ class DeltaRsEngine:
             adds = self._stage(flight, df, uri, partition_by)
             txn = uuid.uuid4().hex
             if overwrite_schema or not self.exists(uri):
-                before = self.version(uri) if overwrite_schema else -1
+                before = self.version(uri) if overwrite_schema and self.exists(uri) else -1
                 try:
                     create_table_with_add_actions(
                         uri,
