@@ -62,6 +62,12 @@ def _train_teacher(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
     )
 
 
+def _tune_teacher(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
+    from patternlake.tuning.teacher_study import tune_teacher
+
+    return tune_teacher(lake, config)
+
+
 def _evaluate(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
     from patternlake.models.evaluate import evaluate_models
 
@@ -74,6 +80,7 @@ STEPS: dict[str, Callable[[Lake, Config, dict[str, Any]], Any]] = {
     "featurize": _featurize,
     "segment": _segment,
     "mine": _mine,
+    "tune_teacher": _tune_teacher,
     "train_teacher": _train_teacher,
     "evaluate": _evaluate,
 }
