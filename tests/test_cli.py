@@ -60,7 +60,8 @@ def test_missing_table_and_bad_arguments_in_a_real_process(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "command", ["generate", "ingest", "validate", "featurize", "segment", "mine", "run", "lake"]
+    "command",
+    ["generate", "ingest", "validate", "featurize", "segment", "mine", "run", "lake", "tune"],
 )
 def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as code:
