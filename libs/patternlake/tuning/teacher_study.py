@@ -190,10 +190,16 @@ def tune_teacher(lake: Lake, config: Config) -> dict[str, Any]:
         )
         for i, n in enumerate(shares)
     ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    finally:  # interrupted (Ctrl-C, a kill): no trial process outlives the command
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
     failed = [p.name for p in procs if p.exitcode != 0]
     if failed:
         raise RuntimeError(f"tune: processes {failed} failed (their log is above)")
