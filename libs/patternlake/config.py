@@ -136,6 +136,7 @@ class MineConfig(_Strict):
     min_lift: float = Field(ge=0)
     min_extension_share: float = Field(ge=0, le=1)
     max_rules_per_segment: int = Field(gt=0)
+    recent_events: int = Field(ge=2)
     cooccurrence: bool
 
 

@@ -46,13 +46,18 @@ class MineResult:
 
 
 def training_sessions(
-    sequences: DataFrame, segments: DataFrame, session_gap_minutes: int
+    sequences: DataFrame, segments: DataFrame, session_gap_minutes: int, recent_events: int = 50
 ) -> DataFrame:
-    """segment_id, session (array<int> of item idx, in order) for sessions of >= 2 events."""
+    """segment_id, session (array<int> of item idx, in order) for sessions of >= 2 events,
+    from the last ``recent_events`` events of each user's training part (patterns describe
+    recent behaviour; PrefixSpan's cost grows steeply with session length)."""
     evaluable = F.col("valid_item").isNotNull()
     n = F.size("item_seq")
-    train_items = F.when(evaluable, F.slice("item_seq", 1, n - 2)).otherwise(F.col("item_seq"))
-    train_times = F.when(evaluable, F.slice("time_seq", 1, n - 2)).otherwise(F.col("time_seq"))
+    end = F.when(evaluable, n - 2).otherwise(n)  # the training part is [1, end]
+    start = F.greatest(end - recent_events + 1, F.lit(1))
+    length = F.greatest(end - start + 1, F.lit(0))
+    train_items = F.slice("item_seq", start, length)
+    train_times = F.slice("time_seq", start, length)
     seqs = sequences.select(
         "user_id", F.arrays_zip(train_items.alias("item"), train_times.alias("t")).alias("ev")
     )
@@ -150,7 +155,10 @@ def mine_patterns(spark: SparkSession, lake: Lake, config: Config) -> MineResult
     segments = lake.read("segments")
     model_version = segments.agg(F.max("model_version")).first()[0]
     sessions = training_sessions(
-        lake.read("user_sequences"), segments, config.features.session_gap_minutes
+        lake.read("user_sequences"),
+        segments,
+        config.features.session_gap_minutes,
+        config.mine.recent_events,
     ).persist()
     names = {
         r["item_idx"]: r["item_id"]
