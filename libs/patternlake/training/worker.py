@@ -223,7 +223,7 @@ def train_worker(
             sched.step()
             loss_sum += float(loss.detach())
             steps += 1
-            samples += len(batch.items)
+            samples += int((batch.targets > 0).sum())  # training interactions (targets)
         elapsed = time.perf_counter() - started
         train_seconds += elapsed
         mean_loss = comm.allreduce_sum(loss_sum / max(steps, 1)) / comm.world
@@ -272,6 +272,8 @@ def train_worker(
             "world": comm.world,
             "backend": spec.backend,
             "device": str(device),
+            # samples = training interactions predicted (window positions with a target), the
+            # unit peers such as RecBole count (one sample = one target interaction)
             "samples_per_s": round(total_samples / train_seconds, 1) if train_seconds else 0.0,
             "resumed_from": resumed_from,
             "params": model.num_params(),

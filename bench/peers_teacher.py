@@ -1,0 +1,138 @@
+"""Our teacher on a peers-benchmark split (bench/peers.py), trained and evaluated exactly as
+`patternlake train` / `patternlake evaluate` do, without Spark in between.
+
+The split becomes a ``user_sequences`` Parquet file (item, type and time-gap arrays; the
+validation and test targets at the end of evaluable users' rows), ``train_worker`` trains on
+it (single process, the same settings as conf/base.yaml's ``train`` and ``teacher``
+sections unless overridden), early stopping on validation targets only; the best epoch's
+weights are then scored on the test targets with patternlake's own ``evaluation_arrays`` and
+``evaluate_scorer`` (full ranking, nothing masked).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def gap_buckets(times: np.ndarray) -> np.ndarray:
+    """patternlake.features.nodes.gap_bucket in numpy: 0 for a user's first event, then
+    1 + the number of GAP_EDGES at or below the gap in seconds."""
+    from patternlake.features.nodes import GAP_EDGES
+
+    out = np.zeros(len(times), dtype=np.int32)
+    if len(times) > 1:
+        out[1:] = np.searchsorted(np.asarray(GAP_EDGES), np.diff(times), side="right") + 1
+    return out
+
+
+def sequences_table(split: Any) -> pa.Table:
+    """The split as patternlake's ``user_sequences`` (one row per user)."""
+    items, types, gaps, valid, test = [], [], [], [], []
+    for u in range(len(split.users)):
+        seq, times = np.asarray(split.train[u]), np.asarray(split.train_times[u])
+        if split.evaluable[u]:
+            seq = np.append(seq, [split.valid[u], split.test[u]])
+            times = np.append(times, [split.valid_time[u], split.test_time[u]])
+        items.append(seq.astype(np.int32).tolist())
+        types.append([1] * len(seq))
+        gaps.append(gap_buckets(times.astype(np.int64)).tolist())
+        valid.append(int(split.valid[u]) if split.evaluable[u] else None)
+        test.append(int(split.test[u]) if split.evaluable[u] else None)
+    return pa.table(
+        {
+            "user_id": [str(u) for u in split.users],
+            "item_seq": pa.array(items, pa.list_(pa.int32())),
+            "type_seq": pa.array(types, pa.list_(pa.int32())),
+            "gap_seq": pa.array(gaps, pa.list_(pa.int32())),
+            "valid_item": pa.array(valid, pa.int32()),
+            "test_item": pa.array(test, pa.int32()),
+        }
+    )
+
+
+def run_teacher(split: Any, ctx: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train and test our teacher on ``split``; ``overrides``: TrainSpec / TeacherConfig
+    fields (e.g. {"max_len": 200, "dropout": 0.5})."""
+    import torch
+
+    from patternlake.config import load_config
+    from patternlake.models.metrics import evaluate_scorer
+    from patternlake.models.teacher import TeacherConfig
+    from patternlake.training.data import evaluation_arrays
+    from patternlake.training.teacher_job import load_best
+    from patternlake.training.worker import TrainSpec, train_worker
+
+    conf = load_config("local", [], environ={})
+    overrides = dict(overrides or {})
+    model_fields = set(TeacherConfig.__dataclass_fields__)
+    model = TeacherConfig(
+        n_items=split.n_items,
+        n_types=2,
+        **{
+            **conf.teacher.model_dump(),
+            **{k: v for k, v in overrides.items() if k in model_fields},
+        },
+    )
+    t = conf.train
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "part-0.parquet"
+        pq.write_table(sequences_table(split), path)
+        spec = TrainSpec(
+            files=[str(path)],
+            data_version=0,
+            model=model.to_dict(),
+            backend="single",
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            warmup_steps=t.warmup_steps,
+            lr_scaling=t.lr_scaling,
+            schedule=t.schedule,
+            min_lr_ratio=t.min_lr_ratio,
+            weight_decay=t.weight_decay,
+            patience=t.patience,
+            seed=t.seed,
+            valid_users=0,
+            threads=ctx.threads,
+            checkpoint_dir=str(Path(tmp) / "checkpoints"),
+        )
+        for k, v in overrides.items():
+            if k not in model_fields:
+                setattr(spec, k, v)
+        result = train_worker(vars(spec))
+        if result.get("diverged"):
+            raise RuntimeError(f"teacher diverged: {result['diverged']}")
+        best = load_best(result)
+        table = pq.read_table(path)
+
+        def metrics(which: str) -> dict[str, float]:
+            _, items, types, gaps, target = evaluation_arrays(table, model.max_len, which)
+            stacked = [torch.from_numpy(a) for a in (items, types, gaps)]
+
+            def score(s: slice) -> torch.Tensor:
+                with torch.no_grad():
+                    return best.last_scores(*(a[s] for a in stacked))
+
+            overall, _ = evaluate_scorer(
+                score, len(target), target, np.zeros(len(target)), split.n_items, 512
+            )
+            return overall
+
+        train_s = sum(h["seconds"] for h in result["history"])
+        return {
+            "kind": "patternlake teacher (single process)",
+            "params": int(result["params"]),
+            "valid": metrics("valid"),
+            "test": metrics("test"),
+            "best_epoch": result["best_epoch"],
+            "epochs": len(result["history"]),
+            "train_s": round(train_s, 1),
+            "train_samples_per_s": result["samples_per_s"],
+            "settings": {**model.to_dict(), "lr": spec.lr, "batch_size": spec.batch_size},
+        }
