@@ -521,22 +521,28 @@ def with_ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
     return results
 
 
+def stopped(r: dict[str, Any]) -> str:
+    if "epochs" not in r:
+        return f"fit {r.get('train_s', 0):.3f} s"
+    return f"{r['epochs']} epochs, best {r['best_epoch']}, stopped by {r['stopped_by']}"
+
+
 def table(results: dict[str, dict[str, Any]]) -> str:
     def f(x: float | None, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
     head = (
         "| model | params | NDCG@10 | HR@10 | MRR@10 | train samples/s | "
-        "NDCG vs SASRec | NDCG vs Markov | speed vs SASRec |"
+        "NDCG vs SASRec | NDCG vs Markov | speed vs SASRec | training |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for name, r in results.items():
         t, q = r["test"], r["ratios"]
         lines.append(
             f"| {LABELS.get(name, name)} | {r['params']:,} | {t['ndcg@10']:.4f} | "
             f"{t['hr@10']:.4f} | {t['mrr@10']:.4f} | {f(r.get('train_samples_per_s'), ',.0f')} "
             f"| {f(q['ndcg@10_vs_sasrec'], '.2f')} | {f(q['ndcg@10_vs_markov'], '.2f')} "
-            f"| {f(q['samples_per_s_vs_sasrec'], '.2f')} |"
+            f"| {f(q['samples_per_s_vs_sasrec'], '.2f')} | {stopped(r)} |"
         )
     return "\n".join(lines)
 
