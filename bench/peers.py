@@ -490,13 +490,26 @@ def check_same_split(model: str, result: dict[str, Any], split: Split) -> None:
         log(f"WARNING {model}: RecBole's split differs from ours: {seen} vs {expected}")
 
 
+def run_teacher(split: Split, ctx: RunContext) -> dict[str, Any]:
+    """Our teacher with conf/base.yaml's defaults, single process, ``ctx.threads`` threads."""
+    sys.path.insert(0, str(HERE))
+    from peers_teacher import run_teacher as train_and_test
+
+    return train_and_test(split, ctx)
+
+
 MODELS: dict[str, Callable[[Split, RunContext], dict[str, Any]]] = {
+    "teacher": run_teacher,
     "sasrec": lambda split, ctx: run_recbole("SASRec", split, ctx),
     "gru4rec": lambda split, ctx: run_recbole("GRU4Rec", split, ctx),
     "markov": run_markov,
     "popularity": run_popularity,
 }
-LABELS = {"sasrec": "RecBole SASRec", "gru4rec": "RecBole GRU4Rec"}
+LABELS = {
+    "teacher": "patternlake teacher",
+    "sasrec": "RecBole SASRec",
+    "gru4rec": "RecBole GRU4Rec",
+}
 
 
 # --------------------------------------------------------------------------------- report
