@@ -79,25 +79,15 @@ def run_teacher(split: Any, ctx: Any, overrides: dict[str, Any] | None = None) -
             **{k: v for k, v in overrides.items() if k in model_fields},
         },
     )
-    t = conf.train
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "part-0.parquet"
         pq.write_table(sequences_table(split), path)
-        spec = TrainSpec(
+        spec = TrainSpec.from_config(
+            conf.train,
             files=[str(path)],
             data_version=0,
             model=model.to_dict(),
             backend="single",
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            warmup_steps=t.warmup_steps,
-            lr_scaling=t.lr_scaling,
-            schedule=t.schedule,
-            min_lr_ratio=t.min_lr_ratio,
-            weight_decay=t.weight_decay,
-            patience=t.patience,
-            seed=t.seed,
             valid_users=0,
             threads=ctx.threads,
             checkpoint_dir=str(Path(tmp) / "checkpoints"),

@@ -42,6 +42,23 @@ def stage(spark, config: Config, tmp_path):
     return cfg, Lake(spark, cfg.lake)
 
 
+def in_folder(config: Config, folder, **sections) -> Config:
+    """``config`` with its lake, model store and MLflow tracking all under ``folder``, then
+    ``sections`` overridden (as ``with_overrides``)."""
+    cfg = config.model_copy(
+        update={"lake": config.lake.model_copy(update={"root": str(folder / "lake")})}
+    )
+    return with_overrides(
+        cfg,
+        models={"root": str(folder / "models")},
+        mlflow={
+            "tracking_uri": f"sqlite:///{folder}/mlruns.db",
+            "artifact_location": str(folder / "artifacts"),
+        },
+        **sections,
+    )
+
+
 def with_overrides(config: Config, **sections) -> Config:
     """A copy of ``config`` with some keys of some sections changed: with_overrides(c, mine={"min_lift": 3})."""
     update = {}

@@ -10,7 +10,7 @@ from patternlake.lake import Lake
 from patternlake.models.evaluate import evaluate_models
 from patternlake.training.teacher_job import train_teacher
 from patternlake.training.worker import train_worker
-from tests.conftest import with_overrides
+from tests.conftest import in_folder, with_overrides
 from tests.training import handmade
 from tests.training.test_distributed import spec_for
 
@@ -37,16 +37,9 @@ def write_version(spark, lake: Lake, users: range, n_items: int) -> None:
 
 @pytest.fixture
 def small_lake(spark, config, tmp_path):
-    cfg = config.model_copy(
-        update={"lake": config.lake.model_copy(update={"root": str(tmp_path / "lake")})}
-    )
-    cfg = with_overrides(
-        cfg,
-        models={"root": str(tmp_path / "models")},
-        mlflow={
-            "tracking_uri": f"sqlite:///{tmp_path}/mlruns.db",
-            "artifact_location": str(tmp_path / "artifacts"),
-        },
+    cfg = in_folder(
+        config,
+        tmp_path,
         teacher={"max_len": 8, "d_model": 16, "n_layers": 1, "dropout": 0.0},
         train={"epochs": 2, "backend": "single", "batch_size": 32, "warmup_steps": 1},
     )

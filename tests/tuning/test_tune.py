@@ -21,7 +21,7 @@ from patternlake.tuning.teacher_study import (
     storage_path,
     tune_teacher,
 )
-from tests.conftest import with_overrides
+from tests.conftest import in_folder, with_overrides
 from tests.training import handmade
 from tests.training.test_distributed import small_item, spec_for
 from tests.training.test_teacher_job import write_version
@@ -113,16 +113,9 @@ def test_heads_that_do_not_divide_the_width_fail_at_load():
 
 @pytest.fixture
 def tune_lake(spark, config, tmp_path):
-    cfg = config.model_copy(
-        update={"lake": config.lake.model_copy(update={"root": str(tmp_path / "lake")})}
-    )
-    cfg = with_overrides(
-        cfg,
-        models={"root": str(tmp_path / "models")},
-        mlflow={
-            "tracking_uri": f"sqlite:///{tmp_path}/mlruns.db",
-            "artifact_location": str(tmp_path / "artifacts"),
-        },
+    cfg = in_folder(
+        config,
+        tmp_path,
         train={"backend": "single", "warmup_steps": 1},
         tune={
             "n_trials": 4,

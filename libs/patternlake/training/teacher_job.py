@@ -58,24 +58,15 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
         n_types=len(config.validate_.allowed_event_types) + 1,
         **teacher,
     )
-    spec = TrainSpec(
+    spec = TrainSpec.from_config(
+        t,
         files=lake.files("user_sequences", version),
         data_version=version,
         item_index_version=item_version,
         model=model.to_dict(),
         backend="horovod" if backend == "horovodrun" else backend,
-        epochs=t.epochs,
         batch_size=batch_size,
         lr=lr,
-        warmup_steps=t.warmup_steps,
-        lr_scaling=t.lr_scaling,
-        schedule=t.schedule,
-        min_lr_ratio=t.min_lr_ratio,
-        weight_decay=t.weight_decay,
-        patience=t.patience,
-        seed=t.seed,
-        valid_users=t.valid_users,
-        threads=t.threads_per_proc,
     )
     # one checkpoint folder per (data version, model, training settings, world size): a rerun
     # of the same job resumes, a changed job starts over

@@ -56,6 +56,26 @@ class TrainSpec:
     max_batches_per_epoch: int = 0  # 0: all; >0 caps an epoch (benchmarks)
     item_index_version: int = -1  # the item_index version of the catalogue (for evaluate)
 
+    @classmethod
+    def from_config(cls, train: Any, **fields: Any) -> TrainSpec:
+        """A spec with the settings of a ``train`` config section; ``fields`` add the rest
+        (files, data version, model, backend) and override any setting."""
+        settings = {
+            "epochs": train.epochs,
+            "batch_size": train.batch_size,
+            "lr": train.lr,
+            "warmup_steps": train.warmup_steps,
+            "lr_scaling": train.lr_scaling,
+            "schedule": train.schedule,
+            "min_lr_ratio": train.min_lr_ratio,
+            "weight_decay": train.weight_decay,
+            "patience": train.patience,
+            "seed": train.seed,
+            "valid_users": train.valid_users,
+            "threads": train.threads_per_proc,
+        }
+        return cls(**{**settings, **fields})
+
 
 def lr_scale(rule: str, world: int) -> float:
     """How the learning rate grows with the number of processes (each adds a batch to the
