@@ -14,7 +14,7 @@ fi
 # 2. the daily pipeline: ingest -> validate -> featurize -> segment -> mine
 #    (re-running it is safe: files already ingested are skipped)
 "$PL" run daily --input "$DATA/events"
-# 3. the teacher: Horovod x2 on Spark barrier tasks, tracked and registered in MLflow
+# 3. the teacher: Horovod x2 (horovod.spark.run tasks), tracked and registered in MLflow
 #    (a rerun resumes from its checkpoints), then evaluated against popularity and Markov
 "$PL" train
 "$PL" evaluate

@@ -14,7 +14,7 @@ from patternlake.models.teacher import TeacherScorer
 from patternlake.training.teacher_job import load_best, train_teacher
 from tests.conftest import with_overrides
 
-EPOCHS = 30
+EPOCHS = 100  # an upper bound: early stopping (patience 20) usually ends training first
 
 
 def training_config(config, lake, tmp: Path):

@@ -3,8 +3,9 @@ one Spark task per process with ``mapPartitionsWithIndex``, or ``horovodrun``), 
 (``TorchDistributor``, on Spark barrier tasks) and a single process.
 
 Each process builds the same model from the same seed, averages gradients with the others,
-scales the learning rate by the world size (with linear warm-up), validates NDCG@10 after
-every epoch (rank 0, broadcast to all so that all stop together), checkpoints to the model
+trains on windows over every user's whole training part (``training.data``), follows a
+step schedule (linear warm-up, then cosine or constant; the learning rate is not scaled by
+the world size unless ``lr_scaling`` says so), validates NDCG@10 after every epoch (rank 0, broadcast to all so that all stop together), checkpoints to the model
 store and resumes from the last checkpoint after a crash (model, optimizer and scheduler
 state). An epoch whose mean training loss or validation NDCG@10 is not finite stops the
 run on every rank: it is neither checkpointed nor saved as best, and the result says why
@@ -49,7 +50,7 @@ class TrainSpec:
     schedule: str = "cosine"  # cosine | constant (after the warm-up)
     min_lr_ratio: float = 0.1  # cosine: the last step's learning rate, as a share of lr
     seed: int = 7
-    valid_users: int = 5000
+    valid_users: int = 0  # 0: every user's validation target
     threads: int = 1
     checkpoint_dir: str = ""
     result_path: str = ""  # horovodrun: rank 0 writes its result here
