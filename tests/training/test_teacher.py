@@ -12,7 +12,7 @@ import pytest
 from patternlake.models.evaluate import evaluate_models
 from patternlake.models.teacher import TeacherScorer
 from patternlake.training.teacher_job import load_best, train_teacher
-from tests.conftest import with_overrides
+from tests.conftest import in_folder
 
 EPOCHS = 30
 # The daily lake here is tiny (300 users: 2-3 steps an epoch), so 30 epochs are ~60-90 steps.
@@ -23,16 +23,8 @@ EPOCHS = 30
 
 
 def training_config(config, lake, tmp: Path):
-    cfg = config.model_copy(update={"lake": config.lake.model_copy(update={"root": lake.root})})
-    return with_overrides(
-        cfg,
-        models={"root": str(tmp / "models")},
-        mlflow={
-            "tracking_uri": f"sqlite:///{tmp}/mlruns.db",
-            "artifact_location": str(tmp / "artifacts"),
-        },
-        train={"epochs": EPOCHS, "num_proc": 2},
-    )
+    cfg = in_folder(config, tmp, train={"epochs": EPOCHS, "num_proc": 2})
+    return cfg.model_copy(update={"lake": cfg.lake.model_copy(update={"root": lake.root})})
 
 
 @pytest.fixture(scope="module")
