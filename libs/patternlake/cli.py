@@ -136,6 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tt.set_defaults(func=cmd_tune_teacher, needs_spark=True)
 
+    di = command(
+        sub,
+        "distill",
+        "one student per segment from the registered teacher (parallel Spark tasks), gated "
+        "against the teacher and registered in MLflow",
+    )
+    di.set_defaults(func=cmd_step, step="distill", needs_spark=True)
+
+    co = command(
+        sub,
+        "compress",
+        "prune, fine-tune and int8-quantize each segment's student, gated against its fp32 model",
+    )
+    co.set_defaults(func=cmd_step, step="compress", needs_spark=True)
+
+    mo = command(
+        sub,
+        "models",
+        "per segment: params, bytes fp32/int8, NDCG@10 teacher/student/int8, retention, ms per "
+        "1,000 users, champion (also written to the lake table model_report)",
+    )
+    mo.add_argument("--json", action="store_true", help="print JSON rows")
+    mo.set_defaults(func=cmd_models, needs_spark=True)
+
     ev = command(
         sub, "evaluate", "evaluate the registered teacher and the baselines (protocol in DESIGN.md)"
     )
@@ -356,6 +380,23 @@ def cmd_evaluate(args: argparse.Namespace, config: Config, lake: Any) -> None:
         f"({result['protocol']['users']} users, mask_history={result['protocol']['mask_history']}, "
         f"user_sequences@v{result['data_version']})"
     )
+
+
+def cmd_models(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from patternlake.students.report import COLUMNS, model_report
+
+    rows = model_report(lake, config)
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return
+    print(" ".join(f"{title:>{width}s}" for _, title, width, _ in COLUMNS))
+    for r in rows:
+        print(
+            " ".join(
+                f"{'-' if r[key] is None else format(r[key], fmt):>{width}s}"
+                for key, _, width, fmt in COLUMNS
+            )
+        )
 
 
 def cmd_config(args: argparse.Namespace, config: Config) -> None:

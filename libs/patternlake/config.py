@@ -227,6 +227,45 @@ class TuneConfig(_Strict):
     space: TuneSpaceConfig
 
 
+class StudentsConfig(_Strict):
+    """`distill`: one student per segment, distilled from the teacher."""
+
+    max_param_ratio: float = Field(gt=0, le=1)  # of the teacher's parameters, embeddings counted
+    catalogue_share: float = Field(gt=0, le=1)  # 1: whole catalogue; <1: the segment's top items
+    loss: Literal["kl", "topk"]
+    temperature: float = Field(gt=0)
+    alpha: float = Field(ge=0, le=1)  # weight of the teacher's soft targets
+    top_k: int = Field(gt=0)
+    d_model: list[int] = Field(min_length=1)  # widths tried, the widest within the budget wins
+    n_layers: int = Field(gt=0)
+    n_heads: int = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    epochs: int = Field(gt=0)
+    patience: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    seed: int
+    gate: float = Field(gt=0, le=1)  # promoted if NDCG@10 >= gate x the teacher's (validation)
+    min_users: int = Field(ge=0)  # fewer validation users: the segment keeps the teacher
+    parallel: int = Field(ge=0)  # Spark tasks at once (0: one per segment)
+
+
+class CompressConfig(_Strict):
+    """`compress`: magnitude pruning with fine-tuning, then int8, per student."""
+
+    sparsity: list[float] = Field(min_length=1)  # tried highest first; the first that passes
+    finetune_epochs: int = Field(ge=0)
+    gate: float = Field(gt=0, le=1)  # int8 promoted if NDCG@10 >= gate x the fp32 student's
+    runtime: Literal["dequant", "dynamic"]  # how an int8 file runs (see students/model.py)
+
+    @field_validator("sparsity")
+    @classmethod
+    def _shares(cls, v: list[float]) -> list[float]:
+        if not all(0 <= x < 1 for x in v):
+            raise ValueError("each sparsity must be in [0, 1)")
+        return v
+
+
 class EvaluateConfig(_Strict):
     mask_history: bool
     batch_size: int = Field(gt=0)
@@ -251,6 +290,8 @@ class Config(_Strict):
     teacher: TeacherModelConfig
     train: TrainConfig
     tune: TuneConfig
+    students: StudentsConfig
+    compress: CompressConfig
     evaluate: EvaluateConfig
     logging: LoggingConfig
 

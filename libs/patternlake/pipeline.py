@@ -68,6 +68,18 @@ def _tune_teacher(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
     return tune_teacher(lake, config)
 
 
+def _distill(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
+    from patternlake.students.distill import distill
+
+    return distill(lake.spark, lake, config)
+
+
+def _compress(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
+    from patternlake.students.compress import compress
+
+    return compress(lake.spark, lake, config)
+
+
 def _evaluate(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
     from patternlake.models.evaluate import evaluate_models
 
@@ -82,6 +94,8 @@ STEPS: dict[str, Callable[[Lake, Config, dict[str, Any]], Any]] = {
     "mine": _mine,
     "tune_teacher": _tune_teacher,
     "train_teacher": _train_teacher,
+    "distill": _distill,
+    "compress": _compress,
     "evaluate": _evaluate,
 }
 

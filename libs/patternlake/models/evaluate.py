@@ -27,6 +27,7 @@ from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.models.baselines import MarkovChain, Popularity
 from patternlake.models.metrics import evaluate_scorer
+from patternlake.students.registry import segment_students
 from patternlake.training.data import (
     evaluation_arrays,
     first_training_items,
@@ -78,6 +79,37 @@ def _window(model: torch.nn.Module) -> int:
     return int(getattr(getattr(inner, "config", None), "max_len", 0) or 0)
 
 
+def _routed_scorer(
+    per_segment: dict[int, tuple[torch.nn.Module, int]],
+    fallback: torch.nn.Module | None,
+    stacked: np.ndarray,
+    groups: np.ndarray,
+) -> tuple[Any, int, int]:
+    """Scores each user with the model of their segment (the fallback where there is none);
+    params and bytes: the total to serve every segment's model."""
+
+    def score(s: slice) -> torch.Tensor:
+        x = stacked[s]
+        g = groups[s]
+        parts: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            for seg in np.unique(g):
+                model = per_segment.get(int(seg), (fallback, 0))[0]
+                if model is None:
+                    raise PatternlakeError(f"evaluate: no model for segment {seg}")
+                rows = np.nonzero(g == seg)[0]
+                parts[int(seg)] = (rows, model(torch.from_numpy(x[rows][:, :, -_window(model) :])))
+        n = next(iter(parts.values()))[1].shape[1]
+        out = torch.empty((len(g), n))
+        for rows, scores in parts.values():
+            out[torch.from_numpy(rows)] = scores.float()
+        return out
+
+    params = sum(m.num_params() for m, _ in per_segment.values())
+    nbytes = sum(b for _, b in per_segment.values())
+    return score, params, nbytes
+
+
 def model_bytes(model: torch.nn.Module) -> int:
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -91,9 +123,15 @@ def evaluate_models(
     models: dict[str, torch.nn.Module] | None = None,
     data_version: int | None = None,
     item_index_version: int | None = None,
+    routed: dict[str, dict[int, tuple[torch.nn.Module, int]]] | None = None,
 ) -> dict[str, Any]:
     """Evaluates ``models`` (default: the registered teacher, on the data versions it was
-    trained on) and the baselines on ``user_sequences@data_version`` (default: latest)."""
+    trained on) and the baselines on ``user_sequences@data_version`` (default: latest).
+
+    ``routed``: models that score each user with their segment's model ({name: {segment:
+    (model, bytes on disk)}}; users of a segment without one get the teacher's scores).
+    Default (with the registered teacher): the newest fp32 and int8 student of every
+    segment (``student``, ``student_int8``) and each segment's champion (``champions``)."""
     started = time.monotonic()
     if not lake.exists("user_sequences"):
         raise PatternlakeError(
@@ -137,6 +175,12 @@ def evaluate_models(
     scorers["popularity"] = (lambda s: pop.scores(items[s]), pop.num_params(), pop.nbytes())
     scorers["markov"] = (lambda s: markov.scores(items[s]), markov.num_params(), markov.nbytes())
     stacked = np.stack([items, types, gaps], axis=1)  # (n, 3, L)
+    champions: dict[int, str] = {}
+    if routed is None and "teacher" in models:
+        routed, champions = segment_students(config, sorted(set(groups.tolist())), config.compress.runtime)
+    for name, per_segment in (routed or {}).items():
+        if per_segment:
+            scorers[name] = _routed_scorer(per_segment, models.get("teacher"), stacked, groups)
     for name, model in models.items():
 
         def score(s: slice, m: torch.nn.Module = model, w: int = _window(model)) -> torch.Tensor:
@@ -159,19 +203,35 @@ def evaluate_models(
         "item_index_version": item_index_version,
         "models": {},
     }
+    if champions:
+        out["champions"] = {str(g): c for g, c in champions.items()}
     for name, (score, params, nbytes) in scorers.items():
         t = time.monotonic()
         overall, per = evaluate_scorer(
             score, len(users), target, groups, n_items, config.evaluate.batch_size, history
         )
+        sizes = (routed or {}).get(name, {})
+
+        def size(g: Any) -> tuple[int, int]:
+            if name not in (routed or {}):
+                return int(params), int(nbytes)
+            found = sizes.get(int(g)) if str(g).lstrip("-").isdigit() else None
+            if found is None:  # served by the teacher
+                return scorers["teacher"][1], scorers["teacher"][2]
+            return found[0].num_params(), found[1]
+
         out["models"][name] = {
             "params": int(params),
             "bytes": int(nbytes),
             "overall": overall,
             "segments": {
-                g: {**m, "params": int(params), "bytes": int(nbytes)} for g, m in per.items()
+                g: {**m, "params": size(g)[0], "bytes": size(g)[1]} for g, m in per.items()
             },
         }
+        if name in (routed or {}):
+            out["models"][name]["teacher_segments"] = sorted(
+                int(g) for g in set(groups.tolist()) if int(g) not in sizes
+            )
         log.info(
             "evaluate %s: NDCG@10 %.4f HR@10 %.4f (%.1fs)",
             name,

@@ -278,6 +278,13 @@ def log_to_mlflow(
                 "samples_per_s": result["samples_per_s"],
             }
         )
+        # the weights without pickle, for the stages that load the teacher (distill, compress)
+        from patternlake.students.task import teacher_bytes
+
+        with tempfile.TemporaryDirectory(prefix="pl-teacher-") as tmp:
+            weights = Path(tmp) / "teacher.safetensors"
+            weights.write_bytes(teacher_bytes(model))
+            mlflow.log_artifact(str(weights), artifact_path="weights")
         scorer = TeacherScorer(model).eval()
         example = np.zeros((2, 3, spec.model["max_len"]), dtype=np.int64)
         example[:, 0, -1] = 1

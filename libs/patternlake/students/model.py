@@ -1,0 +1,264 @@
+"""Students: small SequentialTeacher-family models, one per segment, fp32 or int8.
+
+A student is the teacher's architecture at a smaller size (``TeacherConfig``), optionally
+over a *segment catalogue* (the items that cover most of the segment's interactions): its
+local ids are 0 padding, 1 "an item outside the catalogue" (an input only, never scored),
+2.. the catalogue. Its ``forward`` takes and returns what the teacher's scorer does — one
+(B, 3, L) int64 tensor of global item/type/gap ids -> (B, N) scores over the *global*
+catalogue, ``-inf`` for items it does not score — so evaluation and scoring treat every
+model alike.
+
+``Int8Student`` runs a compressed file: every large tensor (item table, the blocks' weights)
+stored int8 with per-row scales, sparse when pruned (see ``Int8Student`` for its two
+runtimes). Files of both kinds are written by ``to_bytes`` / ``quantized_bytes`` and read by
+``from_bytes`` (``store``: no pickle).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from patternlake.models.teacher import SequentialTeacher, TeacherConfig
+from patternlake.students import store
+
+OOV = 1  # local id of an item outside a student's catalogue
+
+
+def count_params(config: TeacherConfig) -> int:
+    """Parameters of a SequentialTeacher-family model of this configuration (embeddings
+    counted), without building it."""
+    d, L = config.d_model, config.n_layers
+    emb = (config.n_items + config.n_types + config.n_gaps + config.max_len) * d
+    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    return emb + L * block + 2 * d
+
+
+class Student(nn.Module):
+    def __init__(self, config: TeacherConfig, n_global: int, catalogue: np.ndarray | None):
+        """``catalogue``: the global ids the student scores (None: all of them, ids as is)."""
+        super().__init__()
+        self.config = config
+        self.n_global = n_global
+        self.net = SequentialTeacher(config)
+        if catalogue is None:
+            if config.n_items != n_global:
+                raise ValueError("a whole-catalogue student has the teacher's n_items")
+            self.catalogue = None
+        else:
+            catalogue = np.asarray(catalogue, dtype=np.int64)
+            if config.n_items != len(catalogue) + 2:
+                raise ValueError("n_items must be the catalogue size + 2 (padding, outside)")
+            to_local = np.full(n_global, OOV, dtype=np.int64)
+            to_local[0] = 0
+            to_local[catalogue] = np.arange(2, len(catalogue) + 2)
+            self.register_buffer("to_local", torch.from_numpy(to_local), persistent=False)
+            self.register_buffer("to_global", torch.from_numpy(catalogue), persistent=False)
+            self.catalogue = catalogue
+
+    def local(self, items: torch.Tensor) -> torch.Tensor:
+        return items if self.catalogue is None else self.to_local[items]
+
+    def local_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Training targets in local ids; a target outside the catalogue is ignored (0)."""
+        if self.catalogue is None:
+            return targets
+        t = self.to_local[targets]
+        return torch.where(t == OOV, torch.zeros_like(t), t)
+
+    def hidden(self, items, types, gaps) -> torch.Tensor:
+        return self.net.encode(self.local(items), types, gaps)
+
+    def local_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(…, D) -> (…, n_local) scores; padding and "outside" are -inf."""
+        s = self.net.scores(hidden)
+        s[..., 0] = float("-inf")
+        if self.catalogue is not None:
+            s[..., OOV] = float("-inf")
+        return s
+
+    def to_global_scores(self, local: torch.Tensor) -> torch.Tensor:
+        if self.catalogue is None:
+            return local
+        out = torch.full(
+            (*local.shape[:-1], self.n_global), float("-inf"), dtype=local.dtype, device=local.device
+        )
+        out[..., self.to_global] = local[..., 2:]
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x[:, 0], x[:, 1], x[:, 2])[:, -1]
+        return self.to_global_scores(self.local_scores(h))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- files ---------------------------------------------------------------------------
+    def metadata(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "kind": "student",
+            "config": self.config.to_dict(),
+            "n_global": self.n_global,
+            "params": self.num_params(),
+            **extra,
+        }
+
+    def to_bytes(self, **extra: Any) -> bytes:
+        tensors: dict[str, Any] = dict(self.state_dict())
+        if self.catalogue is not None:
+            tensors["catalogue"] = self.catalogue.astype(np.int32)
+        return store.dumps(tensors, self.metadata(**extra))
+
+
+def student_from_arrays(
+    tensors: dict[str, np.ndarray], meta: dict[str, Any], runtime: str = "dequant"
+) -> nn.Module:
+    """A model file's contents -> Student (kind student) or Int8Student (kind student_int8)."""
+    if meta.get("kind") == "student_int8":
+        return Int8Student.from_arrays(tensors, meta, runtime)
+    if meta.get("kind") != "student":
+        raise ValueError(f"not a student model file (kind {meta.get('kind')!r})")
+    catalogue = tensors.pop("catalogue", None)
+    model = Student(TeacherConfig(**meta["config"]), int(meta["n_global"]), catalogue)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
+    return model.eval()
+
+
+def from_bytes(data: bytes, runtime: str = "dequant") -> nn.Module:
+    return student_from_arrays(*store.loads(data), runtime)
+
+
+# -- int8 -------------------------------------------------------------------------------------
+
+def large_tensors(model: Student) -> list[str]:
+    """Names (in ``model.state_dict()``) of the tensors pruning and int8 apply to: every 2-D
+    weight (the item, type, gap and position tables; the attention projections, the MLP).
+    Norms and biases stay fp32."""
+    return [name for name, t in model.state_dict().items() if t.dim() == 2]
+
+
+def quantized_bytes(model: Student, **extra: Any) -> bytes:
+    """The int8 file of a (possibly pruned) fp32 student: large tensors packed int8 (sparse
+    when pruned), the rest (norms, biases, small embeddings) fp32."""
+    state = model.state_dict()
+    big = set(large_tensors(model))
+    tensors: dict[str, Any] = {}
+    for name, t in state.items():
+        if name in ("to_local", "to_global"):
+            continue
+        if name in big:
+            for part, a in store.pack_int8(t).items():
+                tensors[f"{name}::{part}"] = a
+        else:
+            tensors[name] = t.float()
+    if model.catalogue is not None:
+        tensors["catalogue"] = model.catalogue.astype(np.int32)
+    meta = model.metadata(**extra)
+    meta["kind"] = "student_int8"
+    meta["int8"] = sorted(big)
+    return store.dumps_packed(tensors, meta)
+
+
+RUNTIMES = ("dequant", "dynamic")
+
+
+class Int8Student(nn.Module):
+    """The int8 runtime of a student file.
+
+    ``dequant`` (default): the int8 weights are dequantized once at load and the model runs
+    in fp32: int8 is the storage format (4x+ smaller files and downloads), and the scores
+    differ from the pruned fp32 model's only by the weights' rounding. ``dynamic``: the
+    transformer's Linear layers and the output scoring (an int8 ``Linear`` holding the item
+    table; a quantized embedding cannot be the tied output layer) run through PyTorch's
+    dynamic int8 kernels, which also quantize each batch's activations to int8 with one
+    scale per tensor. bench/compress.py measures both (speed and top-10 agreement) on this
+    machine; docs/students.md has the numbers behind the default."""
+
+    def __init__(self, fp32: Student, packed: dict[str, dict[str, np.ndarray]], runtime: str):
+        super().__init__()
+        if runtime not in RUNTIMES:
+            raise ValueError(f"int8 runtime must be one of {RUNTIMES}, not {runtime!r}")
+        self.runtime = runtime
+        self.config = fp32.config
+        self.n_global = fp32.n_global
+        self.catalogue = fp32.catalogue
+        self.shell = fp32  # dequantized weights
+        self.out = None
+        if runtime == "dynamic":
+            q, scale = store.unpack_int8(packed["net.item_emb.weight"])
+            out = nn.Linear(q.shape[1], q.shape[0], bias=False)
+            out.weight.data = torch.from_numpy(q.astype(np.float32) * scale[:, None])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated for torchao
+                from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+                spec = {nn.Linear: per_channel_dynamic_qconfig}
+                self.out = quantize_dynamic(nn.Sequential(out), spec)
+                self.shell.net.blocks = quantize_dynamic(self.shell.net.blocks, spec)
+
+    @classmethod
+    def from_arrays(
+        cls, tensors: dict[str, np.ndarray], meta: dict[str, Any], runtime: str = "dequant"
+    ) -> Int8Student:
+        catalogue = tensors.pop("catalogue", None)
+        fp32 = Student(TeacherConfig(**meta["config"]), int(meta["n_global"]), catalogue)
+        packed: dict[str, dict[str, np.ndarray]] = {}
+        plain: dict[str, torch.Tensor] = {}
+        for key, a in tensors.items():
+            if "::" in key:
+                name, part = key.split("::")
+                packed.setdefault(name, {})[part] = a
+            else:
+                plain[key] = torch.from_numpy(a)
+        for name, p in packed.items():
+            plain[name] = store.dequantize(p)
+        fp32.load_state_dict(plain)
+        return cls(fp32.eval(), packed, runtime).eval()
+
+    def num_params(self) -> int:
+        return self.shell.num_params()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out is None:
+            return self.shell(x)
+        h = self.shell.hidden(x[:, 0], x[:, 1], x[:, 2])[:, -1]
+        s = self.out(h)
+        s[:, 0] = float("-inf")
+        if self.catalogue is not None:
+            s[:, OOV] = float("-inf")
+        return self.shell.to_global_scores(s)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    top_k: int = 0,
+) -> torch.Tensor:
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, true next item).
+
+    Logits: (M, n) over the same items (-inf where not scored); targets: (M,) column ids.
+    ``top_k > 0``: the KL term is taken over the teacher's top-K items of each row only (both
+    distributions renormalised over them), the cheaper form for large catalogues."""
+    t = temperature
+    ce = F.cross_entropy(student_logits, targets)
+    if alpha <= 0:
+        return ce
+    if 0 < top_k < teacher_logits.shape[-1]:
+        idx = teacher_logits.topk(top_k, dim=-1).indices
+        teacher_logits = teacher_logits.gather(-1, idx)
+        student_logits = student_logits.gather(-1, idx)
+    finite = torch.isfinite(teacher_logits)
+    s_log = F.log_softmax(student_logits / t, dim=-1)
+    t_prob = F.softmax(teacher_logits / t, dim=-1)
+    t_log = torch.where(finite, torch.log(t_prob.clamp_min(1e-12)), torch.zeros_like(t_prob))
+    s_log = torch.where(finite, s_log, torch.zeros_like(s_log))
+    kl = (t_prob * (t_log - s_log)).sum(-1).mean()
+    return alpha * t * t * kl + (1 - alpha) * ce

@@ -1,0 +1,166 @@
+"""The model registry (MLflow) for students and the teacher's weights, without pickle.
+
+* Every student file is logged as an artifact of its MLflow run and registered as a version
+  of the registered model ``student`` with tags ``segment``, ``variant`` (fp32 | int8),
+  ``params``, ``bytes`` and its validation NDCG@10.
+* The promoted model of segment g carries the alias ``champion-<g>``; a segment without it
+  is served by the teacher (``teacher@candidate``).
+* Loading reads the file through ``store`` (JSON header + raw tensors): nothing from the
+  store is unpickled. The teacher's run holds ``weights/teacher.safetensors`` for the same
+  reason (written by ``train``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from patternlake.config import Config
+from patternlake.errors import PatternlakeError
+from patternlake.models.teacher import SequentialTeacher
+from patternlake.students.model import from_bytes
+
+log = logging.getLogger(__name__)
+STUDENT = "student"
+TEACHER = "teacher"
+TEACHER_ALIAS = "candidate"
+TEACHER_FILE = "weights/teacher.safetensors"
+
+
+def champion_alias(segment: int) -> str:
+    return f"champion-{segment}"
+
+
+def client(config: Config):
+    import mlflow
+
+    mlflow.set_tracking_uri(config.mlflow.tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=config.mlflow.tracking_uri)
+
+
+def register(
+    config: Config, run_id: str, artifact_path: str, tags: dict[str, Any]
+) -> str:
+    """A new version of ``student`` whose source is ``artifact_path`` of run ``run_id``."""
+    c = client(config)
+    try:
+        c.get_registered_model(STUDENT)
+    except Exception:
+        c.create_registered_model(
+            STUDENT, description="one small model per user segment (patternlake distill/compress)"
+        )
+    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    mv = c.create_model_version(
+        STUDENT, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
+    )
+    return str(mv.version)
+
+
+def set_champion(config: Config, segment: int, version: str | None) -> None:
+    """``champion-<segment>`` on ``version``; None removes it (the teacher serves)."""
+    c = client(config)
+    alias = champion_alias(segment)
+    if version is None:
+        try:
+            c.delete_registered_model_alias(STUDENT, alias)
+        except Exception:
+            pass
+        return
+    c.set_registered_model_alias(STUDENT, alias, version)
+
+
+def champion_version(config: Config, segment: int) -> Any | None:
+    """The ModelVersion with ``champion-<segment>``, or None (the teacher serves)."""
+    try:
+        return client(config).get_model_version_by_alias(STUDENT, champion_alias(segment))
+    except Exception:
+        return None
+
+
+def version_file(config: Config, name: str, version: str) -> Path:
+    import mlflow
+
+    c = client(config)
+    uri = c.get_model_version_download_uri(name, version)
+    folder = Path(mlflow.artifacts.download_artifacts(uri))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise PatternlakeError(f"registry: {name} v{version} holds no .safetensors file")
+    return files[0]
+
+
+def load_student(config: Config, version: str, runtime: str = "dequant") -> torch.nn.Module:
+    return from_bytes(version_file(config, STUDENT, version).read_bytes(), runtime)
+
+
+def student_versions(config: Config, **tags: Any) -> list[Any]:
+    """Versions of ``student`` whose tags match, newest first."""
+    c = client(config)
+    try:
+        found = c.search_model_versions(f"name='{STUDENT}'")
+    except Exception:
+        return []
+    keep = [v for v in found if all(v.tags.get(k) == str(x) for k, x in tags.items())]
+    return sorted(keep, key=lambda v: int(v.version), reverse=True)
+
+
+def load_teacher(config: Config) -> tuple[SequentialTeacher, dict[str, str]]:
+    """The registered teacher (``teacher@candidate``) from its weights file, and its run's
+    tags (data versions)."""
+    import mlflow
+
+    from patternlake.students.task import teacher_from_bytes
+
+    c = client(config)
+    try:
+        mv = c.get_model_version_by_alias(TEACHER, TEACHER_ALIAS)
+    except Exception:
+        raise PatternlakeError(
+            "no registered teacher yet; run `patternlake train` (or `patternlake run train`) first"
+        ) from None
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=TEACHER_FILE)
+    except Exception:
+        raise PatternlakeError(
+            f"teacher v{mv.version} has no {TEACHER_FILE} (trained by an older patternlake); "
+            "retrain it with `patternlake train --fresh`"
+        ) from None
+    tags = c.get_run(mv.run_id).data.tags
+    return teacher_from_bytes(Path(path).read_bytes()), {**tags, "version": str(mv.version)}
+
+
+def teacher_version(config: Config) -> str | None:
+    try:
+        return str(client(config).get_model_version_by_alias(TEACHER, TEACHER_ALIAS).version)
+    except Exception:
+        return None
+
+
+def segment_students(
+    config: Config, segments: list[int], runtime: str = "dequant"
+) -> tuple[dict[str, dict[int, tuple[torch.nn.Module, int]]], dict[int, str]]:
+    """For the current teacher: the newest fp32 and int8 student of each segment
+    ({"student": {g: (model, bytes)}, "student_int8": {...}}) and each segment's champion
+    ("student v3", "student-int8 v5" or "teacher")."""
+    version = teacher_version(config)
+    found: dict[str, dict[int, tuple[torch.nn.Module, int]]] = {"student": {}, "student_int8": {}}
+    champions: dict[int, str] = {}
+    if version is None:
+        return found, champions
+    for variant, key in (("fp32", "student"), ("int8", "student_int8")):
+        for v in student_versions(config, variant=variant, teacher_version=version):
+            g = int(v.tags["segment"])
+            if g in segments and g not in found[key]:
+                path = version_file(config, STUDENT, v.version)
+                found[key][g] = (from_bytes(path.read_bytes(), runtime), path.stat().st_size)
+    for g in segments:
+        mv = champion_version(config, g)
+        if mv is None or mv.tags.get("teacher_version") != version:
+            champions[g] = "teacher"
+        else:
+            kind = "student-int8" if mv.tags.get("variant") == "int8" else "student"
+            champions[g] = f"{kind} v{mv.version}"
+    return found, champions

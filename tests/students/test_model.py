@@ -1,0 +1,165 @@
+"""Students without Spark: the model file format (no pickle), int8 packing, the catalogue,
+the size budget, pruning masks, the gate and the distillation loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from patternlake.models.teacher import TeacherConfig
+from patternlake.students import store
+from patternlake.students.model import (
+    Int8Student,
+    Student,
+    count_params,
+    from_bytes,
+    kd_loss,
+    large_tensors,
+    quantized_bytes,
+)
+from patternlake.students.nodes import gate, magnitude_masks, segment_catalogue, student_config
+
+
+def _inputs(n_global: int, n: int = 64, L: int = 10, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, n_global, (n, L), generator=g)
+    items[: n // 2, :3] = 0  # left padding
+    types = (items > 0).long()
+    gaps = torch.randint(0, 8, (n, L), generator=g) * (items > 0)
+    return torch.stack([items, types, gaps], dim=1)
+
+
+@pytest.mark.parametrize("d,layers,heads", [(8, 1, 1), (16, 2, 2), (64, 2, 2)])
+def test_count_params_matches_the_built_model(d, layers, heads):
+    c = TeacherConfig(n_items=301, n_types=7, max_len=20, d_model=d, n_layers=layers, n_heads=heads)
+    assert count_params(c) == Student(c, 301, None).num_params()
+
+
+def test_store_round_trip_needs_no_pickle(tmp_path):
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, -2], np.int8)}
+    size = store.save(tmp_path / "m.safetensors", tensors, {"kind": "x", "config": {"d": 4}})
+    data = (tmp_path / "m.safetensors").read_bytes()
+    assert size == len(data)
+    assert b"\x80\x04" not in data[:2]  # not a pickle stream
+    back, meta = store.load(tmp_path / "m.safetensors")
+    assert meta == {"kind": "x", "config": {"d": 4}}
+    np.testing.assert_array_equal(back["a"], tensors["a"])
+    np.testing.assert_array_equal(back["b"], tensors["b"])
+    with pytest.raises(ValueError):
+        store.loads(data[: len(data) // 2 - 3])
+    with pytest.raises(ValueError):
+        store.loads(b"\x00" * 4)
+    packed = store.dumps_packed(tensors, {"kind": "x"})
+    back, meta = store.loads(packed)
+    assert meta == {"kind": "x"} and set(back) == {"a", "b"}
+    np.testing.assert_array_equal(back["a"], tensors["a"])
+
+
+def test_pack_int8_keeps_zeros_and_packs_sparse_tensors():
+    w = torch.randn(40, 16)
+    w[w.abs() < 0.7] = 0  # about half zero
+    p = store.pack_int8(w)
+    assert "mask" in p
+    q, scale = store.unpack_int8(p)
+    assert ((q == 0) == (w.numpy() == 0)).all()
+    back = store.dequantize(p)
+    assert torch.allclose(back, w, atol=float(w.abs().max()) / 127 * 0.51 + 1e-3)
+    dense = store.pack_int8(torch.randn(40, 16) + 3)
+    assert "mask" not in dense
+
+
+def test_segment_catalogue_covers_the_share_with_the_fewest_items():
+    targets = np.array([5] * 50 + [7] * 30 + [9] * 15 + [3] * 5 + [0] * 10)
+    assert segment_catalogue(targets, 1.0) is None
+    assert segment_catalogue(targets, 0.5).tolist() == [5]
+    assert segment_catalogue(targets, 0.8).tolist() == [5, 7]
+    assert segment_catalogue(targets, 0.81).tolist() == [5, 7, 9]
+
+
+def test_student_config_is_the_widest_within_the_budget():
+    t = TeacherConfig(n_items=1001, n_types=7, max_len=50, d_model=64, n_layers=2, n_heads=2)
+    teacher_params = count_params(t)
+    c = student_config(t, teacher_params // 10, [64, 32, 16, 8], 1, 1, 0.1, None)
+    assert c is not None and c.d_model == 8 and count_params(c) <= teacher_params // 10
+    cat = np.arange(1, 301)
+    c2 = student_config(t, teacher_params // 10, [64, 32, 16, 8], 1, 1, 0.1, cat)
+    assert c2.n_items == 302 and c2.d_model == 16 and count_params(c2) <= teacher_params // 10
+    assert student_config(t, 100, [8], 1, 1, 0.1, None) is None
+
+
+def test_a_catalogue_student_scores_only_its_items_in_global_ids():
+    cat = np.array([3, 5, 8])
+    c = TeacherConfig(n_items=5, n_types=2, max_len=10, d_model=8, n_layers=1, n_heads=1)
+    s = Student(c, 12, cat).eval()
+    out = s(_inputs(12, 4))
+    assert out.shape == (4, 12)
+    finite = torch.isfinite(out)
+    assert finite[:, cat].all() and finite.sum(1).eq(3).all()
+
+
+def test_student_file_round_trip_is_exact():
+    c = TeacherConfig(n_items=51, n_types=3, max_len=10, d_model=16, n_layers=1, n_heads=2)
+    s = Student(c, 51, None).eval()
+    x = _inputs(51)
+    back = from_bytes(s.to_bytes(segment=2))
+    assert torch.equal(s(x), back(x))
+
+
+def test_int8_file_scores_close_to_fp32():
+    """fp32 student -> int8 file -> scores within the weights' rounding, same top item for
+    >= 95% of users (the same top-10 is checked on a distilled student, in test_distill)."""
+    torch.manual_seed(0)
+    c = TeacherConfig(n_items=401, n_types=2, max_len=10, d_model=32, n_layers=1, n_heads=2)
+    s = Student(c, 401, None).eval()
+    with torch.no_grad():
+        s.net.item_emb.weight.normal_(0, 1.0)
+    x = _inputs(401, n=200)
+    data = quantized_bytes(s)
+    assert len(data) < len(s.to_bytes()) / 3
+    for runtime in ("dequant", "dynamic"):
+        q = from_bytes(data, runtime)
+        assert isinstance(q, Int8Student)
+        with torch.no_grad():
+            a, b = s(x), q(x)
+        finite = torch.isfinite(a)
+        assert torch.equal(finite, torch.isfinite(b))
+        spread = float(a[finite].std())
+        assert float((a[finite] - b[finite]).abs().max()) < 0.1 * spread
+        assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
+    with pytest.raises(ValueError, match="runtime"):
+        from_bytes(data, "onnx")
+
+
+def test_pruned_int8_is_four_times_smaller():
+    torch.manual_seed(0)
+    c = TeacherConfig(n_items=2001, n_types=2, max_len=10, d_model=16, n_layers=1, n_heads=1)
+    s = Student(c, 2001, None)
+    params = dict(s.named_parameters())
+    masks = magnitude_masks({k: params[k] for k in large_tensors(s)}, 0.5)
+    with torch.no_grad():
+        for k, m in masks.items():
+            params[k].mul_(m)
+            assert abs(float(m.float().mean()) - 0.5) < 0.01
+    assert len(s.to_bytes()) / len(quantized_bytes(s)) >= 4
+
+
+def test_gate():
+    assert gate(0.096, 0.1, 0.95, 100, 20).passed
+    assert not gate(0.094, 0.1, 0.95, 100, 20).passed
+    assert not gate(0.2, 0.1, 0.95, 5, 20).passed  # too few users to tell
+    assert gate(0.0, 0.0, 0.95, 100, 20).passed
+
+
+def test_kd_loss_is_ce_at_alpha_zero_and_zero_kl_at_equal_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 9)
+    logits[:, 0] = float("-inf")
+    y = torch.randint(1, 9, (6,))
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    assert torch.allclose(kd_loss(logits, logits, y, 2.0, 0.0), ce)
+    assert torch.allclose(kd_loss(logits, logits, y, 2.0, 1.0), torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(kd_loss(logits, logits, y, 2.0, 1.0, top_k=3), torch.tensor(0.0), atol=1e-6)
+    s = logits.clone().requires_grad_(True)
+    kd_loss(s, logits + torch.randn(6, 9), y, 2.0, 0.5).backward()
+    assert torch.isfinite(s.grad).all()
