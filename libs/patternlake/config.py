@@ -248,6 +248,7 @@ class StudentsConfig(_Strict):
     gate: float = Field(gt=0, le=1)  # promoted if NDCG@10 >= gate x the teacher's (validation)
     min_users: int = Field(ge=0)  # fewer validation users: the segment keeps the teacher
     parallel: int = Field(ge=0)  # Spark tasks at once (0: one per segment)
+    cache_mb: int = Field(ge=0)  # teacher logits kept per task (fp16) instead of recomputed
 
 
 class CompressConfig(_Strict):

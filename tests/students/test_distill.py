@@ -26,7 +26,7 @@ def students(spark, config, daily_lake, tmp_path_factory):
         config,
         tmp_path_factory.mktemp("students"),
         train={"epochs": 12, "patience": 4},
-        students={"epochs": 15, "patience": 4},
+        students={"epochs": 40, "patience": 6},
         compress={"sparsity": [0.5, 0.3], "finetune_epochs": 2},
     )
     cfg = cfg.model_copy(update={"lake": cfg.lake.model_copy(update={"root": lake.root})})

@@ -117,6 +117,25 @@ def _soft_targets(
         return local
 
 
+def _cached_soft_targets(
+    teacher: SequentialTeacher, student: Student, data: SegmentData, cache_mb: int
+) -> torch.Tensor | None:
+    """The teacher's logits for every window position, computed once (fp16, (windows, L,
+    n_local)), when they fit in ``cache_mb``: the teacher is frozen, so every epoch would
+    recompute the same values. None: computed batch by batch instead."""
+    n, L = data.train[0].shape
+    if n * L * student.config.n_items * 2 > cache_mb * 2**20:
+        return None
+    cache = torch.empty((n, L, student.config.n_items), dtype=torch.float16)
+    everywhere = torch.ones((1, L), dtype=torch.bool)
+    for start in range(0, n, 256):
+        items, types, gaps = (t[start : start + 256] for t in data.train[:3])
+        mask = everywhere.expand(len(items), L)
+        soft = _soft_targets(teacher, student, items, types, gaps, mask)
+        cache[start : start + len(items)] = soft.view(len(items), L, -1).half()
+    return cache
+
+
 def train_student(
     student: Student,
     teacher: SequentialTeacher,
@@ -129,6 +148,7 @@ def train_student(
     best epoch's weights are restored. ``masks`` (pruning) are re-applied after every step."""
     gen = torch.Generator().manual_seed(s["seed"])
     opt = torch.optim.AdamW(student.parameters(), lr=s["lr"], weight_decay=0.0)
+    cache = _cached_soft_targets(teacher, student, data, s.get("cache_mb", 0))
     params = dict(student.named_parameters())
     best, best_state, best_epoch, bad, history = -1.0, None, -1, 0, []
     samples, seconds = 0, 0.0
@@ -145,7 +165,10 @@ def train_student(
             mask = local_y > 0
             if not mask.any():
                 continue
-            soft = _soft_targets(teacher, student, items, types, gaps, mask)
+            if cache is not None:
+                soft = cache[idx][mask].float()
+            else:
+                soft = _soft_targets(teacher, student, items, types, gaps, mask)
             h = student.hidden(items, types, gaps)[mask]
             loss = kd_loss(
                 student.local_scores(h), soft, local_y[mask], s["temperature"], s["alpha"],
