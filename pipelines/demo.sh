@@ -19,8 +19,13 @@ fi
 #    (at most 60 epochs here: on the demo data validation NDCG@10 still creeps up by ~1e-4
 #    an epoch after 100, which keeps resetting the patience of the 200-epoch default)
 "$PL" train --set train.epochs=60
+# 4. one student per segment (parallel Spark tasks), pruned + int8, each promoted only
+#    through its gate (>= 95% of the teacher's validation NDCG@10; int8 >= 99% of its fp32)
+"$PL" distill
+"$PL" compress
+"$PL" models
 "$PL" evaluate
-# 4. what is in the lake now
+# 5. what is in the lake now
 "$PL" lake tables
 .venv/bin/python - "$DATA" <<'PY'
 import sys
