@@ -107,9 +107,47 @@ def daily_lake(spark, config, tmp_path_factory):
     root = work / "lake"
     assert (
         main(
-            ["--set", f"lake.root={root}", "run", "daily", "--input", str(work / "data" / "events")]
+            [
+                "--set",
+                f"lake.root={root}",
+                "--set",  # its own (empty) registry: `score`, the last daily step, waits for a model
+                f"mlflow.tracking_uri=sqlite:///{work}/mlruns.db",
+                "run",
+                "daily",
+                "--input",
+                str(work / "data" / "events"),
+            ]
         )
         == 0
     )
     cfg = config.model_copy(update={"lake": config.lake.model_copy(update={"root": str(root)})})
     return work, Lake(spark, cfg.lake)
+
+
+@pytest.fixture(scope="session")
+def trained_lake(spark, config, daily_lake, tmp_path_factory):
+    """The daily lake with a registered teacher (single process, 12 epochs), a deliberately
+    weak round of students (refused by the gate), then real students, compressed:
+    (config, lake, teacher result, weak distill, weak champions, distill, compress)."""
+    from patternlake.students import registry
+    from patternlake.students.compress import compress
+    from patternlake.students.distill import distill
+    from patternlake.training.teacher_job import train_teacher
+
+    _, lake = daily_lake
+    cfg = in_folder(
+        config,
+        tmp_path_factory.mktemp("students"),
+        train={"epochs": 12, "patience": 4},
+        students={"epochs": 40, "patience": 6},
+        compress={"sparsity": [0.5, 0.3], "finetune_epochs": 2},
+    )
+    cfg = cfg.model_copy(update={"lake": cfg.lake.model_copy(update={"root": lake.root})})
+    teacher = train_teacher(spark, lake, cfg, "single")
+    # a deliberately weak student first: one epoch at a learning rate that cannot move it
+    weak_cfg = with_overrides(cfg, students={"epochs": 1, "lr": 1e-7, "d_model": [8]})
+    weak = distill(spark, lake, weak_cfg)
+    weak_champions = {g: registry.champion_version(cfg, g) for g in weak["segments"]}
+    good = distill(spark, lake, cfg)
+    packed = compress(spark, lake, cfg)
+    return cfg, lake, teacher, weak, weak_champions, good, packed

@@ -160,6 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--json", action="store_true", help="print JSON rows")
     mo.set_defaults(func=cmd_models, needs_spark=True)
 
+    sc = command(
+        sub,
+        "score",
+        "write each user's top items, the rule behind each and the events that explain it "
+        "to user_patterns (one partition per run id)",
+    )
+    sc.add_argument("--run-id", default=None, help="default: the UTC time; a rerun replaces it")
+    sc.set_defaults(func=cmd_score, needs_spark=True)
+
+    sq = command(
+        sub,
+        "sql",
+        "run Spark SQL over views of every lake table (named as in lake.tables)",
+    )
+    sq.add_argument("query", help='e.g. "SELECT segment_id, count(*) FROM user_patterns GROUP BY 1"')
+    sq.add_argument("--limit", type=int, default=50, help="rows printed (default 50)")
+    sq.add_argument("--json", action="store_true", help="print JSON rows")
+    sq.set_defaults(func=cmd_sql, needs_spark=True)
+
     ev = command(
         sub, "evaluate", "evaluate the registered teacher and the baselines (protocol in DESIGN.md)"
     )
@@ -380,6 +399,28 @@ def cmd_evaluate(args: argparse.Namespace, config: Config, lake: Any) -> None:
         f"({result['protocol']['users']} users, mask_history={result['protocol']['mask_history']}, "
         f"user_sequences@v{result['data_version']})"
     )
+
+
+def cmd_score(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from patternlake.scoring.score import score_users
+
+    print(json.dumps(score_users(lake.spark, lake, config, args.run_id), default=str))
+
+
+def cmd_sql(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from pyspark.errors import PySparkException
+
+    lake.register_views()
+    try:
+        df = lake.spark.sql(args.query)
+        rows = df.limit(args.limit).collect()
+    except PySparkException as e:
+        raise PatternlakeError(f"sql: {str(e).splitlines()[0]}") from None
+    if args.json:
+        for r in rows:
+            print(json.dumps(r.asDict(recursive=True), default=str))
+        return
+    df.limit(args.limit).show(args.limit, truncate=60)
 
 
 def cmd_models(args: argparse.Namespace, config: Config, lake: Any) -> None:

@@ -267,6 +267,18 @@ class CompressConfig(_Strict):
         return v
 
 
+class ScoreConfig(_Strict):
+    """`score`: user_patterns from each segment's champion."""
+
+    top_k: int = Field(gt=0)
+    exclude_seen: bool
+    batch_size: int = Field(gt=0)  # users per Arrow batch
+    min_history: int = Field(ge=1)  # fewer known events: segment popularity (fallback)
+    explain_events: int = Field(ge=0)  # most recent events occlusion looks at (0: none)
+    explain_top: int = Field(gt=0)  # events kept per recommended item
+    pattern_window: int = Field(gt=0)  # recent events a rule's antecedent must occur in
+
+
 class EvaluateConfig(_Strict):
     mask_history: bool
     batch_size: int = Field(gt=0)
@@ -293,6 +305,7 @@ class Config(_Strict):
     tune: TuneConfig
     students: StudentsConfig
     compress: CompressConfig
+    score: ScoreConfig
     evaluate: EvaluateConfig
     logging: LoggingConfig
 

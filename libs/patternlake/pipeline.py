@@ -80,6 +80,16 @@ def _compress(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
     return compress(lake.spark, lake, config)
 
 
+def _score(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
+    from patternlake.scoring.score import score_users
+    from patternlake.students.registry import teacher_version
+
+    if options.get("step_optional") and teacher_version(config) is None:
+        log.info("score: skipped (no registered teacher yet; `patternlake run train` makes one)")
+        return None
+    return score_users(lake.spark, lake, config, options.get("run_id"))
+
+
 def _evaluate(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
     from patternlake.models.evaluate import evaluate_models
 
@@ -96,6 +106,7 @@ STEPS: dict[str, Callable[[Lake, Config, dict[str, Any]], Any]] = {
     "train_teacher": _train_teacher,
     "distill": _distill,
     "compress": _compress,
+    "score": _score,
     "evaluate": _evaluate,
 }
 
@@ -123,7 +134,8 @@ def run_pipeline(name: str, lake: Lake, config: Config, options: dict[str, Any])
     results: dict[str, Any] = {}
     for step in pipeline_steps(name):
         started = time.monotonic()
-        out = STEPS[step](lake, config, options)
+        # in a pipeline, scoring before any model exists is skipped (the first daily run)
+        out = STEPS[step](lake, config, {**options, "step_optional": True})
         results[step] = _plain(out)
         log.info("run %s: step %s done (%.1fs)", name, step, time.monotonic() - started)
     return results

@@ -10,34 +10,14 @@ import pytest
 import torch
 
 from patternlake.students import registry
-from patternlake.students.compress import compress
-from patternlake.students.distill import distill
 from patternlake.models.teacher import TeacherConfig
 from patternlake.students.model import count_params, from_bytes, quantized_bytes
 from patternlake.students.task import SegmentData, segment_table
-from patternlake.training.teacher_job import train_teacher
-from tests.conftest import in_folder, with_overrides
 
 
 @pytest.fixture(scope="module")
-def students(spark, config, daily_lake, tmp_path_factory):
-    _, lake = daily_lake
-    cfg = in_folder(
-        config,
-        tmp_path_factory.mktemp("students"),
-        train={"epochs": 12, "patience": 4},
-        students={"epochs": 40, "patience": 6},
-        compress={"sparsity": [0.5, 0.3], "finetune_epochs": 2},
-    )
-    cfg = cfg.model_copy(update={"lake": cfg.lake.model_copy(update={"root": lake.root})})
-    teacher = train_teacher(spark, lake, cfg, "single")
-    # a deliberately weak student first: one epoch at a learning rate that cannot move it
-    weak_cfg = with_overrides(cfg, students={"epochs": 1, "lr": 1e-7, "d_model": [8]})
-    weak = distill(spark, lake, weak_cfg)
-    weak_champions = {g: registry.champion_version(cfg, g) for g in weak["segments"]}
-    good = distill(spark, lake, cfg)
-    packed = compress(spark, lake, cfg)
-    return cfg, lake, teacher, weak, weak_champions, good, packed
+def students(trained_lake):
+    return trained_lake
 
 
 @pytest.mark.slow
