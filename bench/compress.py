@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     for g in sorted(m["teacher"]["segments"], key=int):
         t_, s_, i_ = (m[n]["segments"][g]["ndcg@10"] if n in m else float("nan")
                       for n in ("teacher", "student", "student_int8"))
-        print(f"{g:>8} {t_:8.4f} {s_:8.4f} {i_:8.4f} {s_ / t_:10.3f} {i_ / s_:9.3f} "
+        print(f"{g:>8} {t_:8.4f} {s_:8.4f} {i_:8.4f} {s_ / max(t_, 1e-9):10.3f} {i_ / max(s_, 1e-9):9.3f} "
               f"{m['markov']['segments'][g]['ndcg@10']:8.4f}")
     t_, s_, i_ = (m[n]["overall"]["ndcg@10"] for n in ("teacher", "student", "student_int8"))
     print(f"{'all':>8s} {t_:8.4f} {s_:8.4f} {i_:8.4f} {s_ / t_:10.3f} {i_ / s_:9.3f} "

@@ -25,7 +25,9 @@ fi
 "$PL" compress
 "$PL" models
 "$PL" evaluate
-# 5. what is in the lake now
+# 5. scoring: each user's next items, the rule behind each and the events that explain it
+"$PL" score --run-id demo
+# 6. what is in the lake now
 "$PL" lake tables
 .venv/bin/python - "$DATA" <<'PY'
 import sys
@@ -47,4 +49,16 @@ mined = [r.asDict() for r in patterns.filter("kind = 'sequential'").collect()]
 score = score_rules(f"{sys.argv[1]}/truth", mined, {r.user_id: r.segment_id for r in lake.read("segments").collect()})
 print(f"planted rules recalled: {score.found}/{score.planted} (recall {score.recall:.2f}), "
       f"precision {score.precision:.2f} of {score.mined} mined rules")
+
+# a few users' patterns, as a person reads them: users with a rule-backed recommendation first
+up = lake.read("user_patterns").where("run_id = 'demo'")
+users = [r.user_id for r in up.where("pattern IS NOT NULL").select("user_id").distinct().orderBy("user_id").limit(3).collect()]
+for user in users:
+    rows = up.where(f"user_id = '{user}'").orderBy("rank").limit(5).collect()
+    print(f"\nuser {user} (segment {rows[0].segment_id}, scored by {rows[0].model_name} v{rows[0].model_version}):")
+    for r in rows:
+        why = ", ".join(f"{e.item_id} ({e.events_ago} events ago, {e.weight:.0%})" for e in r.explanation) or "-"
+        rule = (f"rule {' -> '.join(r.pattern.antecedent)} => {r.pattern.consequent} "
+                f"(confidence {r.pattern.confidence:.2f}, lift {r.pattern.lift:.1f})") if r.pattern else "no rule"
+        print(f"  {r.rank:2d}. {r.item_id:8s} {rule}; because of: {why}")
 PY

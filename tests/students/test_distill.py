@@ -104,15 +104,20 @@ def test_int8_round_trip_keeps_the_top10_of_a_distilled_student(students):
 def test_compress_gates_int8_against_its_fp32_student_and_shrinks_it(students):
     cfg, lake, _, _, _, good, packed = students
     for g, r in packed["segments"].items():
-        assert r["fp32_bytes"] / r["int8_bytes"] >= 4, r  # int8 + 50% sparsity packed
+        for tried in r["tried"]:  # int8 alone: > 3x; with half the weights pruned: >= 4x
+            assert r["fp32_bytes"] / tried["int8_bytes"] > 3, tried
+            if tried["sparsity"] >= 0.5:
+                assert r["fp32_bytes"] / tried["int8_bytes"] >= 4, tried
+                assert tried["sparsity_reached"] >= 0.49, tried
         passed = r["int8_valid_ndcg@10"] >= cfg.compress.gate * r["fp32_valid_ndcg@10"]
         fp32_champion = good["segments"][g]["promoted"]
         assert r["promoted"] == (passed and fp32_champion)
         champion = registry.champion_version(cfg, g)
         if r["promoted"]:
-            assert champion.version == r["registered_version"] and champion.tags["variant"] == "int8"
+            assert str(champion.version) == r["registered_version"]
+            assert champion.tags["variant"] == "int8"
         elif fp32_champion:
-            assert champion.version == good["segments"][g]["registered_version"]
+            assert str(champion.version) == good["segments"][g]["registered_version"]
         else:
             assert champion is None
     rows = lake.read("model_decisions").where("stage = 'compress'").count()
@@ -129,9 +134,10 @@ def test_evaluate_reports_students_int8_and_champions(spark, students):
     for name in ("teacher", "student", "student_int8"):
         m = out["models"][name]
         assert 0 < m["overall"]["ndcg@10"] <= 1 and m["params"] > 0 and m["bytes"] > 0
+    evaluated = out["models"]["student"]["segments"]
     for g, r in good["segments"].items():
-        seg = out["models"]["student"]["segments"][g]
-        assert seg["params"] == r["params"]
+        if str(g) in evaluated:  # (a segment whose users all have < 3 events is not evaluated)
+            assert evaluated[str(g)]["params"] == r["params"]
     assert set(out["champions"]) == {str(g) for g in good["segments"]}
     rows = model_report(lake, cfg)
     assert [r["segment_id"] for r in rows] == sorted(good["segments"])

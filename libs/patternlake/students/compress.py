@@ -96,7 +96,7 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
         decision = gate(r["int8_valid_ndcg@10"], r["fp32_valid_ndcg@10"], c.gate,
                         r["valid_users"], config.students.min_users)
         current = registry.champion_version(config, g)
-        fp32_is_champion = current is not None and current.version == fp32.version
+        fp32_is_champion = current is not None and str(current.version) == str(fp32.version)
         promoted = decision.passed and fp32_is_champion
         reason = decision.reason if fp32_is_champion else (
             f"{decision.reason}; not promoted: its fp32 student is not the champion")

@@ -181,7 +181,7 @@ def train_student(
                 with torch.no_grad():
                     for name, m in masks.items():
                         params[name].mul_(m)
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             steps += 1
             samples += int(mask.sum())
         seconds += time.perf_counter() - started
