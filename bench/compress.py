@@ -40,6 +40,22 @@ from patternlake.spark import get_spark  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def work_config(work: Path, overrides: list[str] = ()):
+    """conf with the lake, model store and MLflow of a bench work folder."""
+    return load_config(
+        "local",
+        [
+            f"lake.root={work}/lake",
+            f"models.root={work}/models",
+            f"mlflow.tracking_uri=sqlite:///{work}/mlruns.db",
+            f"mlflow.artifact_location={work}/artifacts",
+            "spark.ui=false",
+            "spark.shuffle_partitions=4",
+            *overrides,
+        ],
+    )
+
+
 def build_lake(spark, lake, config, data: str, work: Path) -> None:
     from patternlake.pipeline import run_pipeline
 
@@ -110,15 +126,22 @@ def runtimes(lake, config) -> dict:
     agree = {"int8_dequant": [], "int8_dynamic": []}
     for g in sorted(set(groups.tolist())):
         xs = x[torch.from_numpy(np.nonzero(groups == g)[0])]
-        fp32_v = registry.student_versions(config, variant="fp32", segment=g, teacher_version=tags["version"])
-        int8_v = registry.student_versions(config, variant="int8", segment=g, teacher_version=tags["version"])
+        fp32_v = registry.student_versions(
+            config, variant="fp32", segment=g, teacher_version=tags["version"]
+        )
+        int8_v = registry.student_versions(
+            config, variant="int8", segment=g, teacher_version=tags["version"]
+        )
         if not fp32_v or not int8_v:
             continue
         fp32 = from_bytes(registry.version_file(config, "student", fp32_v[0].version).read_bytes())
         blob = registry.version_file(config, "student", int8_v[0].version).read_bytes()
-        models = {"teacher": T(), "student": fp32,
-                  "int8_dequant": from_bytes(blob, "dequant"),
-                  "int8_dynamic": from_bytes(blob, "dynamic")}
+        models = {
+            "teacher": T(),
+            "student": fp32,
+            "int8_dequant": from_bytes(blob, "dequant"),
+            "int8_dynamic": from_bytes(blob, "dynamic"),
+        }
         row = {"users": int(len(xs))}
         with torch.no_grad():
             ref = fp32(xs).topk(10).indices.sort().values
@@ -133,13 +156,19 @@ def runtimes(lake, config) -> dict:
                 agree[name].append(same)
         out["segments"][int(g)] = row
     out["total_ms"] = {k: round(v, 1) for k, v in totals.items()}
-    out["users_per_s"] = {k: round(len(users) / (v / 1000), 0) if v else None for k, v in totals.items()}
-    out["same_top10"] = {k: round(float(np.concatenate(v).mean()), 4) if v else None for k, v in agree.items()}
+    out["users_per_s"] = {
+        k: round(len(users) / (v / 1000), 0) if v else None for k, v in totals.items()
+    }
+    out["same_top10"] = {
+        k: round(float(np.concatenate(v).mean()), 4) if v else None for k, v in agree.items()
+    }
     return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", choices=["generated", "ml-100k"], default="generated")
     ap.add_argument("--work", default=None)
     ap.add_argument("--backend", default="single", help="teacher training backend")
@@ -149,14 +178,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     work = Path(args.work or Path.home() / ".cache" / "patternlake" / "bench-compress" / args.data)
     work.mkdir(parents=True, exist_ok=True)
-    config = load_config("local", [
-        f"lake.root={work}/lake", f"models.root={work}/models",
-        f"mlflow.tracking_uri=sqlite:///{work}/mlruns.db", f"mlflow.artifact_location={work}/artifacts",
-        "spark.ui=false", "spark.shuffle_partitions=4", *args.overrides,
-    ])
+    config = work_config(work, args.overrides)
     spark = get_spark(config.spark)
     lake = Lake(spark, config.lake)
-    report: dict = {"data": args.data, "work": str(work), "overrides": args.overrides, "seconds": {}}
+    report: dict = {
+        "data": args.data,
+        "work": str(work),
+        "overrides": args.overrides,
+        "seconds": {},
+    }
 
     def step(name, fn):
         t = time.perf_counter()
@@ -184,33 +214,59 @@ def main(argv=None) -> int:
     report["models"] = rows
     ev = step("evaluate", lambda: evaluate_models(spark, lake, config))
     report["evaluate"] = {k: v for k, v in ev.items() if k != "models"} | {
-        "models": {n: {"params": m["params"], "bytes": m["bytes"], "overall": m["overall"],
-                       "segments": m["segments"]} for n, m in ev["models"].items()}}
+        "models": {
+            n: {
+                "params": m["params"],
+                "bytes": m["bytes"],
+                "overall": m["overall"],
+                "segments": m["segments"],
+            }
+            for n, m in ev["models"].items()
+        }
+    }
     report["runtimes"] = step("runtimes", lambda: runtimes(lake, config))
 
     print("\nvalidation (as the gates saw it), per segment:")
     print(" ".join(f"{t:>{w}s}" for _, t, w, _ in COLUMNS))
     for r in rows:
-        print(" ".join(f"{'-' if r[k] is None else format(r[k], f):>{w}s}" for k, _, w, f in COLUMNS))
+        print(
+            " ".join(f"{'-' if r[k] is None else format(r[k], f):>{w}s}" for k, _, w, f in COLUMNS)
+        )
     m = ev["models"]
     print("\ntest NDCG@10 (full ranking), per segment:")
-    print(f"{'segment':>8s} {'teacher':>8s} {'student':>8s} {'int8':>8s} {'stud/teach':>10s} {'int8/stud':>9s} {'markov':>8s}")
+    print(
+        f"{'segment':>8s} {'teacher':>8s} {'student':>8s} {'int8':>8s} {'stud/teach':>10s} {'int8/stud':>9s} {'markov':>8s}"
+    )
     for g in sorted(m["teacher"]["segments"], key=int):
-        t_, s_, i_ = (m[n]["segments"][g]["ndcg@10"] if n in m else float("nan")
-                      for n in ("teacher", "student", "student_int8"))
-        print(f"{g:>8} {t_:8.4f} {s_:8.4f} {i_:8.4f} {s_ / max(t_, 1e-9):10.3f} {i_ / max(s_, 1e-9):9.3f} "
-              f"{m['markov']['segments'][g]['ndcg@10']:8.4f}")
+        t_, s_, i_ = (
+            m[n]["segments"][g]["ndcg@10"] if n in m else float("nan")
+            for n in ("teacher", "student", "student_int8")
+        )
+        print(
+            f"{g:>8} {t_:8.4f} {s_:8.4f} {i_:8.4f} {s_ / max(t_, 1e-9):10.3f} {i_ / max(s_, 1e-9):9.3f} "
+            f"{m['markov']['segments'][g]['ndcg@10']:8.4f}"
+        )
     t_, s_, i_ = (m[n]["overall"]["ndcg@10"] for n in ("teacher", "student", "student_int8"))
-    print(f"{'all':>8s} {t_:8.4f} {s_:8.4f} {i_:8.4f} {s_ / t_:10.3f} {i_ / s_:9.3f} "
-          f"{m['markov']['overall']['ndcg@10']:8.4f}")
+    print(
+        f"{'all':>8s} {t_:8.4f} {s_:8.4f} {i_:8.4f} {s_ / t_:10.3f} {i_ / s_:9.3f} "
+        f"{m['markov']['overall']['ndcg@10']:8.4f}"
+    )
     rt = report["runtimes"]
-    print(f"\nscoring {rt['users']} users (ms in all, users/s, top-10 equal to the fp32 student's):")
+    print(
+        f"\nscoring {rt['users']} users (ms in all, users/s, top-10 equal to the fp32 student's):"
+    )
     for k in ("teacher", "student", "int8_dequant", "int8_dynamic"):
-        print(f"  {k:14s} {rt['total_ms'][k]:9.1f} ms {rt['users_per_s'][k] or 0:>10,.0f} users/s "
-              f"{rt['same_top10'].get(k) if k in rt['same_top10'] else '':>8}")
+        print(
+            f"  {k:14s} {rt['total_ms'][k]:9.1f} ms {rt['users_per_s'][k] or 0:>10,.0f} users/s "
+            f"{rt['same_top10'].get(k) if k in rt['same_top10'] else '':>8}"
+        )
     seg_rows = [r for r in rows if r["student_params"]]
     worst_size = max(r["student_params"] / r["teacher_params"] for r in seg_rows)
-    worst_ret = min(r["student_ndcg_at_10"] / r["teacher_ndcg_at_10"] for r in seg_rows if r["teacher_ndcg_at_10"])
+    worst_ret = min(
+        r["student_ndcg_at_10"] / r["teacher_ndcg_at_10"]
+        for r in seg_rows
+        if r["teacher_ndcg_at_10"]
+    )
     shrink = min(r["fp32_bytes"] / r["int8_bytes"] for r in seg_rows if r["int8_bytes"])
     int8_ret = min((r["int8_retention_pct"] or 0) / 100 for r in seg_rows)
     targets = {

@@ -75,28 +75,44 @@ def faithfulness(teacher, x: torch.Tensor, last: int = 20, steps: int = 5) -> di
     t = time.perf_counter()
     lig = LayerIntegratedGradients(target, teacher.item_emb)
     attr = lig.attribute(
-        x[:, 0], baselines=torch.zeros_like(x[:, 0]),
-        additional_forward_args=(x[:, 1], x[:, 2], top), n_steps=16, internal_batch_size=256,
+        x[:, 0],
+        baselines=torch.zeros_like(x[:, 0]),
+        additional_forward_args=(x[:, 1], x[:, 2], top),
+        n_steps=16,
+        internal_batch_size=256,
     ).sum(-1)  # (B, L): attribution of each position
     recent = attr[:, L - last :].flip(1)  # 0 = most recent
     recent = torch.where(x[:, 0, L - last :].flip(1) > 0, recent, torch.full_like(recent, -1e9))
     ig = recent.argsort(dim=1, descending=True)
     ig_s = time.perf_counter() - t
-    rnd = torch.stack([torch.randperm(last, generator=torch.Generator().manual_seed(i)) for i in range(len(x))])
-    curves = {name: deletion_curve(score, x, top, order, steps)
-              for name, order in (("occlusion", occ), ("integrated gradients", ig), ("random", rnd))}
-    print(f"faithfulness on {len(x)} users (teacher, top item's mean score after deleting k events):")
+    rnd = torch.stack(
+        [torch.randperm(last, generator=torch.Generator().manual_seed(i)) for i in range(len(x))]
+    )
+    curves = {
+        name: deletion_curve(score, x, top, order, steps)
+        for name, order in (("occlusion", occ), ("integrated gradients", ig), ("random", rnd))
+    }
+    print(
+        f"faithfulness on {len(x)} users (teacher, top item's mean score after deleting k events):"
+    )
     print("  " + " ".join(f"{'k=' + str(k):>7s}" for k in range(steps + 1)) + "   drop@3  seconds")
     secs = {"occlusion": occ_s, "integrated gradients": ig_s, "random": 0.0}
     for name, c in curves.items():
-        print(f"  {' '.join(f'{v:7.3f}' for v in c)}   {c[0] - c[3]:6.3f}  {secs[name]:6.1f}  {name}")
+        print(
+            f"  {' '.join(f'{v:7.3f}' for v in c)}   {c[0] - c[3]:6.3f}  {secs[name]:6.1f}  {name}"
+        )
     print()
     return curves
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default=str(Path.home() / ".cache" / "patternlake" / "bench-compress" / "generated"))
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--work",
+        default=str(Path.home() / ".cache" / "patternlake" / "bench-compress" / "generated"),
+    )
     ap.add_argument("--users", default="10000,100000,1000000")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-spark", action="store_true")
@@ -108,18 +124,15 @@ def main(argv=None) -> int:
         import compress as compress_bench
 
         compress_bench.main(["--data", "generated", "--work", str(work)])
-    from patternlake.config import load_config
+    from compress import work_config
+
     from patternlake.lake import Lake
     from patternlake.spark import get_spark
     from patternlake.students import registry
     from patternlake.students.model import from_bytes
     from patternlake.training.data import read_table
 
-    config = load_config("local", [
-        f"lake.root={work}/lake", f"models.root={work}/models",
-        f"mlflow.tracking_uri=sqlite:///{work}/mlruns.db", "spark.ui=false",
-        "spark.shuffle_partitions=4",
-    ])
+    config = work_config(work)
     spark = get_spark(config.spark)
     lake = Lake(spark, config.lake)
     teacher, tags = registry.load_teacher(config)
@@ -127,8 +140,13 @@ def main(argv=None) -> int:
     from patternlake.scoring.nodes import windows
 
     L = teacher.config.max_len
-    x = windows(table.column("item_seq").to_pylist(), table.column("type_seq").to_pylist(),
-                table.column("gap_seq").to_pylist(), L, teacher.config.n_items)
+    x = windows(
+        table.column("item_seq").to_pylist(),
+        table.column("type_seq").to_pylist(),
+        table.column("gap_seq").to_pylist(),
+        L,
+        teacher.config.n_items,
+    )
     seg_of = {r.user_id: r.segment_id for r in lake.read("segments").collect()}
     groups = np.array([seg_of.get(u, -1) for u in table.column("user_id").to_pylist()])
     k = config.score.top_k
@@ -142,7 +160,9 @@ def main(argv=None) -> int:
     fp32, int8 = {-1: T()}, {-1: T()}
     for g in set(groups.tolist()):
         for variant, store in (("fp32", fp32), ("int8", int8)):
-            v = registry.student_versions(config, variant=variant, segment=g, teacher_version=tags["version"])
+            v = registry.student_versions(
+                config, variant=variant, segment=g, teacher_version=tags["version"]
+            )
             if v:
                 blob = registry.version_file(config, "student", v[0].version).read_bytes()
                 store[g] = from_bytes(blob, config.compress.runtime)
@@ -150,18 +170,28 @@ def main(argv=None) -> int:
     n = len(x)
     print(f"{n} users, {teacher.config.n_items - 1} items, top-{k}, {args.threads} thread(s)")
     res = {}
-    for name, models in (("teacher fp32", {-1: T()}), ("students fp32", fp32), ("students int8", int8)):
-        sec = timed(lambda m=models: score_all(m, x, groups if name != "teacher fp32" else np.full(n, -1), k))
+    for name, models in (
+        ("teacher fp32", {-1: T()}),
+        ("students fp32", fp32),
+        ("students int8", int8),
+    ):
+        sec = timed(
+            lambda m=models, teacher_only=(name == "teacher fp32"): score_all(
+                m, x, np.full(n, -1) if teacher_only else groups, k
+            )
+        )
         res[name] = n / sec
         print(f"  {name:14s} {sec:7.3f} s  {n / sec:>10,.0f} users/s")
-    print(f"  int8 students / teacher: {res['students int8'] / res['teacher fp32']:.1f}x (target >= 5x)")
+    print(
+        f"  int8 students / teacher: {res['students int8'] / res['teacher fp32']:.1f}x (target >= 5x)"
+    )
 
     print("\ngrowth (int8 students, histories resampled from the lake's users):")
     rng = np.random.default_rng(0)
     for size in (int(s) for s in args.users.split(",")):
         pick = rng.integers(0, n, size)
         xs, gs = x[torch.from_numpy(pick)], groups[pick]
-        sec = timed(lambda: score_all(int8, xs, gs, k), repeats=1)
+        sec = timed(lambda xs=xs, gs=gs: score_all(int8, xs, gs, k), repeats=1)
         print(f"  {size:>9,d} users {sec:8.2f} s {size / sec:>10,.0f} users/s")
 
     print("\nscoring matmul vs this machine's GEMM rate (fp32):")
@@ -175,17 +205,21 @@ def main(argv=None) -> int:
     E = torch.randn(items, d)
     sec = timed(lambda: [h @ E.T for _ in range(20)]) / 20
     rate = 2 * 1024 * d * items / sec / 1e9
-    print(f"  square 2048 GEMM: {gemm:.1f} GFLOP/s; scoring (1024 x {d}) @ ({d} x {items}): {rate:.1f} GFLOP/s "
-          f"= {gemm / rate:.1f}x below peak (target <= 3x; a width-{d} product is memory-bound: "
-          f"{4 * 1024 * items / 1e6:.1f} MB of scores per batch)")
+    print(
+        f"  square 2048 GEMM: {gemm:.1f} GFLOP/s; scoring (1024 x {d}) @ ({d} x {items}): {rate:.1f} GFLOP/s "
+        f"= {gemm / rate:.1f}x below peak (target <= 3x; a width-{d} product is memory-bound: "
+        f"{4 * 1024 * items / 1e6:.1f} MB of scores per batch)"
+    )
     if not args.skip_spark:
         from patternlake.scoring.score import score_users
 
         t = time.perf_counter()
         out = score_users(spark, lake, config, "bench")
         sec = time.perf_counter() - t
-        print(f"\npatternlake score (Spark, local[*], explanations on): {out['users']} users in {sec:.1f}s "
-              f"= {out['users'] / sec:,.0f} users/s ({out['rows']} rows, {out['with_pattern']} with a rule)")
+        print(
+            f"\npatternlake score (Spark, local[*], explanations on): {out['users']} users in {sec:.1f}s "
+            f"= {out['users'] / sec:,.0f} users/s ({out['rows']} rows, {out['with_pattern']} with a rule)"
+        )
     return 0
 
 

@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sql",
         "run Spark SQL over views of every lake table (named as in lake.tables)",
     )
-    sq.add_argument("query", help='e.g. "SELECT segment_id, count(*) FROM user_patterns GROUP BY 1"')
+    sq.add_argument(
+        "query", help='e.g. "SELECT segment_id, count(*) FROM user_patterns GROUP BY 1"'
+    )
     sq.add_argument("--limit", type=int, default=50, help="rows printed (default 50)")
     sq.add_argument("--json", action="store_true", help="print JSON rows")
     sq.set_defaults(func=cmd_sql, needs_spark=True)

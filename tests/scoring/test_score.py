@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from pyspark.sql import functions as F
@@ -94,8 +93,14 @@ def test_in_order_and_best_pattern_per_item(spark):
     assert out[("u", 1)].antecedent == ["a", "b"] and out[("u", 1)].confidence == 0.5
     assert out[("u", 2)] is None
     assert out[("v", 1)].antecedent == ["b", "a"]
-    check = spark.createDataFrame([([1, 2], [3, 1, 4, 2]), ([1, 2], [2, 1]), ([], [5])], "a array<int>, h array<int>")
-    assert [r[0] for r in check.select(in_order(F.col("a"), F.col("h"))).collect()] == [True, False, True]
+    check = spark.createDataFrame(
+        [([1, 2], [3, 1, 4, 2]), ([1, 2], [2, 1]), ([], [5])], "a array<int>, h array<int>"
+    )
+    assert [r[0] for r in check.select(in_order(F.col("a"), F.col("h"))).collect()] == [
+        True,
+        False,
+        True,
+    ]
 
 
 # ---- on the trained daily lake ------------------------------------------------------------
@@ -107,8 +112,14 @@ def scored(spark, trained_lake):
 
     cfg, lake, *_ = trained_lake
     first = score_users(spark, lake, cfg, "run-a")
-    rows_a = sorted(tuple(r) for r in lake.read("user_patterns").where("run_id = 'run-a'")
-                    .drop("scored_at").select("user_id", "rank", "item_id", "score").collect())
+    rows_a = sorted(
+        tuple(r)
+        for r in lake.read("user_patterns")
+        .where("run_id = 'run-a'")
+        .drop("scored_at")
+        .select("user_id", "rank", "item_id", "score")
+        .collect()
+    )
     again = score_users(spark, lake, cfg, "run-a")  # idempotent rerun
     cold = with_overrides(cfg, score={"min_history": 40})
     other = score_users(spark, lake, cold, "run-b")
@@ -120,8 +131,20 @@ def test_every_user_gets_k_rows_with_the_contract_schema(scored):
     cfg, lake, first, *_ = scored
     df = lake.read("user_patterns").where("run_id = 'run-a'")
     names = [f.name for f in df.schema.fields]
-    for col in ("user_id", "segment_id", "rank", "item_id", "score", "pattern", "explanation",
-                "model_name", "model_version", "data_version", "run_id", "scored_at"):
+    for col in (
+        "user_id",
+        "segment_id",
+        "rank",
+        "item_id",
+        "score",
+        "pattern",
+        "explanation",
+        "model_name",
+        "model_version",
+        "data_version",
+        "run_id",
+        "scored_at",
+    ):
         assert col in names
     per_user = df.groupBy("user_id").agg(F.count("*").alias("n"), F.collect_set("rank").alias("r"))
     bad = per_user.where(f"n != {cfg.score.top_k}").count()
@@ -129,15 +152,23 @@ def test_every_user_gets_k_rows_with_the_contract_schema(scored):
     assert per_user.first().r and sorted(per_user.first().r) == list(range(1, cfg.score.top_k + 1))
     assert df.where("item_id IS NULL").count() == 0
     champion_names = set(first["models"].values())
-    used = {f"{r.model_name} v{r.model_version}" for r in df.select("model_name", "model_version").distinct().collect()}
+    used = {
+        f"{r.model_name} v{r.model_version}"
+        for r in df.select("model_name", "model_version").distinct().collect()
+    }
     assert used <= champion_names
 
 
 @pytest.mark.slow
 def test_rerunning_a_run_id_replaces_only_that_run(scored):
     _, lake, first, rows_a, again, other = scored
-    after = sorted(tuple(r) for r in lake.read("user_patterns").where("run_id = 'run-a'")
-                   .select("user_id", "rank", "item_id", "score").collect())
+    after = sorted(
+        tuple(r)
+        for r in lake.read("user_patterns")
+        .where("run_id = 'run-a'")
+        .select("user_id", "rank", "item_id", "score")
+        .collect()
+    )
     assert after == rows_a and again["rows"] == first["rows"]
     assert lake.read("user_patterns").where("run_id = 'run-b'").count() == other["rows"]
 
@@ -197,8 +228,13 @@ def test_occlusion_is_more_faithful_than_random_deletion(trained_lake):
     cfg, lake, *_ = trained_lake
     teacher, _ = registry.load_teacher(cfg)
     seqs = lake.read("user_sequences").limit(300).collect()
-    x = windows([r.item_seq for r in seqs], [r.type_seq for r in seqs], [r.gap_seq for r in seqs],
-                teacher.config.max_len, teacher.config.n_items)
+    x = windows(
+        [r.item_seq for r in seqs],
+        [r.type_seq for r in seqs],
+        [r.gap_seq for r in seqs],
+        teacher.config.max_len,
+        teacher.config.n_items,
+    )
 
     def score(z):
         with torch.no_grad():
@@ -207,7 +243,9 @@ def test_occlusion_is_more_faithful_than_random_deletion(trained_lake):
     top = score(x).topk(1).indices  # (B, 1)
     drops = occlusion(score, x, top, 20)[:, 0]  # (B, 20)
     order = drops.argsort(dim=1, descending=True)
-    rand = torch.stack([torch.randperm(20, generator=torch.Generator().manual_seed(i)) for i in range(len(x))])
+    rand = torch.stack(
+        [torch.randperm(20, generator=torch.Generator().manual_seed(i)) for i in range(len(x))]
+    )
     ours = deletion_curve(score, x, top[:, 0], order, 3)
     random = deletion_curve(score, x, top[:, 0], rand, 3)
     assert (ours[0] - ours[3]) > 1.5 * (random[0] - random[3]), (ours, random)
@@ -222,8 +260,18 @@ def test_sql_and_duckdb_read_user_patterns(scored, capsys):
 
     cfg, lake, first, *_ = scored
     root = lake.root
-    assert main(["--set", f"lake.root={root}", "sql", "--json",
-                 "SELECT run_id, count(*) AS n FROM user_patterns GROUP BY run_id ORDER BY run_id"]) == 0
+    assert (
+        main(
+            [
+                "--set",
+                f"lake.root={root}",
+                "sql",
+                "--json",
+                "SELECT run_id, count(*) AS n FROM user_patterns GROUP BY run_id ORDER BY run_id",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert '"run_id": "run-a"' in out
     dt = DeltaTable(lake.uri("user_patterns"))
@@ -232,3 +280,44 @@ def test_sql_and_duckdb_read_user_patterns(scored, capsys):
     n = con.execute("SELECT count(*) FROM user_patterns WHERE run_id = 'run-a'").fetchone()[0]
     assert n == first["rows"]
     assert main(["--set", f"lake.root={root}", "sql", "SELEC nonsense"]) == 2
+
+
+@pytest.mark.slow
+def test_planted_chains_come_back_as_the_rule_behind_their_consequent(scored, daily_lake):
+    """Every recommended item that is the consequent of a mined rule met in order in the
+    user's recent events carries a rule (the best one), and planted chains are among them."""
+    import json
+
+    work, _ = daily_lake
+    cfg, lake, *_ = scored
+    planted = {
+        (tuple(r["antecedent"]), r["consequent"])
+        for r in json.loads((work / "data" / "truth" / "rules.json").read_text())
+    }
+    rules: dict[tuple[int, str], list] = {}
+    for r in lake.read("segment_patterns").where("kind = 'sequential'").collect():
+        rules.setdefault((r.segment_id, r.consequent), []).append(r)
+    recent = {
+        r.user_id: list(r.item_seq)[-cfg.score.pattern_window :]
+        for r in lake.read("user_sequences").select("user_id", "item_seq").collect()
+    }
+
+    def met(ante, hist):
+        it = iter(hist)
+        return all(any(x == a for x in it) for a in ante)
+
+    rows = lake.read("user_patterns").where("run_id = 'run-a'").collect()
+    from_planted = 0
+    for r in rows:
+        candidates = [
+            p
+            for p in rules.get((r.segment_id, r.item_id), [])
+            if met(list(p.antecedent_idx), recent[r.user_id])
+        ]
+        if not candidates:
+            assert r.pattern is None
+            continue
+        assert r.pattern is not None
+        assert r.pattern.confidence == max(p.confidence for p in candidates)
+        from_planted += (tuple(r.pattern.antecedent), r.pattern.consequent) in planted
+    assert from_planted > 0

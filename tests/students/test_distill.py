@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from patternlake.students import registry
 from patternlake.models.teacher import TeacherConfig
+from patternlake.students import registry
 from patternlake.students.model import count_params, from_bytes, quantized_bytes
 from patternlake.students.task import SegmentData, segment_table
 
@@ -27,8 +27,11 @@ def test_a_weak_student_is_refused_and_the_segment_keeps_the_teacher(students):
         assert r["promoted"] is False and r["champion"] == "teacher", (g, r)
         assert weak_champions[g] is None  # no champion alias: the teacher serves
     rows = lake.read("model_decisions").where("stage = 'distill'").collect()
-    refused = [r for r in rows if r.registered_version in {
-        s["registered_version"] for s in weak["segments"].values()}]
+    refused = [
+        r
+        for r in rows
+        if r.registered_version in {s["registered_version"] for s in weak["segments"].values()}
+    ]
     assert refused and all(not r.promoted and r.champion == "teacher" for r in refused)
     assert all(r.model_ndcg_at_10 < cfg.students.gate * r.reference_ndcg_at_10 for r in refused)
 
@@ -40,7 +43,9 @@ def test_students_train_in_parallel_spark_tasks_one_per_segment(students, capsys
     assert sorted(good["segments"]) == segs and len(segs) >= 3
     spans = [(r["task_started"], r["task_finished"], r["pid"]) for r in good["segments"].values()]
     overlapping = any(
-        a[0] < b[1] and b[0] < a[1] and a[2] != b[2] for i, a in enumerate(spans) for b in spans[i + 1 :]
+        a[0] < b[1] and b[0] < a[1] and a[2] != b[2]
+        for i, a in enumerate(spans)
+        for b in spans[i + 1 :]
     )
     assert overlapping, spans  # two segments trained at the same time, in two Python workers
     with capsys.disabled():

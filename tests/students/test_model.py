@@ -159,7 +159,9 @@ def test_kd_loss_is_ce_at_alpha_zero_and_zero_kl_at_equal_logits():
     ce = torch.nn.functional.cross_entropy(logits, y)
     assert torch.allclose(kd_loss(logits, logits, y, 2.0, 0.0), ce)
     assert torch.allclose(kd_loss(logits, logits, y, 2.0, 1.0), torch.tensor(0.0), atol=1e-6)
-    assert torch.allclose(kd_loss(logits, logits, y, 2.0, 1.0, top_k=3), torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(
+        kd_loss(logits, logits, y, 2.0, 1.0, top_k=3), torch.tensor(0.0), atol=1e-6
+    )
     s = logits.clone().requires_grad_(True)
     kd_loss(s, logits + torch.randn(6, 9), y, 2.0, 0.5).backward()
     assert torch.isfinite(s.grad).all()

@@ -177,7 +177,9 @@ def evaluate_models(
     stacked = np.stack([items, types, gaps], axis=1)  # (n, 3, L)
     champions: dict[int, str] = {}
     if routed is None and "teacher" in models:
-        routed, champions = segment_students(config, sorted(set(groups.tolist())), config.compress.runtime)
+        routed, champions = segment_students(
+            config, sorted(set(groups.tolist())), config.compress.runtime
+        )
     for name, per_segment in (routed or {}).items():
         if per_segment:
             scorers[name] = _routed_scorer(per_segment, models.get("teacher"), stacked, groups)
@@ -212,7 +214,9 @@ def evaluate_models(
         )
         sizes = (routed or {}).get(name, {})
 
-        def size(g: Any) -> tuple[int, int]:
+        def size(
+            g: Any, name: str = name, params: int = params, nbytes: int = nbytes, sizes=sizes
+        ) -> tuple[int, int]:
             if name not in (routed or {}):
                 return int(params), int(nbytes)
             found = sizes.get(int(g)) if str(g).lstrip("-").isdigit() else None

@@ -34,7 +34,9 @@ def windows(
     return torch.from_numpy(out)
 
 
-def top_k(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k(
+    scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, ids) of the k best items of each row; padding (0), -inf items and, with
     ``exclude`` ((B, L) item ids), the user's past items are never returned (a row with
     fewer than k scorable items gets -inf values at its end, which callers drop)."""

@@ -8,7 +8,8 @@
   (``spark.sql.execution.arrow.maxRecordsPerBatch`` is set to it); per segment, one forward
   pass and a ``topk`` over the catalogue; ``score.exclude_seen`` drops past items. Users
   with fewer than ``score.min_history`` known events get their segment's most popular items,
-  flagged ``fallback``.
+  flagged ``fallback``; so do the last ranks of a user whose student's segment catalogue
+  has fewer than K items left to offer.
 * **explanation**: leave-one-out occlusion over the ``score.explain_events`` most recent
   events: each event's weight is the drop of the item's score when that event is deleted
   (the history shifted as if it never happened), normalised over the positive drops; the
@@ -26,7 +27,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -77,11 +78,55 @@ def _build_models(payload: dict[str, Any]) -> dict[int, tuple[torch.nn.Module, s
     return models
 
 
-def worker_models(digest: str, payload: dict[str, Any]) -> dict[int, tuple[torch.nn.Module, str, str]]:
+def worker_models(
+    digest: str, payload: dict[str, Any]
+) -> dict[int, tuple[torch.nn.Module, str, str]]:
     if digest not in _WORKER_MODELS:
         _WORKER_MODELS.clear()
         _WORKER_MODELS[digest] = _build_models(payload)
     return _WORKER_MODELS[digest]
+
+
+def _popular(
+    popular: dict[int, list[tuple[int, float]]], g: int, skip: set[int], n: int
+) -> list[tuple[int, float]]:
+    """The segment's n most popular items not in ``skip`` (all segments' if it has none)."""
+    ranked = popular.get(g, popular.get(NO_SEGMENT, []))
+    return [(i, c) for i, c in ranked if i not in skip][:n]
+
+
+def _row(user: str, g: int, rank: int, item: int, score: float, recent: list[int], **kw) -> dict:
+    fallback = {"fallback": True, "model_name": "segment_popularity", "model_version": None}
+    return {
+        "user_id": user,
+        "segment_id": g,
+        "rank": rank,
+        "item_idx": item,
+        "score": score,
+        **(kw or fallback),
+        "explanation": kw.get("explanation", []),
+        "recent": recent,
+    }
+
+
+def _explanation(
+    idx: torch.Tensor, weights: torch.Tensor, window: torch.Tensor, item_ids: np.ndarray
+) -> list[dict[str, Any]]:
+    """One item's kept events ((E,) positions from the end, weights) as output structs."""
+    L = len(window)
+    out = []
+    for ago, w in zip(idx.tolist(), weights.tolist(), strict=True):
+        if w > 0:
+            item = int(window[L - 1 - ago])
+            out.append(
+                {
+                    "item_id": str(item_ids[item]),
+                    "item_idx": item,
+                    "events_ago": int(ago),
+                    "weight": round(float(w), 4),
+                }
+            )
+    return out
 
 
 def score_batches(
@@ -99,59 +144,52 @@ def score_batches(
     for batch in batches:
         rows: list[dict[str, Any]] = []
         segs = batch["segment_id"].fillna(NO_SEGMENT).astype(int).to_numpy()
-        for g in np.unique(segs):
+        for g in (int(x) for x in np.unique(segs)):
             part = batch[segs == g]
-            model, name, version = models.get(int(g), models[NO_SEGMENT])
+            model, name, version = models.get(g, models[NO_SEGMENT])
             L, n_items = model.config.max_len, int(getattr(model, "n_global", model.config.n_items))
             x = windows(part["item_seq"], part["type_seq"], part["gap_seq"], L, n_items)
-            known = (x[:, 0] > 0).sum(1).numpy()
-            use = known >= s["min_history"]
-            recent = [
-                [int(i) for i in seq[-s["pattern_window"] :]] for seq in part["item_seq"]
-            ]
+            use = (x[:, 0] > 0).sum(1).numpy() >= s["min_history"]
+            recent = [[int(i) for i in seq[-s["pattern_window"] :]] for seq in part["item_seq"]]
             users = part["user_id"].tolist()
+            seen = [set(r) if s["exclude_seen"] else set() for r in recent]
             if use.any():
                 xs = x[torch.from_numpy(use)]
                 with torch.no_grad():
-                    scores = model(xs)
-                    values, ids = top_k(scores, K, xs[:, 0] if s["exclude_seen"] else None)
-                    expl_idx = expl_w = None
+                    values, ids = top_k(model(xs), K, xs[:, 0] if s["exclude_seen"] else None)
+                    explained = None
                     if s["explain_events"] > 0:
-                        E = min(s["explain_events"], L)
-                        drops = occlusion(lambda z: model(z), xs, ids.clamp_min(0), E)
-                        expl_idx, expl_w = normalise(drops, s["explain_top"])
+                        drops = occlusion(model, xs, ids, min(s["explain_events"], L))
+                        explained = normalise(drops, s["explain_top"])
                 for r, b in enumerate(np.nonzero(use)[0]):
-                    for k in range(ids.shape[1]):
-                        if not torch.isfinite(values[r, k]):
-                            continue
-                        explanation = []
-                        if expl_idx is not None:
-                            for j in range(expl_idx.shape[-1]):
-                                w = float(expl_w[r, k, j])
-                                if w <= 0:
-                                    continue
-                                ago = int(expl_idx[r, k, j])
-                                item = int(xs[r, 0, L - 1 - ago])
-                                explanation.append(
-                                    {"item_id": str(item_ids[item]), "item_idx": item,
-                                     "events_ago": ago, "weight": round(w, 4)}
-                                )
-                        rows.append({
-                            "user_id": users[b], "segment_id": int(g), "rank": k + 1,
-                            "item_idx": int(ids[r, k]), "score": float(values[r, k]),
-                            "fallback": False, "model_name": name, "model_version": version,
-                            "explanation": explanation, "recent": recent[b],
-                        })
+                    n_model = int(torch.isfinite(values[r]).sum())
+                    for k in range(n_model):
+                        expl = (
+                            _explanation(explained[0][r, k], explained[1][r, k], xs[r, 0], item_ids)
+                            if explained is not None
+                            else []
+                        )
+                        rows.append(
+                            _row(
+                                users[b],
+                                g,
+                                k + 1,
+                                int(ids[r, k]),
+                                float(values[r, k]),
+                                recent[b],
+                                fallback=False,
+                                model_name=name,
+                                model_version=version,
+                                explanation=expl,
+                            )
+                        )
+                    # a student's segment catalogue ran out: popularity fills the last ranks
+                    taken = {int(i) for i in ids[r, :n_model]} | seen[b]
+                    for k, (item, share) in enumerate(_popular(popular, g, taken, K - n_model)):
+                        rows.append(_row(users[b], g, n_model + k + 1, item, share, recent[b]))
             for b in np.nonzero(~use)[0]:
-                seen = set(recent[b]) if s["exclude_seen"] else set()
-                best = [(i, c) for i, c in popular.get(int(g), popular.get(NO_SEGMENT, [])) if i not in seen]
-                for k, (item, share) in enumerate(best[:K]):
-                    rows.append({
-                        "user_id": users[b], "segment_id": int(g), "rank": k + 1,
-                        "item_idx": int(item), "score": float(share), "fallback": True,
-                        "model_name": "segment_popularity", "model_version": None,
-                        "explanation": [], "recent": recent[b],
-                    })
+                for k, (item, share) in enumerate(_popular(popular, g, seen[b], K)):
+                    rows.append(_row(users[b], g, k + 1, item, share, recent[b]))
         yield pd.DataFrame(rows, columns=[c.split(" ")[0] for c in _columns()])
 
 
@@ -197,21 +235,26 @@ def segment_popularity(history: DataFrame, k: int) -> dict[int, list[tuple[int, 
     """segment -> its most frequent items (share of the segment's events), k + 200 of them
     so that excluding a user's past items still leaves k."""
     counts = (
-        history.select(F.coalesce("segment_id", F.lit(NO_SEGMENT)).alias("g"),
-                       F.explode("item_seq").alias("item"))
-        .groupBy("g", "item").count()
+        history.select(
+            F.coalesce("segment_id", F.lit(NO_SEGMENT)).alias("g"),
+            F.explode("item_seq").alias("item"),
+        )
+        .groupBy("g", "item")
+        .count()
     )
     w = Window.partitionBy("g").orderBy(F.desc("count"), "item")
     top = (
         counts.withColumn("share", F.col("count") / F.sum("count").over(Window.partitionBy("g")))
-        .withColumn("r", F.row_number().over(w)).where(F.col("r") <= k + 200)
-        .orderBy("g", "r").collect()
+        .withColumn("r", F.row_number().over(w))
+        .where(F.col("r") <= k + 200)
+        .orderBy("g", "r")
+        .collect()
     )
     out: dict[int, list[tuple[int, float]]] = {}
     for row in top:
         out.setdefault(int(row.g), []).append((int(row.item), float(row.share)))
     every: dict[int, float] = {}
-    for g, items in out.items():
+    for items in out.values():
         for i, share in items:
             every[i] = every.get(i, 0.0) + share
     out[NO_SEGMENT] = sorted(every.items(), key=lambda t: (-t[1], t[0]))[: k + 200]
@@ -222,20 +265,37 @@ def best_patterns(scored: DataFrame, patterns: DataFrame) -> DataFrame:
     """For each scored row, the best rule (confidence, then lift, then support) of its
     segment with the item as consequent and the antecedent in order in ``recent``."""
     rules = patterns.where("kind = 'sequential'").select(
-        F.col("segment_id").alias("p_segment"), F.col("consequent_idx").alias("p_item"),
-        "antecedent_idx", "kind", "antecedent", "consequent", "support", "confidence", "lift",
+        F.col("segment_id").alias("p_segment"),
+        F.col("consequent_idx").alias("p_item"),
+        "antecedent_idx",
+        "kind",
+        "antecedent",
+        "consequent",
+        "support",
+        "confidence",
+        "lift",
     )
-    cand = scored.select("user_id", "rank", "segment_id", "item_idx", "recent").join(
-        rules,
-        (F.col("segment_id") == F.col("p_segment")) & (F.col("item_idx") == F.col("p_item")),
-    ).where(in_order(F.col("antecedent_idx"), F.col("recent")))
+    cand = (
+        scored.select("user_id", "rank", "segment_id", "item_idx", "recent")
+        .join(
+            rules,
+            (F.col("segment_id") == F.col("p_segment")) & (F.col("item_idx") == F.col("p_item")),
+        )
+        .where(in_order(F.col("antecedent_idx"), F.col("recent")))
+    )
     w = Window.partitionBy("user_id", "rank").orderBy(
         F.desc("confidence"), F.desc("lift"), F.desc("support"), F.asc("antecedent")
     )
-    best = cand.withColumn("_r", F.row_number().over(w)).where("_r = 1").select(
-        "user_id", "rank",
-        F.struct("kind", "antecedent", "consequent", "support", "confidence", "lift")
-        .cast(PATTERN).alias("pattern"),
+    best = (
+        cand.withColumn("_r", F.row_number().over(w))
+        .where("_r = 1")
+        .select(
+            "user_id",
+            "rank",
+            F.struct("kind", "antecedent", "consequent", "support", "confidence", "lift")
+            .cast(PATTERN)
+            .alias("pattern"),
+        )
     )
     return scored.join(best, ["user_id", "rank"], "left")
 
@@ -250,7 +310,7 @@ def score_users(
                 f"score: {table} does not exist yet; run `patternlake run daily` first"
             )
     s = config.score.model_dump()
-    scored_at = datetime.now(timezone.utc)
+    scored_at = datetime.now(UTC)
     run_id = run_id or scored_at.strftime("%Y%m%dT%H%M%SZ")
     segments = lake.read("segments").select("user_id", "segment_id")
     seg_ids = sorted(r[0] for r in segments.select("segment_id").distinct().collect())
@@ -262,9 +322,11 @@ def score_users(
     item_ids = np.empty(max((r.item_idx for r in items), default=0) + 1, dtype=object)
     for r in items:
         item_ids[r.item_idx] = r.item_id
-    history = lake.read("user_sequences").select(
-        "user_id", "item_seq", "type_seq", "gap_seq"
-    ).join(segments, "user_id", "left")
+    history = (
+        lake.read("user_sequences")
+        .select("user_id", "item_seq", "type_seq", "gap_seq")
+        .join(segments, "user_id", "left")
+    )
     popular = segment_popularity(history, s["top_k"])
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(s["batch_size"]))
     sc = spark.sparkContext
@@ -279,27 +341,52 @@ def score_users(
     out = with_patterns.join(
         lake.read("item_index").select("item_idx", "item_id"), "item_idx", "left"
     ).select(
-        "user_id", "segment_id", "rank", "item_id", "item_idx", "score", "fallback",
-        F.col("pattern"), "explanation", "model_name", "model_version",
+        "user_id",
+        "segment_id",
+        "rank",
+        "item_id",
+        "item_idx",
+        "score",
+        "fallback",
+        F.col("pattern"),
+        "explanation",
+        "model_name",
+        "model_version",
         F.lit(payload["data_version"]).cast("bigint").alias("data_version"),
-        F.lit(run_id).alias("run_id"), F.lit(scored_at).alias("scored_at"),
+        F.lit(run_id).alias("run_id"),
+        F.lit(scored_at).alias("scored_at"),
     )
     try:
         version = lake.write(out, TABLE, "overwrite", replace_where={"run_id": run_id})
     finally:
         shared.unpersist()
     stats = (
-        lake.read(TABLE).where(F.col("run_id") == run_id)
-        .agg(F.countDistinct("user_id").alias("users"), F.count("*").alias("rows"),
-             F.sum(F.col("fallback").cast("int")).alias("fallback_rows"),
-             F.sum(F.col("pattern").isNotNull().cast("int")).alias("with_pattern"))
-        .first().asDict()
+        lake.read(TABLE)
+        .where(F.col("run_id") == run_id)
+        .agg(
+            F.countDistinct("user_id").alias("users"),
+            F.count("*").alias("rows"),
+            F.sum(F.col("fallback").cast("int")).alias("fallback_rows"),
+            F.sum(F.col("pattern").isNotNull().cast("int")).alias("with_pattern"),
+        )
+        .first()
+        .asDict()
     )
-    result = {"run_id": run_id, "version": version, "models": {str(k): v for k, v in served.items()},
-              **stats, "seconds": round(time.monotonic() - started, 1)}
+    result = {
+        "run_id": run_id,
+        "version": version,
+        "models": {str(k): v for k, v in served.items()},
+        **stats,
+        "seconds": round(time.monotonic() - started, 1),
+    }
     log.info(
         "score: run %s: %d users, %d rows (%d fallback, %d with a pattern) -> user_patterns@v%d (%.1fs)",
-        run_id, stats["users"], stats["rows"], stats["fallback_rows"] or 0,
-        stats["with_pattern"] or 0, version, result["seconds"],
+        run_id,
+        stats["users"],
+        stats["rows"],
+        stats["fallback_rows"] or 0,
+        stats["with_pattern"] or 0,
+        version,
+        result["seconds"],
     )
     return result

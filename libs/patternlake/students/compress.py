@@ -16,7 +16,7 @@ import json
 import logging
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,77 +51,153 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
             "distill` first"
         )
     c = config.compress
-    settings = {**config.students.model_dump(), "sparsity": c.sparsity,
-                "finetune_epochs": c.finetune_epochs, "gate_int8": c.gate}
+    settings = {
+        **config.students.model_dump(),
+        "sparsity": c.sparsity,
+        "finetune_epochs": c.finetune_epochs,
+        "gate_int8": c.gate,
+    }
     jobs, blobs = [], []
     for g, v in sorted(students.items()):
-        jobs.append({"segment": g, "files": files, "segment_files": lake.files("segments"),
-                     "settings": settings, "student_index": len(blobs)})
+        jobs.append(
+            {
+                "segment": g,
+                "files": files,
+                "segment_files": lake.files("segments"),
+                "settings": settings,
+                "student_index": len(blobs),
+            }
+        )
         blobs.append(registry.version_file(config, registry.STUDENT, v.version).read_bytes())
 
     def task(job: dict[str, Any], teacher_data: bytes, *student_data: bytes) -> dict[str, Any]:
         return compress_segment(job, teacher_data, student_data[job["student_index"]])
 
     log.info("compress: %d students as Spark tasks, sparsity tried %s", len(jobs), c.sparsity)
-    results = run_tasks(spark, task, jobs, [teacher_bytes(teacher), *blobs], config.students.parallel)
+    results = run_tasks(
+        spark, task, jobs, [teacher_bytes(teacher), *blobs], config.students.parallel
+    )
     use_experiment(config)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     decisions, out = [], {"segments": {}, "teacher_version": tags["version"]}
     for r in sorted(results, key=lambda r: r["segment"]):
         g = r["segment"]
         fp32 = students[g]
         with mlflow.start_run(run_name=f"student-int8-{g}") as run:
-            mlflow.set_tags({"patternlake.role": "student", "segment": g, "variant": "int8",
-                             "data.version": data_version, "teacher.version": tags["version"],
-                             "fp32.version": fp32.version})
-            mlflow.log_params({"sparsity": r["sparsity"], "finetune_epochs": c.finetune_epochs,
-                               "runtime": c.runtime})
-            mlflow.log_metrics({"int8_valid_ndcg_at_10": r["int8_valid_ndcg@10"],
-                                "fp32_valid_ndcg_at_10": r["fp32_valid_ndcg@10"],
-                                "sparsity_reached": r["sparsity_reached"],
-                                "int8_bytes": r["int8_bytes"], "fp32_bytes": r["fp32_bytes"],
-                                "int8_ms_per_1000_users": r["int8_ms_per_1000_users"]})
+            mlflow.set_tags(
+                {
+                    "patternlake.role": "student",
+                    "segment": g,
+                    "variant": "int8",
+                    "data.version": data_version,
+                    "teacher.version": tags["version"],
+                    "fp32.version": fp32.version,
+                }
+            )
+            mlflow.log_params(
+                {
+                    "sparsity": r["sparsity"],
+                    "finetune_epochs": c.finetune_epochs,
+                    "runtime": c.runtime,
+                }
+            )
+            mlflow.log_metrics(
+                {
+                    "int8_valid_ndcg_at_10": r["int8_valid_ndcg@10"],
+                    "fp32_valid_ndcg_at_10": r["fp32_valid_ndcg@10"],
+                    "sparsity_reached": r["sparsity_reached"],
+                    "int8_bytes": r["int8_bytes"],
+                    "fp32_bytes": r["fp32_bytes"],
+                    "int8_ms_per_1000_users": r["int8_ms_per_1000_users"],
+                }
+            )
             mlflow.log_text(json.dumps(r["tried"], indent=1), "tried.json")
             with tempfile.TemporaryDirectory(prefix="pl-int8-") as tmp:
                 path = Path(tmp) / "student-int8.safetensors"
                 path.write_bytes(r["model"])
                 mlflow.log_artifact(str(path), artifact_path="model")
             params = int(fp32.tags.get("params", 0))
-            version = registry.register(config, run.info.run_id, "model", {
-                "segment": g, "variant": "int8", "params": params, "bytes": r["int8_bytes"],
-                "valid_ndcg_at_10": round(r["int8_valid_ndcg@10"], 6),
-                "sparsity": r["sparsity_reached"], "fp32_version": fp32.version,
-                "teacher_version": tags["version"], "data_version": data_version,
-            })
-        decision = gate(r["int8_valid_ndcg@10"], r["fp32_valid_ndcg@10"], c.gate,
-                        r["valid_users"], config.students.min_users)
+            version = registry.register(
+                config,
+                run.info.run_id,
+                "model",
+                {
+                    "segment": g,
+                    "variant": "int8",
+                    "params": params,
+                    "bytes": r["int8_bytes"],
+                    "valid_ndcg_at_10": round(r["int8_valid_ndcg@10"], 6),
+                    "sparsity": r["sparsity_reached"],
+                    "fp32_version": fp32.version,
+                    "teacher_version": tags["version"],
+                    "data_version": data_version,
+                },
+            )
+        decision = gate(
+            r["int8_valid_ndcg@10"],
+            r["fp32_valid_ndcg@10"],
+            c.gate,
+            r["valid_users"],
+            config.students.min_users,
+        )
         current = registry.champion_version(config, g)
         fp32_is_champion = current is not None and str(current.version) == str(fp32.version)
         promoted = decision.passed and fp32_is_champion
-        reason = decision.reason if fp32_is_champion else (
-            f"{decision.reason}; not promoted: its fp32 student is not the champion")
+        reason = (
+            decision.reason
+            if fp32_is_champion
+            else (f"{decision.reason}; not promoted: its fp32 student is not the champion")
+        )
         if promoted:
             registry.set_champion(config, g, version)
-        champion = (f"student-int8 v{version}" if promoted else
-                    f"student v{current.version}" if current is not None else "teacher")
-        decisions.append({
-            "decided_at": now, "stage": "compress", "segment_id": g, "model": "student",
-            "variant": "int8", "registered_version": version, "params": params,
-            "bytes": r["int8_bytes"], "valid_users": r["valid_users"],
-            "reference": f"student v{fp32.version}",
-            "reference_ndcg_at_10": r["fp32_valid_ndcg@10"],
-            "model_ndcg_at_10": r["int8_valid_ndcg@10"], "ratio": decision.ratio,
-            "threshold": c.gate, "promoted": promoted, "champion": champion, "reason": reason,
-            "details": json.dumps(summary_row(r) | {"tried": r["tried"]}),
-        })
-        out["segments"][g] = {**summary_row(r), "tried": r["tried"], "registered_version": version,
-                              "promoted": promoted, "champion": champion}
+        champion = (
+            f"student-int8 v{version}"
+            if promoted
+            else f"student v{current.version}"
+            if current is not None
+            else "teacher"
+        )
+        decisions.append(
+            {
+                "decided_at": now,
+                "stage": "compress",
+                "segment_id": g,
+                "model": "student",
+                "variant": "int8",
+                "registered_version": version,
+                "params": params,
+                "bytes": r["int8_bytes"],
+                "valid_users": r["valid_users"],
+                "reference": f"student v{fp32.version}",
+                "reference_ndcg_at_10": r["fp32_valid_ndcg@10"],
+                "model_ndcg_at_10": r["int8_valid_ndcg@10"],
+                "ratio": decision.ratio,
+                "threshold": c.gate,
+                "promoted": promoted,
+                "champion": champion,
+                "reason": reason,
+                "details": json.dumps(summary_row(r) | {"tried": r["tried"]}),
+            }
+        )
+        out["segments"][g] = {
+            **summary_row(r),
+            "tried": r["tried"],
+            "registered_version": version,
+            "promoted": promoted,
+            "champion": champion,
+        }
         log.info(
             "compress segment %d: sparsity %.2f, %d -> %d bytes (%.1fx), validation NDCG@10 "
             "%.4f vs fp32 %.4f: %s -> champion %s",
-            g, r["sparsity_reached"], r["fp32_bytes"], r["int8_bytes"],
-            r["fp32_bytes"] / max(r["int8_bytes"], 1), r["int8_valid_ndcg@10"],
-            r["fp32_valid_ndcg@10"], "promoted" if promoted else "not promoted", champion,
+            g,
+            r["sparsity_reached"],
+            r["fp32_bytes"],
+            r["int8_bytes"],
+            r["fp32_bytes"] / max(r["int8_bytes"], 1),
+            r["int8_valid_ndcg@10"],
+            r["fp32_valid_ndcg@10"],
+            "promoted" if promoted else "not promoted",
+            champion,
         )
     write_decisions(lake, decisions)
     out["seconds"] = round(time.monotonic() - started, 1)

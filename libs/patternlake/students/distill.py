@@ -14,7 +14,7 @@ import json
 import logging
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,9 @@ def require(lake: Lake, stage: str, *tables: str) -> None:
 
 
 def pinned_files(lake: Lake, tags: dict[str, str]) -> tuple[list[str], int]:
-    version = int(tags["data.version"]) if "data.version" in tags else lake.version("user_sequences")
+    version = (
+        int(tags["data.version"]) if "data.version" in tags else lake.version("user_sequences")
+    )
     return lake.files("user_sequences", version), version
 
 
@@ -78,7 +80,9 @@ def run_tasks(
 
 def write_decisions(lake: Lake, rows: list[dict[str, Any]]) -> None:
     columns = [c.strip().split(" ")[0] for c in DECISIONS_SCHEMA.split(", ")]
-    df = lake.spark.createDataFrame([tuple(r.get(c) for c in columns) for r in rows], DECISIONS_SCHEMA)
+    df = lake.spark.createDataFrame(
+        [tuple(r.get(c) for c in columns) for r in rows], DECISIONS_SCHEMA
+    )
     lake.write(df, "model_decisions", "append")
 
 
@@ -108,10 +112,14 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     log.info(
         "distill: %d segments as Spark tasks, teacher v%s (%d params, budget %d), data "
         "user_sequences@v%d",
-        len(segs), tags["version"], teacher.num_params(), budget, data_version,
+        len(segs),
+        tags["version"],
+        teacher.num_params(),
+        budget,
+        data_version,
     )
     results = run_tasks(spark, distill_segment, jobs, [teacher_bytes(teacher)], s.parallel)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     from patternlake.training.teacher_job import use_experiment
 
     use_experiment(config)
@@ -119,56 +127,123 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     for r in sorted(results, key=lambda r: r["segment"]):
         g = r["segment"]
         row = {
-            "decided_at": now, "stage": "distill", "segment_id": g, "model": "student",
-            "variant": "fp32", "valid_users": r["valid_users"], "reference": "teacher",
-            "reference_ndcg_at_10": r["teacher_valid_ndcg@10"], "threshold": s.gate,
+            "decided_at": now,
+            "stage": "distill",
+            "segment_id": g,
+            "model": "student",
+            "variant": "fp32",
+            "valid_users": r["valid_users"],
+            "reference": "teacher",
+            "reference_ndcg_at_10": r["teacher_valid_ndcg@10"],
+            "threshold": s.gate,
         }
         if "error" in r:
             registry.set_champion(config, g, None)
-            decisions.append({**row, "promoted": False, "champion": "teacher",
-                              "reason": r["error"], "details": json.dumps(summary_row(r))})
+            decisions.append(
+                {
+                    **row,
+                    "promoted": False,
+                    "champion": "teacher",
+                    "reason": r["error"],
+                    "details": json.dumps(summary_row(r)),
+                }
+            )
             out["segments"][g] = {**summary_row(r), "champion": "teacher"}
             log.warning("distill segment %d: %s; the teacher serves it", g, r["error"])
             continue
         with mlflow.start_run(run_name=f"student-{g}") as run:
-            mlflow.set_tags({"patternlake.role": "student", "segment": g, "variant": "fp32",
-                             "data.version": data_version, "teacher.version": tags["version"]})
+            mlflow.set_tags(
+                {
+                    "patternlake.role": "student",
+                    "segment": g,
+                    "variant": "fp32",
+                    "data.version": data_version,
+                    "teacher.version": tags["version"],
+                }
+            )
             mlflow.log_params({f"model.{k}": v for k, v in r["config"].items()})
-            mlflow.log_params({"loss": s.loss, "temperature": s.temperature, "alpha": s.alpha,
-                               "catalogue_share": s.catalogue_share, "budget": budget})
+            mlflow.log_params(
+                {
+                    "loss": s.loss,
+                    "temperature": s.temperature,
+                    "alpha": s.alpha,
+                    "catalogue_share": s.catalogue_share,
+                    "budget": budget,
+                }
+            )
             for h in r["history"]:
-                mlflow.log_metrics({"train_loss": h["loss"], "valid_ndcg_at_10": h["valid_ndcg@10"]},
-                                   step=h["epoch"])
-            mlflow.log_metrics({"best_valid_ndcg_at_10": r["best_valid_ndcg@10"],
-                                "teacher_valid_ndcg_at_10": r["teacher_valid_ndcg@10"],
-                                "params": r["params"], "bytes": r["bytes"],
-                                "ms_per_1000_users": r["ms_per_1000_users"]})
+                mlflow.log_metrics(
+                    {"train_loss": h["loss"], "valid_ndcg_at_10": h["valid_ndcg@10"]},
+                    step=h["epoch"],
+                )
+            mlflow.log_metrics(
+                {
+                    "best_valid_ndcg_at_10": r["best_valid_ndcg@10"],
+                    "teacher_valid_ndcg_at_10": r["teacher_valid_ndcg@10"],
+                    "params": r["params"],
+                    "bytes": r["bytes"],
+                    "ms_per_1000_users": r["ms_per_1000_users"],
+                }
+            )
             with tempfile.TemporaryDirectory(prefix="pl-student-") as tmp:
                 path = Path(tmp) / "student.safetensors"
                 path.write_bytes(r["model"])
                 mlflow.log_artifact(str(path), artifact_path="model")
-            version = registry.register(config, run.info.run_id, "model", {
-                "segment": g, "variant": "fp32", "params": r["params"], "bytes": r["bytes"],
-                "valid_ndcg_at_10": round(r["best_valid_ndcg@10"], 6),
-                "teacher_version": tags["version"], "data_version": data_version,
-            })
-        decision = gate(r["best_valid_ndcg@10"], r["teacher_valid_ndcg@10"], s.gate,
-                        r["valid_users"], s.min_users)
+            version = registry.register(
+                config,
+                run.info.run_id,
+                "model",
+                {
+                    "segment": g,
+                    "variant": "fp32",
+                    "params": r["params"],
+                    "bytes": r["bytes"],
+                    "valid_ndcg_at_10": round(r["best_valid_ndcg@10"], 6),
+                    "teacher_version": tags["version"],
+                    "data_version": data_version,
+                },
+            )
+        decision = gate(
+            r["best_valid_ndcg@10"],
+            r["teacher_valid_ndcg@10"],
+            s.gate,
+            r["valid_users"],
+            s.min_users,
+        )
         registry.set_champion(config, g, version if decision.passed else None)
         champion = f"student v{version}" if decision.passed else "teacher"
-        decisions.append({**row, "registered_version": version, "params": r["params"],
-                          "bytes": r["bytes"], "model_ndcg_at_10": r["best_valid_ndcg@10"],
-                          "ratio": decision.ratio, "promoted": decision.passed,
-                          "champion": champion, "reason": decision.reason,
-                          "details": json.dumps(summary_row(r))})
-        out["segments"][g] = {**summary_row(r), "registered_version": version,
-                              "promoted": decision.passed, "champion": champion}
+        decisions.append(
+            {
+                **row,
+                "registered_version": version,
+                "params": r["params"],
+                "bytes": r["bytes"],
+                "model_ndcg_at_10": r["best_valid_ndcg@10"],
+                "ratio": decision.ratio,
+                "promoted": decision.passed,
+                "champion": champion,
+                "reason": decision.reason,
+                "details": json.dumps(summary_row(r)),
+            }
+        )
+        out["segments"][g] = {
+            **summary_row(r),
+            "registered_version": version,
+            "promoted": decision.passed,
+            "champion": champion,
+        }
         log.info(
             "distill segment %d: %d users, student %d params (teacher %d), validation NDCG@10 "
             "%.4f vs teacher %.4f (%.0f%%): %s -> champion %s",
-            g, r["users"], r["params"], r["teacher_params"], r["best_valid_ndcg@10"],
-            r["teacher_valid_ndcg@10"], 100 * (decision.ratio or 0),
-            "promoted" if decision.passed else "not promoted", champion,
+            g,
+            r["users"],
+            r["params"],
+            r["teacher_params"],
+            r["best_valid_ndcg@10"],
+            r["teacher_valid_ndcg@10"],
+            100 * (decision.ratio or 0),
+            "promoted" if decision.passed else "not promoted",
+            champion,
         )
     write_decisions(lake, decisions)
     out["seconds"] = round(time.monotonic() - started, 1)

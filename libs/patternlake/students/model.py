@@ -86,7 +86,10 @@ class Student(nn.Module):
         if self.catalogue is None:
             return local
         out = torch.full(
-            (*local.shape[:-1], self.n_global), float("-inf"), dtype=local.dtype, device=local.device
+            (*local.shape[:-1], self.n_global),
+            float("-inf"),
+            dtype=local.dtype,
+            device=local.device,
         )
         out[..., self.to_global] = local[..., 2:]
         return out
@@ -134,6 +137,7 @@ def from_bytes(data: bytes, runtime: str = "dequant") -> nn.Module:
 
 
 # -- int8 -------------------------------------------------------------------------------------
+
 
 def large_tensors(model: Student) -> list[str]:
     """Names (in ``model.state_dict()``) of the tensors pruning and int8 apply to: every 2-D

@@ -44,8 +44,13 @@ def student_config(
         if d % n_heads:
             continue
         c = replace(
-            teacher, n_items=n_items, d_model=d, n_layers=n_layers, n_heads=n_heads,
-            dropout=dropout, sampled_softmax=0,
+            teacher,
+            n_items=n_items,
+            d_model=d,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            dropout=dropout,
+            sampled_softmax=0,
         )
         if count_params(c) <= budget:
             return c

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,7 @@ def client(config: Config):
     return mlflow.MlflowClient(tracking_uri=config.mlflow.tracking_uri)
 
 
-def register(
-    config: Config, run_id: str, artifact_path: str, tags: dict[str, Any]
-) -> str:
+def register(config: Config, run_id: str, artifact_path: str, tags: dict[str, Any]) -> str:
     """A new version of ``student`` whose source is ``artifact_path`` of run ``run_id``."""
     c = client(config)
     try:
@@ -64,10 +63,8 @@ def set_champion(config: Config, segment: int, version: str | None) -> None:
     c = client(config)
     alias = champion_alias(segment)
     if version is None:
-        try:
+        with contextlib.suppress(Exception):  # no alias yet
             c.delete_registered_model_alias(STUDENT, alias)
-        except Exception:
-            pass
         return
     c.set_registered_model_alias(STUDENT, alias, version)
 

@@ -4,7 +4,7 @@ current teacher (validation numbers, as the gates saw them), written to ``model_
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from patternlake.config import Config
@@ -57,24 +57,26 @@ def report_rows(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         student = di["model_ndcg_at_10"] if di else None
         int8 = co["model_ndcg_at_10"] if co else None
         champion = (co or di)["champion"]
-        rows.append({
-            "segment_id": g,
-            "valid_users": (di or co)["valid_users"],
-            "teacher_params": dd.get("teacher_params"),
-            "student_params": dd.get("params"),
-            "fp32_bytes": dd.get("bytes"),
-            "int8_bytes": cd.get("int8_bytes"),
-            "sparsity": cd.get("sparsity_reached"),
-            "teacher_ndcg_at_10": teacher,
-            "student_ndcg_at_10": student,
-            "int8_ndcg_at_10": int8,
-            "student_retention_pct": _pct(student, teacher),
-            "int8_retention_pct": _pct(int8, co["reference_ndcg_at_10"] if co else None),
-            "teacher_ms_per_1000": dd.get("teacher_ms_per_1000_users"),
-            "student_ms_per_1000": dd.get("ms_per_1000_users"),
-            "int8_ms_per_1000": cd.get("int8_ms_per_1000_users"),
-            "champion": champion,
-        })
+        rows.append(
+            {
+                "segment_id": g,
+                "valid_users": (di or co)["valid_users"],
+                "teacher_params": dd.get("teacher_params"),
+                "student_params": dd.get("params"),
+                "fp32_bytes": dd.get("bytes"),
+                "int8_bytes": cd.get("int8_bytes"),
+                "sparsity": cd.get("sparsity_reached"),
+                "teacher_ndcg_at_10": teacher,
+                "student_ndcg_at_10": student,
+                "int8_ndcg_at_10": int8,
+                "student_retention_pct": _pct(student, teacher),
+                "int8_retention_pct": _pct(int8, co["reference_ndcg_at_10"] if co else None),
+                "teacher_ms_per_1000": dd.get("teacher_ms_per_1000_users"),
+                "student_ms_per_1000": dd.get("ms_per_1000_users"),
+                "int8_ms_per_1000": cd.get("int8_ms_per_1000_users"),
+                "champion": champion,
+            }
+        )
     return rows
 
 
@@ -85,7 +87,7 @@ def model_report(lake: Lake, config: Config) -> list[dict[str, Any]]:
         )
     decisions = [r.asDict() for r in lake.read("model_decisions").collect()]
     rows = report_rows(decisions)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     columns = [c.strip().split(" ")[0] for c in SCHEMA.split(", ")]
     data = [tuple(now if c == "reported_at" else r.get(c) for c in columns) for r in rows]
     lake.write(lake.spark.createDataFrame(data, SCHEMA), "model_report", "append")

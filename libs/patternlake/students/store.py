@@ -36,15 +36,20 @@ _DTYPES = {
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
+def _array(name: str, value: np.ndarray | torch.Tensor) -> np.ndarray:
+    a = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    a = np.ascontiguousarray(a)
+    if a.dtype not in _NAMES:
+        raise TypeError(f"{name}: dtype {a.dtype} cannot be stored")
+    return a
+
+
 def dumps(tensors: dict[str, np.ndarray | torch.Tensor], metadata: dict[str, Any]) -> bytes:
     """Tensors (numpy or torch, any of F32 F16 I8 U8 I32 I64) and JSON-able metadata -> bytes."""
     header: dict[str, Any] = {"__metadata__": {k: json.dumps(v) for k, v in metadata.items()}}
     chunks, offset = [], 0
     for name, value in tensors.items():
-        a = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        a = np.ascontiguousarray(a)
-        if a.dtype not in _NAMES:
-            raise TypeError(f"{name}: dtype {a.dtype} cannot be stored")
+        a = _array(name, value)
         raw = a.tobytes()
         header[name] = {
             "dtype": _NAMES[a.dtype],
@@ -94,10 +99,7 @@ def dumps_packed(tensors: dict[str, np.ndarray | torch.Tensor], metadata: dict[s
     redundancy cost bytes that matter at a student's size). ``loads`` reads both forms."""
     index, chunks, offset = {}, [], 0
     for name, value in tensors.items():
-        a = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        a = np.ascontiguousarray(a)
-        if a.dtype not in _NAMES:
-            raise TypeError(f"{name}: dtype {a.dtype} cannot be stored")
+        a = _array(name, value)
         raw = a.tobytes()
         index[name] = [_NAMES[a.dtype], list(a.shape), offset, offset + len(raw)]
         chunks.append(raw)

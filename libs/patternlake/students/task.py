@@ -37,7 +37,9 @@ from patternlake.training.data import evaluation_arrays, read_table, training_ar
 
 
 def teacher_bytes(teacher: SequentialTeacher) -> bytes:
-    return store.dumps(teacher.state_dict(), {"kind": "teacher", "config": teacher.config.to_dict()})
+    return store.dumps(
+        teacher.state_dict(), {"kind": "teacher", "config": teacher.config.to_dict()}
+    )
 
 
 def teacher_from_bytes(data: bytes) -> SequentialTeacher:
@@ -171,7 +173,11 @@ def train_student(
                 soft = _soft_targets(teacher, student, items, types, gaps, mask)
             h = student.hidden(items, types, gaps)[mask]
             loss = kd_loss(
-                student.local_scores(h), soft, local_y[mask], s["temperature"], s["alpha"],
+                student.local_scores(h),
+                soft,
+                local_y[mask],
+                s["temperature"],
+                s["alpha"],
                 s["top_k"] if s["loss"] == "topk" else 0,
             )
             opt.zero_grad()
@@ -186,7 +192,9 @@ def train_student(
             samples += int(mask.sum())
         seconds += time.perf_counter() - started
         score = ndcg(student, data, n_global)
-        history.append({"epoch": epoch, "loss": round(loss_sum / max(steps, 1), 5), "valid_ndcg@10": score})
+        history.append(
+            {"epoch": epoch, "loss": round(loss_sum / max(steps, 1), 5), "valid_ndcg@10": score}
+        )
         if score > best:
             best, best_epoch, bad = score, epoch, 0
             best_state = copy.deepcopy(student.state_dict())
