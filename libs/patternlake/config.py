@@ -227,6 +227,15 @@ class TuneConfig(_Strict):
     space: TuneSpaceConfig
 
 
+class StudentSpaceConfig(_Strict):
+    """The per-segment search space (widths come from students.d_model)."""
+
+    catalogue_share: list[float] = Field(min_length=1)
+    n_layers: tuple[int, int]
+    dropout: tuple[float, float]
+    lr: tuple[float, float]  # sampled log-uniformly
+
+
 class StudentsConfig(_Strict):
     """`distill`: one student per segment, distilled from the teacher."""
 
@@ -249,6 +258,10 @@ class StudentsConfig(_Strict):
     min_users: int = Field(ge=0)  # fewer validation users: the segment keeps the teacher
     parallel: int = Field(ge=0)  # Spark tasks at once (0: one per segment)
     cache_mb: int = Field(ge=0)  # teacher logits kept per task (fp16) instead of recomputed
+    search_trials: int = Field(ge=0)  # > 0: an Optuna study per segment picks the architecture
+    search_epochs: int = Field(gt=0)  # epochs per search trial
+    prune_after: int = Field(gt=0)  # a trial below the median after this many epochs is pruned
+    space: StudentSpaceConfig
 
 
 class CompressConfig(_Strict):

@@ -149,3 +149,38 @@ def test_evaluate_reports_students_int8_and_champions(spark, students):
     assert lake.read("model_report").count() == len(rows)
     for r in rows:
         assert r["int8_bytes"] < r["fp32_bytes"] and r["student_params"] < r["teacher_params"]
+
+
+@pytest.mark.slow
+def test_a_small_search_picks_a_student_within_the_budget(students):
+    """students.search_trials > 0: an Optuna study (tuning's Pareto and pruning code) in the
+    segment's task; the chosen trial is within the budget and is what gets trained."""
+    from patternlake.students.task import distill_segment, teacher_bytes
+
+    cfg, lake, _, _, _, good, _ = students
+    teacher, tags = registry.load_teacher(cfg)
+    g = max(good["segments"], key=lambda k: good["segments"][k]["users"])
+    budget = int(cfg.students.max_param_ratio * teacher.num_params())
+    settings = {
+        **cfg.students.model_dump(),
+        "search_trials": 4,
+        "search_epochs": 2,
+        "epochs": 2,
+        "d_model": [32, 16, 8],
+    }
+    job = {
+        "segment": g,
+        "files": lake.files("user_sequences", int(tags["data.version"])),
+        "segment_files": lake.files("segments"),
+        "settings": settings,
+        "budget": budget,
+    }
+    r = distill_segment(job, teacher_bytes(teacher))
+    trials = r["search"]["trials"]
+    assert len(trials) == 4
+    over = [t for t in trials if t["params"] > budget]
+    assert all(t["state"] == "PRUNED" for t in over)
+    chosen = r["search"]["chosen"]
+    assert chosen is not None and chosen["params"] <= budget and chosen["state"] == "COMPLETE"
+    assert r["params"] == chosen["params"] and r["config"]["d_model"] == chosen["d_model"]
+    assert r["config"]["n_layers"] == chosen["n_layers"]

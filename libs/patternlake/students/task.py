@@ -145,6 +145,7 @@ def train_student(
     s: dict[str, Any],
     epochs: int,
     masks: dict[str, torch.Tensor] | None = None,
+    on_epoch: Any = None,
 ) -> dict[str, Any]:
     """Distillation epochs with early stopping on the segment's validation NDCG@10; the
     best epoch's weights are restored. ``masks`` (pruning) are re-applied after every step."""
@@ -195,6 +196,8 @@ def train_student(
         history.append(
             {"epoch": epoch, "loss": round(loss_sum / max(steps, 1), 5), "valid_ndcg@10": score}
         )
+        if on_epoch is not None:
+            on_epoch(epoch, score)  # may raise (the search's pruning)
         if score > best:
             best, best_epoch, bad = score, epoch, 0
             best_state = copy.deepcopy(student.state_dict())
@@ -258,6 +261,22 @@ def distill_segment(job: dict[str, Any], teacher_data: bytes) -> dict[str, Any]:
     out["teacher_valid_ndcg@10"] = ndcg(_TeacherScores(teacher), data, tc.n_items)
     if data.n_windows == 0:
         return {**out, "error": "the segment has no training windows"}
+    search = None
+    if s.get("search_trials", 0) > 0:
+        from patternlake.students.search import search_student
+
+        search = search_student(teacher, data, s, job["budget"])
+        if search["chosen"] is not None:
+            c = search["chosen"]
+            s = {
+                **s,
+                "catalogue_share": c["catalogue_share"],
+                "d_model": [c["d_model"]],
+                "n_layers": c["n_layers"],
+                "dropout": c["dropout"],
+                "lr": c["lr"],
+            }
+        out["search"] = search
     catalogue = segment_catalogue(data.train[3].numpy().ravel(), s["catalogue_share"])
     cfg = student_config(
         tc, job["budget"], s["d_model"], s["n_layers"], s["n_heads"], s["dropout"], catalogue
