@@ -198,9 +198,9 @@ def main(argv=None) -> int:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     sec = timed(lambda: a @ b)
     gemm = 2 * 2048**3 / sec / 1e9
-    big = max((m for g, m in int8.items() if g != -1), key=lambda m: m.config.d_model, default=None)
-    student = big.shell if hasattr(big, "shell") else big
-    d, items = student.config.d_model, student.config.n_items
+    # the widest student's width against the whole catalogue (a segment catalogue is smaller)
+    widths = [m.config.d_model for g, m in int8.items() if g != -1] or [teacher.config.d_model]
+    d, items = max(widths), teacher.config.n_items
     h = torch.randn(1024, d)
     E = torch.randn(items, d)
     sec = timed(lambda: [h @ E.T for _ in range(20)]) / 20
