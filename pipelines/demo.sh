@@ -57,7 +57,7 @@ for user in users:
     rows = up.where(f"user_id = '{user}'").orderBy("rank").limit(5).collect()
     print(f"\nuser {user} (segment {rows[0].segment_id}, scored by {rows[0].model_name} v{rows[0].model_version}):")
     for r in rows:
-        why = ", ".join(f"{e.item_id} ({e.events_ago} events ago, {e.weight:.0%})" for e in r.explanation) or "-"
+        why = ", ".join(f"{e.item_id} ({e.events_ago} events ago, {e.weight:.0%})" for e in r.explanation if e.weight >= 0.01) or "-"
         rule = (f"rule {' -> '.join(r.pattern.antecedent)} => {r.pattern.consequent} "
                 f"(confidence {r.pattern.confidence:.2f}, lift {r.pattern.lift:.1f})") if r.pattern else "no rule"
         print(f"  {r.rank:2d}. {r.item_id:8s} {rule}; because of: {why}")
