@@ -92,22 +92,12 @@ def has_teacher(config) -> bool:
         return False
 
 
-def time_ms_per_1000(model, x: torch.Tensor, repeats: int = 3) -> float:
-    best = float("inf")
-    with torch.no_grad():
-        model(x[:64])
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for s in range(0, len(x), 1024):
-                model(x[s : s + 1024])
-            best = min(best, time.perf_counter() - t)
-    return 1e6 * best / len(x)
-
-
 def runtimes(lake, config) -> dict:
     """fp32 teacher vs students (fp32, int8 dequant, int8 dynamic) on every user's test input."""
+    from patternlake.models.teacher import TeacherScorer
     from patternlake.students import registry
     from patternlake.students.model import from_bytes
+    from patternlake.students.task import ms_per_1000_users
     from patternlake.training.data import evaluation_arrays, read_table
 
     teacher, tags = registry.load_teacher(config)
@@ -117,10 +107,6 @@ def runtimes(lake, config) -> dict:
     seg_of = {r.user_id: r.segment_id for r in lake.read("segments").collect()}
     groups = np.array([seg_of.get(u, -1) for u in users])
     out = {"users": int(len(users)), "segments": {}}
-
-    class T(torch.nn.Module):
-        def forward(self, z):
-            return teacher.last_scores(z[:, 0], z[:, 1], z[:, 2])
 
     totals = {"teacher": 0.0, "student": 0.0, "int8_dequant": 0.0, "int8_dynamic": 0.0}
     agree = {"int8_dequant": [], "int8_dynamic": []}
@@ -137,7 +123,7 @@ def runtimes(lake, config) -> dict:
         fp32 = from_bytes(registry.version_file(config, "student", fp32_v[0].version).read_bytes())
         blob = registry.version_file(config, "student", int8_v[0].version).read_bytes()
         models = {
-            "teacher": T(),
+            "teacher": TeacherScorer(teacher),
             "student": fp32,
             "int8_dequant": from_bytes(blob, "dequant"),
             "int8_dynamic": from_bytes(blob, "dynamic"),
@@ -146,7 +132,7 @@ def runtimes(lake, config) -> dict:
         with torch.no_grad():
             ref = fp32(xs).topk(10).indices.sort().values
         for name, m in models.items():
-            ms = time_ms_per_1000(m, xs)
+            ms = ms_per_1000_users(m, xs, batch=1024)
             row[f"{name}_ms_per_1000"] = round(ms, 2)
             totals[name] += ms * len(xs) / 1000
             if name.startswith("int8"):

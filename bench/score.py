@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     from compress import work_config
 
     from patternlake.lake import Lake
+    from patternlake.models.teacher import TeacherScorer
     from patternlake.spark import get_spark
     from patternlake.students import registry
     from patternlake.students.model import from_bytes
@@ -151,13 +152,8 @@ def main(argv=None) -> int:
     groups = np.array([seg_of.get(u, -1) for u in table.column("user_id").to_pylist()])
     k = config.score.top_k
 
-    class T(torch.nn.Module):
-        config = teacher.config
-
-        def forward(self, z):
-            return teacher.last_scores(z[:, 0], z[:, 1], z[:, 2])
-
-    fp32, int8 = {-1: T()}, {-1: T()}
+    scorer = TeacherScorer(teacher)
+    fp32, int8 = {-1: scorer}, {-1: scorer}
     for g in set(groups.tolist()):
         for variant, store in (("fp32", fp32), ("int8", int8)):
             v = registry.student_versions(
@@ -171,7 +167,7 @@ def main(argv=None) -> int:
     print(f"{n} users, {teacher.config.n_items - 1} items, top-{k}, {args.threads} thread(s)")
     res = {}
     for name, models in (
-        ("teacher fp32", {-1: T()}),
+        ("teacher fp32", {-1: scorer}),
         ("students fp32", fp32),
         ("students int8", int8),
     ):

@@ -155,7 +155,8 @@ def test_evaluate_reports_students_int8_and_champions(spark, students):
 def test_a_small_search_picks_a_student_within_the_budget(students):
     """students.search_trials > 0: an Optuna study (tuning's Pareto and pruning code) in the
     segment's task; the chosen trial is within the budget and is what gets trained."""
-    from patternlake.students.task import distill_segment, teacher_bytes
+    from patternlake.models.teacher import teacher_bytes
+    from patternlake.students.task import distill_segment
 
     cfg, lake, _, _, _, good, _ = students
     teacher, tags = registry.load_teacher(cfg)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from patternlake.models import store
 from patternlake.models.teacher import TeacherConfig
-from patternlake.students import store
 from patternlake.students.model import (
     Int8Student,
     Student,

@@ -143,5 +143,29 @@ class TeacherScorer(nn.Module):
         super().__init__()
         self.teacher = teacher
 
+    @property
+    def config(self) -> TeacherConfig:
+        return self.teacher.config
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher.last_scores(x[:, 0], x[:, 1], x[:, 2])
+
+
+def teacher_bytes(teacher: SequentialTeacher) -> bytes:
+    """The teacher as a model file (``models.store``: safetensors, no pickle)."""
+    from patternlake.models import store
+
+    return store.dumps(
+        teacher.state_dict(), {"kind": "teacher", "config": teacher.config.to_dict()}
+    )
+
+
+def teacher_from_bytes(data: bytes) -> SequentialTeacher:
+    from patternlake.models import store
+
+    tensors, meta = store.loads(data)
+    if meta.get("kind") != "teacher":
+        raise ValueError(f"not a teacher model file (kind {meta.get('kind')!r})")
+    model = SequentialTeacher(TeacherConfig(**meta["config"]))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
+    return model.eval()

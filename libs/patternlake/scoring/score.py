@@ -45,12 +45,24 @@ log = logging.getLogger(__name__)
 TABLE = "user_patterns"
 NO_SEGMENT = -1
 
-SCORED_SCHEMA = (
-    "user_id string, segment_id int, rank int, item_idx int, score double, fallback boolean, "
-    "model_name string, model_version string, "
-    "explanation array<struct<item_id: string, item_idx: int, events_ago: int, weight: double>>, "
-    "recent array<int>"
+# what score_batches yields (column, Spark type); ``recent`` is dropped after the rule join
+SCORED_FIELDS = (
+    ("user_id", "string"),
+    ("segment_id", "int"),
+    ("rank", "int"),
+    ("item_idx", "int"),
+    ("score", "double"),
+    ("fallback", "boolean"),
+    ("model_name", "string"),
+    ("model_version", "string"),
+    (
+        "explanation",
+        "array<struct<item_id: string, item_idx: int, events_ago: int, weight: double>>",
+    ),
+    ("recent", "array<int>"),
 )
+SCORED_SCHEMA = ", ".join(f"{name} {kind}" for name, kind in SCORED_FIELDS)
+SCORED_COLUMNS = [name for name, _ in SCORED_FIELDS]
 PATTERN = (
     "struct<kind: string, antecedent: array<string>, consequent: string, support: double, "
     "confidence: double, lift: double>"
@@ -61,18 +73,11 @@ _WORKER_MODELS: dict[str, dict[int, tuple[torch.nn.Module, str, str]]] = {}
 
 def _build_models(payload: dict[str, Any]) -> dict[int, tuple[torch.nn.Module, str, str]]:
     """segment -> (model taking (B, 3, L), name, version); key -1: the teacher."""
+    from patternlake.models.teacher import TeacherScorer, teacher_from_bytes
     from patternlake.students.model import from_bytes
-    from patternlake.students.task import teacher_from_bytes
 
-    teacher = teacher_from_bytes(payload["teacher"])
-
-    class TeacherScores(torch.nn.Module):
-        config = teacher.config
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return teacher.last_scores(x[:, 0], x[:, 1], x[:, 2])
-
-    models = {NO_SEGMENT: (TeacherScores().eval(), "teacher", payload["teacher_version"])}
+    teacher = TeacherScorer(teacher_from_bytes(payload["teacher"])).eval()
+    models = {NO_SEGMENT: (teacher, "teacher", payload["teacher_version"])}
     for g, (name, version, blob) in payload["students"].items():
         models[int(g)] = (from_bytes(blob, payload["runtime"]), name, version)
     return models
@@ -190,39 +195,24 @@ def score_batches(
             for b in np.nonzero(~use)[0]:
                 for k, (item, share) in enumerate(_popular(popular, g, seen[b], K)):
                     rows.append(_row(users[b], g, k + 1, item, share, recent[b]))
-        yield pd.DataFrame(rows, columns=[c.split(" ")[0] for c in _columns()])
-
-
-def _columns() -> list[str]:
-    out, depth, cur = [], 0, ""
-    for ch in SCORED_SCHEMA:
-        depth += ch in "<("
-        depth -= ch in ">)"
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    return [*out, cur.strip()]
+        yield pd.DataFrame(rows, columns=SCORED_COLUMNS)
 
 
 def champion_payload(config: Config, segments: list[int]) -> tuple[dict[str, Any], dict[int, str]]:
     from patternlake.students import registry
-    from patternlake.students.task import teacher_bytes
 
-    teacher, tags = registry.load_teacher(config)
+    teacher, tags = registry.teacher_file(config)
     students, served = {}, {}
-    for g in segments:
-        mv = registry.champion_version(config, g)
-        if mv is None or mv.tags.get("teacher_version") != tags["version"]:
+    for g, mv in registry.current_champions(config, segments, tags["version"]).items():
+        if mv is None:
             served[g] = f"teacher v{tags['version']}"
             continue
-        name = "student-int8" if mv.tags.get("variant") == "int8" else "student"
+        name = registry.champion_name(mv)
         blob = registry.version_file(config, registry.STUDENT, mv.version).read_bytes()
         students[g] = (name, str(mv.version), blob)
         served[g] = f"{name} v{mv.version}"
     payload = {
-        "teacher": teacher_bytes(teacher),
+        "teacher": teacher,
         "teacher_version": tags["version"],
         "students": students,
         "runtime": config.compress.runtime,

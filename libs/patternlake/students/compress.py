@@ -28,7 +28,7 @@ from patternlake.lake import Lake
 from patternlake.students import registry
 from patternlake.students.distill import pinned_files, require, run_tasks, write_decisions
 from patternlake.students.nodes import gate, summary_row
-from patternlake.students.task import compress_segment, teacher_bytes
+from patternlake.students.task import compress_segment
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
 
     started = time.monotonic()
     require(lake, "compress", "user_sequences", "segments")
-    teacher, tags = registry.load_teacher(config)
+    teacher_data, tags = registry.teacher_file(config)
     files, data_version = pinned_files(lake, tags)
     students = {}
     for v in registry.student_versions(config, variant="fp32", teacher_version=tags["version"]):
@@ -74,9 +74,7 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
         return compress_segment(job, teacher_data, student_data[job["student_index"]])
 
     log.info("compress: %d students as Spark tasks, sparsity tried %s", len(jobs), c.sparsity)
-    results = run_tasks(
-        spark, task, jobs, [teacher_bytes(teacher), *blobs], config.students.parallel
-    )
+    results = run_tasks(spark, task, jobs, [teacher_data, *blobs], config.students.parallel)
     use_experiment(config)
     now = datetime.now(UTC)
     decisions, out = [], {"segments": {}, "teacher_version": tags["version"]}

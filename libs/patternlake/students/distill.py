@@ -23,9 +23,10 @@ from pyspark.sql import SparkSession
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.models.teacher import teacher_from_bytes
 from patternlake.students import registry
 from patternlake.students.nodes import gate, summary_row
-from patternlake.students.task import distill_segment, teacher_bytes
+from patternlake.students.task import distill_segment
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
 
     started = time.monotonic()
     require(lake, "distill", "user_sequences", "segments")
-    teacher, tags = registry.load_teacher(config)
+    teacher_data, tags = registry.teacher_file(config)
+    teacher = teacher_from_bytes(teacher_data)
     files, data_version = pinned_files(lake, tags)
     segs = segment_ids(lake)
     if not segs:
@@ -118,7 +120,7 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
         budget,
         data_version,
     )
-    results = run_tasks(spark, distill_segment, jobs, [teacher_bytes(teacher)], s.parallel)
+    results = run_tasks(spark, distill_segment, jobs, [teacher_data], s.parallel)
     now = datetime.now(UTC)
     from patternlake.training.teacher_job import use_experiment
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patternlake.models import store
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig
-from patternlake.students import store
 
 OOV = 1  # local id of an item outside a student's catalogue
 

@@ -21,7 +21,7 @@ import torch
 
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
-from patternlake.models.teacher import SequentialTeacher
+from patternlake.models.teacher import SequentialTeacher, teacher_from_bytes
 from patternlake.students.model import from_bytes
 
 log = logging.getLogger(__name__)
@@ -104,12 +104,10 @@ def student_versions(config: Config, **tags: Any) -> list[Any]:
     return sorted(keep, key=lambda v: int(v.version), reverse=True)
 
 
-def load_teacher(config: Config) -> tuple[SequentialTeacher, dict[str, str]]:
-    """The registered teacher (``teacher@candidate``) from its weights file, and its run's
-    tags (data versions)."""
+def teacher_file(config: Config) -> tuple[bytes, dict[str, str]]:
+    """The registered teacher's (``teacher@candidate``) weights file, as bytes (what the
+    stages broadcast to their tasks), and its run's tags (data versions) plus ``version``."""
     import mlflow
-
-    from patternlake.students.task import teacher_from_bytes
 
     c = client(config)
     try:
@@ -126,7 +124,13 @@ def load_teacher(config: Config) -> tuple[SequentialTeacher, dict[str, str]]:
             "retrain it with `patternlake train --fresh`"
         ) from None
     tags = c.get_run(mv.run_id).data.tags
-    return teacher_from_bytes(Path(path).read_bytes()), {**tags, "version": str(mv.version)}
+    return Path(path).read_bytes(), {**tags, "version": str(mv.version)}
+
+
+def load_teacher(config: Config) -> tuple[SequentialTeacher, dict[str, str]]:
+    """The registered teacher, built from its weights file, and ``teacher_file``'s tags."""
+    data, tags = teacher_file(config)
+    return teacher_from_bytes(data), tags
 
 
 def teacher_version(config: Config) -> str | None:
@@ -153,11 +157,25 @@ def segment_students(
             if g in segments and g not in found[key]:
                 path = version_file(config, STUDENT, v.version)
                 found[key][g] = (from_bytes(path.read_bytes(), runtime), path.stat().st_size)
+    for g, mv in current_champions(config, segments, version).items():
+        champions[g] = "teacher" if mv is None else f"{champion_name(mv)} v{mv.version}"
+    return found, champions
+
+
+def current_champions(
+    config: Config, segments: list[int], teacher_version: str
+) -> dict[int, Any | None]:
+    """segment -> the ModelVersion of its champion student, or None where the teacher serves
+    (no alias, or a champion distilled from another teacher version)."""
+    out = {}
     for g in segments:
         mv = champion_version(config, g)
-        if mv is None or mv.tags.get("teacher_version") != version:
-            champions[g] = "teacher"
-        else:
-            kind = "student-int8" if mv.tags.get("variant") == "int8" else "student"
-            champions[g] = f"{kind} v{mv.version}"
-    return found, champions
+        out[g] = (
+            mv if mv is not None and mv.tags.get("teacher_version") == teacher_version else None
+        )
+    return out
+
+
+def champion_name(mv: Any) -> str:
+    """``student`` or ``student-int8``, the model name a champion version serves under."""
+    return "student-int8" if mv.tags.get("variant") == "int8" else "student"

@@ -23,8 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from patternlake.models.metrics import evaluate_scorer
-from patternlake.models.teacher import SequentialTeacher, TeacherConfig
-from patternlake.students import store
+from patternlake.models.teacher import SequentialTeacher, TeacherScorer, teacher_from_bytes
 from patternlake.students.model import (
     Student,
     from_bytes,
@@ -34,21 +33,6 @@ from patternlake.students.model import (
 )
 from patternlake.students.nodes import magnitude_masks, segment_catalogue, student_config
 from patternlake.training.data import evaluation_arrays, read_table, training_arrays
-
-
-def teacher_bytes(teacher: SequentialTeacher) -> bytes:
-    return store.dumps(
-        teacher.state_dict(), {"kind": "teacher", "config": teacher.config.to_dict()}
-    )
-
-
-def teacher_from_bytes(data: bytes) -> SequentialTeacher:
-    tensors, meta = store.loads(data)
-    if meta.get("kind") != "teacher":
-        raise ValueError(f"not a teacher model file (kind {meta.get('kind')!r})")
-    model = SequentialTeacher(TeacherConfig(**meta["config"]))
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
-    return model.eval()
 
 
 def segment_table(files: list[str], segment_files: list[str], segment: int) -> pa.Table:
@@ -70,6 +54,7 @@ class SegmentData:
         self.valid = torch.from_numpy(np.stack([vi, vt, vg], axis=1))  # (n, 3, L)
         self.valid_target = vy
         self.users = table.num_rows
+        self.soft: tuple[bytes | None, torch.Tensor] | None = None  # see _cached_soft_targets
 
     @property
     def n_windows(self) -> int:
@@ -95,15 +80,6 @@ def ndcg(model: torch.nn.Module, data: SegmentData, n_items: int, batch: int = 5
     return float(overall["ndcg@10"])
 
 
-class _TeacherScores(torch.nn.Module):
-    def __init__(self, teacher: SequentialTeacher):
-        super().__init__()
-        self.teacher = teacher
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher.last_scores(x[:, 0], x[:, 1], x[:, 2])
-
-
 def _soft_targets(
     teacher: SequentialTeacher, student: Student, items, types, gaps, mask
 ) -> torch.Tensor:
@@ -124,10 +100,15 @@ def _cached_soft_targets(
 ) -> torch.Tensor | None:
     """The teacher's logits for every window position, computed once (fp16, (windows, L,
     n_local)), when they fit in ``cache_mb``: the teacher is frozen, so every epoch would
-    recompute the same values. None: computed batch by batch instead."""
+    recompute the same values. Kept on ``data`` for the next student over the same catalogue
+    (compress's sparsities, search trials). None: computed batch by batch instead."""
     n, L = data.train[0].shape
     if n * L * student.config.n_items * 2 > cache_mb * 2**20:
         return None
+    key = None if student.catalogue is None else student.catalogue.tobytes()
+    if data.soft is not None and data.soft[0] == key:
+        return data.soft[1]
+    data.soft = None  # one cache at a time: within cache_mb
     cache = torch.empty((n, L, student.config.n_items), dtype=torch.float16)
     everywhere = torch.ones((1, L), dtype=torch.bool)
     for start in range(0, n, 256):
@@ -135,6 +116,7 @@ def _cached_soft_targets(
         mask = everywhere.expand(len(items), L)
         soft = _soft_targets(teacher, student, items, types, gaps, mask)
         cache[start : start + len(items)] = soft.view(len(items), L, -1).half()
+    data.soft = (key, cache)
     return cache
 
 
@@ -218,20 +200,22 @@ def train_student(
     }
 
 
-def ms_per_1000_users(model: torch.nn.Module, data: SegmentData, repeats: int = 3) -> float:
-    """Scoring time of the segment's validation inputs, per 1,000 users (best of repeats)."""
-    if data.n_valid == 0:
+def ms_per_1000_users(
+    model: torch.nn.Module, x: torch.Tensor, batch: int = 512, repeats: int = 3
+) -> float:
+    """Scoring time of inputs ``x`` ((n, 3, L)) in batches, per 1,000 users (best of
+    ``repeats``; fewer than 256 rows are repeated to have enough to time); 0 for no rows."""
+    if len(x) == 0:
         return 0.0
-    x = data.valid
-    while len(x) < 256:  # enough rows to time
+    while len(x) < 256:
         x = torch.cat([x, x])
     best = float("inf")
     with torch.no_grad():
         model(x[:64])
         for _ in range(repeats):
             t = time.perf_counter()
-            for s in range(0, len(x), 512):
-                model(x[s : s + 512])
+            for s in range(0, len(x), batch):
+                model(x[s : s + batch])
             best = min(best, time.perf_counter() - t)
     return round(1000 * best / len(x) * 1000, 3)
 
@@ -258,7 +242,7 @@ def distill_segment(job: dict[str, Any], teacher_data: bytes) -> dict[str, Any]:
         "pid": os.getpid(),
         "task_started": task_started,
     }
-    out["teacher_valid_ndcg@10"] = ndcg(_TeacherScores(teacher), data, tc.n_items)
+    out["teacher_valid_ndcg@10"] = ndcg(TeacherScorer(teacher), data, tc.n_items)
     if data.n_windows == 0:
         return {**out, "error": "the segment has no training windows"}
     search = None
@@ -293,8 +277,8 @@ def distill_segment(job: dict[str, Any], teacher_data: bytes) -> dict[str, Any]:
         "catalogue_items": tc.n_items - 1 if catalogue is None else len(catalogue),
         "config": cfg.to_dict(),
         "bytes": len(model),
-        "ms_per_1000_users": ms_per_1000_users(student, data),
-        "teacher_ms_per_1000_users": ms_per_1000_users(_TeacherScores(teacher), data),
+        "ms_per_1000_users": ms_per_1000_users(student, data.valid),
+        "teacher_ms_per_1000_users": ms_per_1000_users(TeacherScorer(teacher), data.valid),
         "task_finished": time.time(),
         "model": model,
     }
@@ -320,7 +304,7 @@ def compress_segment(
         "valid_users": data.n_valid,
         "fp32_valid_ndcg@10": base,
         "fp32_bytes": len(student_data),
-        "fp32_ms_per_1000_users": ms_per_1000_users(fp32, data),
+        "fp32_ms_per_1000_users": ms_per_1000_users(fp32, data.valid),
         "tried": [],
     }
     chosen = None
@@ -357,6 +341,6 @@ def compress_segment(
     return {
         **out,
         **tried,
-        "int8_ms_per_1000_users": ms_per_1000_users(int8, data),
+        "int8_ms_per_1000_users": ms_per_1000_users(int8, data.valid),
         "model": packed,
     }

@@ -27,7 +27,12 @@ from pyspark.sql import SparkSession
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
-from patternlake.models.teacher import SequentialTeacher, TeacherConfig, TeacherScorer
+from patternlake.models.teacher import (
+    SequentialTeacher,
+    TeacherConfig,
+    TeacherScorer,
+    teacher_bytes,
+)
 from patternlake.training.data import item_id_count
 from patternlake.training.worker import TrainSpec, train_worker
 
@@ -278,9 +283,8 @@ def log_to_mlflow(
                 "samples_per_s": result["samples_per_s"],
             }
         )
-        # the weights without pickle, for the stages that load the teacher (distill, compress)
-        from patternlake.students.task import teacher_bytes
-
+        # the weights without pickle, for the stages that load the teacher (distill, compress,
+        # score)
         with tempfile.TemporaryDirectory(prefix="pl-teacher-") as tmp:
             weights = Path(tmp) / "teacher.safetensors"
             weights.write_bytes(teacher_bytes(model))
