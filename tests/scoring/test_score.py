@@ -203,7 +203,8 @@ def test_patterns_are_rules_of_the_segment_met_in_order(scored):
 def test_explanations_are_past_events_with_normalised_weights(scored):
     _, lake, *_ = scored
     df = lake.read("user_patterns").where("run_id = 'run-a' AND NOT fallback")
-    rows = df.select("user_id", "explanation").limit(200).collect()
+    # a fixed sample (an unordered limit took whichever 200 rows the partitions gave first)
+    rows = df.orderBy("user_id", "rank").select("user_id", "explanation").limit(200).collect()
     hist = {r.user_id: r.item_seq for r in lake.read("user_sequences").collect()}
     items = {r.item_idx: r.item_id for r in lake.read("item_index").collect()}
     explained = 0
