@@ -297,6 +297,31 @@ class EvaluateConfig(_Strict):
     batch_size: int = Field(gt=0)
 
 
+class MonitorConfig(_Strict):
+    """`monitor`: drift of recent batches from the champions' training data."""
+
+    recent_batches: int = Field(ge=1)  # without a teacher: the last N batches vs the rest
+    bins: int = Field(ge=2)  # user features: bins at the reference's quantiles
+    top_items: int = Field(ge=1)
+    psi_warn: float = Field(gt=0)
+    psi_alarm: float = Field(gt=0)
+    js_warn: float = Field(gt=0)
+    js_alarm: float = Field(gt=0)
+    alpha: float = Field(gt=0, lt=1)
+    min_rows: int = Field(ge=1)
+    min_users: int = Field(ge=1)
+    decay_tolerance: float = Field(ge=0, lt=1)
+
+
+class ForgetConfig(_Strict):
+    """`forget-user`: which columns name a user, hold raw input, or hold recorded samples."""
+
+    user_columns: list[str] = Field(min_length=1)
+    raw_columns: list[str]
+    json_columns: list[str]
+    salt_env: str = Field(min_length=1)
+
+
 class LoggingConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -320,6 +345,8 @@ class Config(_Strict):
     compress: CompressConfig
     score: ScoreConfig
     evaluate: EvaluateConfig
+    monitor: MonitorConfig
+    forget: ForgetConfig
     logging: LoggingConfig
 
     def table(self, name: str) -> TableSpec:
