@@ -181,6 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--json", action="store_true", help="print JSON rows")
     sq.set_defaults(func=cmd_sql, needs_spark=True)
 
+    mn = command(
+        sub,
+        "monitor",
+        "drift of recent batches from the champions' training data (event-type mix, items, "
+        "user features, recent NDCG@10) -> ops/drift",
+    )
+    mn.add_argument(
+        "--auto-retrain", action="store_true", help="on an alarm, run the train pipeline"
+    )
+    mn.add_argument("--json", action="store_true", help="print one JSON object")
+    mn.set_defaults(func=cmd_monitor, needs_spark=True)
+
+    fg = command(
+        sub,
+        "forget-user",
+        "remove every row of these users from every lake table, vacuum the old files and log "
+        "history, log only salted hashes (ops/forget_log), mark the models for retraining",
+    )
+    fg.add_argument("user_ids", nargs="+", metavar="ID", help="user ids, as in user_id")
+    fg.add_argument("--json", action="store_true", help="print one JSON object")
+    fg.set_defaults(func=cmd_forget_user, needs_spark=True)
+
     ev = command(
         sub, "evaluate", "evaluate the registered teacher and the baselines (protocol in DESIGN.md)"
     )
@@ -407,6 +429,52 @@ def cmd_score(args: argparse.Namespace, config: Config, lake: Any) -> None:
     from patternlake.scoring.score import score_users
 
     print(json.dumps(score_users(lake.spark, lake, config, args.run_id), default=str))
+
+
+def cmd_monitor(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from patternlake.monitoring.drift import monitor
+
+    result = monitor(lake.spark, lake, config, args.auto_retrain)
+    if args.json:
+        print(json.dumps(result, default=str))
+        return
+    print(f"monitor: {result['status']} ({result['basis']})")
+    print(
+        f"  {'check':20s} {'stat':>8s} {'value':>9s} {'band':>7s} {'floor':>7s} {'n ref':>9s} {'n cur':>9s}  status"
+    )
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for c in result["checks"]:
+        print(
+            f"  {c['check']:20s} {c['statistic']:>8s} {fmt(c['value']):>9s} {fmt(c['threshold']):>7s} "
+            f"{fmt(c['noise_floor']):>7s} {c['n_ref']:>9,} {c['n_cur']:>9,}  {c['status']}"
+        )
+    if result["action"]:
+        print(f"  action: {result['action']}")
+
+
+def cmd_forget_user(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from patternlake.privacy.forget import forget_users
+
+    result = forget_users(lake.spark, lake, config, args.user_ids)
+    if args.json:
+        print(json.dumps(result, default=str))
+        return
+    removed = result["rows_removed"]
+    print(
+        f"forgot {result['users']} user(s): {sum(removed.values()):,} rows removed from "
+        f"{sum(1 for n in removed.values() if n)} tables, {result['files_rewritten']} files "
+        f"rewritten, old files and log history vacuumed (forget_id {result['forget_id']})"
+    )
+    for name, n in sorted(removed.items()):
+        if n:
+            print(f"  {name:20s} {n:>8,} rows")
+    if result["text_files_redacted"]:
+        print(f"  redacted in {len(result['text_files_redacted'])} report file(s)")
+    if result["models_marked"]:
+        print(
+            f"  {len(result['models_marked'])} model versions trained before are tagged "
+            "retrain_required: run `patternlake run train` to replace them"
+        )
 
 
 def cmd_sql(args: argparse.Namespace, config: Config, lake: Any) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,34 @@ class Lake:
             time.monotonic() - started,
         )
         return n
+
+    def rewrite(
+        self,
+        name: str,
+        touched: Column,
+        transform: Callable[[DataFrame], DataFrame],
+        commit_info: dict[str, str] | None = None,
+    ) -> dict[str, int]:
+        """Copy-on-write change of the rows of the files that hold a row matching ``touched``:
+        they become ``transform`` of those rows (e.g. ``lambda df: df.filter(~cond)`` deletes),
+        in one commit that records ``commit_info`` but no predicate or value, unlike
+        ``delete``. Returns files rewritten, rows before and after, version."""
+        started = time.monotonic()
+        out = self.engine.rewrite(
+            self.uri(name),
+            touched,
+            transform,
+            metadata={"patternlake.operation": "rewrite", **(commit_info or {})},
+        )
+        log.info("lake rewrite %s: %s (%.1fs)", name, out, time.monotonic() - started)
+        return out
+
+    def expire_history(self, name: str) -> list[str]:
+        """Checkpoint the current version and delete the log of every older one: time travel
+        to them ends (use after ``vacuum(name, 0)`` when old data must be gone for good)."""
+        removed = self.engine.expire_history(self.uri(name))
+        log.info("lake expire history %s: %d log files", name, len(removed))
+        return removed
 
     def vacuum(
         self, name: str, retention_hours: int | None = None, dry_run: bool = False

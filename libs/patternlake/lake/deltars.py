@@ -278,6 +278,65 @@ class DeltaRsEngine:
 
             return self._commit(uri, metadata, plan)
 
+    def rewrite(
+        self,
+        uri: str,
+        touched: Any,
+        transform: Callable[[DataFrame], DataFrame],
+        *,
+        metadata: dict[str, str],
+    ) -> dict[str, int]:
+        """Copy-on-write: the files holding a row that matches the Column ``touched`` are
+        replaced by ``transform`` of their rows, in one commit; other files stay as they are.
+        The commit records only ``metadata`` (no predicate, no values). Nothing matches:
+        no commit."""
+        counts = {"files": 0, "rows_before": 0, "rows_after": 0, "version": self.version(uri)}
+
+        def touched_files(dt: DeltaTable) -> list[str]:
+            files = dt.file_uris()
+            current = self._read_files(uri, _spark_schema(dt), files)
+            uris = [
+                r[0]
+                for r in current.filter(touched)
+                .select(F.col("_metadata.file_path"))
+                .distinct()
+                .collect()
+            ]
+            by_path = {_strip_scheme(f): f for f in files}
+            return [by_path[_strip_scheme(unquote(u))] for u in uris]
+
+        if not touched_files(self._table(uri)):
+            return counts
+        with _InFlight(uri) as flight:
+
+            def plan(dt: DeltaTable) -> _Plan:
+                _check_supported(dt, uri)
+                schema = _spark_schema(dt)
+                hit = touched_files(dt)
+                before = self._read_files(uri, schema, hit)
+                adds = self._stage(
+                    flight,
+                    transform(before).select(*schema.fieldNames()),
+                    uri,
+                    list(dt.metadata().partition_columns),
+                )
+                counts.update(
+                    files=len(hit),
+                    rows_before=before.count(),
+                    rows_after=sum(json.loads(a.stats)["numRecords"] for a in adds),
+                )
+                info = {"patternlake.rewritten_files": str(len(hit))}
+                actions = adds + self._removes(dt, uri, hit)
+                return _Plan(actions, "append", schema, None, info, flight.undo(adds))
+
+            counts["version"] = self._commit(uri, metadata, plan)
+        return counts
+
+    def expire_history(self, uri: str) -> list[str]:
+        """Checkpoint the current version and delete every older log entry (and checkpoint):
+        afterwards only the current version can be read. Returns the log files deleted."""
+        return expire_log(uri, self.storage_options)
+
     def delete(self, uri: str, predicate: str) -> int:
         dt = self._table(uri)
         try:
@@ -447,6 +506,27 @@ class DeltaRsEngine:
                 f"merge: matched {len(removes)} of {len(wanted)} files in the log of {uri}"
             )
         return removes
+
+
+def expire_log(uri: str, storage_options: dict[str, str] | None = None) -> list[str]:
+    """Write a checkpoint of the current version of the Delta table at ``uri`` and delete the
+    log files of older versions (commit JSON, older checkpoints, checksums): what Delta's own
+    log clean-up does once ``delta.logRetentionDuration`` has passed, now. Works on tables of
+    either engine (same format on disk)."""
+    dt = DeltaTable(uri, storage_options=storage_options)
+    version = dt.version()
+    dt.create_checkpoint()
+    fs, table_path = pafs.FileSystem.from_uri(uri)
+    log_dir = f"{table_path}/_delta_log"
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(log_dir, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        digits = info.base_name.split(".", 1)[0]
+        if digits.isdigit() and int(digits) < version:
+            fs.delete_file(info.path)
+            removed.append(info.path)
+    return removed
 
 
 # ---- writers in flight ---------------------------------------------------------------------

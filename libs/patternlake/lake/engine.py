@@ -13,10 +13,11 @@ Both read and write the same tables on disk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql.types import StructType
 
 WriteMode = Literal["append", "overwrite"]
@@ -80,3 +81,20 @@ class DeltaEngine(Protocol):
         ...
 
     def compact(self, uri: str, target_size: int) -> dict[str, Any]: ...
+
+    def rewrite(
+        self,
+        uri: str,
+        touched: Column,
+        transform: Callable[[DataFrame], DataFrame],
+        *,
+        metadata: dict[str, str],
+    ) -> dict[str, int]:
+        """Replace the rows of the files holding a row that matches ``touched`` by
+        ``transform`` of them, in one commit that records no predicate and no value; return
+        files rewritten, rows before and after, and the version."""
+        ...
+
+    def expire_history(self, uri: str) -> list[str]:
+        """Checkpoint the current version and delete older log entries; return them."""
+        ...

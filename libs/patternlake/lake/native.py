@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -124,6 +125,41 @@ class SparkDeltaEngine:
         finally:
             self.spark.conf.unset(key)
         return self.version(uri)
+
+    def rewrite(
+        self,
+        uri: str,
+        touched: Any,
+        transform: Callable[[DataFrame], DataFrame],
+        *,
+        metadata: dict[str, str],
+    ) -> dict[str, int]:
+        """Native Delta has no "replace these files" API: when any row matches ``touched``,
+        the whole table is overwritten with ``transform`` of its rows (which must leave the
+        other rows as they are), one commit without predicate or values."""
+        current = self.read(uri, None, None)
+        if not current.filter(touched).limit(1).count():
+            return {"files": 0, "rows_before": 0, "rows_after": 0, "version": self.version(uri)}
+        before = current.count()
+        files = len(self.files(uri, None))
+        after = transform(current).select(*current.columns).localCheckpoint()
+        (
+            after.write.format("delta")
+            .mode("overwrite")
+            .option("userMetadata", json.dumps(metadata, sort_keys=True))
+            .save(uri)
+        )
+        return {
+            "files": files,
+            "rows_before": before,
+            "rows_after": after.count(),
+            "version": self.version(uri),
+        }
+
+    def expire_history(self, uri: str) -> list[str]:
+        from patternlake.lake.deltars import expire_log
+
+        return expire_log(uri)
 
     def delete(self, uri: str, predicate: str) -> int:
         table = self._table(uri)

@@ -1,0 +1,307 @@
+"""`patternlake monitor [--auto-retrain]`: drift of recent events from the champions' data.
+
+Reads ``silver_events`` (and ``user_patterns`` when scored), the registry; appends one row
+per check to ``drift``. Windows: with a registered teacher, the reference is every batch
+validated before it was registered (the data it and its students learned from) and the
+current window every batch validated since; without one, the last ``monitor.recent_batches``
+batches against the ones before. Checks (statistics in ``monitoring.nodes``):
+
+* ``event_type_mix``: PSI of the event-type shares;
+* ``items``: Jensen-Shannon divergence of the item distribution (the reference's and the
+  current window's ``monitor.top_items`` items, the rest in one bin);
+* ``user.events``, ``user.distinct_items``, ``user.active_days``: PSI of per-user features
+  computed in each window, binned at the reference's deciles;
+* ``recent_ndcg@10``: the latest scoring run before the current window, scored against each
+  user's first event of the window (their next event), vs the teacher's best validation
+  NDCG@10; decay when the upper end of its confidence interval is below
+  ``(1 - decay_tolerance)`` x the reference.
+
+Each check reports both sample sizes, the value, the noise floor at ``alpha`` and a p-value;
+a band counts only above the noise floor, so small windows do not alarm on chance. With
+``--auto-retrain``, an alarm runs the ``train`` pipeline; new champions come only through the
+students' and compression gates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from patternlake.config import Config
+from patternlake.errors import PatternlakeError
+from patternlake.lake import Lake
+from patternlake.lake.core import batches_in_order
+from patternlake.monitoring import nodes
+
+log = logging.getLogger(__name__)
+
+TABLE = "drift"
+SCHEMA = (
+    "monitor_id string, checked_at timestamp, basis string, check string, statistic string, "
+    "value double, threshold double, noise_floor double, p_value double, n_ref bigint, "
+    "n_cur bigint, status string, action string"
+)
+SEVERITY = {"alarm": 3, "warn": 2, "ok": 1, "too_small": 0, "no_data": 0}
+
+
+def monitor(
+    spark: SparkSession, lake: Lake, config: Config, auto_retrain: bool = False
+) -> dict[str, Any]:
+    started = time.monotonic()
+    m = config.monitor
+    if not lake.exists("silver_events"):
+        raise PatternlakeError("monitor: silver_events does not exist yet; run validate first")
+    silver = lake.read("silver_events")
+    basis, ref, cur, since = _windows(silver, config)
+    checks: list[dict[str, Any]] = []
+    if ref is None or cur is None:
+        checks.append(_row("windows", "-", math.nan, math.nan, math.nan, math.nan, 0, 0, "no_data"))
+    else:
+        ref, cur = ref.cache(), cur.cache()
+        checks.append(_categorical("event_type_mix", ref, cur, "event_type", "psi", None, config))
+        checks.append(_categorical("items", ref, cur, "item_id", "js", m.top_items, config))
+        checks.extend(_user_features(ref, cur, config))
+        checks.append(_recent_ndcg(lake, config, cur, since))
+        ref.unpersist()
+        cur.unpersist()
+    worst = max(checks, key=lambda c: SEVERITY[c["status"]])["status"]
+    action, retrain = "", None
+    if worst == "alarm" and auto_retrain:
+        from patternlake.pipeline import run_pipeline
+
+        log.info("monitor: alarm (%s); --auto-retrain runs the train pipeline", _alarms(checks))
+        retrain = run_pipeline("train", lake, config, {})
+        action = "retrained"
+    elif worst == "alarm":
+        action = "retrain suggested (patternlake run train, or monitor --auto-retrain)"
+    monitor_id, now = uuid.uuid4().hex, datetime.now(UTC)
+    rows = [
+        (monitor_id, now, basis, c["check"], c["statistic"], c["value"], c["threshold"],
+         c["noise_floor"], c["p_value"], c["n_ref"], c["n_cur"], c["status"],
+         action if c["status"] == "alarm" else "")
+        for c in checks
+    ]  # fmt: skip
+    version = lake.write(spark.createDataFrame(rows, SCHEMA), TABLE, mode="append")
+    result = {
+        "monitor_id": monitor_id,
+        "basis": basis,
+        "status": worst,
+        "action": action,
+        "checks": checks,
+        "drift_version": version,
+        "retrain": retrain,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    log.info(
+        "monitor %s: %s (%s) %s-> drift@v%d (%.1fs)",
+        monitor_id,
+        worst,
+        basis,
+        f"alarms: {_alarms(checks)} " if worst == "alarm" else "",
+        version,
+        result["seconds"],
+    )
+    return result
+
+
+def _alarms(checks: list[dict[str, Any]]) -> str:
+    return ", ".join(c["check"] for c in checks if c["status"] == "alarm")
+
+
+def _row(check, statistic, value, threshold, floor, p, n_ref, n_cur, status) -> dict[str, Any]:
+    clean = lambda v: None if v is None or not math.isfinite(v) else float(v)  # noqa: E731
+    return {
+        "check": check,
+        "statistic": statistic,
+        "value": clean(value),
+        "threshold": clean(threshold),
+        "noise_floor": clean(floor),
+        "p_value": clean(p),
+        "n_ref": int(n_ref),
+        "n_cur": int(n_cur),
+        "status": status,
+    }
+
+
+def _windows(
+    silver: DataFrame, config: Config
+) -> tuple[str, DataFrame | None, DataFrame | None, datetime | None]:
+    """(basis, reference rows, current rows, reference end) as described in the docstring."""
+    registered = _teacher_registered_at(config)
+    if registered is not None:
+        version, at = registered
+        ref = silver.where(F.col("_validated_at") <= F.lit(at))
+        cur = silver.where(F.col("_validated_at") > F.lit(at))
+        basis = f"teacher v{version} registered {at:%Y-%m-%dT%H:%M:%SZ}: batches before vs since"
+        if cur.limit(1).count() == 0:
+            return basis + " (no batch since)", None, None, at
+        return basis, ref, cur, at
+    batches = batches_in_order(silver)
+    k = config.monitor.recent_batches
+    if len(batches) <= k:
+        return f"no teacher; {len(batches)} batch(es), need more than {k}", None, None, None
+    recent = batches[-k:]
+    basis = f"no teacher: last {k} batch(es) vs the {len(batches) - k} before"
+    return (
+        basis,
+        silver.where(~F.col("_batch_id").isin(recent)),
+        silver.where(F.col("_batch_id").isin(recent)),
+        None,
+    )
+
+
+def _teacher_registered_at(config: Config) -> tuple[str, datetime] | None:
+    from pathlib import Path
+
+    uri = config.mlflow.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    from patternlake.students import registry
+
+    version = registry.teacher_version(config)
+    if version is None:
+        return None
+    mv = registry.client(config).get_model_version(registry.TEACHER, version)
+    return version, datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)
+
+
+def _categorical(
+    check: str,
+    ref: DataFrame,
+    cur: DataFrame,
+    column: str,
+    metric: str,
+    top: int | None,
+    config: Config,
+) -> dict[str, Any]:
+    m = config.monitor
+    counts = lambda df: {r[0]: int(r[1]) for r in df.groupBy(column).count().collect()}  # noqa: E731
+    _, r, c = nodes.aligned_counts(counts(ref), counts(cur), top)
+    warn, alarm = (m.psi_warn, m.psi_alarm) if metric == "psi" else (m.js_warn, m.js_alarm)
+    d = nodes.judge(metric, r, c, warn, alarm, m.alpha, m.min_rows)
+    return _row(check, metric, d.value, alarm, d.floor, d.p_value, d.n_ref, d.n_cur, d.status)
+
+
+def _user_features(ref: DataFrame, cur: DataFrame, config: Config) -> list[dict[str, Any]]:
+    m = config.monitor
+
+    def per_user(df: DataFrame) -> dict[str, np.ndarray]:
+        names = ["events", "distinct_items", "active_days"]
+        rows = (
+            df.groupBy("user_id")
+            .agg(
+                F.count("*").alias(names[0]),
+                F.countDistinct("item_id").alias(names[1]),
+                F.countDistinct(F.to_date("event_time")).alias(names[2]),
+            )
+            .select(*names)
+            .collect()
+        )
+        values = np.array(rows, dtype=np.float64).reshape(-1, len(names))
+        return {c: values[:, i] for i, c in enumerate(names)}
+
+    r, c = per_user(ref), per_user(cur)
+    out = []
+    for feature in ("events", "distinct_items", "active_days"):
+        edges = nodes.quantile_edges(r[feature], m.bins)
+        d = nodes.judge(
+            "psi",
+            nodes.binned(r[feature], edges),
+            nodes.binned(c[feature], edges),
+            m.psi_warn,
+            m.psi_alarm,
+            m.alpha,
+            m.min_users,
+        )
+        out.append(
+            _row(f"user.{feature}", "psi", d.value, m.psi_alarm, d.floor, d.p_value,
+                 d.n_ref, d.n_cur, d.status)
+        )  # fmt: skip
+    return out
+
+
+def _recent_ndcg(
+    lake: Lake, config: Config, cur: DataFrame, since: datetime | None
+) -> dict[str, Any]:
+    """The served top-K of the latest scoring run made before the current window, against
+    each scored user's first event in the window."""
+    m = config.monitor
+    empty = _row(
+        "recent_ndcg@10", "ndcg@10", math.nan, math.nan, math.nan, math.nan, 0, 0, "no_data"
+    )
+    reference = _teacher_valid_ndcg(config)
+    if since is None or reference is None or not lake.exists("user_patterns"):
+        return empty
+    runs = (
+        lake.read("user_patterns")
+        .where(F.col("scored_at") <= F.lit(since))
+        .groupBy("run_id")
+        .agg(F.max("scored_at").alias("at"))
+        .orderBy(F.desc("at"))
+        .limit(1)
+        .collect()
+    )
+    if not runs:
+        return empty
+    served = lake.read("user_patterns").where(F.col("run_id") == runs[0]["run_id"])
+    first = (
+        cur.select("user_id", "item_id", "event_time")
+        .withColumn("_r", F.row_number().over(_first_event_window()))
+        .where(F.col("_r") == 1)
+        .select("user_id", F.col("item_id").alias("next_item"))
+    )
+    top = served.where(F.col("rank") <= 10).select("user_id", "item_id", "rank")
+    gains = (
+        first.join(top.select("user_id").distinct(), "user_id")
+        .join(top, (first.user_id == top.user_id) & (first.next_item == top.item_id), "left")
+        .select(F.coalesce(1.0 / F.log2(F.col("rank") + 1.0), F.lit(0.0)).alias("gain"))
+        .collect()
+    )
+    gains = np.array([r[0] for r in gains], dtype=np.float64)
+    n = len(gains)
+    if n == 0:
+        return empty
+    mean = float(gains.mean())
+    half = (
+        float(nodes.stats.norm.ppf(1 - m.alpha / 2))
+        * float(gains.std(ddof=1) if n > 1 else 1.0)
+        / math.sqrt(n)
+    )
+    threshold = (1 - m.decay_tolerance) * reference
+    if n < m.min_users:
+        status = "too_small"
+    elif mean + half < threshold:
+        status = "alarm"
+    elif mean < threshold:
+        status = "warn"
+    else:
+        status = "ok"
+    return _row("recent_ndcg@10", "ndcg@10", mean, threshold, half, math.nan, 0, n, status)
+
+
+def _first_event_window():
+    from pyspark.sql import Window
+
+    return Window.partitionBy("user_id").orderBy("event_time", "event_id")
+
+
+def _teacher_valid_ndcg(config: Config) -> float | None:
+    registered = _teacher_registered_at(config)
+    if registered is None:
+        return None
+    from patternlake.students import registry
+
+    c = registry.client(config)
+    mv = c.get_model_version(registry.TEACHER, registered[0])
+    if not mv.run_id:
+        return None
+    value = c.get_run(mv.run_id).data.metrics.get("best_valid_ndcg_at_10")
+    return float(value) if value is not None else None

@@ -1,0 +1,1 @@
+"""Forgetting a user: every row of theirs out of every lake table (``forget``)."""

@@ -1,0 +1,129 @@
+"""monitor: sample-size-aware drift checks; shifted data alarms, unshifted data does not."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pytest
+
+from patternlake.monitoring import nodes
+
+
+def test_psi_bands_alone_alarm_on_small_samples_of_one_distribution_the_noise_floor_does_not():
+    rng = np.random.default_rng(3)
+    p = np.full(10, 0.1)
+    band_hits = floor_hits = 0
+    for _ in range(300):
+        a, b = rng.multinomial(100, p), rng.multinomial(100, p)
+        value = nodes.psi(a, b)
+        band_hits += value >= 0.1
+        floor_hits += nodes.judge("psi", a, b, 0.1, 0.25, 0.01, 1).status in ("warn", "alarm")
+    assert band_hits / 300 > 0.5  # the convention alone: most unshifted pairs "drift"
+    assert floor_hits / 300 <= 0.03  # with the floor: about alpha
+
+
+def test_a_real_shift_alarms_and_small_windows_are_too_small():
+    rng = np.random.default_rng(4)
+    p = np.full(10, 0.1)
+    q = np.array([0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03])
+    a, b = rng.multinomial(5000, p), rng.multinomial(5000, q)
+    d = nodes.judge("psi", a, b, 0.1, 0.25, 0.01, 200)
+    assert d.status == "alarm" and d.value > 0.25 > d.floor and d.p_value < 1e-6
+    assert (
+        nodes.judge("psi", a[:3] // 100, b[:3] // 100, 0.1, 0.25, 0.01, 200).status == "too_small"
+    )
+    js = nodes.judge("js", a, b, 0.02, 0.05, 0.01, 200)
+    assert js.status == "alarm" and 0 < js.floor < js.value <= np.log(2)
+
+
+def test_js_noise_floor_holds_for_many_categories():
+    rng = np.random.default_rng(5)
+    p = 1.0 / np.arange(1, 301) ** 1.1
+    p /= p.sum()
+    alarms = sum(
+        nodes.judge(
+            "js", rng.multinomial(2000, p), rng.multinomial(2000, p), 0.0001, 0.0002, 0.01, 1
+        ).status
+        != "ok"
+        for _ in range(100)
+    )
+    assert alarms <= 5
+
+
+def test_helpers():
+    keys, r, c = nodes.aligned_counts({"a": 5, "b": 3, "c": 1}, {"a": 1, "d": 4}, top=1)
+    assert keys == ["a", "d", "(other)"] and r.tolist() == [5, 0, 4] and c.tolist() == [1, 4, 0]
+    edges = nodes.quantile_edges(np.arange(100), 4)
+    assert nodes.binned(np.arange(100), edges).tolist() == [25, 25, 25, 25]
+    lo, hi = nodes.wilson_interval(10, 100, 0.05)
+    assert 0.05 < lo < 0.1 < hi < 0.18
+
+
+# ---- on a real lake ----------------------------------------------------------------------
+
+
+def _events(seed: int, prefix: str) -> pa.Table:
+    from patternlake.synthetic.generate import GenerateParams, generate_events
+
+    params = GenerateParams(
+        users=400, items=300, events=16_000, segments=3, rules_per_segment=3, rule_length=3,
+        rule_strength=0.8, rule_noise=0.05, chain_rate=0.25, zipf_exponent=1.1, categories=12,
+        start="2026-01-01T00:00:00Z", days=30, seed=seed, format="csv", files=1,
+    )  # fmt: skip
+    t = generate_events(dataclasses.replace(params)).events
+    ids = pc.binary_join_element_wise(prefix, t["event_id"], "")
+    return t.set_column(t.schema.get_field_index("event_id"), "event_id", ids)
+
+
+def _ingest_validate(main, root, table: pa.Table, path) -> None:
+    pacsv.write_csv(table, path)
+    assert main(["--set", f"lake.root={root}", "ingest", str(path)]) == 0
+    assert main(["--set", f"lake.root={root}", "validate"]) == 0
+
+
+@pytest.mark.slow
+def test_monitor_alarms_on_shifted_behaviour_and_not_on_the_same(stage, tmp_path):
+    from patternlake.cli import main
+    from patternlake.monitoring.drift import monitor
+
+    config, lake = stage
+    root = config.lake.root
+    config = config.model_copy(
+        update={
+            "mlflow": config.mlflow.model_copy(
+                update={"tracking_uri": f"sqlite:///{tmp_path}/none.db"}
+            )
+        }
+    )
+    base = _events(11, "a-")
+    half = np.random.default_rng(0).random(base.num_rows) < 0.5
+    _ingest_validate(main, root, base.filter(pa.array(half)), tmp_path / "day1.csv")
+    _ingest_validate(main, root, base.filter(pa.array(~half)), tmp_path / "day2.csv")
+    same = monitor(lake.spark, lake, config)
+    by = {c["check"]: c for c in same["checks"]}
+    assert same["status"] in ("ok", "warn"), same["checks"]
+    assert {
+        "event_type_mix",
+        "items",
+        "user.events",
+        "user.distinct_items",
+        "user.active_days",
+    } <= set(by)
+    assert by["items"]["n_ref"] > 5000 and by["items"]["n_cur"] > 5000
+
+    # another seed: other popular items, other segment mix
+    shifted = _events(12, "b-")
+    _ingest_validate(main, root, shifted, tmp_path / "day3.csv")
+    moved = monitor(lake.spark, lake, config)
+    by = {c["check"]: c for c in moved["checks"]}
+    assert moved["status"] == "alarm" and by["items"]["status"] == "alarm", moved["checks"]
+    assert by["items"]["value"] > by["items"]["noise_floor"]
+    assert "retrain suggested" in moved["action"]
+
+    rows = lake.read("drift").collect()
+    assert len(rows) == len(same["checks"]) + len(moved["checks"])
+    assert {r.monitor_id for r in rows} == {same["monitor_id"], moved["monitor_id"]}
