@@ -151,3 +151,25 @@ def trained_lake(spark, config, daily_lake, tmp_path_factory):
     good = distill(spark, lake, cfg)
     packed = compress(spark, lake, cfg)
     return cfg, lake, teacher, weak, weak_champions, good, packed
+
+
+def copy_trained_lake(trained_lake, dest, **sections):
+    """A private copy of the trained daily lake (lake, model store, MLflow database) under
+    ``dest``, for tests that change it: (config, lake, --set arguments for the CLI)."""
+    import shutil
+
+    from patternlake.lake import Lake
+
+    cfg0, lake0, *_ = trained_lake
+    shutil.copytree(lake0.root, dest / "lake")
+    shutil.copytree(cfg0.models.root, dest / "models")
+    shutil.copy(cfg0.mlflow.tracking_uri.removeprefix("sqlite:///"), dest / "mlruns.db")
+    cfg = in_folder(cfg0, dest, **sections)
+    cfg = with_overrides(cfg, mlflow={"artifact_location": cfg0.mlflow.artifact_location})
+    args = [
+        "--set", f"lake.root={dest / 'lake'}",
+        "--set", f"models.root={dest / 'models'}",
+        "--set", f"mlflow.tracking_uri=sqlite:///{dest}/mlruns.db",
+        "--set", f"mlflow.artifact_location={cfg0.mlflow.artifact_location}",
+    ]  # fmt: skip
+    return cfg, Lake(lake0.spark, cfg.lake), args

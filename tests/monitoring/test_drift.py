@@ -127,3 +127,81 @@ def test_monitor_alarms_on_shifted_behaviour_and_not_on_the_same(stage, tmp_path
     rows = lake.read("drift").collect()
     assert len(rows) == len(same["checks"]) + len(moved["checks"])
     assert {r.monitor_id for r in rows} == {same["monitor_id"], moved["monitor_id"]}
+
+
+def _next_day(spark, trained_lake, tmp_path, hit: bool):
+    """A copy of the trained lake, scored (run "served"), then one batch with each of 300
+    users' next event: their served first item (``hit``) or an item never served to them."""
+    from pyspark.sql import functions as F
+
+    from patternlake.cli import main
+    from patternlake.scoring.score import score_users
+    from tests.conftest import copy_trained_lake
+
+    cfg, lake, args = copy_trained_lake(
+        trained_lake,
+        tmp_path,
+        score={"explain_events": 0},
+        train={"epochs": 2, "patience": 1, "backend": "single"},
+        students={"epochs": 2, "patience": 1},
+        compress={"sparsity": [0.5], "finetune_epochs": 1},
+    )
+    score_users(spark, lake, cfg, "served")
+    served = lake.read("user_patterns").where("run_id = 'served'")
+    last = {
+        r.user_id: r.t
+        for r in lake.read("silver_events")
+        .groupBy("user_id")
+        .agg(F.max("event_time").alias("t"))
+        .collect()
+    }
+    users = sorted(last)[:300]
+    if hit:
+        items = {r.user_id: r.item_id for r in served.where("rank = 1").collect()}
+    else:
+        seen = {(r.user_id, r.item_id) for r in served.select("user_id", "item_id").collect()}
+        catalogue = [r.item_id for r in lake.read("item_index").select("item_id").collect()]
+        items = {u: next(i for i in catalogue if (u, i) not in seen) for u in users}
+    lines = ['"user_id","item_id","event_type","event_time","event_id","category","price"']
+    for i, u in enumerate(users):
+        ms = int(last[u].timestamp() * 1000) + 60_000
+        lines.append(f'"{u}","{items[u]}","view",{ms},"next-{i}","c01",1.0')
+    path = tmp_path / "next.csv"
+    path.write_text("\n".join(lines) + "\n")
+    assert main([*args, "ingest", str(path)]) == 0
+    assert main([*args, "validate"]) == 0
+    return cfg, lake, len(users)
+
+
+@pytest.mark.slow
+def test_served_items_that_are_the_next_events_show_no_decay(spark, trained_lake, tmp_path):
+    from patternlake.monitoring.drift import monitor
+
+    cfg, lake, n = _next_day(spark, trained_lake, tmp_path, hit=True)
+    recent = {c["check"]: c for c in monitor(spark, lake, cfg)["checks"]}["recent_ndcg@10"]
+    assert recent["status"] == "ok" and recent["n_cur"] == n and recent["value"] == 1.0
+    assert recent["run_id"] == "served"
+
+
+@pytest.mark.slow
+def test_decay_alarms_and_auto_retrain_replaces_the_models_through_the_gates(
+    spark, trained_lake, tmp_path
+):
+    from patternlake.monitoring.drift import monitor
+    from patternlake.students import registry
+
+    cfg, lake, n = _next_day(spark, trained_lake, tmp_path, hit=False)
+    teacher_before = registry.teacher_version(cfg)
+    decisions_before = lake.read("model_decisions").count()
+    result = monitor(spark, lake, cfg, auto_retrain=True)
+    recent = {c["check"]: c for c in result["checks"]}["recent_ndcg@10"]
+    assert recent["status"] == "alarm" and recent["value"] == 0.0 and recent["n_cur"] == n
+    assert result["action"] == "retrained" and set(result["retrain"]) >= {
+        "train_teacher",
+        "distill",
+        "compress",
+    }
+    assert int(registry.teacher_version(cfg)) > int(teacher_before)
+    assert lake.read("model_decisions").count() > decisions_before  # every promotion gated
+    rows = lake.read("drift").where("check = 'recent_ndcg@10'").collect()
+    assert [r.action for r in rows] == ["retrained"]

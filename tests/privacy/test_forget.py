@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,7 +13,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import MapType, StringType, StructField, StructType
 
 from patternlake.privacy import nodes
-from tests.conftest import in_folder, with_overrides
+from tests.conftest import copy_trained_lake
 
 # ---- nodes -------------------------------------------------------------------------------
 
@@ -135,20 +134,13 @@ def _comparable(df):
 @pytest.fixture(scope="module")
 def forgotten(spark, trained_lake, tmp_path_factory):
     from patternlake.cli import main
-    from patternlake.lake import Lake
     from patternlake.scoring.score import score_users
 
-    cfg0, lake0, *_ = trained_lake
     work = tmp_path_factory.mktemp("forget")
-    shutil.copytree(lake0.root, work / "lake")
-    shutil.copytree(cfg0.models.root, work / "models")
-    shutil.copy(cfg0.mlflow.tracking_uri.removeprefix("sqlite:///"), work / "mlruns.db")
-    cfg = in_folder(cfg0, work, score={"explain_events": 5})
-    cfg = with_overrides(cfg, mlflow={"artifact_location": cfg0.mlflow.artifact_location})
-    lake = Lake(spark, cfg.lake)
+    cfg, lake, overrides = copy_trained_lake(trained_lake, work, score={"explain_events": 5})
 
     # the user with the most silver events; a new batch gives them a quarantined row (unknown
-    # event type), and an unparsable line, next to another user's good row
+    # event type) and one with a broken time, next to another user's good row
     silver = lake.read("silver_events")
     uid = silver.groupBy("user_id").count().orderBy(F.desc("count"), "user_id").first()[0]
     other = silver.where(F.col("user_id") != uid).first()
@@ -162,12 +154,7 @@ def forgotten(spark, trained_lake, tmp_path_factory):
         f'"{uid}","{mine.item_id}","view","not-a-time"""broken,,,\n'
         f'"{other.user_id}","{other.item_id}","view",{ms(other.event_time) + 7},"x-other","c01",2.0\n'
     )
-    overrides = [
-        "--set", f"lake.root={work / 'lake'}",
-        "--set", f"models.root={work / 'models'}",
-        "--set", f"mlflow.tracking_uri=sqlite:///{work}/mlruns.db",
-        "--set", "validate.max_invalid_share=1.0",  # the small late batch is mostly bad rows
-    ]  # fmt: skip
+    overrides += ["--set", "validate.max_invalid_share=1.0"]  # a small batch of mostly bad rows
     assert main([*overrides, "ingest", str(batch)]) == 0
     assert main([*overrides, "validate"]) == 0
     assert main([*overrides, "featurize"]) == 0

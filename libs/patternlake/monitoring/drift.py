@@ -60,7 +60,7 @@ def monitor(
     if not lake.exists("silver_events"):
         raise PatternlakeError("monitor: silver_events does not exist yet; run validate first")
     silver = lake.read("silver_events")
-    basis, ref, cur, since = _windows(silver, config)
+    basis, ref, cur = _windows(lake, silver, config)
     checks: list[dict[str, Any]] = []
     if ref is None or cur is None:
         checks.append(_row("windows", "-", math.nan, math.nan, math.nan, math.nan, 0, 0, "no_data"))
@@ -69,7 +69,7 @@ def monitor(
         checks.append(_categorical("event_type_mix", ref, cur, "event_type", "psi", None, config))
         checks.append(_categorical("items", ref, cur, "item_id", "js", m.top_items, config))
         checks.extend(_user_features(ref, cur, config))
-        checks.append(_recent_ndcg(lake, config, cur, since))
+        checks.append(_recent_ndcg(lake, config, cur))
         ref.unpersist()
         cur.unpersist()
     worst = max(checks, key=lambda c: SEVERITY[c["status"]])["status"]
@@ -132,29 +132,35 @@ def _row(check, statistic, value, threshold, floor, p, n_ref, n_cur, status) -> 
 
 
 def _windows(
-    silver: DataFrame, config: Config
-) -> tuple[str, DataFrame | None, DataFrame | None, datetime | None]:
-    """(basis, reference rows, current rows, reference end) as described in the docstring."""
+    lake: Lake, silver: DataFrame, config: Config
+) -> tuple[str, DataFrame | None, DataFrame | None]:
+    """(basis, reference rows, current rows) as described in the module's docstring; a
+    batch's time is when it was validated (``validation_results.validated_at``)."""
     registered = _teacher_registered_at(config)
     if registered is not None:
         version, at = registered
-        ref = silver.where(F.col("_validated_at") <= F.lit(at))
-        cur = silver.where(F.col("_validated_at") > F.lit(at))
+        recent = [
+            r[0]
+            for r in lake.read("validation_results")
+            .where(F.col("validated_at") > F.lit(at))
+            .select("batch_id")
+            .collect()
+        ]
         basis = f"teacher v{version} registered {at:%Y-%m-%dT%H:%M:%SZ}: batches before vs since"
-        if cur.limit(1).count() == 0:
-            return basis + " (no batch since)", None, None, at
-        return basis, ref, cur, at
+        cur = silver.where(F.col("_batch_id").isin(recent))
+        if not recent or cur.limit(1).count() == 0:
+            return basis + " (no batch since)", None, None
+        return basis, silver.where(~F.col("_batch_id").isin(recent)), cur
     batches = batches_in_order(silver)
     k = config.monitor.recent_batches
     if len(batches) <= k:
-        return f"no teacher; {len(batches)} batch(es), need more than {k}", None, None, None
+        return f"no teacher; {len(batches)} batch(es), need more than {k}", None, None
     recent = batches[-k:]
     basis = f"no teacher: last {k} batch(es) vs the {len(batches) - k} before"
     return (
         basis,
         silver.where(~F.col("_batch_id").isin(recent)),
         silver.where(F.col("_batch_id").isin(recent)),
-        None,
     )
 
 
@@ -228,21 +234,27 @@ def _user_features(ref: DataFrame, cur: DataFrame, config: Config) -> list[dict[
     return out
 
 
-def _recent_ndcg(
-    lake: Lake, config: Config, cur: DataFrame, since: datetime | None
-) -> dict[str, Any]:
-    """The served top-K of the latest scoring run made before the current window, against
-    each scored user's first event in the window."""
+def _recent_ndcg(lake: Lake, config: Config, cur: DataFrame) -> dict[str, Any]:
+    """The served top-K of the latest scoring run made before the current window's first
+    batch was validated, against each scored user's first event in the window. The row's
+    ``noise_floor`` is the half-width of the mean's confidence interval at ``alpha``."""
     m = config.monitor
     empty = _row(
         "recent_ndcg@10", "ndcg@10", math.nan, math.nan, math.nan, math.nan, 0, 0, "no_data"
     )
     reference = _teacher_valid_ndcg(config)
-    if since is None or reference is None or not lake.exists("user_patterns"):
+    if reference is None or not lake.exists("user_patterns"):
         return empty
+    batches = [r[0] for r in cur.select("_batch_id").distinct().collect()]
+    start = (
+        lake.read("validation_results")
+        .where(F.col("batch_id").isin(batches))
+        .agg(F.min("validated_at"))
+        .first()[0]
+    )
     runs = (
         lake.read("user_patterns")
-        .where(F.col("scored_at") <= F.lit(since))
+        .where(F.col("scored_at") < F.lit(start))
         .groupBy("run_id")
         .agg(F.max("scored_at").alias("at"))
         .orderBy(F.desc("at"))
@@ -253,7 +265,7 @@ def _recent_ndcg(
         return empty
     served = lake.read("user_patterns").where(F.col("run_id") == runs[0]["run_id"])
     first = (
-        cur.select("user_id", "item_id", "event_time")
+        cur.select("user_id", "item_id", "event_time", "event_id")
         .withColumn("_r", F.row_number().over(_first_event_window()))
         .where(F.col("_r") == 1)
         .select("user_id", F.col("item_id").alias("next_item"))
@@ -284,7 +296,10 @@ def _recent_ndcg(
         status = "warn"
     else:
         status = "ok"
-    return _row("recent_ndcg@10", "ndcg@10", mean, threshold, half, math.nan, 0, n, status)
+    return _row("recent_ndcg@10", "ndcg@10", mean, threshold, half, math.nan, 0, n, status) | {
+        "reference": reference,
+        "run_id": runs[0]["run_id"],
+    }
 
 
 def _first_event_window():
