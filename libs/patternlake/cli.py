@@ -219,7 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=["auto", "csv", "tsv", "jsonl", "parquet"], default=None)
     r.add_argument("--map", dest="mapping", default=None, metavar="FIELD=COLUMN,...")
     r.add_argument("--full", action="store_true", help="featurize from scratch")
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="start at the step where the last run of this pipeline failed (ops/runs)",
+    )
     r.set_defaults(func=cmd_run, needs_spark=True)
+
+    ex = command(
+        sub,
+        "export",
+        "print a pipeline as spark-submit commands or as a Databricks Asset Bundle job",
+    )
+    ex.add_argument("target", choices=["spark-submit", "databricks"])
+    ex.add_argument("pipeline", help="pipeline name, e.g. daily")
+    ex.add_argument(
+        "--env", default=None, help="--conf of the exported jobs (default: cluster / databricks)"
+    )
+    ex.add_argument("--master", default="spark://127.0.0.1:7077", help="spark-submit master")
+    ex.set_defaults(func=cmd_export, needs_spark=False)
 
     c = command(sub, "config", "print the resolved configuration as JSON")
     c.set_defaults(func=cmd_config, needs_spark=False)
@@ -386,7 +404,20 @@ def cmd_run(args: argparse.Namespace, config: Config, lake: Any) -> None:
         "mapping": parse_mapping(args.mapping),
         "full": args.full,
     }
-    print(json.dumps(run_pipeline(args.pipeline, lake, config, options), default=str))
+    print(
+        json.dumps(
+            run_pipeline(args.pipeline, lake, config, options, resume=args.resume), default=str
+        )
+    )
+
+
+def cmd_export(args: argparse.Namespace, config: Config) -> None:
+    from patternlake.pipeline import export_databricks, export_spark_submit
+
+    if args.target == "spark-submit":
+        print(export_spark_submit(args.pipeline, args.env or "cluster", args.master), end="")
+    else:
+        print(export_databricks(args.pipeline, args.env or "databricks"), end="")
 
 
 def cmd_train(args: argparse.Namespace, config: Config, lake: Any) -> None:
