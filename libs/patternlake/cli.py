@@ -181,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--json", action="store_true", help="print JSON rows")
     sq.set_defaults(func=cmd_sql, needs_spark=True)
 
+    rp = command(
+        sub,
+        "report",
+        "one static HTML file with plots: data quality, segments and patterns, teacher curve, "
+        "students and compression, scoring, drift",
+    )
+    rp.add_argument("--out", default=None, help="HTML file (default: <lake.root>/ops/report.html)")
+    rp.set_defaults(func=cmd_report, needs_spark=True)
+
     mn = command(
         sub,
         "monitor",
@@ -460,6 +469,13 @@ def cmd_score(args: argparse.Namespace, config: Config, lake: Any) -> None:
     from patternlake.scoring.score import score_users
 
     print(json.dumps(score_users(lake.spark, lake, config, args.run_id), default=str))
+
+
+def cmd_report(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    from patternlake.reporting.report import build_report
+
+    result = build_report(lake, config, args.out)
+    print(f"report: {result['path']} ({result['plots']} plots, {result['bytes'] / 1024:.0f} KB)")
 
 
 def cmd_monitor(args: argparse.Namespace, config: Config, lake: Any) -> None:

@@ -1,0 +1,1 @@
+"""`patternlake report`: one static HTML file with plots of the whole lake."""

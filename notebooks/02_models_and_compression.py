@@ -1,0 +1,55 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # Teacher and students: quality and compression trade-offs
+# MAGIC The registered teacher's training curve (MLflow), each segment's student and int8 student
+# MAGIC next to the teacher on the segment's validation users (`ops/model_report`), and every
+# MAGIC promotion decision (`ops/model_decisions`). Locally:
+# MAGIC `.venv/bin/python notebooks/02_models_and_compression.py` (after `patternlake run train`).
+
+# COMMAND ----------
+
+from patternlake.config import load_config
+from patternlake.lake import Lake
+from patternlake.spark import get_spark
+from patternlake.students import registry
+from patternlake.students.report import model_report
+
+config = load_config()  # on Databricks: load_config("databricks")
+spark = get_spark(config.spark)
+lake = Lake(spark, config.lake)
+
+# COMMAND ----------
+
+# MAGIC %md ## The teacher's training curve
+
+# COMMAND ----------
+
+client = registry.client(config)
+version = registry.teacher_version(config)
+mv = client.get_model_version(registry.TEACHER, version)
+curve = client.get_metric_history(mv.run_id, "valid_ndcg_at_10")
+print(f"teacher v{version}: {len(curve)} epochs")
+for m in curve:
+    print(f"  epoch {m.step:3d}  validation NDCG@10 {m.value:.4f}")
+
+# COMMAND ----------
+
+# MAGIC %md ## Per segment: size and quality of teacher, student and int8 student
+
+# COMMAND ----------
+
+rows = model_report(lake, config)
+spark.createDataFrame(rows).select(
+    "segment_id", "valid_users", "teacher_params", "student_params", "fp32_bytes", "int8_bytes",
+    "sparsity", "teacher_ndcg_at_10", "student_ndcg_at_10", "int8_ndcg_at_10", "champion",
+).orderBy("segment_id").show(truncate=False)
+
+# COMMAND ----------
+
+# MAGIC %md ## Every promotion decision, with its numbers
+
+# COMMAND ----------
+
+lake.read("model_decisions").orderBy("decided_at").select(
+    "stage", "segment_id", "model", "variant", "promoted", "champion", "reason"
+).show(50, truncate=80)
