@@ -11,22 +11,18 @@ PL=${PL:-.venv/bin/patternlake}
 if [ ! -f "$DATA/truth/meta.json" ]; then
   "$PL" generate --out "$DATA"
 fi
-# 2. the daily pipeline: ingest -> validate -> featurize -> segment -> mine
-#    (re-running it is safe: files already ingested are skipped)
-"$PL" run daily --input "$DATA/events"
-# 3. the teacher: Horovod x2 (horovod.spark.run tasks), tracked and registered in MLflow
-#    (a rerun resumes from its checkpoints), then evaluated against popularity and Markov
+# 2. everything, as one recorded pipeline (ops/runs; `run all --resume` continues a failed run):
+#    ingest -> validate -> featurize -> segment -> mine -> teacher (Horovod x2, registered in
+#    MLflow) -> one student per segment (parallel Spark tasks, gated) -> pruned + int8 (gated)
+#    -> evaluate against popularity and Markov -> score (each user's next items, the rule
+#    behind each, the events that explain it). Re-running is safe: ingested files are skipped.
 #    (at most 60 epochs here: on the demo data validation NDCG@10 still creeps up by ~1e-4
 #    an epoch after 100, which keeps resetting the patience of the 200-epoch default)
-"$PL" train --set train.epochs=60
-# 4. one student per segment (parallel Spark tasks), pruned + int8, each promoted only
-#    through its gate (>= 95% of the teacher's validation NDCG@10; int8 >= 99% of its fp32)
-"$PL" distill
-"$PL" compress
+"$PL" run all --input "$DATA/events" --set train.epochs=60
 "$PL" models
-"$PL" evaluate
-# 5. scoring: each user's next items, the rule behind each and the events that explain it
-"$PL" score --run-id demo
+# 3. drift of the newest batches against the champions' data, and the HTML report
+"$PL" monitor
+"$PL" report
 # 6. what is in the lake now
 "$PL" lake tables
 .venv/bin/python - "$DATA" <<'PY'
@@ -51,7 +47,9 @@ print(f"planted rules recalled: {score.found}/{score.planted} (recall {score.rec
       f"precision {score.precision:.2f} of {score.mined} mined rules")
 
 # a few users' patterns, as a person reads them: users with a rule-backed recommendation first
-up = lake.read("user_patterns").where("run_id = 'demo'")
+from pyspark.sql import functions as F
+run_id = lake.read("user_patterns").agg(F.max_by("run_id", "scored_at")).first()[0]
+up = lake.read("user_patterns").where(F.col("run_id") == run_id)
 users = [r.user_id for r in up.where("pattern IS NOT NULL").select("user_id").distinct().orderBy("user_id").limit(3).collect()]
 for user in users:
     rows = up.where(f"user_id = '{user}'").orderBy("rank").limit(5).collect()

@@ -228,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=["auto", "csv", "tsv", "jsonl", "parquet"], default=None)
     r.add_argument("--map", dest="mapping", default=None, metavar="FIELD=COLUMN,...")
     r.add_argument("--full", action="store_true", help="featurize from scratch")
+    r.add_argument("--json", action="store_true", help="print every step's result as JSON")
     r.add_argument(
         "--resume",
         action="store_true",
@@ -413,11 +414,29 @@ def cmd_run(args: argparse.Namespace, config: Config, lake: Any) -> None:
         "mapping": parse_mapping(args.mapping),
         "full": args.full,
     }
-    print(
-        json.dumps(
-            run_pipeline(args.pipeline, lake, config, options, resume=args.resume), default=str
-        )
-    )
+    result = run_pipeline(args.pipeline, lake, config, options, resume=args.resume)
+    if args.json:
+        print(json.dumps(result, default=str))
+        return
+    print(f"run {args.pipeline} {result['run_id']} (steps recorded in ops/runs):")
+    for step, seconds in result["seconds"].items():
+        print(f"  {step:14s} {seconds:7.1f}s  {_summary(result[step])}")
+
+
+def _summary(value: Any, limit: int = 4) -> str:
+    """A short line for a step's result: its first few scalar fields."""
+    if value is None:
+        return "skipped"
+    if isinstance(value, list):
+        return f"{len(value)} item(s)" + (f"; last: {_summary(value[-1], 3)}" if value else "")
+    if not isinstance(value, dict):
+        return str(value)[:80]
+    scalars = [
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in value.items()
+        if isinstance(v, int | float | bool) or (isinstance(v, str) and len(v) <= 40)
+    ]
+    return ", ".join(scalars[:limit]) or f"{len(value)} fields"
 
 
 def cmd_export(args: argparse.Namespace, config: Config) -> None:

@@ -262,7 +262,7 @@ def run_pipeline(
         resumed_from, done = _resume_point(lake, name, steps)
     todo = [s for s in steps if s not in done]
     check_inputs(name, todo, lake, options)
-    results: dict[str, Any] = {"run_id": run_id}
+    results: dict[str, Any] = {"run_id": run_id, "seconds": {}}
     for position, step in enumerate(steps):
         if step in done:
             _record(lake, run_id, name, position, step, "skipped", None, 0.0, None, resumed_from)
@@ -287,6 +287,7 @@ def run_pipeline(
             raise
         seconds = time.monotonic() - started
         results[step] = _plain(out)
+        results["seconds"][step] = round(seconds, 1)
         _record(lake, run_id, name, position, step, "succeeded", at, seconds, None, resumed_from)
         log.info("run %s: step %s done (%.1fs)", name, step, seconds)
     return results

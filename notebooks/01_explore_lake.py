@@ -2,7 +2,7 @@
 # MAGIC %md
 # MAGIC # Explore the patternlake lake
 # MAGIC Every table is a Delta table under `lake.root`. This notebook registers them as SQL views
-# MAGIC and looks at what the daily pipeline produced. Locally: `.venv/bin/python notebooks/explore_lake.py`.
+# MAGIC and looks at what the daily pipeline produced. Locally: `.venv/bin/python notebooks/01_explore_lake.py`.
 
 # COMMAND ----------
 
