@@ -42,10 +42,15 @@ def get_spark(conf: SparkConfig) -> SparkSession:
     # Only force a master when conf names one and spark-submit has not already set it.
     if conf.master and "spark.master" not in _submit_conf():
         builder = builder.master(conf.master)
+    if (conf.master or "").startswith("local"):
+        # one host: no "hostname resolves to a loopback address" warning at every start
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     static = {
         "spark.ui.enabled": str(conf.ui).lower(),
-        "spark.ui.showConsoleProgress": "false",
-        "spark.driver.extraJavaOptions": "-Duser.timezone=UTC",
+        # Spark's own stage progress bar (scoring, featurize, ...) only for a person watching
+        "spark.ui.showConsoleProgress": str(sys.stderr.isatty()).lower(),
+        "spark.driver.extraJavaOptions": "-Duser.timezone=UTC "
+        f"-Dlog4j2.configurationFile={_log4j_file().as_uri()}",
         "spark.executor.extraJavaOptions": "-Duser.timezone=UTC",
     }
     if conf.driver_memory and "spark.driver.memory" not in _submit_conf():
@@ -56,6 +61,38 @@ def get_spark(conf: SparkConfig) -> SparkSession:
     spark.sparkContext.setLogLevel("WARN")
     log.info("spark %s master=%s", spark.version, spark.sparkContext.master)
     return spark
+
+
+LOG4J = """# patternlake: Spark's log at WARN without the start-up notices a user cannot act on
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+logger.native.name = org.apache.hadoop.util.NativeCodeLoader
+logger.native.level = error
+logger.utils.name = org.apache.spark.util.Utils
+logger.utils.level = error
+logger.prefixspan.name = org.apache.spark.mllib.fpm.PrefixSpan
+logger.prefixspan.level = error
+"""
+
+
+def _log4j_file():
+    """The log4j2 configuration of an embedded Spark (written once per user and version)."""
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    digest = hashlib.sha1(LOG4J.encode()).hexdigest()[:8]
+    path = Path(tempfile.gettempdir()) / f"patternlake-log4j2-{os.getuid()}-{digest}.properties"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(LOG4J)
+        tmp.replace(path)
+    return path
 
 
 def _submit_conf() -> dict[str, str]:

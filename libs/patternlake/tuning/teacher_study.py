@@ -152,6 +152,32 @@ def run_trials(
     study.optimize(lambda trial: objective(trial, base, cfg, worker), n_trials=n_trials)
 
 
+def _wait_with_progress(procs: list[Any], path: str, study_name: str, n_trials: int) -> None:
+    """Wait for the trial processes; on a terminal, a bar of finished trials."""
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    if not sys.stderr.isatty():
+        for p in procs:
+            p.join()
+        return
+    with tqdm(total=n_trials, desc="tune teacher", unit="trial") as bar:
+        while any(p.is_alive() for p in procs):
+            time.sleep(2.0)
+            try:
+                trials = optuna.load_study(
+                    study_name=study_name, storage=open_storage(Path(path))
+                ).get_trials(deepcopy=False)
+            except Exception:  # the study is created by the first process
+                continue
+            done = sum(t.state.is_finished() for t in trials)
+            bar.update(done - bar.n)
+        for p in procs:
+            p.join()
+
+
 def tune_teacher(lake: Lake, config: Config) -> dict[str, Any]:
     started = time.monotonic()
     tune = config.tune
@@ -193,8 +219,7 @@ def tune_teacher(lake: Lake, config: Config) -> dict[str, Any]:
     try:
         for p in procs:
             p.start()
-        for p in procs:
-            p.join()
+        _wait_with_progress(procs, str(path), study_name, tune.n_trials)
     finally:  # interrupted (Ctrl-C, a kill): no trial process outlives the command
         for p in procs:
             if p.is_alive():
