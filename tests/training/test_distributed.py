@@ -10,7 +10,7 @@ import torch
 from patternlake.models.teacher import TeacherConfig
 from patternlake.training.data import ShardedSequences
 from patternlake.training.teacher_job import run_backend
-from patternlake.training.worker import TrainSpec
+from patternlake.training.worker import TrainSpec, per_process_batch
 from tests.training import handmade
 
 N_ITEMS = 60
@@ -53,7 +53,8 @@ def test_two_workers_train_in_step_and_resume_with_the_optimizer_state(
 ):
     files = handmade.layouts(tmp_path / "data", small_item)[layout]
     checkpoints = tmp_path / "checkpoints"
-    steps = ShardedSequences(files, 0, 2, 8, 32, seed=7).batches_per_epoch()
+    # train.batch_size is global: each of the 2 ranks takes half of it
+    steps = ShardedSequences(files, 0, 2, 8, per_process_batch(32, 2), seed=7).batches_per_epoch()
 
     first = run_backend(spark, spec_for(files, backend, checkpoints, epochs=1), backend, 2)
     assert first["world"] == 2 and first["diverged"] is None
@@ -69,3 +70,7 @@ def test_two_workers_train_in_step_and_resume_with_the_optimizer_state(
         adam_steps(checkpoints / "epoch-0001.pt"),
     )
     assert after == before + steps, (before, after, steps)
+
+
+def test_the_global_batch_is_split_across_processes():
+    assert [per_process_batch(128, w) for w in (1, 2, 3, 256)] == [128, 64, 43, 1]
