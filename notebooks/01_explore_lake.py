@@ -36,7 +36,9 @@ spark.sql("""
 
 # COMMAND ----------
 
-spark.sql("SELECT segment_id, count(*) AS users FROM segments GROUP BY segment_id ORDER BY segment_id").show()
+spark.sql(
+    "SELECT segment_id, count(*) AS users FROM segments GROUP BY segment_id ORDER BY segment_id"
+).show()
 spark.sql("""
     SELECT segment_id, antecedent, consequent, support, confidence, lift FROM (
         SELECT segment_id, concat_ws(' -> ', antecedent) AS antecedent, consequent,

@@ -40,8 +40,17 @@ for m in curve:
 
 rows = model_report(lake, config)
 spark.createDataFrame(rows).select(
-    "segment_id", "valid_users", "teacher_params", "student_params", "fp32_bytes", "int8_bytes",
-    "sparsity", "teacher_ndcg_at_10", "student_ndcg_at_10", "int8_ndcg_at_10", "champion",
+    "segment_id",
+    "valid_users",
+    "teacher_params",
+    "student_params",
+    "fp32_bytes",
+    "int8_bytes",
+    "sparsity",
+    "teacher_ndcg_at_10",
+    "student_ndcg_at_10",
+    "int8_ndcg_at_10",
+    "champion",
 ).orderBy("segment_id").show(truncate=False)
 
 # COMMAND ----------

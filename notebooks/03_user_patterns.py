@@ -48,9 +48,17 @@ lake.read("silver_events").where(F.col("user_id") == user).orderBy(F.desc("event
 rows = latest.where(F.col("user_id") == user).orderBy("rank").collect()
 for r in rows:
     p = r.pattern
-    rule = f"{' -> '.join(p.antecedent)} => {p.consequent} (confidence {p.confidence:.2f}, lift {p.lift:.1f})" if p else "-"
-    why = ", ".join(f"{e.item_id} ({e.events_ago} ago, {e.weight:.0%})" for e in r.explanation or [])
-    print(f"{r.rank:2d}. {r.item_id:8s} score {r.score:7.3f} by {r.model_name} v{r.model_version}"
-          f"{' (fallback)' if r.fallback else ''}")
+    rule = (
+        f"{' -> '.join(p.antecedent)} => {p.consequent} (confidence {p.confidence:.2f}, lift {p.lift:.1f})"
+        if p
+        else "-"
+    )
+    why = ", ".join(
+        f"{e.item_id} ({e.events_ago} ago, {e.weight:.0%})" for e in r.explanation or []
+    )
+    print(
+        f"{r.rank:2d}. {r.item_id:8s} score {r.score:7.3f} by {r.model_name} v{r.model_version}"
+        f"{' (fallback)' if r.fallback else ''}"
+    )
     print(f"    rule: {rule}")
     print(f"    because of: {why or '-'}")

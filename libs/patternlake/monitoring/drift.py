@@ -165,12 +165,10 @@ def _windows(
 
 
 def _teacher_registered_at(config: Config) -> tuple[str, datetime] | None:
-    from pathlib import Path
-
-    uri = config.mlflow.tracking_uri
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        return None
     from patternlake.students import registry
+
+    if not registry.registry_exists(config):
+        return None
 
     version = registry.teacher_version(config)
     if version is None:

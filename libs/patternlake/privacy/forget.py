@@ -177,10 +177,10 @@ def _salt(config: Config) -> bytes:
 
 def _mark_models(config: Config, forget_id: str) -> list[str]:
     """Tag every registered teacher and student version ``retrain_required=<forget_id>``."""
-    uri = config.mlflow.tracking_uri
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    from patternlake.students.registry import STUDENT, client, registry_exists
+
+    if not registry_exists(config):
         return []  # no registry yet: no model learned from the user
-    from patternlake.students.registry import STUDENT, client
     from patternlake.training.teacher_job import REGISTERED_NAME
 
     c = client(config)

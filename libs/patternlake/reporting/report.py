@@ -134,10 +134,10 @@ def segments(lake: Lake) -> str:
 
 
 def teacher_curve(config: Config) -> str:
-    uri = config.mlflow.tracking_uri
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        return _missing("a registered teacher", "patternlake run train")
     from patternlake.students import registry
+
+    if not registry.registry_exists(config):
+        return _missing("a registered teacher", "patternlake run train")
 
     version = registry.teacher_version(config)
     if version is None:

@@ -35,6 +35,13 @@ def champion_alias(segment: int) -> str:
     return f"champion-{segment}"
 
 
+def registry_exists(config: Config) -> bool:
+    """False when the tracking URI is a SQLite file that does not exist yet (nothing was ever
+    registered); asking MLflow would create it."""
+    uri = config.mlflow.tracking_uri
+    return not (uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists())
+
+
 def client(config: Config):
     import mlflow
 
