@@ -6,6 +6,7 @@ import pytest
 
 from patternlake.config import Config, load_config
 from patternlake.spark import get_spark
+from tests.cluster import cluster  # noqa: F401  (a fixture: Spark standalone on 127.0.0.1)
 
 
 @pytest.fixture(scope="session")
