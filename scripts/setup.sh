@@ -21,6 +21,13 @@ if ! command -v java >/dev/null 2>&1 || [ "$(java_major)" -lt 17 ]; then
 fi
 say "java $(java_major)"
 
+# --- headless Chromium (optional): the report test opens the HTML report in it --------------
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  say "installing chromium (headless check of the HTML report; optional)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+    || say "chromium not installed: the report's browser check will be skipped"
+fi
+
 # --- the lock must hold index packages only (a path into one machine's cache breaks others)
 python3 scripts/check_requirements.py
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -112,3 +113,31 @@ def test_report_is_one_html_file_with_a_plot_per_section(scored_copy, tmp_path):
         )
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0.01  # not blank
     assert "does not exist yet" not in out.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="no chromium (make setup installs it with apt when run as root)",
+)
+def test_report_renders_in_headless_chromium(scored_copy, tmp_path):
+    import matplotlib.image
+
+    from patternlake.reporting.report import build_report
+
+    cfg, lake = scored_copy
+    page = build_report(lake, cfg, str(tmp_path / "report.html"))["path"]
+    shot = tmp_path / "report.png"
+    done = subprocess.run(
+        [
+            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            "--window-size=1200,3000", f"--screenshot={shot}", Path(page).as_uri(),
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (3000, 1200)
+    # rendered, not blank: the page's plots and tables make many non-white rows
+    ink = (pixels[..., :3].mean(axis=2) < 0.9).any(axis=1).mean()
+    assert ink > 0.3, ink
