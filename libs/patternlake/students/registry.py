@@ -43,6 +43,11 @@ def registry_exists(config: Config) -> bool:
 
 
 def client(config: Config):
+    import os
+    import sys
+
+    if not sys.stderr.isatty():  # MLflow's download bars otherwise fill logs and CI output
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     mlflow.set_tracking_uri(config.mlflow.tracking_uri)
