@@ -71,6 +71,11 @@ class Lake:
             f"table {name!r} is not in lake.tables (known: {known}) and is not a path"
         )
 
+    def local_path(self, name: str | None = None) -> Path | None:
+        """The lake root (or table ``name``) as a local folder; None on an object store."""
+        uri = self.root if name is None else self.uri(name)
+        return None if "://" in uri or uri.startswith("dbfs:") else Path(uri)
+
     def exists(self, name: str) -> bool:
         return self.engine.exists(self.uri(name))
 

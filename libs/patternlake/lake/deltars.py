@@ -250,18 +250,9 @@ class DeltaRsEngine:
                 if add_columns is not None:
                     touched = files
                 else:
-                    current = self._read_files(uri, before, files).select(
-                        "*", F.col("_metadata.file_path").alias("_pl_file")
+                    touched = self._files_holding(
+                        uri, before, files, lambda rows: rows.join(source_keys, keys, "left_semi")
                     )
-                    touched_uris = [
-                        r[0]
-                        for r in current.join(source_keys, keys, "left_semi")
-                        .select("_pl_file")
-                        .distinct()
-                        .collect()
-                    ]
-                    by_path = {_strip_scheme(f): f for f in files}
-                    touched = [by_path[_strip_scheme(unquote(u))] for u in touched_uris]
                 target = self._read_files(uri, schema, touched)
                 names = schema.fieldNames()
                 kept = target.join(source_keys, keys, "left_anti")
@@ -290,29 +281,23 @@ class DeltaRsEngine:
         replaced by ``transform`` of their rows, in one commit; other files stay as they are.
         The commit records only ``metadata`` (no predicate, no values). Nothing matches:
         no commit."""
-        counts = {"files": 0, "rows_before": 0, "rows_after": 0, "version": self.version(uri)}
 
         def touched_files(dt: DeltaTable) -> list[str]:
-            files = dt.file_uris()
-            current = self._read_files(uri, _spark_schema(dt), files)
-            uris = [
-                r[0]
-                for r in current.filter(touched)
-                .select(F.col("_metadata.file_path"))
-                .distinct()
-                .collect()
-            ]
-            by_path = {_strip_scheme(f): f for f in files}
-            return [by_path[_strip_scheme(unquote(u))] for u in uris]
+            return self._files_holding(
+                uri, _spark_schema(dt), dt.file_uris(), lambda rows: rows.filter(touched)
+            )
 
-        if not touched_files(self._table(uri)):
+        first = self._table(uri)
+        counts = {"files": 0, "rows_before": 0, "rows_after": 0, "version": first.version()}
+        found = {first.version(): touched_files(first)}  # the first attempt reuses this scan
+        if not found[first.version()]:
             return counts
         with _InFlight(uri) as flight:
 
             def plan(dt: DeltaTable) -> _Plan:
                 _check_supported(dt, uri)
                 schema = _spark_schema(dt)
-                hit = touched_files(dt)
+                hit = found.pop(dt.version(), None) or touched_files(dt)
                 before = self._read_files(uri, schema, hit)
                 adds = self._stage(
                     flight,
@@ -331,6 +316,21 @@ class DeltaRsEngine:
 
             counts["version"] = self._commit(uri, metadata, plan)
         return counts
+
+    def _files_holding(
+        self,
+        uri: str,
+        schema: StructType,
+        files: list[str],
+        rows: Callable[[DataFrame], DataFrame],
+    ) -> list[str]:
+        """The data files (as listed in ``files``) holding a row that ``rows`` keeps."""
+        current = self._read_files(uri, schema, files).select(
+            "*", F.col("_metadata.file_path").alias("_pl_file")
+        )
+        uris = [r[0] for r in rows(current).select("_pl_file").distinct().collect()]
+        by_path = {_strip_scheme(f): f for f in files}
+        return [by_path[_strip_scheme(unquote(u))] for u in uris]
 
     def expire_history(self, uri: str) -> list[str]:
         """Checkpoint the current version and delete every older log entry (and checkpoint):

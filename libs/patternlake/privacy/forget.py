@@ -140,12 +140,10 @@ def _scrub_json(
 
 def _redact_files(lake: Lake, config: Config, ids: list[str]) -> list[str]:
     """Text files under a local lake root, outside the tables, lose every mention of an id."""
-    root = Path(lake.root.removeprefix("file://").removeprefix("file:"))
-    if "://" in lake.root or not root.is_dir():
+    root = lake.local_path()
+    if root is None or not root.is_dir():
         return []
-    tables = [
-        Path(lake.uri(n).removeprefix("file://").removeprefix("file:")) for n in config.lake.tables
-    ]
+    tables = [lake.local_path(n) for n in config.lake.tables]
     pattern = re.compile(nodes.token_regex(ids).encode("utf-8"))
     redacted = []
     for path in root.rglob("*"):

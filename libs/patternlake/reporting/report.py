@@ -20,6 +20,7 @@ from typing import Any
 from pyspark.sql import functions as F
 
 from patternlake.config import Config
+from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 
 log = logging.getLogger(__name__)
@@ -188,15 +189,11 @@ def students(lake: Lake) -> str:
     ax.set_ylabel("validation NDCG@10")
     ax.legend(fontsize=7)
     ax.set_title("quality per segment")
-    for key, label in [("fp32_bytes", "fp32"), ("int8_bytes", "int8")]:
-        bx.scatter(
-            [r[key] or 0 for r in rows],
-            [
-                r["int8_ndcg_at_10" if key == "int8_bytes" else "student_ndcg_at_10"] or 0
-                for r in rows
-            ],
-            label=label,
-        )
+    for size, quality, label in [
+        ("fp32_bytes", "student_ndcg_at_10", "fp32"),
+        ("int8_bytes", "int8_ndcg_at_10", "int8"),
+    ]:
+        bx.scatter([r[size] or 0 for r in rows], [r[quality] or 0 for r in rows], label=label)
     bx.set_xlabel("bytes")
     bx.set_ylabel("validation NDCG@10")
     bx.set_title("size vs quality (students)")
@@ -216,16 +213,14 @@ def students(lake: Lake) -> str:
 def scoring(lake: Lake) -> str:
     if not lake.exists("user_patterns"):
         return _missing("user_patterns", "patternlake score")
-    per_run = {
-        r.run_id: (r.users, r.at)
+    rows = [
+        {"run_id": r.run_id, "users": r.users, "scored_at": str(r.at)}
         for r in lake.read("user_patterns")
         .groupBy("run_id")
         .agg(F.countDistinct("user_id").alias("users"), F.max("scored_at").alias("at"))
+        .orderBy("at")
         .collect()
-    }
-    rows = []
-    for run_id, (users, at) in sorted(per_run.items(), key=lambda kv: kv[1][1]):
-        rows.append({"run_id": run_id, "users": users, "scored_at": str(at)})
+    ]
     fig, ax = _figure(6, 3)
     ax.bar([r["run_id"][-12:] for r in rows], [r["users"] for r in rows])
     ax.set_ylabel("users scored")
@@ -303,7 +298,11 @@ def build_report(lake: Lake, config: Config, out: str | None = None) -> dict[str
         + "".join(parts)
         + "</body></html>"
     )
-    path = Path(out) if out else Path(lake.root.removeprefix("file://")) / "ops" / "report.html"
+    if out is None and lake.local_path() is None:
+        raise PatternlakeError(
+            f"report: lake.root {lake.root} is not a local folder; give --out FILE"
+        )
+    path = Path(out) if out else lake.local_path() / "ops" / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(doc, encoding="utf-8")
     result = {"path": str(path), "sections": len(sections), "plots": plots, "bytes": len(doc)}
