@@ -174,3 +174,20 @@ def copy_trained_lake(trained_lake, dest, **sections):
         "--set", f"mlflow.artifact_location={cfg0.mlflow.artifact_location}",
     ]  # fmt: skip
     return cfg, Lake(lake0.spark, cfg.lake), args
+
+
+def comparable(df, keep=lambda field: True):
+    """``df`` ready for ``exceptAll`` (set operations refuse maps): the fields ``keep``
+    accepts, map columns as JSON text."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import MapType
+
+    return df.select(
+        *[
+            F.to_json(F.col(f.name)).alias(f.name)
+            if isinstance(f.dataType, MapType)
+            else F.col(f.name)
+            for f in df.schema.fields
+            if keep(f)
+        ]
+    )

@@ -59,8 +59,9 @@ def test_helpers():
     assert keys == ["a", "d", "(other)"] and r.tolist() == [5, 0, 4] and c.tolist() == [1, 4, 0]
     edges = nodes.quantile_edges(np.arange(100), 4)
     assert nodes.binned(np.arange(100), edges).tolist() == [25, 25, 25, 25]
-    lo, hi = nodes.wilson_interval(10, 100, 0.05)
-    assert 0.05 < lo < 0.1 < hi < 0.18
+    gains = np.array([1.0, 0.0] * 50)  # mean 0.5, sd ~0.503, n = 100
+    assert nodes.mean_half_width(gains, 0.05) == pytest.approx(1.96 * 0.50252 / 10, rel=1e-3)
+    assert nodes.mean_half_width(np.array([0.3]), 0.05) == pytest.approx(1.96, rel=1e-3)
 
 
 # ---- on a real lake ----------------------------------------------------------------------

@@ -10,10 +10,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
-from pyspark.sql.types import MapType, StringType, StructField, StructType
+from pyspark.sql.types import StringType, StructField, StructType
 
 from patternlake.privacy import nodes
-from tests.conftest import copy_trained_lake
+from tests.conftest import comparable, copy_trained_lake
 
 # ---- nodes -------------------------------------------------------------------------------
 
@@ -119,18 +119,6 @@ def _files_naming(root: Path, uid: str) -> list[str]:
     return hits
 
 
-def _comparable(df):
-    """Map columns as JSON text (set operations refuse maps)."""
-    return df.select(
-        *[
-            F.to_json(F.col(f.name)).alias(f.name)
-            if isinstance(f.dataType, MapType)
-            else F.col(f.name)
-            for f in df.schema.fields
-        ]
-    )
-
-
 @pytest.fixture(scope="module")
 def forgotten(spark, trained_lake, tmp_path_factory):
     from patternlake.cli import main
@@ -163,7 +151,7 @@ def forgotten(spark, trained_lake, tmp_path_factory):
     tables = [n for n in sorted(cfg.lake.tables) if lake.exists(n)]
     with_users = [n for n in tables if "user_id" in lake.schema(n).fieldNames()]
     others = {
-        n: _comparable(lake.read(n).where(~F.col("user_id").eqNullSafe(uid))).localCheckpoint()
+        n: comparable(lake.read(n).where(~F.col("user_id").eqNullSafe(uid))).localCheckpoint()
         for n in with_users
     }
     theirs = {n: lake.read(n).where(F.col("user_id") == uid).count() for n in with_users}
@@ -191,7 +179,7 @@ def test_no_file_under_the_lake_root_holds_the_id_afterwards(forgotten):
 def test_every_other_users_rows_are_intact_and_theirs_are_gone(spark, forgotten):
     _, lake, _, uid, others, theirs, *_ = forgotten
     for name, before in others.items():
-        after = _comparable(lake.read(name))
+        after = comparable(lake.read(name))
         assert after.where(F.col("user_id") == uid).count() == 0, name
         assert before.exceptAll(after).count() == 0, name
         assert after.exceptAll(before).count() == 0, name

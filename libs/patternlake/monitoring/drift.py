@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from patternlake.config import Config
@@ -50,6 +50,12 @@ SCHEMA = (
     "n_cur bigint, status string, action string"
 )
 SEVERITY = {"alarm": 3, "warn": 2, "ok": 1, "too_small": 0, "no_data": 0}
+# per-user features compared between the windows: name -> aggregate over a user's events
+USER_FEATURES = {
+    "events": lambda: F.count("*"),
+    "distinct_items": lambda: F.countDistinct("item_id"),
+    "active_days": lambda: F.countDistinct(F.to_date("event_time")),
+}
 
 
 def monitor(
@@ -60,16 +66,18 @@ def monitor(
     if not lake.exists("silver_events"):
         raise PatternlakeError("monitor: silver_events does not exist yet; run validate first")
     silver = lake.read("silver_events")
-    basis, ref, cur = _windows(lake, silver, config)
+    teacher = _teacher(config)
+    basis, recent = _windows(lake, silver, config, teacher)
     checks: list[dict[str, Any]] = []
-    if ref is None or cur is None:
+    if not recent:
         checks.append(_row("windows", "-", math.nan, math.nan, math.nan, math.nan, 0, 0, "no_data"))
     else:
-        ref, cur = ref.cache(), cur.cache()
+        in_recent = F.col("_batch_id").isin(recent)
+        ref, cur = silver.where(~in_recent).cache(), silver.where(in_recent).cache()
         checks.append(_categorical("event_type_mix", ref, cur, "event_type", "psi", None, config))
         checks.append(_categorical("items", ref, cur, "item_id", "js", m.top_items, config))
         checks.extend(_user_features(ref, cur, config))
-        checks.append(_recent_ndcg(lake, config, cur))
+        checks.append(_recent_ndcg(lake, config, cur, recent, teacher))
         ref.unpersist()
         cur.unpersist()
     worst = max(checks, key=lambda c: SEVERITY[c["status"]])["status"]
@@ -132,13 +140,16 @@ def _row(check, statistic, value, threshold, floor, p, n_ref, n_cur, status) -> 
 
 
 def _windows(
-    lake: Lake, silver: DataFrame, config: Config
-) -> tuple[str, DataFrame | None, DataFrame | None]:
-    """(basis, reference rows, current rows) as described in the module's docstring; a
-    batch's time is when it was validated (``validation_results.validated_at``)."""
-    registered = _teacher_registered_at(config)
-    if registered is not None:
-        version, at = registered
+    lake: Lake,
+    silver: DataFrame,
+    config: Config,
+    teacher: tuple[str, datetime, float | None] | None,
+) -> tuple[str, list[str]]:
+    """(basis, the current window's batch ids; empty: nothing to compare) as described in
+    the module's docstring; a batch's time is when it was validated
+    (``validation_results.validated_at``)."""
+    if teacher is not None:
+        version, at, _ = teacher
         recent = [
             r[0]
             for r in lake.read("validation_results")
@@ -147,34 +158,30 @@ def _windows(
             .collect()
         ]
         basis = f"teacher v{version} registered {at:%Y-%m-%dT%H:%M:%SZ}: batches before vs since"
-        cur = silver.where(F.col("_batch_id").isin(recent))
-        if not recent or cur.limit(1).count() == 0:
-            return basis + " (no batch since)", None, None
-        return basis, silver.where(~F.col("_batch_id").isin(recent)), cur
+        if not recent or silver.where(F.col("_batch_id").isin(recent)).limit(1).count() == 0:
+            return basis + " (no batch since)", []
+        return basis, recent
     batches = batches_in_order(silver)
     k = config.monitor.recent_batches
     if len(batches) <= k:
-        return f"no teacher; {len(batches)} batch(es), need more than {k}", None, None
-    recent = batches[-k:]
-    basis = f"no teacher: last {k} batch(es) vs the {len(batches) - k} before"
-    return (
-        basis,
-        silver.where(~F.col("_batch_id").isin(recent)),
-        silver.where(F.col("_batch_id").isin(recent)),
-    )
+        return f"no teacher; {len(batches)} batch(es), need more than {k}", []
+    return f"no teacher: last {k} batch(es) vs the {len(batches) - k} before", batches[-k:]
 
 
-def _teacher_registered_at(config: Config) -> tuple[str, datetime] | None:
+def _teacher(config: Config) -> tuple[str, datetime, float | None] | None:
+    """The registered teacher: (version, registered at, best validation NDCG@10), or None."""
     from patternlake.students import registry
 
     if not registry.registry_exists(config):
         return None
-
     version = registry.teacher_version(config)
     if version is None:
         return None
-    mv = registry.client(config).get_model_version(registry.TEACHER, version)
-    return version, datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)
+    c = registry.client(config)
+    mv = c.get_model_version(registry.TEACHER, version)
+    ndcg = c.get_run(mv.run_id).data.metrics.get("best_valid_ndcg_at_10") if mv.run_id else None
+    at = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)
+    return version, at, float(ndcg) if ndcg is not None else None
 
 
 def _categorical(
@@ -198,23 +205,14 @@ def _user_features(ref: DataFrame, cur: DataFrame, config: Config) -> list[dict[
     m = config.monitor
 
     def per_user(df: DataFrame) -> dict[str, np.ndarray]:
-        names = ["events", "distinct_items", "active_days"]
-        rows = (
-            df.groupBy("user_id")
-            .agg(
-                F.count("*").alias(names[0]),
-                F.countDistinct("item_id").alias(names[1]),
-                F.countDistinct(F.to_date("event_time")).alias(names[2]),
-            )
-            .select(*names)
-            .collect()
-        )
-        values = np.array(rows, dtype=np.float64).reshape(-1, len(names))
-        return {c: values[:, i] for i, c in enumerate(names)}
+        aggs = [agg().alias(name) for name, agg in USER_FEATURES.items()]
+        rows = df.groupBy("user_id").agg(*aggs).select(*USER_FEATURES).collect()
+        values = np.array(rows, dtype=np.float64).reshape(-1, len(USER_FEATURES))
+        return {c: values[:, i] for i, c in enumerate(USER_FEATURES)}
 
     r, c = per_user(ref), per_user(cur)
     out = []
-    for feature in ("events", "distinct_items", "active_days"):
+    for feature in USER_FEATURES:
         edges = nodes.quantile_edges(r[feature], m.bins)
         d = nodes.judge(
             "psi",
@@ -232,7 +230,13 @@ def _user_features(ref: DataFrame, cur: DataFrame, config: Config) -> list[dict[
     return out
 
 
-def _recent_ndcg(lake: Lake, config: Config, cur: DataFrame) -> dict[str, Any]:
+def _recent_ndcg(
+    lake: Lake,
+    config: Config,
+    cur: DataFrame,
+    recent: list[str],
+    teacher: tuple[str, datetime, float | None] | None,
+) -> dict[str, Any]:
     """The served top-K of the latest scoring run made before the current window's first
     batch was validated, against each scored user's first event in the window. The row's
     ``noise_floor`` is the half-width of the mean's confidence interval at ``alpha``."""
@@ -240,13 +244,12 @@ def _recent_ndcg(lake: Lake, config: Config, cur: DataFrame) -> dict[str, Any]:
     empty = _row(
         "recent_ndcg@10", "ndcg@10", math.nan, math.nan, math.nan, math.nan, 0, 0, "no_data"
     )
-    reference = _teacher_valid_ndcg(config)
+    reference = teacher[2] if teacher is not None else None
     if reference is None or not lake.exists("user_patterns"):
         return empty
-    batches = [r[0] for r in cur.select("_batch_id").distinct().collect()]
     start = (
         lake.read("validation_results")
-        .where(F.col("batch_id").isin(batches))
+        .where(F.col("batch_id").isin(recent))
         .agg(F.min("validated_at"))
         .first()[0]
     )
@@ -264,7 +267,10 @@ def _recent_ndcg(lake: Lake, config: Config, cur: DataFrame) -> dict[str, Any]:
     served = lake.read("user_patterns").where(F.col("run_id") == runs[0]["run_id"])
     first = (
         cur.select("user_id", "item_id", "event_time", "event_id")
-        .withColumn("_r", F.row_number().over(_first_event_window()))
+        .withColumn(
+            "_r",
+            F.row_number().over(Window.partitionBy("user_id").orderBy("event_time", "event_id")),
+        )
         .where(F.col("_r") == 1)
         .select("user_id", F.col("item_id").alias("next_item"))
     )
@@ -280,11 +286,7 @@ def _recent_ndcg(lake: Lake, config: Config, cur: DataFrame) -> dict[str, Any]:
     if n == 0:
         return empty
     mean = float(gains.mean())
-    half = (
-        float(nodes.stats.norm.ppf(1 - m.alpha / 2))
-        * float(gains.std(ddof=1) if n > 1 else 1.0)
-        / math.sqrt(n)
-    )
+    half = nodes.mean_half_width(gains, m.alpha)
     threshold = (1 - m.decay_tolerance) * reference
     if n < m.min_users:
         status = "too_small"
@@ -298,23 +300,3 @@ def _recent_ndcg(lake: Lake, config: Config, cur: DataFrame) -> dict[str, Any]:
         "reference": reference,
         "run_id": runs[0]["run_id"],
     }
-
-
-def _first_event_window():
-    from pyspark.sql import Window
-
-    return Window.partitionBy("user_id").orderBy("event_time", "event_id")
-
-
-def _teacher_valid_ndcg(config: Config) -> float | None:
-    registered = _teacher_registered_at(config)
-    if registered is None:
-        return None
-    from patternlake.students import registry
-
-    c = registry.client(config)
-    mv = c.get_model_version(registry.TEACHER, registered[0])
-    if not mv.run_id:
-        return None
-    value = c.get_run(mv.run_id).data.metrics.get("best_valid_ndcg_at_10")
-    return float(value) if value is not None else None

@@ -135,13 +135,9 @@ def aligned_counts(
     return keys, np.array([ref.get(k, 0) for k in keys]), np.array([cur.get(k, 0) for k in keys])
 
 
-def wilson_interval(hits: int, n: int, alpha: float) -> tuple[float, float]:
-    """Wilson score interval of a hit rate."""
-    if n == 0:
-        return 0.0, 1.0
-    z = float(stats.norm.ppf(1 - alpha / 2))
-    p = hits / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+def mean_half_width(values: np.ndarray, alpha: float) -> float:
+    """Half-width of the normal confidence interval of the mean of ``values`` at ``alpha``
+    (one value: a standard deviation of 1, the widest a gain in [0, 1] can need)."""
+    n = len(values)
+    sd = float(np.std(values, ddof=1)) if n > 1 else 1.0
+    return float(stats.norm.ppf(1 - alpha / 2)) * sd / math.sqrt(n)

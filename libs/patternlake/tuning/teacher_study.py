@@ -152,10 +152,9 @@ def run_trials(
     study.optimize(lambda trial: objective(trial, base, cfg, worker), n_trials=n_trials)
 
 
-def _wait_with_progress(procs: list[Any], path: str, study_name: str, n_trials: int) -> None:
+def _wait_with_progress(procs: list[Any], path: Path, study_name: str, n_trials: int) -> None:
     """Wait for the trial processes; on a terminal, a bar of finished trials."""
     import sys
-    import time
 
     from tqdm import tqdm
 
@@ -168,7 +167,7 @@ def _wait_with_progress(procs: list[Any], path: str, study_name: str, n_trials: 
             time.sleep(2.0)
             try:
                 trials = optuna.load_study(
-                    study_name=study_name, storage=open_storage(Path(path))
+                    study_name=study_name, storage=open_storage(path)
                 ).get_trials(deepcopy=False)
             except Exception:  # the study is created by the first process
                 continue
@@ -219,7 +218,7 @@ def tune_teacher(lake: Lake, config: Config) -> dict[str, Any]:
     try:
         for p in procs:
             p.start()
-        _wait_with_progress(procs, str(path), study_name, tune.n_trials)
+        _wait_with_progress(procs, path, study_name, tune.n_trials)
     finally:  # interrupted (Ctrl-C, a kill): no trial process outlives the command
         for p in procs:
             if p.is_alive():
