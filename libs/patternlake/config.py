@@ -111,6 +111,7 @@ class ValidateConfig(_Strict):
     id_pattern: str
     max_invalid_share: float = Field(ge=0, le=1)
     report_dir: str  # under lake.root
+    gx: Literal["record", "run"] = "record"
 
 
 class FeaturesConfig(_Strict):

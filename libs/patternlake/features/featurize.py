@@ -20,6 +20,7 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.features.nodes import new_item_index, user_features, user_histories, user_sequences
 from patternlake.lake import Lake, batches_in_order
+from patternlake.spark import job_label
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,13 @@ def featurize(
     fresh = events if full else events.filter(F.col("_batch_id").isin(pending))
 
     existing = None if full else lake.read("item_index")
-    items = new_item_index(fresh, existing).persist()
-    n_new_items = items.count()
     info = {"patternlake.silver_version": str(silver_version)}
-    lake.write(items, "item_index", "overwrite" if full else "append", commit_info=info)
-    items.unpersist()
+    with job_label(spark, "featurize: new items"):
+        items = new_item_index(fresh, existing)
+        version = lake.write(
+            items, "item_index", "overwrite" if full else "append", commit_info=info
+        )
+    n_new_items = lake.commit_rows("item_index", version)
     index = lake.read("item_index")
 
     conf = config.features
@@ -73,21 +76,21 @@ def featurize(
     touched = (
         events if full else events.join(fresh.select("user_id").distinct(), "user_id", "left_semi")
     )
-    histories = user_histories(touched, index, types).persist(StorageLevel.MEMORY_AND_DISK)
-    n_users = histories.count()
-    seqs = user_sequences(histories, conf.max_history)
-    feats = user_features(
-        histories,
-        touched,
-        types,
-        conf.session_gap_minutes,
-        conf.category_property,
-        conf.top_categories,
+    # one shuffle: every event of a touched user, grouped and sorted; both tables come from it
+    histories = user_histories(touched, index, types, conf.category_property).persist(
+        StorageLevel.MEMORY_AND_DISK
     )
+    seqs = user_sequences(histories, conf.max_history)
+    feats = user_features(histories, types, conf.session_gap_minutes, conf.top_categories)
     if full:
-        lake.write(seqs, "user_sequences", "overwrite", overwrite_schema=True, commit_info=info)
+        version = lake.write(
+            seqs, "user_sequences", "overwrite", overwrite_schema=True, commit_info=info
+        )
+        n_users = lake.commit_rows("user_sequences", version)
         lake.write(feats, "user_features", "overwrite", overwrite_schema=True, commit_info=info)
     else:
+        with job_label(spark, "featurize: touched users"):
+            n_users = histories.count()
         lake.merge(seqs, "user_sequences", keys=["user_id"], commit_info=info)
         lake.merge(feats, "user_features", keys=["user_id"], commit_info=info)
     histories.unpersist()

@@ -48,15 +48,27 @@ def gap_bucket(seconds: Column) -> Column:
     return out
 
 
-def user_histories(events: DataFrame, item_index: DataFrame, event_types: list[str]) -> DataFrame:
+def user_histories(
+    events: DataFrame,
+    item_index: DataFrame,
+    event_types: list[str],
+    category_property: str | None = None,
+) -> DataFrame:
     """One row per user: the whole history as a time-sorted array of structs.
 
     Events with the same time keep the order in which they were delivered: earlier batch
     first (``_batch_order``), then source file, then position in that file
     (``_line_ordinal``, kept by ingest) — what a user expects and what other tools do with
     tied timestamps. The event id only breaks ties that remain (rows without an ordinal).
+    Each event also carries its category (``c``, the ``category_property`` property), so
+    that every per-user feature comes from this one grouping.
     """
     types = F.array(*[F.lit(t) for t in event_types])
+    category = (
+        F.col("properties").getItem(category_property)
+        if category_property
+        else F.lit(None).cast("string")
+    )
     ev = events.join(F.broadcast(item_index.select("item_id", "item_idx")), "item_id").select(
         "user_id",
         F.struct(
@@ -67,6 +79,7 @@ def user_histories(events: DataFrame, item_index: DataFrame, event_types: list[s
             F.col("event_id").alias("id"),
             F.col("item_idx").alias("item"),
             F.array_position(types, F.col("event_type")).cast("int").alias("type"),
+            category.alias("c"),
         ).alias("e"),
     )
     return ev.groupBy("user_id").agg(F.sort_array(F.collect_list("e")).alias("events"))
@@ -114,26 +127,44 @@ def user_sequences(histories: DataFrame, max_len: int) -> DataFrame:
 
 def user_features(
     histories: DataFrame,
-    events: DataFrame,
     event_types: list[str],
     session_gap_minutes: int,
-    category_property: str,
     top_categories: int,
 ) -> DataFrame:
-    """Activity, recency inputs, session stats, diversity, event-type mix, categories."""
+    """Activity, recency inputs, session stats, diversity, event-type mix, categories — all
+    from the history arrays of ``user_histories`` (no second pass over the events)."""
     gap_s = session_gap_minutes * 60
-    times = F.transform("events", lambda e: e["t"])
-    secs = F.transform(
-        F.sequence(F.lit(2), F.greatest(F.size("events"), F.lit(2))),
-        lambda i: (F.element_at(times, i) - F.element_at(times, i - 1)) / 1e6,
-    )
-    secs = F.when(F.size("events") > 1, secs).otherwise(F.array().cast("array<double>"))
     n = F.size("events")
+    # seconds between consecutive events: element i of the tail minus element i of the whole
+    # (direct array access: linear in the history, not quadratic)
+    secs = F.transform(
+        F.slice("events", 2, F.greatest(n - 1, F.lit(1))),
+        lambda e, i: (e["t"] - F.col("events")[i]["t"]) / 1e6,
+    )
+    secs = F.when(n > 1, secs).otherwise(F.array().cast("array<double>"))
     type_ids = F.transform("events", lambda e: e["type"])
     mix = [
         (F.size(F.filter(type_ids, _is_type(k + 1))) / n).alias(f"share_{name}")
         for k, name in enumerate(event_types)
     ]
+    # categories: counts per category (keys sorted), then the top ones by count, then name
+    cats = F.filter(F.transform("events", lambda e: e["c"]), lambda c: c.isNotNull())
+    counts = F.transform(
+        F.array_sort(F.array_distinct(cats)),
+        lambda k: F.struct(
+            k.alias("category"), F.size(F.filter(cats, lambda c: c == k)).cast("long").alias("n")
+        ),
+    )
+    ranked = F.sort_array(
+        F.transform(
+            counts, lambda s: F.struct((-s["n"]).alias("m"), s["category"].alias("category"))
+        )
+    )
+    top = (
+        F.slice(F.transform(ranked, lambda r: r["category"]), 1, top_categories)
+        if top_categories > 0
+        else F.array().cast("array<string>")
+    )
     base = histories.select(
         "user_id",
         n.alias("n_events"),
@@ -149,41 +180,13 @@ def user_features(
             F.lit(0.0),
         ).alias("mean_gap_hours"),
         *mix,
+        F.map_from_entries(counts).alias("category_counts"),
+        top.alias("top_categories"),
     )
-    base = base.select(
-        "*",
+    return base.select(
+        *[c for c in base.columns if c not in ("category_counts", "top_categories")],
         (F.col("n_items") / F.col("n_events")).alias("diversity"),
         (F.col("n_events") / F.col("n_sessions")).alias("events_per_session"),
+        "category_counts",
+        "top_categories",
     )
-    cats = (
-        events.select("user_id", F.col("properties").getItem(category_property).alias("category"))
-        .filter(F.col("category").isNotNull())
-        .groupBy("user_id", "category")
-        .count()
-        .groupBy("user_id")
-        .agg(
-            F.map_from_entries(F.array_sort(F.collect_list(F.struct("category", "count")))).alias(
-                "category_counts"
-            ),
-            F.sort_array(F.collect_list(F.struct(-F.col("count"), F.col("category")))).alias(
-                "_ranked"
-            ),
-        )
-        .select(
-            "user_id",
-            "category_counts",
-            F.slice(
-                F.transform("_ranked", lambda r: r["category"]), 1, max(top_categories, 1)
-            ).alias("top_categories"),
-        )
-    )
-    out = base.join(cats, "user_id", "left").select(
-        *[c for c in base.columns],
-        F.coalesce("category_counts", F.create_map().cast("map<string,bigint>")).alias(
-            "category_counts"
-        ),
-        F.coalesce("top_categories", F.array().cast("array<string>")).alias("top_categories"),
-    )
-    if top_categories == 0:
-        out = out.withColumn("top_categories", F.array().cast("array<string>"))
-    return out

@@ -25,6 +25,7 @@ from patternlake.ingest.sources import (
     read_events,
 )
 from patternlake.lake import Lake
+from patternlake.spark import job_label
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +101,15 @@ def ingest(
         F.lit(fmt).alias("_source_format"),
     )
     lake.write(bronze, "bronze_events", "append", commit_info={"patternlake.batch_id": batch_id})
-    per_file = {
-        r["_source_fingerprint"]: r["count"]
-        for r in lake.read("bronze_events")
-        .filter(F.col("_batch_id") == batch_id)
-        .groupBy("_source_fingerprint")
-        .count()
-        .collect()
-    }
+    with job_label(spark, "ingest: rows per file"):
+        per_file = {
+            r["_source_fingerprint"]: r["count"]
+            for r in lake.read("bronze_events")
+            .filter(F.col("_batch_id") == batch_id)
+            .groupBy("_source_fingerprint")
+            .count()
+            .collect()
+        }
     rows = sum(per_file.values())
     log_rows = [
         (batch_id, s.path, s.fingerprint, s.size, int(per_file.get(s.fingerprint, 0)), fmt, now)

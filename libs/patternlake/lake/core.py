@@ -13,6 +13,8 @@ a column missing from the data is written as null, a new column needs
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DataType, MapType, StructField, StructType
@@ -28,7 +31,7 @@ from patternlake.config import LakeConfig
 from patternlake.errors import ConfigError, PatternlakeError, SchemaMismatchError
 from patternlake.lake.deltars import DeltaRsEngine
 from patternlake.lake.engine import DeltaEngine, WriteMode
-from patternlake.spark import delta_jars_loaded
+from patternlake.spark import delta_jars_loaded, job_label
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,22 @@ def make_engine(spark: SparkSession, conf: LakeConfig) -> DeltaEngine:
 
         return SparkDeltaEngine(spark)
     return DeltaRsEngine(spark, conf.storage_options)
+
+
+def _labelled(verb: str, position: int) -> Callable:
+    """Run a table operation under the Spark job label ``<verb> <table>`` (the table name is
+    argument ``position`` or ``name=``)."""
+
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def run(self: Lake, *args: Any, **kwargs: Any) -> Any:
+            table = kwargs.get("name", args[position] if len(args) > position else "?")
+            with job_label(self.spark, f"{verb} {table}"):
+                return method(self, *args, **kwargs)
+
+        return run
+
+    return wrap
 
 
 class Lake:
@@ -94,6 +113,28 @@ class Lake:
                 raise PatternlakeError(f"read: timestamp {timestamp!r} is not ISO-8601") from None
         return self.engine.read(self.uri(name), version, timestamp)
 
+    def read_range(self, name: str, column: str, lo: Any, hi: Any) -> DataFrame:
+        """Rows with ``lo <= column <= hi``, reading only the files whose min/max statistics in
+        the log overlap the range (a key-range lookup: cheap when the key grows with time)."""
+        return self.engine.read_range(self.uri(name), column, lo, hi)
+
+    def commit_rows(self, name: str, version: int) -> int:
+        """Rows added by the commit that made ``version`` (from the ``numRecords`` statistics of
+        its add actions in the log; no data is read)."""
+        uri = self.uri(name)
+        fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{uri}")
+        with fs.open_input_stream(f"{path}/_delta_log/{version:020d}.json") as f:
+            lines = f.read().decode("utf-8").splitlines()
+        rows = 0
+        for line in lines:
+            add = json.loads(line).get("add") if line.strip() else None
+            if add:
+                stats = json.loads(add.get("stats") or "{}")
+                if "numRecords" not in stats:
+                    raise PatternlakeError(f"{name} version {version}: a file has no row count")
+                rows += int(stats["numRecords"])
+        return rows
+
     def version(self, name: str) -> int:
         return self.engine.version(self.uri(name))
 
@@ -117,6 +158,7 @@ class Lake:
 
     # ---- writing -------------------------------------------------------------------------
 
+    @_labelled("write", 1)
     def write(
         self,
         df: DataFrame,
@@ -162,23 +204,29 @@ class Lake:
             raise SchemaMismatchError(
                 f"write {name}: partition columns {missing} are not in the data"
             )
+        outside = None
         if replace_where:
-            self._check_replace_where(aligned, name, partition_by, replace_where)
-        version = self.engine.write(
-            aligned,
-            uri,
-            mode=mode,
-            partition_by=partition_by,
-            replace_where=replace_where if exists else None,
-            schema=target,
-            add_columns=added,
-            overwrite_schema=overwrite_schema,
-            metadata={
-                "patternlake.operation": "write",
-                "patternlake.mode": mode,
-                **(commit_info or {}),
-            },
-        )
+            aligned, outside = self._guard_replace_where(aligned, name, partition_by, replace_where)
+        try:
+            version = self.engine.write(
+                aligned,
+                uri,
+                mode=mode,
+                partition_by=partition_by,
+                replace_where=replace_where if exists else None,
+                schema=target,
+                add_columns=added,
+                overwrite_schema=overwrite_schema,
+                metadata={
+                    "patternlake.operation": "write",
+                    "patternlake.mode": mode,
+                    **(commit_info or {}),
+                },
+            )
+        except Exception as exc:
+            if outside and outside in str(exc):
+                raise PatternlakeError(outside) from None
+            raise
         log.info(
             "lake write %s mode=%s -> version %d (%.1fs)",
             name,
@@ -188,6 +236,7 @@ class Lake:
         )
         return version
 
+    @_labelled("merge", 1)
     def merge(
         self,
         df: DataFrame,
@@ -249,6 +298,7 @@ class Lake:
         )
         return version
 
+    @_labelled("delete", 0)
     def delete(self, name: str, predicate: str) -> int:
         """Delete rows matching a SQL predicate (e.g. ``user_id = 'u1'``); returns rows deleted.
         The data stays in old files until ``vacuum``."""
@@ -263,6 +313,7 @@ class Lake:
         )
         return n
 
+    @_labelled("rewrite", 0)
     def rewrite(
         self,
         name: str,
@@ -313,21 +364,29 @@ class Lake:
         log.info("lake compact %s: %s", name, metrics)
         return metrics
 
-    def _check_replace_where(
+    def _guard_replace_where(
         self, df: DataFrame, name: str, partition_by: list[str], replace_where: dict[str, Any]
-    ) -> None:
+    ) -> tuple[DataFrame, str]:
+        """``df`` with a check that every row lies inside ``replace_where``, made by the write
+        itself (a failing row stops it before anything is committed), and the message it
+        fails with."""
         not_parts = [k for k in replace_where if k not in partition_by]
         if not_parts:
             raise PatternlakeError(
                 f"write {name}: replace_where keys {not_parts} are not partition columns {partition_by}"
             )
-        cond: Column = F.lit(True)
-        for k, v in replace_where.items():
-            cond = cond & F.col(k).eqNullSafe(F.lit(v))  # a null partition is a value too
-        if df.filter(~cond).limit(1).count():
-            raise PatternlakeError(
-                f"write {name}: some rows fall outside replace_where {replace_where}"
-            )
+        message = f"write {name}: some rows fall outside replace_where {replace_where}"
+        # a projection, not a filter: a filter's condition would join the plan's constraints,
+        # and constraint inference over wide upstream expressions (validate's reason array)
+        # can take minutes to optimise
+        checked = {
+            k: F.when(F.col(k).eqNullSafe(F.lit(v)), F.col(k))  # a null partition is a value too
+            .otherwise(F.raise_error(F.lit(message)))
+            .alias(k)
+            for k, v in replace_where.items()
+        }
+        guarded = df.select(*[checked.get(c, F.col(f"`{c}`")) for c in df.columns])
+        return guarded, message
 
 
 def batches_in_order(df: DataFrame) -> list[str]:

@@ -162,6 +162,22 @@ class DeltaRsEngine:
         )
         return df.select(*[F.col(f"`{n}`") for n in schema.fieldNames()])
 
+    def read_range(self, uri: str, column: str, lo: Any, hi: Any) -> DataFrame:
+        dt = self._snapshot(uri, None, None)
+        actions = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
+        lows = actions.get(f"min.{column}")
+        highs = actions.get(f"max.{column}")
+        by_rel = {_relative(uri, f): f for f in dt.file_uris()}
+        keep = []
+        for i, rel in enumerate(actions["path"]):
+            low = lows[i] if lows else None
+            high = highs[i] if highs else None
+            # no statistics: the file may hold anything; a null-only file holds nothing in range
+            if (low is None or low <= hi) and (high is None or high >= lo):
+                keep.append(by_rel.get(unquote(rel), by_rel.get(rel)))
+        df = self._read_files(uri, _spark_schema(dt), [f for f in keep if f])
+        return df.filter(F.col(f"`{column}`").between(lo, hi))
+
     def files(self, uri: str, version: int | None) -> list[str]:
         return self._snapshot(uri, version, None).file_uris()
 

@@ -66,6 +66,11 @@ class DeltaEngine(Protocol):
 
     def read(self, uri: str, version: int | None, timestamp: datetime | None) -> DataFrame: ...
 
+    def read_range(self, uri: str, column: str, lo: Any, hi: Any) -> DataFrame:
+        """The latest version's rows with ``lo <= column <= hi``, reading only the files whose
+        min/max statistics in the log overlap that range."""
+        ...
+
     def files(self, uri: str, version: int | None) -> list[str]:
         """Absolute paths of the Parquet files of one version."""
         ...

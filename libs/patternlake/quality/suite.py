@@ -1,16 +1,20 @@
 """The event expectation suite: Great Expectations for the record, Spark for the row split.
 
 The suite lives in ``conf/expectations/events.json`` in Great Expectations' own format.
-Each expectation carries ``meta.reason``, the reason code a failing row gets. The same
-suite is used twice per batch:
+Each expectation carries ``meta.reason``, the reason code a failing row gets. The suite is
+compiled into Spark columns so that one pass over a batch does all the work:
 
-* ``row_reasons`` compiles every expectation into a Spark column predicate, so one pass
-  over the batch tags each row with all its reason codes (what splits silver/quarantine);
-* ``run_gx`` validates the batch with Great Expectations on Spark and returns its result
-  (kept as JSON, rendered as HTML).
+* ``row_reasons`` tags each row with the reason codes of every expectation it breaks (what
+  splits silver/quarantine);
+* ``suite_metrics`` are the aggregates Great Expectations itself computes per expectation
+  (rows in the domain, missing, unexpected), observed on that same pass;
+* ``gx_record`` turns them into Great Expectations' own result objects
+  (``ExpectationSuiteValidationResult``, with GX's success and percentage rules), kept as JSON
+  and rendered as HTML.
 
-The validate job checks that both agree: GX's unexpected count of every expectation must
-equal the number of rows tagged with its reason.
+``run_gx`` instead lets Great Expectations validate the batch on Spark itself (about one scan
+per expectation); ``validate.gx: run`` uses it and checks that both agree, and the test suite
+checks on the bad-input corpus that the record equals what GX computes.
 """
 
 from __future__ import annotations
@@ -158,6 +162,118 @@ def row_reasons(suite: EventSuite) -> Column:
     """array<string> of the reason codes of every quarantine rule the row breaks."""
     tags = [F.when(violation(e), F.lit(e.reason)) for e in suite.quarantine_rules]
     return F.array_compact(F.array(*tags)) if tags else F.array().cast("array<string>")
+
+
+DEDUPE_COUNT = "_gx_nonunique"  # rows whose event_id another row of the batch also has
+
+
+def suite_metrics(suite: EventSuite) -> list[Column]:
+    """Aggregates over a typed batch: per expectation ``i`` the rows of its domain
+    (``row_condition``) ``e{i}_n``, those with a null value ``e{i}_missing`` and those breaking
+    it ``e{i}_bad``, all in one pass. Uniqueness needs a shuffle: its count comes from the
+    deduplication (``DEDUPE_COUNT``)."""
+    out: list[Column] = []
+    for i, e in enumerate(suite.expectations):
+        domain = _domain(e)
+        out += [
+            F.count_if(domain).alias(f"e{i}_n"),
+            F.count_if(domain & F.col(f"`{e.kwargs['column']}`").isNull()).alias(f"e{i}_missing"),
+        ]
+        if e.action != DEDUPLICATE:
+            out.append(F.count_if(violation(e)).alias(f"e{i}_bad"))
+    return out
+
+
+def _domain(e: Expectation) -> Column:
+    condition = e.kwargs.get("row_condition")
+    if isinstance(condition, dict):
+        condition = condition.get("pass_through_filter")
+    return F.coalesce(F.expr(condition), F.lit(False)) if condition else F.lit(True)
+
+
+NULL_CHECKS = {"expect_column_values_to_not_be_null", "expect_column_values_to_be_null"}
+
+
+def gx_record(
+    suite: EventSuite,
+    metrics: dict[str, int],
+    samples: dict[str, list[Any]],
+    batch_id: str,
+) -> dict[str, Any]:
+    """Great Expectations' validation result for counts computed by ``suite_metrics`` (and,
+    for uniqueness, ``metrics[DEDUPE_COUNT]`` with ``e{i}_n``/``e{i}_missing`` of the key
+    column), built from GX's own result classes with GX's rules: success is
+    ``(considered - unexpected) / considered >= mostly`` (considered: every row for the null
+    checks, non-null rows otherwise), percentages as GX's BASIC result format gives them.
+    ``samples[reason]`` is up to 20 unexpected values (``partial_unexpected_list``)."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.core.expectation_validation_result import (
+        ExpectationSuiteValidationResult,
+        ExpectationValidationResult,
+    )
+    from great_expectations.expectations.expectation_configuration import (
+        ExpectationConfiguration,
+    )
+
+    results = []
+    for i, e in enumerate(suite.expectations):
+        n = int(metrics[f"e{i}_n"])
+        missing = int(metrics[f"e{i}_missing"])
+        bad = int(metrics[DEDUPE_COUNT] if e.action == DEDUPLICATE else metrics[f"e{i}_bad"])
+        mostly = float(e.kwargs.get("mostly", 1.0))
+        considered = n if e.type in NULL_CHECKS else n - missing
+        success = considered == 0 or (considered - bad) / considered >= mostly
+        result: dict[str, Any] = {
+            "element_count": n,
+            "unexpected_count": bad,
+            "unexpected_percent": (bad / considered * 100) if considered else None,
+            "partial_unexpected_list": list(samples.get(e.reason, []))[:20],
+        }
+        if e.type not in NULL_CHECKS:
+            result.update(
+                missing_count=missing,
+                missing_percent=missing / n * 100 if n else None,
+                unexpected_percent_total=bad / n * 100 if n else None,
+                unexpected_percent_nonmissing=(bad / considered * 100) if considered else None,
+            )
+        config = ExpectationConfiguration(
+            type=e.type,
+            kwargs={"batch_id": f"patternlake-{batch_id}", **e.raw["kwargs"]},
+            meta=e.raw.get("meta", {}),
+        )
+        results.append(
+            ExpectationValidationResult(
+                success=success,
+                expectation_config=config,
+                result=result,
+                exception_info={
+                    "raised_exception": False,
+                    "exception_traceback": None,
+                    "exception_message": None,
+                },
+            )
+        )
+    ok = sum(r.success for r in results)
+    record = ExpectationSuiteValidationResult(
+        success=ok == len(results),
+        results=results,
+        suite_name=suite.name,
+        suite_parameters={},
+        statistics={
+            "evaluated_expectations": len(results),
+            "successful_expectations": ok,
+            "unsuccessful_expectations": len(results) - ok,
+            "success_percent": ok / len(results) * 100 if results else None,
+        },
+        meta={
+            "great_expectations_version": gx.__version__,
+            "batch_spec": {"batch_data": "SparkDataFrame"},
+            "computed_by": "patternlake single pass (validate.gx: record)",
+            "batch_id": batch_id,
+        },
+    )
+    return json.loads(json.dumps(record.to_json_dict(), default=str))
 
 
 def run_gx(df: DataFrame, suite: EventSuite, batch_id: str) -> dict[str, Any]:

@@ -16,19 +16,29 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow.fs as pafs
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as F
 
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake, batches_in_order
 from patternlake.quality.report import render_html
-from patternlake.quality.suite import EventSuite, load_suite, row_reasons, run_gx
+from patternlake.quality.suite import (
+    DEDUPE_COUNT,
+    EventSuite,
+    gx_record,
+    load_suite,
+    row_reasons,
+    run_gx,
+    suite_metrics,
+)
+from patternlake.spark import NO_CONSTRAINT_PROPAGATION, job_label, sql_settings
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,21 @@ SILVER_COLUMNS = (
     "_batch_id",
     "_source_file",
     "_line_ordinal",
+    "_ingested_at",
+)
+
+QUARANTINE_COLUMNS = (
+    "event_id",
+    "user_id",
+    "item_id",
+    "event_type",
+    "event_time_raw",
+    "event_time",
+    "properties",
+    "_raw",
+    "reasons",
+    "_batch_id",
+    "_source_file",
     "_ingested_at",
 )
 
@@ -132,85 +157,66 @@ def validate_pending(spark: SparkSession, lake: Lake, config: Config) -> list[Ba
     if not pending:
         log.info("validate: nothing to do, all %d batches passed before", len(batches))
     suite = load_suite(config.validate_)
-    return [validate_batch(spark, lake, config, suite, b) for b in pending]
+    reports = []
+    for b in pending:
+        with job_label(spark, f"validate {b}"), sql_settings(spark, NO_CONSTRAINT_PROPAGATION):
+            reports.append(validate_batch(spark, lake, config, suite, b))
+    return reports
 
 
 def validate_batch(
     spark: SparkSession, lake: Lake, config: Config, suite: EventSuite, batch_id: str
 ) -> BatchReport:
+    """One batch in two passes over its bronze rows: the quarantine write, which also
+    observes every count (totals, reasons, what Great Expectations reports), and, when the
+    batch passes, the silver write (deduplicated in the same shuffle)."""
     started = time.monotonic()
     conf = config.validate_
     bronze = lake.read("bronze_events").filter(F.col("_batch_id") == batch_id)
     typed = typed_events(bronze, config.ingest.default_event_type)
     tagged = typed.withColumn("reasons", row_reasons(suite))
-
-    # one pass: totals and the count of every reason
-    reasons = sorted({e.reason for e in suite.quarantine_rules})
-    aggs: list[Column] = [
-        F.count(F.lit(1)).alias("total"),
-        F.sum(F.when(F.size("reasons") > 0, 1).otherwise(0)).alias("bad"),
-    ]
-    aggs += [
-        F.sum(F.array_contains("reasons", r).cast("int")).alias(f"r{i}")
-        for i, r in enumerate(reasons)
-    ]
-    stats = tagged.agg(*aggs).first()
-    total, bad = int(stats["total"]), int(stats["bad"] or 0)
-    reason_counts = {r: int(stats[f"r{i}"] or 0) for i, r in enumerate(reasons) if stats[f"r{i}"]}
-
-    gx_result = run_gx(typed, suite, batch_id)
-    _check_agreement(gx_result, reason_counts)
-
     now = datetime.now(UTC)
-    quarantine = tagged.filter(F.size("reasons") > 0).select(
-        "event_id",
-        "user_id",
-        "item_id",
-        "event_type",
-        "event_time_raw",
-        "event_time",
-        "properties",
-        "_raw",
-        "reasons",
-        "_batch_id",
-        "_source_file",
-        "_ingested_at",
-        F.lit(now).alias("_validated_at"),
-    )
+
+    counts = Observation(f"validate-{uuid.uuid4().hex}")
+    observed = tagged.observe(counts, *batch_counts(suite))
     # always written: an empty partition also replaces rows of an earlier failed attempt
     lake.write(
-        quarantine,
+        observed.filter(F.size("reasons") > 0).select(
+            *QUARANTINE_COLUMNS, F.lit(now).alias("_validated_at")
+        ),
         "quarantine_events",
         "overwrite",
         replace_where={"_batch_id": batch_id},
         commit_info={"patternlake.batch_id": batch_id},
     )
+    stats = counts.get
+    total, bad = int(stats["total"]), int(stats["bad"])
+    reasons = sorted({e.reason for e in suite.quarantine_rules})
+    reason_counts = {r: int(stats[f"r{i}"]) for i, r in enumerate(reasons) if stats[f"r{i}"]}
 
     share = bad / total if total else 0.0
     status = "passed" if share <= conf.max_invalid_share else "failed"
     silver_rows = duplicates = 0
     if status == "passed":
-        valid = tagged.filter(F.size("reasons") == 0)
-        first = Window.partitionBy("event_id").orderBy(
-            "_source_file", "_line_ordinal", "event_time", "user_id", "item_id"
+        silver_rows, duplicates, stats[DEDUPE_COUNT] = _append_silver(
+            spark, lake, tagged, batch_id, stats["valid_min_id"], stats["valid_max_id"]
         )
-        deduped = valid.withColumn("_n", F.row_number().over(first)).filter("_n = 1")
-        if lake.exists("silver_events"):
-            known = lake.read("silver_events").select("event_id")
-            deduped = deduped.join(known, "event_id", "left_anti")
-        lake.write(
-            deduped.select(*SILVER_COLUMNS),
-            "silver_events",
-            "append",
-            commit_info={"patternlake.batch_id": batch_id},
-        )
-        silver_rows = lake.read("silver_events").filter(F.col("_batch_id") == batch_id).count()
-        duplicates = total - bad - silver_rows
-        if total != silver_rows + bad + duplicates or duplicates < 0:
+        if total != silver_rows + bad + duplicates:
             raise RuntimeError(
                 f"validate {batch_id}: rows lost: bronze {total} != silver {silver_rows} + "
                 f"quarantined {bad} + duplicates {duplicates}"
             )
+    else:
+        with job_label(spark, "shared event ids"):
+            stats[DEDUPE_COUNT] = _shared_ids(tagged)
+
+    if conf.gx == "run":
+        with job_label(spark, "great expectations"):
+            gx_result = run_gx(typed, suite, batch_id)
+        _check_agreement(gx_result, reason_counts)
+    else:
+        samples = _unexpected_samples(lake, suite, batch_id, reason_counts) if bad else {}
+        gx_result = gx_record(suite, stats, samples, batch_id)
 
     report = BatchReport(
         batch_id=batch_id,
@@ -246,6 +252,130 @@ def validate_batch(
             f"the batch stays in bronze_events and is retried by the next validate; report: {report.report_path}"
         )
     return report
+
+
+def batch_counts(suite: EventSuite) -> list[Column]:
+    """What one pass over a tagged batch observes: rows, invalid rows, rows per reason, the
+    suite's own metrics (``suite_metrics``) and the event-id range of the valid rows."""
+    valid = F.size("reasons") == 0
+    reasons = sorted({e.reason for e in suite.quarantine_rules})
+    return [
+        F.count(F.lit(1)).alias("total"),
+        F.count_if(~valid).alias("bad"),
+        *[F.count_if(F.array_contains("reasons", r)).alias(f"r{i}") for i, r in enumerate(reasons)],
+        *suite_metrics(suite),
+        F.min(F.when(valid, F.col("event_id"))).alias("valid_min_id"),
+        F.max(F.when(valid, F.col("event_id"))).alias("valid_max_id"),
+    ]
+
+
+def _append_silver(
+    spark: SparkSession,
+    lake: Lake,
+    tagged: DataFrame,
+    batch_id: str,
+    lo: str | None,
+    hi: str | None,
+) -> tuple[int, int, int]:
+    """Append the batch's valid rows to silver, the first of each event id only (in delivery
+    order) and none already in silver. Returns (silver rows of the batch, duplicates, rows
+    sharing an event id with another row of the batch — Great Expectations' uniqueness count).
+
+    One shuffle by event id ranks the rows (valid first, then source file, position, time)
+    and counts each id's rows; the lookup against silver reads only the silver files whose
+    event-id range overlaps the batch's (``Lake.read_range``)."""
+    valid = F.size("reasons") == 0
+    order = Window.partitionBy("event_id").orderBy(
+        (~valid).asc(), "_source_file", "_line_ordinal", "event_time", "user_id", "item_id"
+    )
+    whole = order.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    ranked = tagged.select(
+        *SILVER_COLUMNS,
+        valid.alias("_valid"),
+        F.row_number().over(order).alias("_n"),
+        F.count(F.lit(1)).over(whole).alias("_k"),
+    )
+    ids = Observation(f"dedupe-{uuid.uuid4().hex}")
+    ranked = ranked.observe(
+        ids,
+        F.count_if(F.col("_k") > 1).alias("shared"),
+        F.count_if(F.col("_valid") & (F.col("_n") > 1)).alias("within"),
+        F.count_if(F.col("_valid") & (F.col("_n") == 1)).alias("firsts"),
+    )
+    first = ranked.filter(F.col("_valid") & (F.col("_n") == 1)).select(*SILVER_COLUMNS)
+    earlier_attempt = False
+    if lake.exists("silver_events") and lo is not None:
+        known = lake.read_range("silver_events", "event_id", lo, hi).select("event_id")
+        first = first.join(known, "event_id", "left_anti").select(*SILVER_COLUMNS)
+        earlier_attempt = _wrote_silver_before(lake, batch_id)
+    version = lake.write(
+        first, "silver_events", "append", commit_info={"patternlake.batch_id": batch_id}
+    )
+    seen = ids.get
+    written = lake.commit_rows("silver_events", version)
+    silver_rows = written
+    if earlier_attempt:  # a run that died after its silver commit: those rows are the batch's
+        with job_label(spark, "count silver rows"):
+            silver_rows = lake.read("silver_events").filter(F.col("_batch_id") == batch_id).count()
+    duplicates = int(seen["within"]) + int(seen["firsts"]) - written
+    return silver_rows, duplicates - (silver_rows - written), int(seen["shared"])
+
+
+def _wrote_silver_before(lake: Lake, batch_id: str) -> bool:
+    """Whether an earlier attempt at this batch committed to silver (its commit says so)."""
+    for commit in lake.history("silver_events"):
+        meta = commit.get("userMetadata")  # native Delta keeps it as one JSON string
+        info = json.loads(meta) if isinstance(meta, str) and meta.startswith("{") else commit
+        if info.get("patternlake.batch_id") == batch_id:
+            return True
+    return False
+
+
+def _shared_ids(tagged: DataFrame) -> int:
+    """Rows whose event id another row of the batch has (uniqueness, for a failed batch)."""
+    n = tagged.groupBy("event_id").count().filter("count > 1").agg(F.sum("count")).first()[0]
+    return int(n or 0)
+
+
+def _unexpected_samples(
+    lake: Lake, suite: EventSuite, batch_id: str, reason_counts: dict[str, int], limit: int = 20
+) -> dict[str, list[str | None]]:
+    """Up to ``limit`` values per broken expectation (GX's ``partial_unexpected_list``), read
+    back from the batch's quarantine partition (only the bad rows)."""
+    quarantine = lake.read("quarantine_events").filter(F.col("_batch_id") == batch_id)
+    rules = [
+        e
+        for e in suite.quarantine_rules
+        if reason_counts.get(e.reason) and e.kwargs["column"] in quarantine.columns
+    ]
+    if not rules:
+        return {}
+    pairs = F.array_compact(
+        F.array(
+            *[
+                F.when(
+                    F.array_contains("reasons", e.reason),
+                    F.struct(
+                        F.lit(e.reason).alias("reason"),
+                        F.col(f"`{e.kwargs['column']}`").cast("string").alias("value"),
+                    ),
+                )
+                for e in rules
+            ]
+        )
+    )
+    first = Window.partitionBy("reason").orderBy("value")
+    rows = (
+        quarantine.select(F.explode(pairs).alias("p"))
+        .select("p.reason", "p.value")
+        .withColumn("_i", F.row_number().over(first))
+        .filter(F.col("_i") <= limit)
+        .collect()
+    )
+    out: dict[str, list[str | None]] = {}
+    for r in rows:
+        out.setdefault(r["reason"], []).append(r["value"])
+    return out
 
 
 def _check_agreement(gx_result: dict[str, Any], reason_counts: dict[str, int]) -> None:
