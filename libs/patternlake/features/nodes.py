@@ -82,7 +82,17 @@ def user_histories(
             category.alias("c"),
         ).alias("e"),
     )
-    return ev.groupBy("user_id").agg(F.sort_array(F.collect_list("e")).alias("events"))
+    ordered = F.sort_array(F.collect_list("e"))
+    # the tie-break fields (batch, file, position, id) only order the events: drop them after
+    # the sort, so the cached histories hold time, item, type and category only (the file
+    # path and id strings were most of each event's bytes; 30M events ran out of a 4 GB heap)
+    slim = F.transform(
+        ordered,
+        lambda e: F.struct(
+            e["t"].alias("t"), e["item"].alias("item"), e["type"].alias("type"), e["c"].alias("c")
+        ),
+    )
+    return ev.groupBy("user_id").agg(slim.alias("events"))
 
 
 def user_sequences(histories: DataFrame, max_len: int) -> DataFrame:
