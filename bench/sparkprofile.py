@@ -17,7 +17,7 @@ import argparse
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -29,7 +29,6 @@ class Site:
     read_mb: float = 0.0
     shuffle_mb: float = 0.0
     records_in: int = 0
-    plans: set[str] = field(default_factory=set)
 
 
 def _metric(stage: dict, name: str) -> float:
