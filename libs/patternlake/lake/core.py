@@ -14,7 +14,6 @@ a column missing from the data is written as null, a new column needs
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -22,7 +21,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, DataType, MapType, StructField, StructType
@@ -121,19 +119,7 @@ class Lake:
     def commit_rows(self, name: str, version: int) -> int:
         """Rows added by the commit that made ``version`` (from the ``numRecords`` statistics of
         its add actions in the log; no data is read)."""
-        uri = self.uri(name)
-        fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else f"file://{uri}")
-        with fs.open_input_stream(f"{path}/_delta_log/{version:020d}.json") as f:
-            lines = f.read().decode("utf-8").splitlines()
-        rows = 0
-        for line in lines:
-            add = json.loads(line).get("add") if line.strip() else None
-            if add:
-                stats = json.loads(add.get("stats") or "{}")
-                if "numRecords" not in stats:
-                    raise PatternlakeError(f"{name} version {version}: a file has no row count")
-                rows += int(stats["numRecords"])
-        return rows
+        return self.engine.commit_rows(self.uri(name), version)
 
     def version(self, name: str) -> int:
         return self.engine.version(self.uri(name))

@@ -136,17 +136,14 @@ class DeltaRsEngine:
 
     def _commit_time(self, uri: str, version: int) -> datetime | None:
         """When ``version`` was committed (its commitInfo timestamp), if its log file is there."""
-        fs, table_path = pafs.FileSystem.from_uri(uri)
-        try:
-            with fs.open_input_stream(f"{table_path}/_delta_log/{version:020d}.json") as f:
-                lines = f.read().decode().splitlines()
-        except (FileNotFoundError, OSError):
-            return None
-        for line in lines:
-            info = json.loads(line).get("commitInfo") if line.strip() else None
+        for entry in commit_entries(uri, version) or []:
+            info = entry.get("commitInfo")
             if info and "timestamp" in info:
                 return datetime.fromtimestamp(info["timestamp"] / 1000, UTC)
         return None
+
+    def commit_rows(self, uri: str, version: int) -> int:
+        return commit_rows(uri, version)
 
     def read(self, uri: str, version: int | None, timestamp: datetime | None) -> DataFrame:
         dt = self._snapshot(uri, version, timestamp)
@@ -725,6 +722,35 @@ def _spark_schema(dt: DeltaTable) -> StructType:
 
 def _delta_schema(schema: StructType) -> Schema:
     return Schema.from_json(schema.json())
+
+
+def commit_entries(uri: str, version: int) -> list[dict[str, Any]] | None:
+    """The actions of the commit that made ``version`` (one JSON object per line of its log
+    file), or None when that log file is gone (expired). Either engine's tables."""
+    fs, table_path = pafs.FileSystem.from_uri(uri)
+    try:
+        with fs.open_input_stream(f"{table_path}/_delta_log/{version:020d}.json") as f:
+            lines = f.read().decode("utf-8").splitlines()
+    except (FileNotFoundError, OSError):
+        return None
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def commit_rows(uri: str, version: int) -> int:
+    """Rows added by the commit that made ``version``: the sum of ``numRecords`` in the
+    statistics of its add actions (no data is read)."""
+    entries = commit_entries(uri, version)
+    if entries is None:
+        raise PatternlakeError(f"{uri} version {version}: its commit is no longer in the log")
+    rows = 0
+    for entry in entries:
+        add = entry.get("add")
+        if add:
+            stats = json.loads(add.get("stats") or "{}")
+            if "numRecords" not in stats:
+                raise PatternlakeError(f"{uri} version {version}: a file has no row count")
+            rows += int(stats["numRecords"])
+    return rows
 
 
 def _spark_path(uri: str) -> str:

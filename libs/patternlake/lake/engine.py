@@ -71,6 +71,10 @@ class DeltaEngine(Protocol):
         min/max statistics in the log overlap that range."""
         ...
 
+    def commit_rows(self, uri: str, version: int) -> int:
+        """Rows added by the commit that made ``version``, from its log statistics."""
+        ...
+
     def files(self, uri: str, version: int | None) -> list[str]:
         """Absolute paths of the Parquet files of one version."""
         ...

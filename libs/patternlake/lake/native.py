@@ -161,6 +161,11 @@ class SparkDeltaEngine:
             "version": self.version(uri),
         }
 
+    def commit_rows(self, uri: str, version: int) -> int:
+        from patternlake.lake.deltars import commit_rows  # the log has one format on disk
+
+        return commit_rows(uri, version)
+
     def expire_history(self, uri: str) -> list[str]:
         from patternlake.lake.deltars import expire_log
 

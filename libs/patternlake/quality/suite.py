@@ -68,6 +68,11 @@ class EventSuite:
     def quarantine_rules(self) -> list[Expectation]:
         return [e for e in self.expectations if e.action != DEDUPLICATE]
 
+    @property
+    def reason_codes(self) -> list[str]:
+        """The distinct reason codes a row can be quarantined with, sorted."""
+        return sorted({e.reason for e in self.quarantine_rules})
+
 
 def suite_parameters(conf: ValidateConfig, now: datetime | None = None) -> dict[str, Any]:
     now = now or datetime.now(UTC)

@@ -191,8 +191,9 @@ def validate_batch(
     )
     stats = counts.get
     total, bad = int(stats["total"]), int(stats["bad"])
-    reasons = sorted({e.reason for e in suite.quarantine_rules})
-    reason_counts = {r: int(stats[f"r{i}"]) for i, r in enumerate(reasons) if stats[f"r{i}"]}
+    reason_counts = {
+        r: int(stats[f"r{i}"]) for i, r in enumerate(suite.reason_codes) if stats[f"r{i}"]
+    }
 
     share = bad / total if total else 0.0
     status = "passed" if share <= conf.max_invalid_share else "failed"
@@ -258,11 +259,13 @@ def batch_counts(suite: EventSuite) -> list[Column]:
     """What one pass over a tagged batch observes: rows, invalid rows, rows per reason, the
     suite's own metrics (``suite_metrics``) and the event-id range of the valid rows."""
     valid = F.size("reasons") == 0
-    reasons = sorted({e.reason for e in suite.quarantine_rules})
     return [
         F.count(F.lit(1)).alias("total"),
         F.count_if(~valid).alias("bad"),
-        *[F.count_if(F.array_contains("reasons", r)).alias(f"r{i}") for i, r in enumerate(reasons)],
+        *[
+            F.count_if(F.array_contains("reasons", r)).alias(f"r{i}")
+            for i, r in enumerate(suite.reason_codes)
+        ],
         *suite_metrics(suite),
         F.min(F.when(valid, F.col("event_id"))).alias("valid_min_id"),
         F.max(F.when(valid, F.col("event_id"))).alias("valid_max_id"),
@@ -317,8 +320,10 @@ def _append_silver(
     if earlier_attempt:  # a run that died after its silver commit: those rows are the batch's
         with job_label(spark, "count silver rows"):
             silver_rows = lake.read("silver_events").filter(F.col("_batch_id") == batch_id).count()
-    duplicates = int(seen["within"]) + int(seen["firsts"]) - written
-    return silver_rows, duplicates - (silver_rows - written), int(seen["shared"])
+    # valid rows that are not the batch's silver rows: repeats within the batch, and ids that
+    # were in silver already
+    duplicates = int(seen["within"]) + int(seen["firsts"]) - silver_rows
+    return silver_rows, duplicates, int(seen["shared"])
 
 
 def _wrote_silver_before(lake: Lake, batch_id: str) -> bool:
