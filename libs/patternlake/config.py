@@ -175,6 +175,8 @@ class TrainConfig(_Strict):
     seed: int
     valid_users: int = Field(ge=0)
     threads_per_proc: int = Field(gt=0)
+    window_stride: int = Field(default=0, ge=0)  # 0: max_len
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
     use_tuned: bool = False  # true: model + lr + batch size from the latest `tune teacher`
 
 

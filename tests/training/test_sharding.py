@@ -27,16 +27,19 @@ def trained_users(batches) -> list[int]:
 
 
 @pytest.mark.parametrize("layout", ["one_file", "uneven"])
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world,stride", [(2, None), (3, None), (2, 3)])
 def test_every_rank_runs_the_same_steps_and_every_example_is_trained_every_epoch(
-    layouts, layout, world
+    layouts, layout, world, stride
 ):
     files = layouts[layout]
     table = read_table(files, handmade.SCHEMA.names)
     assert handmade.trainable_users(table)  # the layout has something to train
-    n_examples = int(training_example_counts(table, MAX_LEN).sum())
-    every_target = set(training_arrays(table, MAX_LEN)[3].ravel().tolist()) - {0}
-    ranks = [ShardedSequences(files, r, world, MAX_LEN, BATCH, seed=7) for r in range(world)]
+    n_examples = int(training_example_counts(table, MAX_LEN, stride).sum())
+    every_target = set(training_arrays(table, MAX_LEN, stride)[3].ravel().tolist()) - {0}
+    ranks = [
+        ShardedSequences(files, r, world, MAX_LEN, BATCH, seed=7, stride=stride)
+        for r in range(world)
+    ]
     for epoch in range(3):
         batches = [list(r.epoch(epoch)) for r in ranks]
         steps = [len(b) for b in batches]

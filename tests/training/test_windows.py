@@ -82,3 +82,40 @@ def test_popularity_counts_every_training_event_once_with_windows():
     expected = sorted(i for i, (r, p) in where.items() if p < train_len[r])
     assert sorted(np.flatnonzero(pop.counts).tolist()) == expected
     assert set(pop.counts[pop.counts > 0].tolist()) == {1.0}
+
+
+def test_overlapping_windows_keep_every_target_once_and_give_each_the_context_before_it():
+    """``stride`` < max_len: windows share context; each training interaction is still the
+    target of exactly one position, and every target but those of a user's oldest window
+    sees at least max_len - stride earlier events of its own user, in order."""
+    stride = 2
+    lengths = [0, 1, 2, 3, 4, 7, 12, 13, 23, 2 * L + 3]
+    table, where = _table(lengths)
+    items, types, gaps, targets = training_arrays(table, L, stride)
+    counts = training_example_counts(table, L, stride)
+    assert len(items) == counts.sum()
+    train_len = [n - 2 if n >= 3 else n for n in lengths]
+    assert counts.tolist() == [-(-max(t - 1, 0) // stride) for t in train_len]
+    expected = sorted(i for i, (r, p) in where.items() if 0 < p < train_len[r])
+    assert sorted(targets[targets > 0].tolist()) == expected
+    held_out = set(table.column("valid_item").to_pylist()) - {None}
+    held_out |= set(table.column("test_item").to_pylist()) - {None}
+    assert not (held_out & set(items.ravel().tolist()))
+    for row_in, row_out in zip(items, targets, strict=True):
+        ids = row_in[row_in > 0]
+        assert (np.diff(ids) == 1).all() and (row_in[: L - len(ids)] == 0).all()
+        at = np.flatnonzero(row_out)
+        assert 1 <= len(at) <= stride and (at == np.arange(L - len(at), L)).all()
+        for c in at:  # the input at a target's position is the event just before it
+            (rx, px), (ry, py) = where[int(row_in[c])], where[int(row_out[c])]
+            assert rx == ry and px == py - 1
+        context = int((row_in[: at[0]] > 0).sum())
+        first_pos = where[int(row_out[at[0]])][1]
+        assert context == min(L - len(at), first_pos - 1)  # all it can have, up to the window
+    assert (gaps[items > 0] == items[items > 0] % 8).all()
+
+
+def test_stride_equal_to_max_len_is_the_side_by_side_windows():
+    table, _ = _table([23, 9, 3, 14])
+    for a, b in zip(training_arrays(table, L), training_arrays(table, L, L), strict=True):
+        assert np.array_equal(a, b)

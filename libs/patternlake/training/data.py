@@ -92,13 +92,25 @@ def training_lengths(table: pa.Table) -> np.ndarray:
     return np.maximum(lengths.to_numpy(zero_copy_only=False) - np.where(evaluable, 2, 0), 0)
 
 
-def training_example_counts(table: pa.Table, max_len: int) -> np.ndarray:
+def training_example_counts(table: pa.Table, max_len: int, stride: int | None = None) -> np.ndarray:
     """How many training examples (rows of ``training_arrays``) each user row gives: a
     training part of T events has T - 1 targets (every event but the first), cut into
-    ``ceil((T - 1) / max_len)`` windows; rows with fewer than 2 training events give none.
-    The sharding plan counts with this, so it must agree with ``training_arrays``."""
+    ``ceil((T - 1) / stride)`` windows (``stride`` targets each, ``max_len`` by default);
+    rows with fewer than 2 training events give none. The sharding plan counts with this,
+    so it must agree with ``training_arrays``."""
+    step = window_stride(max_len, stride)
     targets = np.maximum(training_lengths(table) - 1, 0)
-    return -(-targets // max_len)
+    return -(-targets // step)
+
+
+def window_stride(max_len: int, stride: int | None) -> int:
+    """Targets per training window: ``stride`` when set (1 <= stride <= max_len), else
+    ``max_len`` (windows side by side, no shared context)."""
+    if stride is None or stride <= 0:
+        return max_len
+    if stride > max_len:
+        raise ValueError(f"window stride {stride} exceeds max_len {max_len}")
+    return stride
 
 
 def first_training_items(table: pa.Table) -> np.ndarray:
@@ -108,11 +120,18 @@ def first_training_items(table: pa.Table) -> np.ndarray:
     return firsts.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _window_bounds(table: pa.Table, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(start, end) of every window's *targets* as flat positions in the rows' values, in
-    row order and, within a row, oldest window first. Windows are cut from the end of the
-    training part backwards, so the newest window is full and the oldest may be short."""
-    counts = training_example_counts(table, max_len)
+def _window_bounds(
+    table: pa.Table, max_len: int, stride: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(context start, target start, end) of every window as flat positions in the rows'
+    values, in row order and, within a row, oldest window first. Windows are cut from the
+    end of the training part backwards, ``stride`` targets apart: window k's targets are
+    ``[end - stride, end)`` and its inputs reach back ``max_len`` events, so with a stride
+    below ``max_len`` every target after the first window sees at least
+    ``max_len - stride`` earlier events (the context of the evaluation) while each target
+    still belongs to exactly one window. The oldest window may be short."""
+    step = window_stride(max_len, stride)
+    counts = training_example_counts(table, max_len, step)
     column = table.column("item_seq")
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -124,9 +143,11 @@ def _window_bounds(table: pa.Table, max_len: int) -> tuple[np.ndarray, np.ndarra
     first_of_row = np.cumsum(counts) - counts
     k = np.arange(len(row)) - first_of_row[row]
     from_end = counts[row] - 1 - k
-    end = offsets[row] + lengths[row] - from_end * max_len  # exclusive
-    start = np.maximum(end - max_len, offsets[row] + 1)  # the first event is never a target
-    return start, end
+    end = offsets[row] + lengths[row] - from_end * step  # exclusive
+    first = offsets[row] + 1  # a user's first event is never a target
+    context = np.maximum(end - max_len, first)
+    target_start = np.maximum(end - step, first)
+    return context, target_start, end
 
 
 def _gather(values: np.ndarray, start: np.ndarray, end: np.ndarray, width: int) -> np.ndarray:
@@ -148,20 +169,27 @@ def _flat(table: pa.Table, name: str) -> np.ndarray:
     return column.flatten().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def training_arrays(table: pa.Table, max_len: int) -> tuple[np.ndarray, ...]:
+def training_arrays(
+    table: pa.Table, max_len: int, stride: int | None = None
+) -> tuple[np.ndarray, ...]:
     """Inputs and next-item targets over each user's whole training part (validation and
-    test targets dropped for evaluable users), in windows of ``max_len``: every training
-    event but a user's first is the target of exactly one window position, so one epoch
-    over these examples trains every training interaction once. A window's inputs are the
-    events just before its targets (its first input is the previous window's last target).
-    Rows with fewer than 2 training events give nothing. Examples follow the rows' order
-    (the sharding plan relies on it)."""
-    start, end = _window_bounds(table, max_len)
+    test targets dropped for evaluable users), in windows of ``max_len`` positions with
+    ``stride`` targets each (``_window_bounds``): every training event but a user's first is
+    the target of exactly one window position, so one epoch over these examples trains
+    every training interaction once; positions before a window's targets are context only
+    (target 0, ignored by the loss). A window's inputs are the events just before its
+    targets. Rows with fewer than 2 training events give nothing. Examples follow the
+    rows' order (the sharding plan relies on it)."""
+    context, target_start, end = _window_bounds(table, max_len, stride)
     items = _flat(table, "item_seq")
-    targets = _gather(items, start, end, max_len)
-    items_in = _gather(items, start - 1, end - 1, max_len)
-    types_in = _gather(_flat(table, "type_seq"), start - 1, end - 1, max_len)
-    gaps_in = _gather(_flat(table, "gap_seq"), start - 1, end - 1, max_len)
+    targets = _gather(items, context, end, max_len)
+    # context positions are inputs only: the first (end - target_start) columns from the
+    # right are this window's targets
+    n_targets = end - target_start
+    targets[np.arange(max_len)[None, :] < (max_len - n_targets)[:, None]] = 0
+    items_in = _gather(items, context - 1, end - 1, max_len)
+    types_in = _gather(_flat(table, "type_seq"), context - 1, end - 1, max_len)
+    gaps_in = _gather(_flat(table, "gap_seq"), context - 1, end - 1, max_len)
     return items_in, types_in, gaps_in, targets
 
 
@@ -226,9 +254,11 @@ class ShardedSequences:
         seed: int,
         chunk_rows: int = 1024,
         buffer_rows: int = 8192,
+        stride: int | None = None,
     ):
         pieces = plan_pieces(files, chunk_rows)
-        counts = count_examples(pieces, max_len)
+        self.stride = window_stride(max_len, stride)
+        counts = count_examples(pieces, max_len, self.stride)
         # pieces without a training example take no part in the stream
         self.pieces = [p for p, n in zip(pieces, counts, strict=True) if n > 0]
         self.counts = np.array([n for n in counts if n > 0], dtype=np.int64)
@@ -281,7 +311,7 @@ class ShardedSequences:
         buffer: list[tuple[np.ndarray, ...]] = []
         buffered = 0
         for piece, (first, end) in self._read(self.assignment(epoch)):
-            arrays = training_arrays(piece, self.max_len)
+            arrays = training_arrays(piece, self.max_len, self.stride)
             buffer.append(tuple(a[first:end] for a in arrays))
             buffered += end - first
             if buffered < self.buffer_rows:
@@ -316,10 +346,10 @@ class ShardedSequences:
             yield groups.slice(p), (first, end)
 
 
-def count_examples(pieces: list[Piece], max_len: int) -> list[int]:
+def count_examples(pieces: list[Piece], max_len: int, stride: int | None = None) -> list[int]:
     """Training examples in each piece, read from two columns only."""
     groups = _RowGroups(["item_seq", "valid_item"])
-    return [int(training_example_counts(groups.slice(p), max_len).sum()) for p in pieces]
+    return [int(training_example_counts(groups.slice(p), max_len, stride).sum()) for p in pieces]
 
 
 class _RowGroups:

@@ -57,6 +57,8 @@ class TrainSpec:
     checkpoint_dir: str = ""
     result_path: str = ""  # horovodrun: rank 0 writes its result here
     max_batches_per_epoch: int = 0  # 0: all; >0 caps an epoch (benchmarks)
+    window_stride: int = 0  # targets per training window (0: max_len, windows side by side)
+    ema_decay: float = 0.0  # > 0: validate, keep and register an exponential moving average
     item_index_version: int = -1  # the item_index version of the catalogue (for evaluate)
 
     @classmethod
@@ -76,6 +78,8 @@ class TrainSpec:
             "seed": train.seed,
             "valid_users": train.valid_users,
             "threads": train.threads_per_proc,
+            "window_stride": train.window_stride,
+            "ema_decay": train.ema_decay,
         }
         return cls(**{**settings, **fields})
 
@@ -217,12 +221,14 @@ def train_worker(
         cfg.max_len,
         per_process_batch(spec.batch_size, comm.world),
         spec.seed,
+        stride=min(spec.window_stride, cfg.max_len) or None,
     )
     total_steps = spec.epochs * _steps_per_epoch(data, spec)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_schedule(spec.schedule, spec.warmup_steps, total_steps, spec.min_lr_ratio)
     )
 
+    ema = WeightAverage(model, spec.ema_decay) if spec.ema_decay > 0 else None
     state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "history": [], "bad_epochs": 0}
     ckpt_dir = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
     resumed_from = None
@@ -232,6 +238,8 @@ def train_worker(
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
+        if ema is not None and saved.get("ema") is not None:
+            ema.load_state_dict(saved["ema"])
         state = saved["state"]
         resumed_from = str(last)
     # rank 0's view of where the run stands wins (every rank then runs the same epochs)
@@ -271,13 +279,16 @@ def train_worker(
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             loss_sum += float(loss.detach())
             steps += 1
             samples += int((batch.targets > 0).sum())  # training interactions (targets)
         elapsed = time.perf_counter() - started
         train_seconds += elapsed
         mean_loss = comm.allreduce_sum(loss_sum / max(steps, 1)) / comm.world
-        ndcg = _validate(model, valid, cfg, device) if comm.rank == 0 else None
+        evaluated = ema.model if ema is not None else model  # what is kept and registered
+        ndcg = _validate(evaluated, valid, cfg, device) if comm.rank == 0 else None
         ndcg = comm.broadcast_object(ndcg)
         if not (math.isfinite(mean_loss) and math.isfinite(ndcg)):
             # every rank sees the same (all-reduced, broadcast) values and stops here
@@ -305,7 +316,7 @@ def train_worker(
             state["best"], state["best_epoch"] = ndcg, epoch
         state["epoch"] = epoch + 1
         if comm.rank == 0 and ckpt_dir:
-            _save(ckpt_dir, epoch, model, opt, sched, state, improved)
+            _save(ckpt_dir, epoch, model, opt, sched, state, improved, ema)
         if comm.rank == 0 and on_epoch is not None:
             on_epoch(epoch, ndcg)
         bar.set_postfix(loss=f"{mean_loss:.3f}", ndcg=f"{ndcg:.4f}", best=f"{state['best']:.4f}")
@@ -338,6 +349,41 @@ def train_worker(
     result = comm.broadcast_object(result)
     comm.close()
     return result
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights, updated after every optimizer
+    step: ``avg <- d * avg + (1 - d) * w`` with ``d = min(decay, (1 + n) / (10 + n))`` at the
+    n-th update (the warm-up keeps the first steps' random weights from lingering). Every
+    rank holds the same weights after a step (averaged gradients), so every rank's average
+    is the same; rank 0 validates it. Buffers are copied, not averaged."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        import copy
+
+        if not 0 < decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        for avg, w in zip(self.model.parameters(), model.parameters(), strict=True):
+            avg.lerp_(w.detach(), 1 - d)
+        for avg, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            avg.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["weights"])
+        self.updates = int(saved["updates"])
 
 
 class _NoAutocast:
@@ -398,11 +444,14 @@ def _save(
     sched: Any,
     state: dict,
     best: bool,
+    ema: WeightAverage | None = None,
 ) -> None:
-    """Atomic: write to a temporary name, then rename (a crash never leaves half a file)."""
+    """Atomic: write to a temporary name, then rename (a crash never leaves half a file).
+    With an average, ``best.pt`` holds the averaged weights (what was validated)."""
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
         "optimizer": opt.state_dict(),  # Horovod's DistributedOptimizer is an AdamW too
         "scheduler": sched.state_dict(),
         "state": state,
@@ -417,8 +466,9 @@ def _save(
         old.unlink(missing_ok=True)
     if best:
         tmp = directory / ".best.pt.tmp"
+        kept = ema.model if ema is not None else model
         torch.save(
-            {"model": model.state_dict(), "config": model.config.to_dict(), "epoch": epoch}, tmp
+            {"model": kept.state_dict(), "config": model.config.to_dict(), "epoch": epoch}, tmp
         )
         os.replace(tmp, directory / "best.pt")
 
