@@ -62,9 +62,9 @@ def build_lake(spark, lake, config, data: str, work: Path) -> None:
     if lake.exists("segment_patterns"):
         return
     if data == "generated":
-        from patternlake.synthetic.generate import GenerateParams, generate
+        from patternlake.synthetic.generate import generate
 
-        generate(GenerateParams(**config.generate.model_dump()), work / "data")
+        generate(config.generate, work / "data")
         options = {"input": str(work / "data" / "events")}
     else:
         from peers import cache_dir, movielens_100k

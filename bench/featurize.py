@@ -30,7 +30,6 @@ import argparse
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ from patternlake.ingest.bronze import ingest
 from patternlake.lake import Lake
 from patternlake.quality.validate import validate_pending
 from patternlake.spark import get_spark
-from patternlake.synthetic.generate import GenerateParams, generate_events
+from patternlake.synthetic.generate import generate_events
 
 FILES = 8
 
@@ -63,14 +62,15 @@ def make_data(config: Config, events: int, items: int, work: Path, day: bool) ->
     """``events`` rows (time-ordered, 8 files); with ``day``, 1% more over one more day
     (generated together, so the day's users are the lake's users)."""
     total = events + (events // 100 if day else 0)
-    params = replace(
-        GenerateParams(**config.generate.model_dump()),
-        events=total,
-        users=max(events // 50, 100),
-        items=items,
-        days=101 if day else 100,
-        format="csv",
-        files=FILES,
+    params = config.generate.model_copy(
+        update={
+            "events": total,
+            "users": max(events // 50, 100),
+            "items": items,
+            "days": 101 if day else 100,
+            "format": "csv",
+            "files": FILES,
+        }
     )
     t = time.perf_counter()
     table = generate_events(params).events

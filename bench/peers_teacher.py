@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 def gap_buckets(times: np.ndarray) -> np.ndarray:
     """patternlake.features.nodes.gap_bucket in numpy: 0 for a user's first event, then
     1 + the number of GAP_EDGES at or below the gap in seconds."""
-    from patternlake.features.nodes import GAP_EDGES
+    from patternlake.sequences import GAP_EDGES
 
     out = np.zeros(len(times), dtype=np.int32)
     if len(times) > 1:

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from patternlake.config import load_config
+from patternlake.config import GenerateConfig, load_config
 from patternlake.features.featurize import featurize
 from patternlake.ingest.bronze import ingest, parse_mapping
 from patternlake.lake import Lake
@@ -29,7 +29,7 @@ from patternlake.models.evaluate import evaluate_models
 from patternlake.quality.validate import validate_pending
 from patternlake.segments.kmeans import segment_users
 from patternlake.spark import get_spark
-from patternlake.synthetic.generate import GenerateParams, generate
+from patternlake.synthetic.generate import generate
 from patternlake.training.teacher_job import train_teacher
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     if source is None:
         g = config.generate.model_dump()
         g.update({k: v for k, v in (("events", args.events), ("users", args.users)) if v})
-        generate(GenerateParams(**g), work / "data")
+        generate(GenerateConfig(**g), work / "data")
         source = str(work / "data" / "events")
     ingest(spark, lake, config, source, args.format, parse_mapping(args.mapping))
     validate_pending(spark, lake, config)

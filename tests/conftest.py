@@ -72,10 +72,11 @@ def with_overrides(config: Config, **sections) -> Config:
 @pytest.fixture(scope="session")
 def small_events(tmp_path_factory):
     """Generated events (300 users, 15k events, 2 time-ordered CSV files) with ground truth."""
-    from patternlake.synthetic.generate import GenerateParams, generate
+    from patternlake.config import GenerateConfig
+    from patternlake.synthetic.generate import generate
 
     out = tmp_path_factory.mktemp("small_events")
-    params = GenerateParams(
+    params = GenerateConfig(
         users=300,
         items=200,
         events=15_000,

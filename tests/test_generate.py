@@ -5,12 +5,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
+from patternlake.config import GenerateConfig
 from patternlake.errors import PatternlakeError
-from patternlake.synthetic.generate import GenerateParams, generate, generate_events
+from patternlake.synthetic.generate import generate, generate_events
 from patternlake.synthetic.truth import planted_chains
 
 
-def params(**kw) -> GenerateParams:
+def params(**kw) -> GenerateConfig:
     base = dict(
         users=200,
         items=150,
@@ -30,7 +31,7 @@ def params(**kw) -> GenerateParams:
         files=3,
     )
     base.update(kw)
-    return GenerateParams(**base)
+    return GenerateConfig(**base)
 
 
 def test_exact_event_count_duplicates_and_time_order():

@@ -344,7 +344,7 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
 
 
 def cmd_generate(args: argparse.Namespace, config: Config) -> None:
-    from patternlake.synthetic.generate import GenerateParams, generate
+    from patternlake.synthetic.generate import generate
 
     params = config.generate.model_dump()
     for key in params:
@@ -354,7 +354,7 @@ def cmd_generate(args: argparse.Namespace, config: Config) -> None:
     config = validate_config(
         {**config.model_dump(by_alias=True), "generate": params}
     )  # flags checked like conf
-    meta = generate(GenerateParams(**config.generate.model_dump()), args.out)
+    meta = generate(config.generate, args.out)
     print(json.dumps({k: meta[k] for k in ("rows", "unique_events", "duplicates", "rules")}))
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -68,14 +66,15 @@ def test_helpers():
 
 
 def _events(seed: int, prefix: str) -> pa.Table:
-    from patternlake.synthetic.generate import GenerateParams, generate_events
+    from patternlake.config import GenerateConfig
+    from patternlake.synthetic.generate import generate_events
 
-    params = GenerateParams(
+    params = GenerateConfig(
         users=400, items=300, events=16_000, segments=3, rules_per_segment=3, rule_length=3,
         rule_strength=0.8, rule_noise=0.05, chain_rate=0.25, zipf_exponent=1.1, categories=12,
         start="2026-01-01T00:00:00Z", days=30, seed=seed, format="csv", files=1,
     )  # fmt: skip
-    t = generate_events(dataclasses.replace(params)).events
+    t = generate_events(params).events
     ids = pc.binary_join_element_wise(prefix, t["event_id"], "")
     return t.set_column(t.schema.get_field_index("event_id"), "event_id", ids)
 

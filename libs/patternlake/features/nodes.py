@@ -10,9 +10,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-# time-gap buckets (seconds since the previous event of the user); 0 = first event
-GAP_EDGES = (60, 300, 1800, 7200, 86400, 604800)
-GAP_BUCKETS = len(GAP_EDGES) + 2  # 0 (first) .. 7 (>= a week)
+from patternlake.sequences import GAP_EDGES, MIN_EVALUATED_EVENTS
 
 
 def new_item_index(events: DataFrame, existing: DataFrame | None) -> DataFrame:
@@ -97,7 +95,7 @@ def user_histories(
 
 def user_sequences(histories: DataFrame, max_len: int) -> DataFrame:
     """The last ``max_len`` events as item / type / gap-bucket / time arrays, plus the
-    evaluation split of the protocol: with >= 3 events, the last item is the test target
+    evaluation split of the protocol: with >= MIN_EVALUATED_EVENTS (3) events, the last item is the test target
     and the one before it the validation target (the rest is training input)."""
     gaps = F.transform(
         "events",
@@ -117,7 +115,7 @@ def user_sequences(histories: DataFrame, max_len: int) -> DataFrame:
         kept.alias("kept"),
         F.slice(gaps, start, last).alias("gap_seq"),
     )
-    evaluable = F.col("n_events") >= 3
+    evaluable = F.col("n_events") >= MIN_EVALUATED_EVENTS
     return df.select(
         "user_id",
         "n_events",

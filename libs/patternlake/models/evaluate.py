@@ -27,6 +27,7 @@ from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.models.baselines import MarkovChain, Popularity
 from patternlake.models.metrics import evaluate_scorer
+from patternlake.sequences import MIN_EVALUATED_EVENTS
 from patternlake.students.registry import segment_students
 from patternlake.training.data import (
     evaluation_arrays,
@@ -195,7 +196,7 @@ def evaluate_models(
     out: dict[str, Any] = {
         "protocol": {
             "split": "leave-last-out test",
-            "min_events": 3,
+            "min_events": MIN_EVALUATED_EVENTS,
             "ranking": "full catalogue",
             "mask_history": config.evaluate.mask_history,
             "users": int(len(users)),

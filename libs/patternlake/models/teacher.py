@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GAP_BUCKETS = 8  # see patternlake.features.nodes.GAP_BUCKETS
+from patternlake.sequences import GAP_BUCKETS
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pyspark.sql import functions as F
 
 from patternlake.config import ValidateConfig, default_conf_dir
 from patternlake.errors import ConfigError
+from patternlake.times import parse_utc
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +320,6 @@ def _resolve(value: Any, params: dict[str, Any], where: str) -> Any:
 
 def _parse_time(text: str, key: str) -> datetime:
     try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_utc(text)
     except ValueError:
         raise ConfigError(f"{key}: {text!r} is not an ISO-8601 time") from None
-    return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)

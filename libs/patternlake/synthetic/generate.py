@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,7 +39,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from patternlake.config import GenerateConfig
 from patternlake.errors import PatternlakeError
+from patternlake.times import parse_utc
 
 log = logging.getLogger(__name__)
 
@@ -48,41 +50,19 @@ SESSION_BREAK = 0.12  # chance that a pick (outside a chain) starts a new sessio
 DUPLICATE_RATE = 0.002
 
 
-@dataclass(frozen=True)
-class GenerateParams:
-    users: int
-    items: int
-    events: int
-    segments: int
-    rules_per_segment: int
-    rule_length: int
-    rule_strength: float
-    rule_noise: float
-    chain_rate: float
-    zipf_exponent: float
-    categories: int
-    start: str
-    days: int
-    seed: int
-    format: str
-    files: int
-
-    def check(self) -> None:
-        if self.events < self.users:
-            raise PatternlakeError(
-                f"generate: --events ({self.events}) must be at least --users ({self.users})"
-            )
-        planted = self.segments * self.rules_per_segment * self.rule_length
-        if planted > self.items // 2:
-            raise PatternlakeError(
-                f"generate: {self.segments} segments x {self.rules_per_segment} rules x "
-                f"{self.rule_length} items = {planted} planted items needs --items >= {2 * planted}"
-            )
-        if self.format not in ("csv", "jsonl", "parquet"):
-            raise PatternlakeError(
-                f"generate: --format must be csv, jsonl or parquet, not {self.format!r}"
-            )
-        _parse_start(self.start)
+def check_params(p: GenerateConfig) -> None:
+    """What the per-field bounds of ``GenerateConfig`` cannot say (with the CLI flags' names)."""
+    if p.events < p.users:
+        raise PatternlakeError(
+            f"generate: --events ({p.events}) must be at least --users ({p.users})"
+        )
+    planted = p.segments * p.rules_per_segment * p.rule_length
+    if planted > p.items // 2:
+        raise PatternlakeError(
+            f"generate: {p.segments} segments x {p.rules_per_segment} rules x "
+            f"{p.rule_length} items = {planted} planted items needs --items >= {2 * planted}"
+        )
+    _parse_start(p.start)
 
 
 @dataclass(frozen=True)
@@ -93,8 +73,8 @@ class GeneratedEvents:
     duplicates: int
 
 
-def generate_events(p: GenerateParams) -> GeneratedEvents:
-    p.check()
+def generate_events(p: GenerateConfig) -> GeneratedEvents:
+    check_params(p)
     rng = np.random.default_rng(p.seed)
     U, M, K, L = p.users, p.items, p.segments, p.rule_length
 
@@ -228,7 +208,7 @@ def generate_events(p: GenerateParams) -> GeneratedEvents:
     return GeneratedEvents(events=table, users=users, rules=rules, duplicates=len(dup_idx))
 
 
-def write_generated(gen: GeneratedEvents, out: str | Path, params: GenerateParams) -> dict:
+def write_generated(gen: GeneratedEvents, out: str | Path, params: GenerateConfig) -> dict:
     """Write events in ``params.files`` time-ordered parts plus the ground truth."""
     events_dir, truth_dir = _prepare_out(Path(out))
     table = gen.events
@@ -258,7 +238,7 @@ def write_generated(gen: GeneratedEvents, out: str | Path, params: GenerateParam
         "[\n" + ",\n".join(json.dumps(r) for r in gen.rules) + "\n]\n"
     )
     meta = {
-        "params": asdict(params),
+        "params": params.model_dump(),
         "rows": n,
         "unique_events": n - gen.duplicates,
         "duplicates": gen.duplicates,
@@ -285,9 +265,9 @@ def _prepare_out(out: Path) -> tuple[Path, Path]:
     return dirs
 
 
-def generate(params: GenerateParams, out: str | Path) -> dict:
+def generate(params: GenerateConfig, out: str | Path) -> dict:
     started = time.monotonic()
-    params.check()
+    check_params(params)
     _prepare_out(Path(out))
     gen = generate_events(params)
     log.info(
@@ -321,9 +301,6 @@ def _split_exact(total: int, weights: np.ndarray, minimum: int) -> np.ndarray:
 
 def _parse_start(text: str) -> float:
     try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_utc(text).timestamp()
     except ValueError:
         raise PatternlakeError(f"generate: start {text!r} is not an ISO-8601 time") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()

@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,7 +261,7 @@ def train_worker(
         )
 
     valid = _validation_set(spec, cfg) if comm.rank == 0 else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     samples, train_seconds = 0, 0.0
     diverged = None
@@ -384,14 +385,6 @@ class WeightAverage:
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["weights"])
         self.updates = int(saved["updates"])
-
-
-class _NoAutocast:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _validation_set(spec: TrainSpec, cfg: TeacherConfig) -> tuple[np.ndarray, ...]:
