@@ -16,11 +16,11 @@ from typing import Any
 
 from patternlake.config import Config, load_config, validate_config
 from patternlake.errors import PatternlakeError
+from patternlake.models.metrics import METRICS
 
 log = logging.getLogger("patternlake")
 
 EXIT_USER_ERROR = 2
-METRIC_NAMES = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "coverage@10")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -471,12 +471,12 @@ def cmd_evaluate(args: argparse.Namespace, config: Config, lake: Any) -> None:
         return
     print(
         f"{'model':12s} {'params':>10s} {'bytes':>10s} "
-        + " ".join(f"{m:>11s}" for m in METRIC_NAMES)
+        + " ".join(f"{m:>11s}" for m in METRICS)
     )
     for name, m in result["models"].items():
         print(
             f"{name:12s} {m['params']:>10d} {m['bytes']:>10d} "
-            + " ".join(f"{m['overall'][k]:>11.4f}" for k in METRIC_NAMES)
+            + " ".join(f"{m['overall'][k]:>11.4f}" for k in METRICS)
         )
     print(
         f"({result['protocol']['users']} users, mask_history={result['protocol']['mask_history']}, "

@@ -25,6 +25,7 @@ from patternlake.ingest.sources import (
     read_events,
 )
 from patternlake.lake import Lake
+from patternlake.lake.paths import strip_file_scheme
 from patternlake.spark import job_label
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def ingest(
     now = datetime.now(UTC)
     batch_id = f"{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     fp_map = F.create_map(
-        *[x for s in fresh for x in (F.lit(_local(s.path)), F.lit(s.fingerprint))]
+        *[x for s in fresh for x in (F.lit(strip_file_scheme(s.path)), F.lit(s.fingerprint))]
     )
     bronze = df.select(
         "*",
@@ -162,7 +163,3 @@ def _dedupe_content(files: list[SourceFile]) -> list[SourceFile]:
             seen.add(f.fingerprint)
             out.append(f)
     return out
-
-
-def _local(path: str) -> str:
-    return path[len("file://") :] if path.startswith("file://") else path

@@ -29,6 +29,7 @@ from patternlake.config import LakeConfig
 from patternlake.errors import ConfigError, PatternlakeError, SchemaMismatchError
 from patternlake.lake.deltars import DeltaRsEngine
 from patternlake.lake.engine import DeltaEngine, WriteMode
+from patternlake.lake.paths import strip_file_scheme
 from patternlake.spark import delta_jars_loaded, job_label
 
 log = logging.getLogger(__name__)
@@ -387,8 +388,7 @@ def batches_in_order(df: DataFrame) -> list[str]:
 
 
 def _resolve_root(root: str) -> str:
-    if root.startswith("file://"):
-        root = root[len("file://") :]
+    root = strip_file_scheme(root)
     if "://" in root or root.startswith("dbfs:"):
         return root.rstrip("/")
     return str(Path(root).expanduser().resolve())

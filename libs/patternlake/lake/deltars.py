@@ -55,6 +55,7 @@ from pyspark.sql.types import StructType
 
 from patternlake.errors import PatternlakeError, TableNotFoundError
 from patternlake.lake.engine import WriteMode
+from patternlake.lake.paths import strip_file_scheme
 
 log = logging.getLogger(__name__)
 
@@ -342,8 +343,8 @@ class DeltaRsEngine:
             "*", F.col("_metadata.file_path").alias("_pl_file")
         )
         uris = [r[0] for r in rows(current).select("_pl_file").distinct().collect()]
-        by_path = {_strip_scheme(f): f for f in files}
-        return [by_path[_strip_scheme(unquote(u))] for u in uris]
+        by_path = {strip_file_scheme(f): f for f in files}
+        return [by_path[strip_file_scheme(unquote(u))] for u in uris]
 
     def expire_history(self, uri: str) -> list[str]:
         """Checkpoint the current version and delete every older log entry (and checkpoint):
@@ -758,18 +759,10 @@ def _spark_path(uri: str) -> str:
     return "s3a://" + uri[5:] if uri.startswith("s3://") else uri
 
 
-def _strip_scheme(path: str) -> str:
-    """``file:///a/b`` and ``/a/b`` name the same local file; other schemes are kept."""
-    for prefix in ("file://", "file:"):
-        if path.startswith(prefix):
-            return "/" + path[len(prefix) :].lstrip("/")
-    return path
-
-
 def _relative(uri: str, file_uri: str) -> str:
     """A data file's path relative to the table root, as named on disk."""
-    root = _strip_scheme(uri).rstrip("/")
-    return _strip_scheme(file_uri)[len(root) + 1 :]
+    root = strip_file_scheme(uri).rstrip("/")
+    return strip_file_scheme(file_uri)[len(root) + 1 :]
 
 
 # ---- statistics ------------------------------------------------------------------------------
