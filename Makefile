@@ -14,7 +14,7 @@ $(STAMP): requirements/lock.txt pyproject.toml scripts/setup.sh scripts/build_ho
 
 ## The main job end to end on the embedded default (local Spark, lake in ./lake)
 demo: setup
-	bash pipelines/demo.sh $(DEMO_DIR)
+	bash scripts/demo.sh $(DEMO_DIR)
 
 ## The full test suite, slow end-to-end tests included
 test: setup

@@ -1,6 +1,10 @@
+import shutil
+from pathlib import Path
+
 import pytest
 
-from patternlake.config import load_config
+import patternlake
+from patternlake.config import CONF_DIR_ENV, default_conf_dir, load_config
 from patternlake.errors import ConfigError
 
 
@@ -73,3 +77,22 @@ def test_a_yaml_file_can_be_the_environment(tmp_path):
 def test_unknown_table_name_is_a_config_error():
     with pytest.raises(ConfigError, match="lake.tables.nope"):
         load_config(environ={}).table("nope")
+
+
+def test_conf_dir_is_the_env_var_then_a_local_conf_then_the_package(tmp_path, monkeypatch):
+    packaged = Path(patternlake.__file__).parent / "conf"
+    monkeypatch.delenv(CONF_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_conf_dir() == packaged
+    assert load_config(environ={}).env == "local"
+    (tmp_path / "conf").mkdir()
+    assert default_conf_dir() == packaged  # a ./conf without base.yaml is not a conf dir
+    shutil.copy(packaged / "base.yaml", tmp_path / "conf")
+    (tmp_path / "conf" / "local.yaml").write_text("spark:\n  app_name: from-cwd\n")
+    assert default_conf_dir() == tmp_path / "conf"
+    assert load_config(environ={}).spark.app_name == "from-cwd"
+    other = tmp_path / "other"
+    shutil.copytree(packaged, other)
+    monkeypatch.setenv(CONF_DIR_ENV, str(other))
+    assert default_conf_dir() == other
+    assert load_config(environ={}).spark.app_name != "from-cwd"

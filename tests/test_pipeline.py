@@ -31,6 +31,21 @@ def test_every_stage_is_declared_once_with_its_job_and_command():
         assert all(s in STAGES for s in pipeline_steps(name))
 
 
+def test_pipelines_next_to_the_conf_dir_come_first_then_the_packaged_ones(tmp_path, monkeypatch):
+    from patternlake.config import CONF_DIR_ENV
+    from patternlake.errors import ConfigError
+
+    monkeypatch.setenv(CONF_DIR_ENV, str(tmp_path / "conf"))
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "daily.yaml").write_text("steps: [validate, featurize]\n")
+    (tmp_path / "pipelines" / "nightly.yaml").write_text("steps: [mine]\n")
+    assert pipeline_steps("daily") == ["validate", "featurize"]
+    assert pipeline_steps("nightly") == ["mine"]
+    assert pipeline_steps("train")[0] == "train_teacher"  # not there: the package's
+    with pytest.raises(ConfigError, match=r"known: all, daily, nightly, train\)"):
+        pipeline_steps("weekly")
+
+
 def test_dependencies_follow_what_steps_read_and_write():
     deps = dependencies(pipeline_steps("all"))
     assert deps["ingest"] == [] and deps["validate"] == ["ingest"]

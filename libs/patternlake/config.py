@@ -1,5 +1,7 @@
 """Typed configuration: YAML per environment, validated at start.
 
+The YAML files ship inside the package (``patternlake/conf/``, so a wheel carries them);
+``$PATTERNLAKE_CONF_DIR`` or a ``./conf`` with a ``base.yaml`` replaces that folder.
 Resolution order (later wins):
 
 1. ``conf/base.yaml``                     shared by every environment
@@ -13,8 +15,14 @@ Values from 3 and 4 are parsed as YAML scalars (``4`` is an int, ``true`` a bool
 
 from __future__ import annotations
 
+import atexit
 import copy
+import functools
 import os
+import shutil
+import tempfile
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -362,14 +370,44 @@ class Config(_Strict):
             ) from None
 
 
+def packaged_dir(name: str) -> Path:
+    """The folder ``name`` (``conf``, ``pipelines``) shipped inside the package: in place for an
+    installed or editable package, copied out once per process when the package is imported
+    from a zip (``spark-submit --py-files patternlake.zip``, e.g. the wheel renamed)."""
+    folder = resources.files("patternlake") / name
+    if isinstance(folder, Path):
+        return folder
+    return _extracted_package_data() / name
+
+
+@functools.cache
+def _extracted_package_data() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="patternlake-data-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    package = resources.files("patternlake")
+    for name in ("conf", "pipelines"):
+        _copy_tree(package / name, root / name)
+    return root
+
+
+def _copy_tree(source: Traversable, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.is_dir():
+            _copy_tree(entry, dest / entry.name)
+        elif entry.name.endswith((".yaml", ".yml", ".json")):
+            (dest / entry.name).write_bytes(entry.read_bytes())
+
+
 def default_conf_dir() -> Path:
-    """``$PATTERNLAKE_CONF_DIR``, else ``./conf``, else the repository's ``conf/``."""
+    """``$PATTERNLAKE_CONF_DIR``, else ``./conf`` if it has a ``base.yaml``, else the
+    package's own ``conf/``."""
     if os.environ.get(CONF_DIR_ENV):
         return Path(os.environ[CONF_DIR_ENV])
     cwd = Path.cwd() / "conf"
     if (cwd / "base.yaml").is_file():
         return cwd
-    return Path(__file__).resolve().parents[2] / "conf"
+    return packaged_dir("conf")
 
 
 def load_config(
@@ -387,7 +425,7 @@ def load_config(
     base_file = directory / "base.yaml"
     if not base_file.is_file():
         raise ConfigError(
-            f"no base.yaml in conf dir {directory}; run from the repository root or set {CONF_DIR_ENV}"
+            f"no base.yaml in conf dir {directory}; set {CONF_DIR_ENV} to a folder that has one"
         )
     data = _read_yaml(base_file)
     env_name = conf or "local"

@@ -1,4 +1,5 @@
-"""Pipelines: named, ordered lists of job steps (``pipelines/<name>.yaml``) run in one session."""
+"""Pipelines: named, ordered lists of job steps (``pipelines/<name>.yaml``, shipped in the
+package) run in one session."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from typing import Any
 
 import yaml
 
-from patternlake.config import Config, default_conf_dir
+from patternlake.config import Config, default_conf_dir, packaged_dir
 from patternlake.errors import ConfigError, PatternlakeError
 from patternlake.lake import Lake
 
 log = logging.getLogger(__name__)
-REPO_PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
 
 def _ingest(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
@@ -210,14 +210,18 @@ RUNS_SCHEMA = (
 
 
 def pipeline_steps(name: str, directory: Path | None = None) -> list[str]:
+    """The steps of pipeline ``name``: from ``directory`` if given, else from the
+    ``pipelines/`` next to the conf dir in use, else from the package's own."""
     candidates = (
-        [directory] if directory else [default_conf_dir().parent / "pipelines", REPO_PIPELINES]
+        [directory]
+        if directory
+        else [default_conf_dir().parent / "pipelines", packaged_dir("pipelines")]
     )
-    directory = next((d for d in candidates if (d / f"{name}.yaml").is_file()), candidates[0])
-    path = directory / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in directory.glob("*.yaml"))
+    directory = next((d for d in candidates if (d / f"{name}.yaml").is_file()), None)
+    if directory is None:
+        known = sorted({p.stem for d in candidates for p in d.glob("*.yaml")})
         raise ConfigError(f"run: no pipeline {name!r} (known: {', '.join(known) or 'none'})")
+    path = directory / f"{name}.yaml"
     spec = yaml.safe_load(path.read_text()) or {}
     steps = spec.get("steps") or []
     unknown = [s for s in steps if s not in STEPS]

@@ -7,7 +7,7 @@ from pathlib import Path
 REPO = Path(__file__).parents[2]
 DOCS = [
     REPO / "README.md",
-    REPO / "conf" / "base.yaml",
+    REPO / "libs" / "patternlake" / "conf" / "base.yaml",
     *sorted((REPO / "libs" / "patternlake" / "training").glob("*.py")),
     REPO / "tests" / "training" / "test_cluster.py",
 ]

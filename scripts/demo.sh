@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default: local Spark, lake in ./lake.
 # Grows with the platform: every stage that exists runs here.
-#   bash pipelines/demo.sh [DATA_DIR]
+#   bash scripts/demo.sh [DATA_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-data/demo}
