@@ -491,7 +491,7 @@ def check_same_split(model: str, result: dict[str, Any], split: Split) -> None:
 
 
 def run_teacher(split: Split, ctx: RunContext) -> dict[str, Any]:
-    """Our teacher with conf/base.yaml's defaults, single process, ``ctx.threads`` threads."""
+    """Our teacher with the packaged conf (libs/patternlake/conf/base.yaml) defaults, single process, ``ctx.threads`` threads."""
     sys.path.insert(0, str(HERE))
     from peers_teacher import run_teacher as train_and_test
 
