@@ -56,3 +56,61 @@ def test_training_hands_back_the_best_validation_epoch_not_the_last(tmp_path):
     last = torch.load(sorted((tmp_path / "checkpoints").glob("epoch-*.pt"))[-1], weights_only=False)
     if result["best_epoch"] != 11:  # and they are not the last epoch's weights
         assert any(not torch.equal(last["model"][k], v) for k, v in best.state_dict().items())
+
+
+def test_the_weight_average_follows_its_formula_and_copies_buffers():
+    from patternlake.training.worker import WeightAverage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    avg = WeightAverage(model, decay=0.9)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for n in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model[1].running_mean.add_(1.0)
+        avg.update(model)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = [
+            d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters(), strict=True)
+        ]
+    for e, a in zip(expected, avg.model.parameters(), strict=True):
+        assert torch.allclose(e, a, atol=1e-6)
+    assert torch.equal(avg.model[1].running_mean, model[1].running_mean)
+    assert not any(p.requires_grad for p in avg.model.parameters())
+    again = WeightAverage(model, decay=0.9)
+    again.load_state_dict(avg.state_dict())  # what a checkpoint carries for a resume
+    assert again.updates == 30
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(again.model.parameters(), avg.model.parameters(), strict=True)
+    )
+    with pytest.raises(ValueError, match="ema_decay"):
+        WeightAverage(model, decay=1.0)
+
+
+@pytest.mark.slow
+def test_with_a_weight_average_the_average_is_validated_kept_and_resumed(tmp_path):
+    """ema_decay > 0: the validation NDCG@10 of each epoch is the average's, best.pt holds the
+    average (not the raw weights), and a resumed run continues the same average."""
+    files = handmade.layouts(tmp_path / "data", lambda u, j: 1 + (3 * u + j) % 59)["one_file"]
+    spec = spec_for(files, "single", tmp_path / "checkpoints", epochs=4)
+    spec.ema_decay, spec.patience, spec.window_stride = 0.9, 100, 3
+    result = train_worker(vars(spec))
+    best = load_best(result)
+    cfg = best.config
+    again = _validate(best, _validation_set(spec, cfg), cfg, torch.device("cpu"))
+    assert again == pytest.approx(result["best_valid_ndcg@10"], abs=1e-9)
+    last = torch.load(sorted((tmp_path / "checkpoints").glob("epoch-*.pt"))[-1], weights_only=False)
+    assert last["ema"]["updates"] == sum(h["steps"] for h in result["history"])
+    if result["best_epoch"] == 3:  # the average, not the raw weights of that epoch
+        assert any(not torch.equal(last["model"][k], v) for k, v in best.state_dict().items())
+    # two more epochs from the checkpoint: the average goes on from where it was
+    spec.epochs = 6
+    resumed = train_worker(vars(spec))
+    assert resumed["resumed_from"] and len(resumed["history"]) == 6
+    final = torch.load(
+        sorted((tmp_path / "checkpoints").glob("epoch-*.pt"))[-1], weights_only=False
+    )
+    assert final["ema"]["updates"] == sum(h["steps"] for h in resumed["history"])
