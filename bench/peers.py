@@ -3,6 +3,8 @@
     .venv/bin/python bench/peers.py                        # all models, table + JSON file
     .venv/bin/python bench/peers.py --models markov,popularity --json
     .venv/bin/python bench/peers.py --models sasrec --max-len 200 --rerun
+    .venv/bin/python bench/peers.py --models teacher,markov,popularity,sasrec,gru4rec \
+        --reuse bench/results/peers.json --teacher-seeds 7,8,9   # peers from an earlier run
 
 Data: public MovieLens-100k (``ml-100k.inter``, shipped inside the RecBole 1.2.1 wheel on
 PyPI; downloaded once with ``pip download`` into ${PATTERNLAKE_CACHE:-~/.cache/patternlake}),
@@ -348,6 +350,8 @@ class RunContext:
     budgets: dict[str, float] = field(default_factory=dict)  # per model, e.g. {"sasrec": 3000}
     baseline_max_len: int | None = None  # transitions per user the baselines fit (None: all)
     rerun: bool = False
+    teacher_seeds: tuple[int, ...] = ()  # () : the conf's seed, one run
+    teacher_set: dict[str, Any] = field(default_factory=dict)  # TrainSpec/TeacherConfig fields
 
 
 def _fit_baseline(model: Any, split: Split, ctx: RunContext) -> dict[str, Any]:
@@ -491,11 +495,64 @@ def check_same_split(model: str, result: dict[str, Any], split: Split) -> None:
 
 
 def run_teacher(split: Split, ctx: RunContext) -> dict[str, Any]:
-    """Our teacher with the packaged conf (libs/patternlake/conf/base.yaml) defaults, single process, ``ctx.threads`` threads."""
+    """Our teacher with the packaged conf (libs/patternlake/conf/base.yaml) defaults plus
+    ``--teacher-set``, single process, ``ctx.threads`` threads; with ``--teacher-seeds``
+    one training per seed: the row shows the mean over seeds (each seed's numbers in
+    ``runs``), since one run on 943 test users moves by about +-0.006 NDCG@10."""
     sys.path.insert(0, str(HERE))
     from peers_teacher import run_teacher as train_and_test
 
-    return train_and_test(split, ctx)
+    seeds = ctx.teacher_seeds or (None,)
+    runs = []
+    for seed in seeds:
+        overrides = dict(ctx.teacher_set)
+        if seed is not None:
+            overrides["seed"] = seed
+        t = time.perf_counter()
+        r = train_and_test(split, ctx, overrides)
+        r["seed"], r["wall_s"] = seed, round(time.perf_counter() - t, 1)
+        log(
+            f"teacher seed {seed}: valid NDCG@10 {r['valid']['ndcg@10']:.4f}, test "
+            f"{r['test']['ndcg@10']:.4f} ({r['epochs']} epochs, best {r['best_epoch']}, "
+            f"{r['wall_s']:.0f} s)"
+        )
+        runs.append(r)
+    if len(runs) == 1:
+        return runs[0]
+
+    def mean(which: str) -> dict[str, float]:
+        keys = runs[0][which].keys()
+        return {k: float(np.mean([r[which][k] for r in runs])) for k in keys}
+
+    test = [r["test"]["ndcg@10"] for r in runs]
+    return {
+        **{k: runs[0][k] for k in ("kind", "params", "settings")},
+        "valid": mean("valid"),
+        "test": mean("test"),
+        "test_ndcg@10_sd": float(np.std(test, ddof=1)),
+        "epochs": round(float(np.mean([r["epochs"] for r in runs])), 1),
+        "best_epoch": round(float(np.mean([r["best_epoch"] for r in runs])), 1),
+        "stopped_by": f"patience; mean of seeds {list(seeds)}, test NDCG@10 sd "
+        f"{np.std(test, ddof=1):.4f}",
+        "train_s": round(float(np.mean([r["train_s"] for r in runs])), 1),
+        "train_samples_per_s": float(np.mean([r["train_samples_per_s"] for r in runs])),
+        "runs": runs,
+    }
+
+
+def reused_results(path: Path, names: list[str], split: Split) -> dict[str, dict[str, Any]]:
+    """``names``' results from an earlier run's JSON (``--reuse``), refused unless that run
+    used this split (same fingerprint); each is marked with where it came from."""
+    report = json.loads(path.read_text())
+    theirs = report["protocol"]["split_fingerprint"]
+    if theirs != split.fingerprint:
+        raise SystemExit(f"--reuse {path}: split {theirs} is not this split {split.fingerprint}")
+    out = {}
+    for name in names:
+        if name not in report["models"]:
+            raise SystemExit(f"--reuse {path}: no {name!r} in it (has {sorted(report['models'])})")
+        out[name] = {**report["models"][name], "reused_from": str(path)}
+    return out
 
 
 MODELS: dict[str, Callable[[Split, RunContext], dict[str, Any]]] = {
@@ -537,7 +594,15 @@ def with_ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
 def stopped(r: dict[str, Any]) -> str:
     if "epochs" not in r:
         return f"fit {r.get('train_s', 0):.3f} s"
-    return f"{r['epochs']} epochs, best {r['best_epoch']}, stopped by {r['stopped_by']}"
+    how = f"{r['epochs']} epochs, best {r['best_epoch']}, stopped by {r.get('stopped_by', 'patience')}"
+    return how + (f" (reused: {r['reused_from']})" if r.get("reused_from") else "")
+
+
+def yaml_value(text: str) -> Any:
+    """``--teacher-set`` values as YAML scalars (0.995 -> float, 25 -> int, true -> bool)."""
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -585,6 +650,18 @@ def main(argv: list[str] | None = None) -> None:
         help="fit Markov/popularity on each user's last N transitions (default: all)",
     )
     ap.add_argument("--rerun", action="store_true", help="ignore cached peer results")
+    ap.add_argument(
+        "--reuse",
+        default=None,
+        help="take the RecBole peers' results from this earlier JSON (same split required)",
+    )
+    ap.add_argument("--teacher-seeds", default="", help="e.g. 7,8,9: one teacher per seed")
+    ap.add_argument(
+        "--teacher-set",
+        action="append",
+        default=[],
+        help="teacher override key=value (TrainSpec / TeacherConfig field), repeatable",
+    )
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file ('' for none)")
     args = ap.parse_args(argv)
@@ -617,6 +694,8 @@ def main(argv: list[str] | None = None) -> None:
         budgets=budgets,
         baseline_max_len=args.baseline_max_len,
         rerun=args.rerun,
+        teacher_seeds=tuple(int(x) for x in args.teacher_seeds.split(",") if x.strip()),
+        teacher_set={k: yaml_value(v) for k, _, v in (a.partition("=") for a in args.teacher_set)},
     )
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in names if m not in MODELS]
@@ -627,7 +706,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{split.n_items - 1} items, {split.train_interactions()} training targets "
         f"(fingerprint {split.fingerprint})"
     )
-    results = {name: MODELS[name](split, ctx) for name in names}
+    peers = {"sasrec", "gru4rec"}
+    reused = (
+        reused_results(Path(args.reuse), [n for n in names if n in peers], split)
+        if args.reuse
+        else {}
+    )
+    results = {name: reused.get(name) or MODELS[name](split, ctx) for name in names}
     report = {
         "protocol": {
             "data": split.source,
