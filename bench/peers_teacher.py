@@ -56,7 +56,9 @@ def sequences_table(split: Any) -> pa.Table:
     )
 
 
-def run_teacher(split: Any, ctx: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_teacher(
+    split: Any, ctx: Any, overrides: dict[str, Any] | None = None, keep_scores: bool = False
+) -> dict[str, Any]:
     """Train and test our teacher on ``split``; ``overrides``: TrainSpec / TeacherConfig
     fields (e.g. {"max_len": 200, "dropout": 0.5})."""
     import torch
@@ -101,6 +103,8 @@ def run_teacher(split: Any, ctx: Any, overrides: dict[str, Any] | None = None) -
         best = load_best(result)
         table = pq.read_table(path)
 
+        kept: dict[str, np.ndarray] = {}
+
         def metrics(which: str) -> dict[str, float]:
             _, items, types, gaps, target = evaluation_arrays(table, model.max_len, which)
             stacked = [torch.from_numpy(a) for a in (items, types, gaps)]
@@ -108,6 +112,10 @@ def run_teacher(split: Any, ctx: Any, overrides: dict[str, Any] | None = None) -
             def score(s: slice) -> torch.Tensor:
                 with torch.no_grad():
                     return best.last_scores(*(a[s] for a in stacked))
+
+            if keep_scores:  # log-probabilities over the catalogue, for offline ensembles
+                with torch.no_grad():
+                    kept[which] = torch.log_softmax(score(slice(None)), -1).numpy()
 
             overall, _ = evaluate_scorer(
                 score, len(target), target, np.zeros(len(target)), split.n_items, 512
@@ -125,4 +133,5 @@ def run_teacher(split: Any, ctx: Any, overrides: dict[str, Any] | None = None) -
             "train_s": round(train_s, 1),
             "train_samples_per_s": result["samples_per_s"],
             "settings": {**model.to_dict(), "lr": spec.lr, "batch_size": spec.batch_size},
+            **({"scores": kept} if keep_scores else {}),
         }
