@@ -49,7 +49,7 @@ def test_all_pipeline_on_a_cluster_and_featurize_survives_a_killed_worker(
     lake_a = Lake(spark, config.lake.model_copy(update={"root": str(tmp_path / "a" / "lake")}))
     runs = lake_a.read("runs").orderBy("position").collect()
     assert [r.step for r in runs] == [
-        "ingest", "validate", "featurize", "segment", "mine", "train_teacher", "distill",
+        "ingest", "validate", "featurize", "segment", "mine", "train", "distill",
         "compress", "evaluate", "score",
     ]  # fmt: skip
     assert {r.status for r in runs} == {"succeeded"}

@@ -2,33 +2,103 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+from pathlib import Path
+
 import pytest
 import yaml
 
 from patternlake.pipeline import (
     STAGES,
     STEPS,
+    _resolve,
     dependencies,
     export_databricks,
     export_spark_submit,
     pipeline_steps,
 )
 
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+NOT_STAGES = {"generate", "run_pipeline", "report", "monitor", "forget_user"}  # jobs/ too
 
-def test_every_stage_is_declared_once_with_its_job_and_command():
-    from pathlib import Path
 
-    from patternlake.cli import build_parser
+def _job_words(path: Path) -> list[str]:
+    """The CLI words ``jobs/<x>.py`` passes: ``main(["tune", "teacher", *sys.argv[1:]])``."""
+    (call,) = [
+        n
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "main"
+    ]
+    (argv,) = call.args
+    *words, rest = argv.elts
+    assert isinstance(rest, ast.Starred) and ast.unparse(rest) == "*sys.argv[1:]", path
+    return [w.value for w in words]
 
-    jobs = Path(__file__).resolve().parents[1] / "jobs"
+
+def test_every_stage_is_declared_once_and_its_job_cli_and_help_come_from_it(capsys):
+    from patternlake.cli import SHOW, build_parser, cmd_stage, main
+    from patternlake.config import Config
+
+    sections = {f.alias or n for n, f in Config.model_fields.items()}
     assert set(STEPS) == set(STAGES)
     parser = build_parser()
-    for stage in STAGES.values():
-        assert (jobs / f"{stage.job}.py").is_file(), stage
-        assert f'main(["{stage.command[0]}"' in (jobs / f"{stage.job}.py").read_text()
-        parser.parse_args([*stage.command, *(["x"] if stage.name == "ingest" else [])])
+    for name, stage in STAGES.items():
+        assert stage.name == name == stage.job == "_".join(stage.command)
+        assert _job_words(JOBS / f"{name}.py") == list(stage.command), stage
+        positionals = [o.flag for o in stage.options if not o.flag.startswith("-")]
+        args = parser.parse_args([*stage.command, *positionals])
+        assert (args.func, args.stage) == (cmd_stage, name)
+        with pytest.raises(SystemExit) as code:
+            main([*stage.command, "--help"])
+        assert code.value.code == 0
+        shown = " ".join(capsys.readouterr().out.split())
+        assert f"usage: patternlake {' '.join(stage.command)} " in shown
+        assert " ".join(stage.help.split()) in shown
+        assert f"conf section: {stage.section} " in shown and stage.section in sections
+        for option in stage.options:
+            assert option.flag in shown
+        # the call takes what the declaration gives it, in that order
+        keys = {"spark", "lake", "config", *(o.key for o in stage.options)}
+        assert set(stage.args) <= keys, stage
+        inspect.signature(_resolve(stage.call)).bind(*stage.args)
+        assert stage.show in SHOW
+        assert set(stage.optional) <= set(stage.inputs)
+    # every other job runs a command that is not a stage; no job under an old stage name
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for path in JOBS.glob("*.py"):
+        assert path.stem in STAGES or path.stem in NOT_STAGES, path
+        assert _job_words(path)[0] in commands, path
+
+
+def test_run_steps_are_the_declared_stages(tmp_path):
+    from patternlake.cli import build_parser
+    from patternlake.errors import ConfigError
+
+    assert list(STEPS) == list(STAGES)
     for name in ("daily", "train", "all"):
         assert all(s in STAGES for s in pipeline_steps(name))
+    # `all` is every stage in declaration order but the optional architecture search
+    assert pipeline_steps("all") == [s for s in STAGES if s != "tune_teacher"]
+    with pytest.raises(ConfigError, match=rf"known: {', '.join(STAGES)}\)"):
+        pipeline_steps("bad", _pipelines(tmp_path, bad=["segment", "mine_patterns"]))
+    # what `run` passes its steps: the keys of the stages' own options
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    run = {a.dest for a in commands["run"]._actions} - {"help", "conf", "overrides", "verbose"}
+    keys = {o.key for s in STAGES.values() for o in s.options}
+    assert run - {"pipeline", "json", "resume"} <= keys
+
+
+def test_an_old_step_name_in_a_pipeline_file_works_with_a_warning(tmp_path, caplog):
+    directory = _pipelines(tmp_path, models=["train_teacher", "distill"])
+    assert pipeline_steps("models", directory) == ["train", "distill"]
+    assert "step train_teacher is called train now" in caplog.text
+
+
+def _pipelines(directory: Path, **pipelines: list[str]) -> Path:
+    for name, steps in pipelines.items():
+        (directory / f"{name}.yaml").write_text(yaml.safe_dump({"steps": steps}))
+    return directory
 
 
 def test_pipelines_next_to_the_conf_dir_come_first_then_the_packaged_ones(tmp_path, monkeypatch):
@@ -41,7 +111,7 @@ def test_pipelines_next_to_the_conf_dir_come_first_then_the_packaged_ones(tmp_pa
     (tmp_path / "pipelines" / "nightly.yaml").write_text("steps: [mine]\n")
     assert pipeline_steps("daily") == ["validate", "featurize"]
     assert pipeline_steps("nightly") == ["mine"]
-    assert pipeline_steps("train")[0] == "train_teacher"  # not there: the package's
+    assert pipeline_steps("train")[0] == "train"  # not there: the package's
     with pytest.raises(ConfigError, match=r"known: all, daily, nightly, train\)"):
         pipeline_steps("weekly")
 
@@ -50,7 +120,7 @@ def test_dependencies_follow_what_steps_read_and_write():
     deps = dependencies(pipeline_steps("all"))
     assert deps["ingest"] == [] and deps["validate"] == ["ingest"]
     assert set(deps["mine"]) == {"featurize", "segment"}
-    assert "train_teacher" in deps["distill"] and "segment" in deps["distill"]
+    assert "train" in deps["distill"] and "segment" in deps["distill"]
     assert "compress" in deps["score"] and "mine" in deps["score"]  # the newest champions
     assert deps["segment"] == ["featurize"]
 
@@ -68,7 +138,7 @@ def test_exports_name_every_step_in_order():
     assert {d["task_key"] for d in by["distill"]["depends_on"]} == set(
         dependencies(steps)["distill"]
     )
-    assert by["train_teacher"]["python_wheel_task"]["parameters"] == [
+    assert by["train"]["python_wheel_task"]["parameters"] == [
         "train",
         "--conf",
         "databricks",
@@ -83,6 +153,23 @@ def test_a_missing_input_is_refused_before_anything_runs(stage, capsys):
     err = capsys.readouterr().err
     assert "step validate reads bronze_events" in err and "--input" in err
     assert not lake.exists("runs")  # nothing ran, nothing recorded
+
+
+def test_a_stage_run_on_its_own_before_its_input_exists_says_what_to_run_first(stage, capsys):
+    from patternlake.cli import main
+
+    config, lake = stage
+    root = ["--set", f"lake.root={config.lake.root}"]
+    for argv, text in [
+        (["validate"], "validate: bronze_events does not exist yet; run `patternlake ingest PATH` first"),
+        (["segment"], "segment: user_features does not exist yet; run `patternlake featurize` first"),
+        (["tune", "teacher"], "tune teacher: user_sequences does not exist yet; run `patternlake featurize` first"),
+        (["score"], "score: user_sequences does not exist yet; run `patternlake featurize` first"),
+    ]:  # fmt: skip
+        assert main([*root, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == f"patternlake: error: {text}", err
+    assert not any(lake.exists(t) for t in config.lake.tables)  # nothing ran
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ from typing import Any
 
 from patternlake.config import Config, load_config, validate_config
 from patternlake.errors import PatternlakeError
-from patternlake.models.metrics import METRICS
 
 log = logging.getLogger("patternlake")
 
@@ -73,83 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=["csv", "jsonl", "parquet"], default=None)
     g.set_defaults(func=cmd_generate, needs_spark=False)
 
-    i = command(
-        sub,
-        "ingest",
-        "read raw event files (csv, tsv, jsonl, parquet; file or folder) into bronze_events",
-    )
-    i.add_argument("path")
-    i.add_argument("--format", choices=["auto", "csv", "tsv", "jsonl", "parquet"], default=None)
-    i.add_argument(
-        "--map",
-        dest="mapping",
-        default=None,
-        metavar="FIELD=COLUMN,...",
-        help="source column of each field: user_id, item_id, event_time (required), event_type, "
-        "event_id; names or 0-based positions; replaces ingest.mapping",
-    )
-    i.set_defaults(func=cmd_ingest, needs_spark=True)
-
-    va = command(
-        sub, "validate", "split new bronze batches into silver_events and quarantine_events"
-    )
-    va.set_defaults(func=cmd_validate, needs_spark=True)
-
-    fe = command(
-        sub, "featurize", "build item_index, user_sequences and user_features from silver_events"
-    )
-    fe.add_argument(
-        "--full", action="store_true", help="rebuild everything instead of only new batches"
-    )
-    fe.set_defaults(func=cmd_featurize, needs_spark=True)
-
-    se = command(sub, "segment", "cluster users into segments (MLlib KMeans) with stable ids")
-    se.set_defaults(func=cmd_step, step="segment", needs_spark=True)
-
-    mi = command(
-        sub, "mine", "mine sequential and co-occurrence rules per segment (PrefixSpan, FPGrowth)"
-    )
-    mi.set_defaults(func=cmd_step, step="mine", needs_spark=True)
-
-    tr = command(
-        sub, "train", "train the teacher model on user_sequences and register it in MLflow"
-    )
-    tr.add_argument(
-        "--backend",
-        choices=["horovod", "horovodrun", "ddp", "single"],
-        default=None,
-        help="default: train.backend in conf",
-    )
-    tr.add_argument(
-        "--fresh", action="store_true", help="ignore checkpoints of an earlier run of the same job"
-    )
-    tr.set_defaults(func=cmd_train, needs_spark=True)
-
-    tu = command(sub, "tune", "search model architectures and hyperparameters (Optuna)")
-    tsub = tu.add_subparsers(dest="tune_command", metavar="MODEL", parser_class=_Parser)
-    tsub.required = True
-    tt = command(
-        tsub,
-        "teacher",
-        "multi-objective study of the teacher (validation NDCG@10 vs parameters) in tune.parallel "
-        "processes; trials to teacher_tuning, the front to MLflow (train.use_tuned uses it)",
-    )
-    tt.set_defaults(func=cmd_tune_teacher, needs_spark=True)
-
-    di = command(
-        sub,
-        "distill",
-        "one student per segment from the registered teacher (parallel Spark tasks), gated "
-        "against the teacher and registered in MLflow",
-    )
-    di.set_defaults(func=cmd_step, step="distill", needs_spark=True)
-
-    co = command(
-        sub,
-        "compress",
-        "prune, fine-tune and int8-quantize each segment's student, gated against its fp32 model",
-    )
-    co.set_defaults(func=cmd_step, step="compress", needs_spark=True)
+    _add_stages(sub, command)
 
     mo = command(
         sub,
@@ -159,15 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mo.add_argument("--json", action="store_true", help="print JSON rows")
     mo.set_defaults(func=cmd_models, needs_spark=True)
-
-    sc = command(
-        sub,
-        "score",
-        "write each user's top items, the rule behind each and the events that explain it "
-        "to user_patterns (one partition per run id)",
-    )
-    sc.add_argument("--run-id", default=None, help="default: the UTC time; a rerun replaces it")
-    sc.set_defaults(func=cmd_score, needs_spark=True)
 
     sq = command(
         sub,
@@ -211,12 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("user_ids", nargs="+", metavar="ID", help="user ids, as in user_id")
     fg.add_argument("--json", action="store_true", help="print one JSON object")
     fg.set_defaults(func=cmd_forget_user, needs_spark=True)
-
-    ev = command(
-        sub, "evaluate", "evaluate the registered teacher and the baselines (protocol in DESIGN.md)"
-    )
-    ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.set_defaults(func=cmd_evaluate, needs_spark=True)
 
     r = command(
         sub,
@@ -271,6 +179,38 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--target-mb", type=int, default=None)
     o.set_defaults(func=cmd_lake_compact, needs_spark=True)
     return parser
+
+
+# CLI groups above stages with more than one word (``tune_teacher``: ``tune teacher``)
+GROUPS = {"tune": ("search model architectures and hyperparameters (Optuna)", "MODEL")}
+
+
+def _add_stages(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    """One subcommand per declared stage (``pipeline.STAGES``), in their order."""
+    from patternlake.pipeline import STAGES
+
+    groups: dict[str, Any] = {}
+    for stage in STAGES.values():
+        *group, word = stage.command
+        parent = sub
+        if group:
+            (name,) = group
+            if name not in groups:
+                text, metavar = GROUPS[name]
+                groups[name] = command(sub, name, text).add_subparsers(
+                    dest=f"{name}_command", metavar=metavar, parser_class=_Parser, required=True
+                )
+            parent = groups[name]
+        p = command(parent, word, stage.help)
+        p.epilog = (
+            f"reads {', '.join(stage.inputs) or 'raw files'}; writes "
+            f"{', '.join(stage.outputs) or 'no table'}; conf section: {stage.section} "
+            f"(--set {stage.section}.KEY=VALUE); job: jobs/{stage.job}.py; pipeline step: "
+            f"{stage.name}"
+        )
+        for option in stage.options:
+            option.add_to(p)
+        p.set_defaults(func=cmd_stage, stage=stage.name, needs_spark=True)
 
 
 def _add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
@@ -358,50 +298,61 @@ def cmd_generate(args: argparse.Namespace, config: Config) -> None:
     print(json.dumps({k: meta[k] for k in ("rows", "unique_events", "duplicates", "rules")}))
 
 
-def cmd_ingest(args: argparse.Namespace, config: Config, lake: Any) -> None:
-    from patternlake.ingest.bronze import ingest, parse_mapping
+def cmd_stage(args: argparse.Namespace, config: Config, lake: Any) -> None:
+    """Any declared stage: its options from the command line, then the runner's path (input
+    check, timing log), then its result printed as the stage declares."""
+    from patternlake.pipeline import STAGES, run_stage
 
-    result = ingest(lake.spark, lake, config, args.path, args.format, parse_mapping(args.mapping))
+    stage = STAGES[args.stage]
+    options = {o.key: o.value(getattr(args, o.key)) for o in stage.options}
+    SHOW[stage.show](run_stage(stage.name, lake, config, options), options)
+
+
+def _show_json(result: Any, options: dict[str, Any]) -> None:
+    from patternlake.pipeline import _plain
+
+    print(json.dumps(_plain(result), default=str))
+
+
+def _show_json_lines(result: list[Any], options: dict[str, Any]) -> None:
+    for item in result:
+        _show_json(item, options)
+
+
+def _show_batch(result: Any, options: dict[str, Any]) -> None:
+    skipped = len(result.skipped)
     if result.noop:
+        print(json.dumps({"noop": True, "reason": "already ingested", "skipped_files": skipped}))
+        return
+    batch = {"batch_id": result.batch_id, "rows": result.rows, "files": len(result.files)}
+    print(json.dumps(batch | {"skipped_files": skipped}))
+
+
+def _show_evaluation(result: dict[str, Any], options: dict[str, Any]) -> None:
+    from patternlake.models.metrics import METRICS
+
+    if options.get("json"):
+        print(json.dumps(result))
+        return
+    print(f"{'model':12s} {'params':>10s} {'bytes':>10s} " + " ".join(f"{m:>11s}" for m in METRICS))
+    for name, m in result["models"].items():
         print(
-            json.dumps(
-                {"noop": True, "reason": "already ingested", "skipped_files": len(result.skipped)}
-            )
+            f"{name:12s} {m['params']:>10d} {m['bytes']:>10d} "
+            + " ".join(f"{m['overall'][k]:>11.4f}" for k in METRICS)
         )
-    else:
-        print(
-            json.dumps(
-                {
-                    "batch_id": result.batch_id,
-                    "rows": result.rows,
-                    "files": len(result.files),
-                    "skipped_files": len(result.skipped),
-                }
-            )
-        )
+    print(
+        f"({result['protocol']['users']} users, mask_history={result['protocol']['mask_history']}, "
+        f"user_sequences@v{result['data_version']})"
+    )
 
 
-def cmd_validate(args: argparse.Namespace, config: Config, lake: Any) -> None:
-    from dataclasses import asdict
-
-    from patternlake.quality.validate import validate_pending
-
-    for report in validate_pending(lake.spark, lake, config):
-        print(json.dumps(asdict(report)))
-
-
-def cmd_featurize(args: argparse.Namespace, config: Config, lake: Any) -> None:
-    from dataclasses import asdict
-
-    from patternlake.features.featurize import featurize
-
-    print(json.dumps(asdict(featurize(lake.spark, lake, config, full=args.full))))
-
-
-def cmd_step(args: argparse.Namespace, config: Config, lake: Any) -> None:
-    from patternlake.pipeline import STEPS, _plain
-
-    print(json.dumps(_plain(STEPS[args.step](lake, config, {})), default=str))
+# how a stage's result is printed (``Stage.show``)
+SHOW: dict[str, Callable[[Any, dict[str, Any]], None]] = {
+    "json": _show_json,
+    "json_lines": _show_json_lines,
+    "batch": _show_batch,
+    "evaluation": _show_evaluation,
+}
 
 
 def cmd_run(args: argparse.Namespace, config: Config, lake: Any) -> None:
@@ -446,48 +397,6 @@ def cmd_export(args: argparse.Namespace, config: Config) -> None:
         print(export_spark_submit(args.pipeline, args.env or "cluster", args.master), end="")
     else:
         print(export_databricks(args.pipeline, args.env or "databricks"), end="")
-
-
-def cmd_train(args: argparse.Namespace, config: Config, lake: Any) -> None:
-    from patternlake.training.teacher_job import train_teacher
-
-    print(
-        json.dumps(train_teacher(lake.spark, lake, config, args.backend, args.fresh), default=str)
-    )
-
-
-def cmd_tune_teacher(args: argparse.Namespace, config: Config, lake: Any) -> None:
-    from patternlake.tuning.teacher_study import tune_teacher
-
-    print(json.dumps(tune_teacher(lake, config), default=str))
-
-
-def cmd_evaluate(args: argparse.Namespace, config: Config, lake: Any) -> None:
-    from patternlake.models.evaluate import evaluate_models
-
-    result = evaluate_models(lake.spark, lake, config)
-    if args.json:
-        print(json.dumps(result))
-        return
-    print(
-        f"{'model':12s} {'params':>10s} {'bytes':>10s} "
-        + " ".join(f"{m:>11s}" for m in METRICS)
-    )
-    for name, m in result["models"].items():
-        print(
-            f"{name:12s} {m['params']:>10d} {m['bytes']:>10d} "
-            + " ".join(f"{m['overall'][k]:>11.4f}" for k in METRICS)
-        )
-    print(
-        f"({result['protocol']['users']} users, mask_history={result['protocol']['mask_history']}, "
-        f"user_sequences@v{result['data_version']})"
-    )
-
-
-def cmd_score(args: argparse.Namespace, config: Config, lake: Any) -> None:
-    from patternlake.scoring.score import score_users
-
-    print(json.dumps(score_users(lake.spark, lake, config, args.run_id), default=str))
 
 
 def cmd_report(args: argparse.Namespace, config: Config, lake: Any) -> None:

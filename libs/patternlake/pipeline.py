@@ -1,8 +1,9 @@
-"""Pipelines: named, ordered lists of job steps (``pipelines/<name>.yaml``, shipped in the
-package) run in one session."""
+"""Stages, each declared once (``STAGES``), and pipelines: named, ordered lists of stages
+(``pipelines/<name>.yaml``, shipped in the package) run in one session."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 import uuid
@@ -21,183 +22,272 @@ from patternlake.lake import Lake
 log = logging.getLogger(__name__)
 
 
-def _ingest(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
-    from patternlake.ingest.bronze import ingest
+@dataclass(frozen=True)
+class Option:
+    """One CLI option of a stage, in argparse's terms. Its ``key`` names it in the stage's
+    ``options`` (and ``args``): the same key ``run`` fills (``run --input``: ingest's path)."""
 
-    if not options.get("input"):
-        log.info("ingest: skipped (no --input)")
-        return None
-    return ingest(
-        lake.spark, lake, config, options["input"], options.get("format"), options.get("mapping")
-    )
+    flag: str  # "--backend"; without dashes a positional, shown by that name
+    help: str | None = None
+    dest: str | None = None  # default: from the flag
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    action: str | None = None  # "store_true"
+    default: Any = None
+    metavar: str | None = None
+    parse: str | None = None  # "module:function" turning the CLI's text into the value
 
+    @property
+    def key(self) -> str:
+        return self.dest or self.flag.lstrip("-").replace("-", "_")
 
-def _validate(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
-    from patternlake.quality.validate import validate_pending
+    @property
+    def fallback(self) -> Any:
+        """The value when not given (a ``run`` step without the flag)."""
+        return False if self.action == "store_true" else self.default
 
-    return validate_pending(lake.spark, lake, config)
+    def add_to(self, parser: Any) -> None:
+        kwargs = {
+            "help": self.help,
+            "type": self.type,
+            "choices": self.choices,
+            "action": self.action,
+            "default": self.default,
+            "metavar": self.metavar,
+        }
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if self.flag.startswith("-"):
+            parser.add_argument(self.flag, dest=self.key, **kwargs)
+        else:
+            parser.add_argument(self.key, **({"metavar": self.flag} | kwargs))
 
-
-def _featurize(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
-    from patternlake.features.featurize import featurize
-
-    return featurize(lake.spark, lake, config, full=bool(options.get("full")))
-
-
-def _segment(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
-    from patternlake.segments.kmeans import segment_users
-
-    return segment_users(lake.spark, lake, config)
-
-
-def _mine(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
-    from patternlake.patterns.mine import mine_patterns
-
-    return mine_patterns(lake.spark, lake, config)
-
-
-def _train_teacher(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
-    from patternlake.training.teacher_job import train_teacher
-
-    return train_teacher(
-        lake.spark, lake, config, options.get("backend"), bool(options.get("fresh"))
-    )
-
-
-def _tune_teacher(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
-    from patternlake.tuning.teacher_study import tune_teacher
-
-    return tune_teacher(lake, config)
-
-
-def _distill(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
-    from patternlake.students.distill import distill
-
-    return distill(lake.spark, lake, config)
-
-
-def _compress(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
-    from patternlake.students.compress import compress
-
-    return compress(lake.spark, lake, config)
-
-
-def _score(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
-    from patternlake.scoring.score import score_users
-    from patternlake.students.registry import teacher_version
-
-    if options.get("step_optional") and teacher_version(config) is None:
-        log.info("score: skipped (no registered teacher yet; `patternlake run train` makes one)")
-        return None
-    return score_users(lake.spark, lake, config, options.get("run_id"))
-
-
-def _evaluate(lake: Lake, config: Config, options: dict[str, Any]) -> Any:
-    from patternlake.models.evaluate import evaluate_models
-
-    return evaluate_models(lake.spark, lake, config)
+    def value(self, given: Any) -> Any:
+        """What the CLI passes on for ``given`` (the parsed text)."""
+        return _resolve(self.parse)(given) if self.parse else given
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One declaration per stage: what it reads and writes (lake tables; ``model:x`` for a
-    registered model), its job file in ``jobs/`` and its CLI words. The runner's checks, the
-    timing log, the run records and the exports come from these."""
+    """One declaration per stage. Its ``name`` is its only name: the step in pipelines and
+    ``ops/runs``, ``jobs/<name>.py``, and (split at ``_``) its CLI words. From it come the
+    CLI subcommand (help, options), the runner's input check, its "run X first" errors, the
+    timing log, the run records and the exports.
+
+    ``call`` is ``module:function``, imported when the stage runs, called with ``args`` in
+    order: each ``spark``, ``lake``, ``config`` or the key of one of its ``options``."""
 
     name: str
-    run: Callable[[Lake, Config, dict[str, Any]], Any]
-    inputs: tuple[str, ...]
+    call: str
+    args: tuple[str, ...]
+    inputs: tuple[str, ...]  # lake tables it needs (``model:x``: a registered model)
     outputs: tuple[str, ...]
-    job: str
-    command: tuple[str, ...]
+    section: str  # its section of conf
+    help: str
+    options: tuple[Option, ...] = ()
+    optional: tuple[str, ...] = ()  # inputs it reads only when they exist: not checked
+    skip_when: Callable[[Config, dict[str, Any]], str | None] | None = None  # in a pipeline
+    show: str = "json"  # how the CLI prints the result (``patternlake.cli.SHOW``)
 
+    @property
+    def command(self) -> tuple[str, ...]:
+        return tuple(self.name.split("_"))
+
+    @property
+    def job(self) -> str:
+        return self.name
+
+    @property
+    def usage(self) -> str:
+        """``patternlake <words> <POSITIONALS>``, as the "run X first" errors name it."""
+        positionals = [o.flag.upper() for o in self.options if not o.flag.startswith("-")]
+        return " ".join(("patternlake", *self.command, *positionals))
+
+    def run(self, lake: Lake, config: Config, options: dict[str, Any]) -> Any:
+        values = {o.key: o.fallback for o in self.options} | options
+        values |= {"spark": lake.spark, "lake": lake, "config": config}
+        return _resolve(self.call)(*(values[a] for a in self.args))
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _without_input(config: Config, options: dict[str, Any]) -> str | None:
+    return None if options.get("input") else "no --input"
+
+
+def _without_teacher(config: Config, options: dict[str, Any]) -> str | None:
+    from patternlake.students.registry import teacher_version
+
+    if teacher_version(config) is None:
+        return "no registered teacher yet; `patternlake run train` makes one"
+    return None
+
+
+SPARK_LAKE_CONFIG = ("spark", "lake", "config")
+JSON = Option("--json", action="store_true", help="print one JSON object")
+FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet")
 
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("ingest", _ingest, (), ("bronze_events", "ingest_log"), "ingest", ("ingest",)),
+        Stage(
+            "ingest",
+            "patternlake.ingest.bronze:ingest",
+            (*SPARK_LAKE_CONFIG, "input", "format", "mapping"),
+            inputs=(),
+            outputs=("bronze_events", "ingest_log"),
+            section="ingest",
+            help="read raw event files (csv, tsv, jsonl, parquet; file or folder) into "
+            "bronze_events",
+            options=(
+                Option("path", dest="input", help="a raw events file or folder"),
+                Option("--format", choices=FORMATS),
+                Option(
+                    "--map",
+                    dest="mapping",
+                    metavar="FIELD=COLUMN,...",
+                    parse="patternlake.ingest.bronze:parse_mapping",
+                    help="source column of each field: user_id, item_id, event_time "
+                    "(required), event_type, event_id; names or 0-based positions; replaces "
+                    "ingest.mapping",
+                ),
+            ),
+            skip_when=_without_input,
+            show="batch",
+        ),
         Stage(
             "validate",
-            _validate,
-            ("bronze_events",),
-            ("silver_events", "quarantine_events", "validation_results"),
-            "validate",
-            ("validate",),
+            "patternlake.quality.validate:validate_pending",
+            SPARK_LAKE_CONFIG,
+            inputs=("bronze_events",),
+            outputs=("silver_events", "quarantine_events", "validation_results"),
+            section="validate",
+            help="split new bronze batches into silver_events and quarantine_events",
+            show="json_lines",
         ),
         Stage(
             "featurize",
-            _featurize,
-            ("silver_events",),
-            ("item_index", "user_sequences", "user_features", "featurize_log"),
-            "featurize",
-            ("featurize",),
+            "patternlake.features.featurize:featurize",
+            (*SPARK_LAKE_CONFIG, "full"),
+            inputs=("silver_events",),
+            outputs=("item_index", "user_sequences", "user_features", "featurize_log"),
+            section="features",
+            help="build item_index, user_sequences and user_features from silver_events",
+            options=(
+                Option(
+                    "--full",
+                    action="store_true",
+                    help="rebuild everything instead of only new batches",
+                ),
+            ),
         ),
         Stage(
             "segment",
-            _segment,
-            ("user_features",),
-            ("segments", "segment_models"),
-            "segment",
-            ("segment",),
+            "patternlake.segments.kmeans:segment_users",
+            SPARK_LAKE_CONFIG,
+            inputs=("user_features",),
+            outputs=("segments", "segment_models"),
+            section="segment",
+            help="cluster users into segments (MLlib KMeans) with stable ids",
         ),
         Stage(
             "mine",
-            _mine,
-            ("user_sequences", "segments"),
-            ("segment_patterns",),
-            "mine_patterns",
-            ("mine",),
+            "patternlake.patterns.mine:mine_patterns",
+            SPARK_LAKE_CONFIG,
+            inputs=("user_sequences", "segments"),
+            outputs=("segment_patterns",),
+            section="mine",
+            help="mine sequential and co-occurrence rules per segment (PrefixSpan, FPGrowth)",
         ),
         Stage(
             "tune_teacher",
-            _tune_teacher,
-            ("user_sequences",),
-            ("teacher_tuning",),
-            "tune_teacher",
-            ("tune", "teacher"),
+            "patternlake.tuning.teacher_study:tune_teacher",
+            ("lake", "config"),
+            inputs=("user_sequences", "item_index"),
+            outputs=("teacher_tuning",),
+            section="tune",
+            help="multi-objective study of the teacher (validation NDCG@10 vs parameters) in "
+            "tune.parallel processes; trials to teacher_tuning, the front to MLflow "
+            "(train.use_tuned uses it)",
         ),
         Stage(
-            "train_teacher",
-            _train_teacher,
-            ("user_sequences", "item_index"),
-            ("model:teacher",),
-            "train_teacher",
-            ("train",),
+            "train",
+            "patternlake.training.teacher_job:train_teacher",
+            (*SPARK_LAKE_CONFIG, "backend", "fresh"),
+            inputs=("user_sequences", "item_index"),
+            outputs=("model:teacher",),
+            section="train",
+            help="train the teacher model on user_sequences and register it in MLflow",
+            options=(
+                Option(
+                    "--backend",
+                    choices=("horovod", "horovodrun", "ddp", "single"),
+                    help="default: train.backend in conf",
+                ),
+                Option(
+                    "--fresh",
+                    action="store_true",
+                    help="ignore checkpoints of an earlier run of the same job",
+                ),
+            ),
         ),
         Stage(
             "distill",
-            _distill,
-            ("user_sequences", "segments", "model:teacher"),
-            ("model:student", "model_decisions"),
-            "distill",
-            ("distill",),
+            "patternlake.students.distill:distill",
+            SPARK_LAKE_CONFIG,
+            inputs=("user_sequences", "segments", "model:teacher"),
+            outputs=("model:student", "model_decisions"),
+            section="students",
+            help="one student per segment from the registered teacher (parallel Spark tasks), "
+            "gated against the teacher and registered in MLflow",
         ),
         Stage(
             "compress",
-            _compress,
-            ("user_sequences", "segments", "model:student"),
-            ("model:student", "model_decisions"),
-            "compress",
-            ("compress",),
+            "patternlake.students.compress:compress",
+            SPARK_LAKE_CONFIG,
+            inputs=("user_sequences", "segments", "model:student"),
+            outputs=("model:student", "model_decisions"),
+            section="compress",
+            help="prune, fine-tune and int8-quantize each segment's student, gated against "
+            "its fp32 model",
         ),
         Stage(
             "evaluate",
-            _evaluate,
-            ("user_sequences", "segments", "model:teacher", "model:student"),
-            (),
-            "evaluate",
-            ("evaluate",),
+            "patternlake.models.evaluate:evaluate_models",
+            SPARK_LAKE_CONFIG,
+            inputs=("user_sequences", "segments", "model:teacher", "model:student"),
+            outputs=(),
+            section="evaluate",
+            help="evaluate the registered teacher and the baselines (protocol in DESIGN.md)",
+            options=(JSON,),
+            optional=("segments",),  # per-segment metrics when there are segments
+            show="evaluation",
         ),
         Stage(
             "score",
-            _score,
-            ("user_sequences", "segments", "segment_patterns", "model:teacher", "model:student"),
-            ("user_patterns",),
-            "score",
-            ("score",),
+            "patternlake.scoring.score:score_users",
+            (*SPARK_LAKE_CONFIG, "run_id"),
+            inputs=(
+                "user_sequences",
+                "item_index",
+                "segments",
+                "segment_patterns",
+                "model:teacher",
+                "model:student",
+            ),
+            outputs=("user_patterns",),
+            section="score",
+            help="write each user's top items, the rule behind each and the events that "
+            "explain it to user_patterns (one partition per run id)",
+            options=(Option("--run-id", help="default: the UTC time; a rerun replaces it"),),
+            skip_when=_without_teacher,  # the first daily run: no model yet
         ),
     )
 }
+# names steps had before each stage got one name; pipelines and recorded runs may use them
+RENAMED = {"train_teacher": "train"}
 STEPS: dict[str, Callable[[Lake, Config, dict[str, Any]], Any]] = {
     n: s.run for n, s in STAGES.items()
 }
@@ -223,36 +313,96 @@ def pipeline_steps(name: str, directory: Path | None = None) -> list[str]:
         raise ConfigError(f"run: no pipeline {name!r} (known: {', '.join(known) or 'none'})")
     path = directory / f"{name}.yaml"
     spec = yaml.safe_load(path.read_text()) or {}
-    steps = spec.get("steps") or []
-    unknown = [s for s in steps if s not in STEPS]
+    steps = [_current_name(step, path) for step in spec.get("steps") or []]
+    unknown = [s for s in steps if s not in STAGES]
     if unknown or not steps:
         raise ConfigError(
-            f"{path}: steps {unknown or '(none)'} are not jobs (known: {', '.join(STEPS)})"
+            f"{path}: steps {unknown or '(none)'} are not jobs (known: {', '.join(STAGES)})"
         )
     return steps
 
 
-def check_inputs(name: str, steps: list[str], lake: Lake, options: dict[str, Any]) -> None:
-    """Before anything runs: every table a step reads exists or an earlier step writes it
-    (``model:`` inputs are checked by the stages themselves: score waits for a teacher)."""
-    made: set[str] = set()
-    for step in steps:
+def _current_name(step: Any, path: Path) -> Any:
+    if step in RENAMED:
+        log.warning(
+            "%s: step %s is called %s now; the old name still works but will go",
+            path,
+            step,
+            RENAMED[step],
+        )
+    return RENAMED.get(step, step)
+
+
+def check_inputs(
+    steps: list[str],
+    lake: Lake,
+    config: Config,
+    options: dict[str, Any],
+    pipeline: str | None = None,
+) -> None:
+    """Before anything runs: every table a step reads exists or an earlier step (one not
+    skipped) writes it (``model:`` inputs are checked by the stages themselves: score waits
+    for a teacher). ``pipeline``: its name; None for one stage on its own (the CLI), whose
+    error names the command to run first: "segment: user_features does not exist yet; run
+    `patternlake featurize` first"."""
+    for i, step in enumerate(steps):
         stage = STAGES[step]
         for table in stage.inputs:
-            if table.startswith("model:") or table in made or lake.exists(table):
+            if table.startswith("model:") or table in stage.optional or lake.exists(table):
                 continue
-            writers = [s.name for s in STAGES.values() if table in s.outputs]
+            if any(
+                table in STAGES[s].outputs and not _skip_reason(s, config, options)
+                for s in steps[:i]
+            ):
+                continue
+            writers = [s for s in STAGES.values() if table in s.outputs]
+            if pipeline is None:
+                hint = " or ".join(f"`{s.usage}`" for s in writers)
+                words = " ".join(stage.command)
+                raise PatternlakeError(f"{words}: {table} does not exist yet; run {hint} first")
             hint = (
                 "give --input to ingest raw events"
-                if writers == ["ingest"]
-                else f"run {' or '.join(writers)} first"
+                if [s.name for s in writers] == ["ingest"]
+                else f"run {' or '.join(s.name for s in writers)} first"
             )
             raise PatternlakeError(
-                f"run {name}: step {step} reads {table}, which does not exist yet and no "
-                f"earlier step of {name} writes it; {hint}"
+                f"run {pipeline}: step {step} reads {table}, which does not exist yet and no "
+                f"earlier step of {pipeline} writes it; {hint}"
             )
-        if step != "ingest" or options.get("input"):
-            made.update(stage.outputs)
+
+
+def _skip_reason(step: str, config: Config, options: dict[str, Any]) -> str | None:
+    skip_when = STAGES[step].skip_when
+    return skip_when(config, options) if skip_when else None
+
+
+def execute(
+    step: str,
+    lake: Lake,
+    config: Config,
+    options: dict[str, Any],
+    pipeline: str | None = None,
+) -> tuple[Any, float]:
+    """The one way a stage runs, in ``run`` (``pipeline``: its name; there a step may be
+    skipped) and from the CLI: called, timed, logged. Returns (result, seconds)."""
+    started = time.monotonic()
+    reason = _skip_reason(step, config, options) if pipeline else None
+    if reason:
+        log.info("%s: skipped (%s)", step, reason)
+        out = None
+    else:
+        out = STAGES[step].run(lake, config, options)
+    seconds = time.monotonic() - started
+    where = f"run {pipeline}" if pipeline else "patternlake"
+    log.info("%s: step %s done (%.1fs)", where, step, seconds)
+    return out, seconds
+
+
+def run_stage(step: str, lake: Lake, config: Config, options: dict[str, Any]) -> Any:
+    """One stage on its own (``patternlake <stage>``, ``jobs/<stage>.py``): the runner's
+    input check, then ``execute``."""
+    check_inputs([step], lake, config, options)
+    return execute(step, lake, config, options)[0]
 
 
 def run_pipeline(
@@ -265,7 +415,7 @@ def run_pipeline(
     if resume:
         resumed_from, done = _resume_point(lake, name, steps)
     todo = [s for s in steps if s not in done]
-    check_inputs(name, todo, lake, options)
+    check_inputs(todo, lake, config, options, pipeline=name)
     results: dict[str, Any] = {"run_id": run_id, "seconds": {}}
     for position, step in enumerate(steps):
         if step in done:
@@ -273,8 +423,7 @@ def run_pipeline(
             continue
         started, at = time.monotonic(), datetime.now(UTC)
         try:
-            # in a pipeline, scoring before any model exists is skipped (the first daily run)
-            out = STEPS[step](lake, config, {**options, "step_optional": True})
+            out, seconds = execute(step, lake, config, options, pipeline=name)
         except BaseException as exc:
             seconds = time.monotonic() - started
             _record(lake, run_id, name, position, step, "failed", at, seconds,
@@ -289,11 +438,9 @@ def run_pipeline(
                 name,
             )
             raise
-        seconds = time.monotonic() - started
         results[step] = _plain(out)
         results["seconds"][step] = round(seconds, 1)
         _record(lake, run_id, name, position, step, "succeeded", at, seconds, None, resumed_from)
-        log.info("run %s: step %s done (%.1fs)", name, step, seconds)
     return results
 
 
@@ -312,7 +459,7 @@ def _resume_point(lake: Lake, name: str, steps: list[str]) -> tuple[str, set[str
         raise PatternlakeError(
             f"run {name} --resume: its last run {last.run_id} did not fail; nothing to resume"
         )
-    done = {r.step for r in run if r.status in ("succeeded", "skipped")}
+    done = {RENAMED.get(r.step, r.step) for r in run if r.status in ("succeeded", "skipped")}
     return last.run_id, done & set(steps)
 
 

@@ -197,7 +197,7 @@ def test_decay_alarms_and_auto_retrain_replaces_the_models_through_the_gates(
     recent = {c["check"]: c for c in result["checks"]}["recent_ndcg@10"]
     assert recent["status"] == "alarm" and recent["value"] == 0.0 and recent["n_cur"] == n
     assert result["action"] == "retrained" and set(result["retrain"]) >= {
-        "train_teacher",
+        "train",
         "distill",
         "compress",
     }

@@ -44,7 +44,7 @@ def test_featurize_and_horovod_training_through_spark_submit_on_a_standalone_clu
     out = spark_submit(
         url,
         env,
-        "train_teacher.py",
+        "train.py",
         *common,
         "--backend",
         "horovod",

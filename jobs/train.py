@@ -1,6 +1,6 @@
 """spark-submit-able entry point: train the teacher (see `patternlake train --help`).
 
-spark-submit --master spark://host:7077 jobs/train_teacher.py --backend horovod --conf cluster
+spark-submit --master spark://host:7077 jobs/train.py --backend horovod --conf cluster
 """
 
 import sys

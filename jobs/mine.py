@@ -1,6 +1,6 @@
 """spark-submit-able entry point for the `mine` stage (see `patternlake mine --help`).
 
-spark-submit jobs/mine_patterns.py [OPTIONS] [--conf cluster] [--set key=value]
+spark-submit jobs/mine.py [OPTIONS] [--conf cluster] [--set key=value]
 """
 
 import sys
