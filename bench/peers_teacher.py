@@ -67,7 +67,7 @@ def run_teacher(
     from patternlake.models.metrics import evaluate_scorer
     from patternlake.models.teacher import TeacherConfig
     from patternlake.training.data import evaluation_arrays
-    from patternlake.training.teacher_job import load_best
+    from patternlake.training.teacher_job import train_members
     from patternlake.training.worker import TrainSpec, train_worker
 
     conf = load_config("local", [], environ={})
@@ -94,13 +94,12 @@ def run_teacher(
             threads=ctx.threads,
             checkpoint_dir=str(Path(tmp) / "checkpoints"),
         )
+        members = int(overrides.pop("members", conf.train.members))
         for k, v in overrides.items():
             if k not in model_fields:
                 setattr(spec, k, v)
-        result = train_worker(vars(spec))
-        if result.get("diverged"):
-            raise RuntimeError(f"teacher diverged: {result['diverged']}")
-        best = load_best(result)
+        # one member: train_worker's best epoch; more: an ensemble of consecutive seeds
+        best, result = train_members(spec, members, lambda s: train_worker(vars(s)))
         table = pq.read_table(path)
 
         kept: dict[str, np.ndarray] = {}
@@ -122,7 +121,7 @@ def run_teacher(
             )
             return overall
 
-        train_s = sum(h["seconds"] for h in result["history"])
+        train_s = sum(m["train_s"] for m in result["members"])  # every member's training
         return {
             "kind": "patternlake teacher (single process)",
             "params": int(result["params"]),
@@ -131,6 +130,7 @@ def run_teacher(
             "best_epoch": result["best_epoch"],
             "epochs": len(result["history"]),
             "train_s": round(train_s, 1),
+            "members": result["members"],
             "train_samples_per_s": result["samples_per_s"],
             "settings": {**model.to_dict(), "lr": spec.lr, "batch_size": spec.batch_size},
             **({"scores": kept} if keep_scores else {}),

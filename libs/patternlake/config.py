@@ -185,6 +185,7 @@ class TrainConfig(_Strict):
     threads_per_proc: int = Field(gt=0)
     window_stride: int = Field(default=0, ge=0)  # 0: max_len
     ema_decay: float = Field(default=0.0, ge=0, lt=1)
+    members: int = Field(default=1, ge=1)  # > 1: an ensemble of that many seeds
     use_tuned: bool = False  # true: model + lr + batch size from the latest `tune teacher`
 
 

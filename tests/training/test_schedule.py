@@ -10,11 +10,11 @@ import torch
 
 from patternlake.training.teacher_job import load_best
 from patternlake.training.worker import (
-    _validate,
-    _validation_set,
     lr_scale,
     lr_schedule,
     train_worker,
+    validate_ndcg,
+    validation_set,
 )
 from tests.training import handmade
 from tests.training.test_distributed import spec_for
@@ -51,7 +51,7 @@ def test_training_hands_back_the_best_validation_epoch_not_the_last(tmp_path):
     # the weights handed back score exactly the best epoch's validation NDCG@10
     best = load_best(result)
     cfg = best.config
-    again = _validate(best, _validation_set(spec, cfg), cfg, torch.device("cpu"))
+    again = validate_ndcg(best, validation_set(spec, cfg), cfg, torch.device("cpu"))
     assert again == pytest.approx(history[result["best_epoch"]], abs=1e-9)
     last = torch.load(sorted((tmp_path / "checkpoints").glob("epoch-*.pt"))[-1], weights_only=False)
     if result["best_epoch"] != 11:  # and they are not the last epoch's weights
@@ -100,7 +100,7 @@ def test_with_a_weight_average_the_average_is_validated_kept_and_resumed(tmp_pat
     result = train_worker(vars(spec))
     best = load_best(result)
     cfg = best.config
-    again = _validate(best, _validation_set(spec, cfg), cfg, torch.device("cpu"))
+    again = validate_ndcg(best, validation_set(spec, cfg), cfg, torch.device("cpu"))
     assert again == pytest.approx(result["best_valid_ndcg@10"], abs=1e-9)
     last = torch.load(sorted((tmp_path / "checkpoints").glob("epoch-*.pt"))[-1], weights_only=False)
     assert last["ema"]["updates"] == sum(h["steps"] for h in result["history"])

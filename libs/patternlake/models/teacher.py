@@ -10,6 +10,7 @@ Shapes: B batch, L sequence length, D model width, N catalogue size (index 0 = p
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -103,6 +104,17 @@ class SequentialTeacher(nn.Module):
         s[:, 0] = float("-inf")
         return s
 
+    def position_scores(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Next-item logits (M, N) at the ``mask``-ed positions of (B, L) inputs (what
+        distillation matches)."""
+        return self.scores(self.encode(items, types, gaps)[mask])
+
+    @property
+    def members(self) -> int:
+        return 1
+
     def forward(
         self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
@@ -130,6 +142,53 @@ class SequentialTeacher(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class TeacherEnsemble(nn.Module):
+    """K teachers of one configuration, trained from different seeds: the score of an item
+    is the log of the members' mean next-item probability (``log mean softmax``), so it is
+    a log-probability, ranks like the averaged distribution and serves as the logits that
+    distillation matches. Averaging seeds removes most of one training's seed-to-seed spread
+    (on MovieLens-100k about +-0.006 test NDCG@10 for one run)."""
+
+    def __init__(self, members: list[SequentialTeacher]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        configs = {tuple(sorted(m.config.to_dict().items())) for m in members}
+        if len(configs) != 1:
+            raise ValueError("ensemble members must share one configuration")
+        self.nets = nn.ModuleList(members)
+        self.config = members[0].config
+
+    @property
+    def members(self) -> int:
+        return len(self.nets)
+
+    def _mean(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack([torch.log_softmax(x, dim=-1) for x in logits])
+        return torch.logsumexp(stacked, dim=0) - math.log(len(logits))
+
+    def last_scores(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor
+    ) -> torch.Tensor:
+        outs = []
+        for m in self.nets:
+            s = m.scores(m.encode(items, types, gaps)[:, -1])
+            s[:, 0] = float("-inf")
+            outs.append(s)
+        return self._mean(outs)
+
+    def position_scores(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return self._mean([m.position_scores(items, types, gaps, mask) for m in self.nets])
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+Teacher = SequentialTeacher | TeacherEnsemble
+
+
 def pick_device() -> torch.device:
     """CUDA when present (production GPU clusters), else CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -139,7 +198,7 @@ class TeacherScorer(nn.Module):
     """What the registry serves: one (B, 3, L) int64 tensor (items, types, gaps, left-padded)
     -> (B, N) next-item scores. A single input keeps the MLflow signature simple."""
 
-    def __init__(self, teacher: SequentialTeacher):
+    def __init__(self, teacher: Teacher):
         super().__init__()
         self.teacher = teacher
 
@@ -151,21 +210,29 @@ class TeacherScorer(nn.Module):
         return self.teacher.last_scores(x[:, 0], x[:, 1], x[:, 2])
 
 
-def teacher_bytes(teacher: SequentialTeacher) -> bytes:
-    """The teacher as a model file (``models.store``: safetensors, no pickle)."""
+def teacher_bytes(teacher: Teacher) -> bytes:
+    """The teacher as a model file (``models.store``: safetensors, no pickle); an ensemble's
+    tensors are named ``nets.<k>.<name>`` and its header says how many members it has."""
     from patternlake.models import store
 
     return store.dumps(
-        teacher.state_dict(), {"kind": "teacher", "config": teacher.config.to_dict()}
+        teacher.state_dict(),
+        {"kind": "teacher", "config": teacher.config.to_dict(), "members": teacher.members},
     )
 
 
-def teacher_from_bytes(data: bytes) -> SequentialTeacher:
+def teacher_from_bytes(data: bytes) -> Teacher:
     from patternlake.models import store
 
     tensors, meta = store.loads(data)
     if meta.get("kind") != "teacher":
         raise ValueError(f"not a teacher model file (kind {meta.get('kind')!r})")
-    model = SequentialTeacher(TeacherConfig(**meta["config"]))
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()})
+    config = TeacherConfig(**meta["config"])
+    k = int(meta.get("members", 1))
+    model: Teacher = (
+        SequentialTeacher(config)
+        if k == 1
+        else TeacherEnsemble([SequentialTeacher(config) for _ in range(k)])
+    )
+    model.load_state_dict({name: torch.from_numpy(v) for name, v in tensors.items()})
     return model.eval()

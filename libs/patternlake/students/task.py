@@ -85,8 +85,7 @@ def _soft_targets(
 ) -> torch.Tensor:
     """The teacher's logits at the masked positions, over the student's local columns."""
     with torch.no_grad():
-        h = teacher.encode(items, types, gaps)[mask]
-        logits = teacher.scores(h)
+        logits = teacher.position_scores(items, types, gaps, mask)
         logits[:, 0] = float("-inf")
         if student.catalogue is None:
             return logits

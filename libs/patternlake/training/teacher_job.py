@@ -1,7 +1,7 @@
 """train_teacher: ``user_sequences`` (a pinned Delta version) -> the teacher model.
 
-Picks the backend from ``train.backend``, runs the one training function everywhere,
-then logs the run to MLflow (params, per-epoch metrics, the Delta version trained on, the
+Picks the backend from ``train.backend``, runs the one training function everywhere
+(``train.members`` times, from consecutive seeds, for an ensemble teacher), then logs the run to MLflow (params, per-epoch metrics, the Delta version trained on, the
 model with its signature) and registers it as ``teacher`` with alias ``candidate``.
 """
 
@@ -16,7 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,14 @@ from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.models.teacher import (
     SequentialTeacher,
+    Teacher,
     TeacherConfig,
+    TeacherEnsemble,
     TeacherScorer,
     teacher_bytes,
 )
 from patternlake.training.data import item_id_count
-from patternlake.training.worker import TrainSpec, train_worker
+from patternlake.training.worker import TrainSpec, train_worker, validate_ndcg, validation_set
 
 log = logging.getLogger(__name__)
 REGISTERED_NAME = "teacher"
@@ -170,6 +173,70 @@ def run_backend(
     raise PatternlakeError(f"train.backend: unknown backend {backend!r}")
 
 
+def train_members(
+    spec: TrainSpec, members: int, run: Callable[[TrainSpec], dict[str, Any]]
+) -> tuple[Teacher, dict[str, Any]]:
+    """``members`` trainings of ``spec`` (seeds ``seed``, ``seed + 1``, ...; each with its own
+    checkpoint folder, so each resumes on its own), each stopped on its best validation
+    epoch; one member is the teacher itself, more make a ``TeacherEnsemble`` whose
+    validation NDCG@10 (all validation targets) is the result's ``best_valid_ndcg@10``.
+    The result is the first member's (history, speed, backend) plus ``members``."""
+    results = []
+    for k in range(members):
+        member = replace(
+            spec,
+            seed=spec.seed + k,
+            checkpoint_dir=(
+                str(Path(spec.checkpoint_dir) / f"member-{k}")
+                if members > 1 and spec.checkpoint_dir
+                else spec.checkpoint_dir
+            ),
+        )
+        result = run(member)
+        if result.get("diverged") or not math.isfinite(result["best_valid_ndcg@10"]):
+            raise PatternlakeError(
+                f"train: the teacher did not train: {result.get('diverged')}; nothing was "
+                f"registered (checkpoints of the epochs before are in {member.checkpoint_dir}; "
+                "rerun with --fresh to start over)"
+            )
+        if result["best_epoch"] < 0:
+            raise PatternlakeError("train: no epoch finished, so there is no model to register")
+        results.append(result)
+        if members > 1:
+            log.info(
+                "train teacher: member %d/%d (seed %d): best validation NDCG@10 %.4f at epoch %d",
+                k + 1,
+                members,
+                member.seed,
+                result["best_valid_ndcg@10"],
+                result["best_epoch"],
+            )
+    result = dict(results[0])
+    result["members"] = [
+        {
+            "seed": spec.seed + k,
+            "best_epoch": r["best_epoch"],
+            "best_valid_ndcg@10": r["best_valid_ndcg@10"],
+            "epochs": len(r["history"]),
+            "train_s": round(sum(h["seconds"] for h in r["history"]), 1),
+            "best_path": r["best_path"],
+        }
+        for k, r in enumerate(results)
+    ]
+    if members == 1:
+        return load_best(results[0]), result
+    model = TeacherEnsemble([load_best(r) for r in results]).eval()
+    cfg = model.config
+    result["best_valid_ndcg@10"] = validate_ndcg(
+        model, validation_set(replace(spec, valid_users=0), cfg), cfg, torch.device("cpu")
+    )
+    result["params"] = model.num_params()
+    result["samples_per_s"] = round(
+        sum(r["samples_per_s"] for r in results) / len(results), 1
+    )  # of one member's training (the members train one after the other)
+    return model, result
+
+
 def load_best(result: dict[str, Any]) -> SequentialTeacher:
     saved = torch.load(result["best_path"], map_location="cpu", weights_only=False)
     model = SequentialTeacher(TeacherConfig(**saved["config"]))
@@ -194,16 +261,9 @@ def train_teacher(
         spec.model["n_items"],
         spec.checkpoint_dir,
     )
-    result = run_backend(spark, spec, backend, num_proc)
-    if result.get("diverged") or not math.isfinite(result["best_valid_ndcg@10"]):
-        raise PatternlakeError(
-            f"train: the teacher did not train: {result.get('diverged')}; nothing was "
-            f"registered (checkpoints of the epochs before are in {spec.checkpoint_dir}; "
-            "rerun with --fresh to start over)"
-        )
-    if result["best_epoch"] < 0:
-        raise PatternlakeError("train: no epoch finished, so there is no model to register")
-    model = load_best(result)
+    model, result = train_members(
+        spec, config.train.members, lambda member: run_backend(spark, member, backend, num_proc)
+    )
     run_id, version = log_to_mlflow(config, spec, result, model, backend)
     result.update(
         {
@@ -239,7 +299,7 @@ def use_experiment(config: Config) -> None:
 
 
 def log_to_mlflow(
-    config: Config, spec: TrainSpec, result: dict[str, Any], model: SequentialTeacher, backend: str
+    config: Config, spec: TrainSpec, result: dict[str, Any], model: Teacher, backend: str
 ) -> tuple[str, str]:
     import mlflow
     from mlflow.models import infer_signature
@@ -256,6 +316,7 @@ def log_to_mlflow(
                 "lr": spec.lr,
                 "warmup_steps": spec.warmup_steps,
                 "seed": spec.seed,
+                "members": len(result.get("members", [])) or 1,
                 "params": result["params"],
             }
         )
@@ -281,6 +342,11 @@ def log_to_mlflow(
             {
                 "best_valid_ndcg_at_10": result["best_valid_ndcg@10"],
                 "samples_per_s": result["samples_per_s"],
+                **{
+                    f"member_{k}_best_valid_ndcg_at_10": m["best_valid_ndcg@10"]
+                    for k, m in enumerate(result.get("members", []))
+                    if len(result["members"]) > 1
+                },
             }
         )
         # the weights without pickle, for the stages that load the teacher (distill, compress,

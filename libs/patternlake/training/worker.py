@@ -260,7 +260,7 @@ def train_worker(
             model, device_ids=[comm.local_rank] if device.type == "cuda" else None
         )
 
-    valid = _validation_set(spec, cfg) if comm.rank == 0 else None
+    valid = validation_set(spec, cfg) if comm.rank == 0 else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     samples, train_seconds = 0, 0.0
@@ -289,7 +289,7 @@ def train_worker(
         train_seconds += elapsed
         mean_loss = comm.allreduce_sum(loss_sum / max(steps, 1)) / comm.world
         evaluated = ema.model if ema is not None else model  # what is kept and registered
-        ndcg = _validate(evaluated, valid, cfg, device) if comm.rank == 0 else None
+        ndcg = validate_ndcg(evaluated, valid, cfg, device) if comm.rank == 0 else None
         ndcg = comm.broadcast_object(ndcg)
         if not (math.isfinite(mean_loss) and math.isfinite(ndcg)):
             # every rank sees the same (all-reduced, broadcast) values and stops here
@@ -387,7 +387,7 @@ class WeightAverage:
         self.updates = int(saved["updates"])
 
 
-def _validation_set(spec: TrainSpec, cfg: TeacherConfig) -> tuple[np.ndarray, ...]:
+def validation_set(spec: TrainSpec, cfg: TeacherConfig) -> tuple[np.ndarray, ...]:
     users, items, types, gaps, target = evaluation_arrays(
         read_table(spec.files), cfg.max_len, "valid"
     )
@@ -398,7 +398,7 @@ def _validation_set(spec: TrainSpec, cfg: TeacherConfig) -> tuple[np.ndarray, ..
 
 
 @torch.no_grad()
-def _validate(
+def validate_ndcg(
     model: SequentialTeacher,
     valid: tuple[np.ndarray, ...] | None,
     cfg: TeacherConfig,
