@@ -166,6 +166,7 @@ class TeacherModelConfig(_Strict):
     n_layers: int = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
     sampled_softmax: int = Field(ge=0)
+    seen_bias: bool = False  # learned score shift for items already in the window
 
 
 class TrainConfig(_Strict):

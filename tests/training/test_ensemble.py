@@ -104,3 +104,55 @@ def test_train_members_trains_each_seed_on_its_own_and_validates_the_ensemble(tm
     )
     one, alone = train_members(spec, 1, lambda m: train_worker(vars(m)))
     assert isinstance(one, SequentialTeacher) and len(alone["members"]) == 1
+
+
+def test_the_seen_term_shifts_exactly_the_items_of_the_window_up_to_each_position():
+    config = TeacherConfig(
+        n_items=30, n_types=3, max_len=6, d_model=8, n_heads=2, n_layers=1, seen_bias=True
+    )
+    torch.manual_seed(0)
+    model = SequentialTeacher(config).eval()
+    with torch.no_grad():
+        model.seen_weight.fill_(-2.5)
+    items, types, gaps = _inputs()
+    seen = model.seen(items)
+    for b in range(items.shape[0]):
+        for t in range(items.shape[1]):
+            expected = set(items[b, : t + 1].tolist()) - {0}
+            assert set(torch.nonzero(seen[b, t]).ravel().tolist()) == expected
+    with torch.no_grad():
+        plain = model.scores(model.encode(items, types, gaps))  # (B, L, N) without the term
+        last = model.last_scores(items, types, gaps)
+        mask = items > 0
+        pos = model.position_scores(items, types, gaps, mask)
+    assert torch.allclose(last[:, 1:], (plain[:, -1] - 2.5 * seen[:, -1])[:, 1:])
+    assert torch.allclose(pos, plain[mask] - 2.5 * seen[mask])
+    # the loss sees the same scores: cross-entropy of the shifted logits at target positions
+    targets = torch.roll(items, -1, 1)
+    targets[:, -1] = 0
+    targets[items == 0] = 0
+    keep = targets > 0
+    expected_loss = torch.nn.functional.cross_entropy((plain - 2.5 * seen)[keep], targets[keep])
+    model.train(False)
+    assert torch.allclose(model.loss(items, types, gaps, targets), expected_loss, atol=1e-5)
+    back = teacher_from_bytes(teacher_bytes(model))  # the learned weight is in the file
+    assert back.seen_weight.item() == -2.5
+
+
+def test_the_seen_weight_is_learned_from_data_where_items_never_repeat():
+    """Targets that never repeat an input item push the weight below zero."""
+    config = TeacherConfig(
+        n_items=40, n_types=2, max_len=8, d_model=8, n_heads=2, n_layers=1, seen_bias=True
+    )
+    torch.manual_seed(1)
+    model = SequentialTeacher(config)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(60):
+        seq = torch.stack([torch.randperm(39, generator=g)[:9] + 1 for _ in range(16)])
+        items, targets = seq[:, :-1], seq[:, 1:]
+        loss = model.loss(items, torch.ones_like(items), torch.zeros_like(items), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.seen_weight.item() < -0.5

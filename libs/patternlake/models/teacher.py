@@ -2,7 +2,11 @@
 
 Causal self-attention over the user's item sequence, with item, event-type, time-gap and
 position embeddings; the output is tied to the item embeddings, so the score of item j
-after position t is ``h_t . E_j``. Trained with full-softmax cross-entropy over the whole
+after position t is ``h_t . E_j`` (plus, with ``seen_bias``, a learned scalar ``b`` when j
+already occurs in the window up to t: whether users come back to an item differs between
+domains -- a film is rated once, a product viewed again before it is bought -- and the
+network learns it as one number from the training targets instead of spending attention on
+it; ``b`` starts at 0, so the feature costs nothing where it does not help). Trained with full-softmax cross-entropy over the whole
 catalogue, or a sampled softmax (uniform negatives, logQ-corrected) for large catalogues.
 
 Shapes: B batch, L sequence length, D model width, N catalogue size (index 0 = padding).
@@ -31,6 +35,7 @@ class TeacherConfig:
     n_layers: int = 2
     dropout: float = 0.2
     sampled_softmax: int = 0  # 0: full softmax; k > 0: k uniform negatives per batch
+    seen_bias: bool = False  # a learned score shift for items already in the input window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +75,8 @@ class SequentialTeacher(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.ln = nn.LayerNorm(c.d_model)
+        if c.seen_bias:
+            self.seen_weight = nn.Parameter(torch.zeros(1))
         for emb in (self.item_emb, self.type_emb, self.gap_emb, self.pos_emb):
             nn.init.normal_(emb.weight, std=0.02)  # GPT-style: no embedding drowns the others
         with torch.no_grad():
@@ -93,14 +100,33 @@ class SequentialTeacher(nn.Module):
         return self.ln(x)
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(…, D) -> (…, N) scores over the whole catalogue (tied output)."""
+        """(…, D) -> (…, N) scores over the whole catalogue (tied output), without the seen
+        term (``last_scores``, ``position_scores`` and the loss add it)."""
         return hidden @ self.item_emb.weight.T
+
+    def seen(self, items: torch.Tensor) -> torch.Tensor:
+        """(B, L) left-padded inputs -> (B, L, N) bool: item j occurs at a position <= t."""
+        B, L = items.shape
+        causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=items.device))
+        # idx[b, t, s] = items[b, s] for s <= t, else the padding column (cleared below)
+        idx = torch.where(causal, items.unsqueeze(1), torch.zeros((), dtype=items.dtype))
+        out = torch.zeros(B, L, self.config.n_items, dtype=torch.bool, device=items.device)
+        out.scatter_(2, idx, True)
+        out[..., 0] = False
+        return out
+
+    def _with_seen(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        return logits + self.seen_weight * seen.to(logits.dtype)
 
     def last_scores(
         self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor
     ) -> torch.Tensor:
         """Next-item scores after the last position: (B, N); padding scored -inf."""
         s = self.scores(self.encode(items, types, gaps)[:, -1])
+        if self.config.seen_bias:
+            window = torch.zeros_like(s, dtype=torch.bool).scatter_(1, items, True)
+            window[:, 0] = False
+            s = self._with_seen(s, window)
         s[:, 0] = float("-inf")
         return s
 
@@ -109,7 +135,8 @@ class SequentialTeacher(nn.Module):
     ) -> torch.Tensor:
         """Next-item logits (M, N) at the ``mask``-ed positions of (B, L) inputs (what
         distillation matches)."""
-        return self.scores(self.encode(items, types, gaps)[mask])
+        s = self.scores(self.encode(items, types, gaps)[mask])
+        return self._with_seen(s, self.seen(items)[mask]) if self.config.seen_bias else s
 
     @property
     def members(self) -> int:
@@ -128,13 +155,17 @@ class SequentialTeacher(nn.Module):
         h = self.encode(items, types, gaps)  # (B, L, D)
         mask = targets > 0
         h, y = h[mask], targets[mask]  # (M, D), (M,)
+        seen = self.seen(items)[mask] if self.config.seen_bias else None  # (M, N)
         k = self.config.sampled_softmax
         if k <= 0:
-            return F.cross_entropy(self.scores(h), y)
+            logits = self.scores(h)
+            return F.cross_entropy(logits if seen is None else self._with_seen(logits, seen), y)
         # sampled softmax: the true item plus k shared uniform negatives, logQ-corrected
         neg = torch.randint(1, self.config.n_items, (k,), device=h.device)
         cand = torch.cat([y.unsqueeze(1), neg.unsqueeze(0).expand(len(y), k)], dim=1)  # (M, 1+k)
         logits = (h.unsqueeze(1) * self.item_emb(cand)).sum(-1)  # (M, 1+k)
+        if seen is not None:
+            logits = self._with_seen(logits, seen.gather(1, cand))
         logits[:, 1:] = logits[:, 1:].masked_fill(cand[:, 1:] == y.unsqueeze(1), float("-inf"))
         return F.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
 
@@ -170,12 +201,7 @@ class TeacherEnsemble(nn.Module):
     def last_scores(
         self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor
     ) -> torch.Tensor:
-        outs = []
-        for m in self.nets:
-            s = m.scores(m.encode(items, types, gaps)[:, -1])
-            s[:, 0] = float("-inf")
-            outs.append(s)
-        return self._mean(outs)
+        return self._mean([m.last_scores(items, types, gaps) for m in self.nets])
 
     def position_scores(
         self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, mask: torch.Tensor
