@@ -165,3 +165,35 @@ def test_kd_loss_is_ce_at_alpha_zero_and_zero_kl_at_equal_logits():
     s = logits.clone().requires_grad_(True)
     kd_loss(s, logits + torch.randn(6, 9), y, 2.0, 0.5).backward()
     assert torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("catalogue", [None, np.array([3, 5, 8, 9, 20])])
+def test_a_student_with_the_seen_term_shifts_its_window_items_in_every_runtime(catalogue):
+    """seen_bias students (distilled from a seen_bias teacher) add the learned shift to the
+    items of the window, in fp32 and in both int8 runtimes, and count the weight."""
+    n_local = 31 if catalogue is None else len(catalogue) + 2
+    c = TeacherConfig(
+        n_items=n_local, n_types=2, max_len=10, d_model=8, n_layers=1, n_heads=1, seen_bias=True
+    )
+    assert count_params(c) == Student(c, 31, catalogue).num_params()
+    torch.manual_seed(0)
+    s = Student(c, 31, catalogue).eval()
+    x = _inputs(31, n=16)
+    with torch.no_grad():
+        before = s(x)
+        s.net.seen_weight.fill_(-3.0)
+        after = s(x)
+    window = torch.zeros(16, 31, dtype=torch.bool).scatter_(1, x[:, 0], True)
+    window[:, 0] = False
+    finite = torch.isfinite(before)
+    shifted = window & finite
+    assert torch.allclose((before - after)[shifted], torch.tensor(3.0))
+    assert torch.equal(
+        (before - after)[finite & ~window], torch.zeros(int((finite & ~window).sum()))
+    )
+    for runtime in ("dequant", "dynamic"):
+        q = from_bytes(quantized_bytes(s), runtime)
+        with torch.no_grad():
+            out = q(x)
+        assert q.shell.net.seen_weight.item() == -3.0
+        assert (out[shifted] < before[shifted] - 2.0).float().mean() > 0.9

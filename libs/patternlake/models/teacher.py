@@ -115,7 +115,7 @@ class SequentialTeacher(nn.Module):
         out[..., 0] = False
         return out
 
-    def _with_seen(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    def with_seen(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         return logits + self.seen_weight * seen.to(logits.dtype)
 
     def last_scores(
@@ -126,7 +126,7 @@ class SequentialTeacher(nn.Module):
         if self.config.seen_bias:
             window = torch.zeros_like(s, dtype=torch.bool).scatter_(1, items, True)
             window[:, 0] = False
-            s = self._with_seen(s, window)
+            s = self.with_seen(s, window)
         s[:, 0] = float("-inf")
         return s
 
@@ -136,7 +136,7 @@ class SequentialTeacher(nn.Module):
         """Next-item logits (M, N) at the ``mask``-ed positions of (B, L) inputs (what
         distillation matches)."""
         s = self.scores(self.encode(items, types, gaps)[mask])
-        return self._with_seen(s, self.seen(items)[mask]) if self.config.seen_bias else s
+        return self.with_seen(s, self.seen(items)[mask]) if self.config.seen_bias else s
 
     @property
     def members(self) -> int:
@@ -159,13 +159,13 @@ class SequentialTeacher(nn.Module):
         k = self.config.sampled_softmax
         if k <= 0:
             logits = self.scores(h)
-            return F.cross_entropy(logits if seen is None else self._with_seen(logits, seen), y)
+            return F.cross_entropy(logits if seen is None else self.with_seen(logits, seen), y)
         # sampled softmax: the true item plus k shared uniform negatives, logQ-corrected
         neg = torch.randint(1, self.config.n_items, (k,), device=h.device)
         cand = torch.cat([y.unsqueeze(1), neg.unsqueeze(0).expand(len(y), k)], dim=1)  # (M, 1+k)
         logits = (h.unsqueeze(1) * self.item_emb(cand)).sum(-1)  # (M, 1+k)
         if seen is not None:
-            logits = self._with_seen(logits, seen.gather(1, cand))
+            logits = self.with_seen(logits, seen.gather(1, cand))
         logits[:, 1:] = logits[:, 1:].masked_fill(cand[:, 1:] == y.unsqueeze(1), float("-inf"))
         return F.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
 

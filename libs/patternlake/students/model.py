@@ -36,7 +36,7 @@ def count_params(config: TeacherConfig) -> int:
     d, L = config.d_model, config.n_layers
     emb = (config.n_items + config.n_types + config.n_gaps + config.max_len) * d
     block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
-    return emb + L * block + 2 * d
+    return emb + L * block + 2 * d + int(config.seen_bias)
 
 
 class Student(nn.Module):
@@ -74,9 +74,27 @@ class Student(nn.Module):
     def hidden(self, items, types, gaps) -> torch.Tensor:
         return self.net.encode(self.local(items), types, gaps)
 
-    def local_scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(…, D) -> (…, n_local) scores; padding and "outside" are -inf."""
+    def seen_last(self, items: torch.Tensor) -> torch.Tensor | None:
+        """(B, L) global inputs -> (B, n_local) bool: in the window (the teacher's seen term,
+        in local ids); None without ``seen_bias``."""
+        if not self.config.seen_bias:
+            return None
+        local = self.local(items)
+        window = torch.zeros(len(local), self.config.n_items, dtype=torch.bool)
+        window = window.to(local.device).scatter_(1, local, True)
+        window[:, 0] = False
+        return window
+
+    def seen_positions(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """(B, L) global inputs -> (M, n_local) bool at the ``mask``-ed positions."""
+        return self.net.seen(self.local(items))[mask] if self.config.seen_bias else None
+
+    def local_scores(self, hidden: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """(…, D) -> (…, n_local) scores; padding and "outside" are -inf. ``seen``: the
+        window mask of ``seen_last`` / ``seen_positions`` (models with ``seen_bias``)."""
         s = self.net.scores(hidden)
+        if seen is not None:
+            s = self.net.with_seen(s, seen)
         s[..., 0] = float("-inf")
         if self.catalogue is not None:
             s[..., OOV] = float("-inf")
@@ -96,7 +114,7 @@ class Student(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.hidden(x[:, 0], x[:, 1], x[:, 2])[:, -1]
-        return self.to_global_scores(self.local_scores(h))
+        return self.to_global_scores(self.local_scores(h, self.seen_last(x[:, 0])))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -232,6 +250,9 @@ class Int8Student(nn.Module):
             return self.shell(x)
         h = self.shell.hidden(x[:, 0], x[:, 1], x[:, 2])[:, -1]
         s = self.out(h)
+        seen = self.shell.seen_last(x[:, 0])
+        if seen is not None:
+            s = self.shell.net.with_seen(s, seen)
         s[:, 0] = float("-inf")
         if self.catalogue is not None:
             s[:, OOV] = float("-inf")

@@ -51,7 +51,6 @@ def student_config(
             n_heads=n_heads,
             dropout=dropout,
             sampled_softmax=0,
-            seen_bias=False,  # students score without the seen term (not in their runtimes)
         )
         if count_params(c) <= budget:
             return c

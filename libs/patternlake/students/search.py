@@ -50,7 +50,6 @@ def search_student(
             n_heads=s["n_heads"] if d % s["n_heads"] == 0 else 1,
             dropout=dropout,
             sampled_softmax=0,
-            seen_bias=False,  # students score without the seen term (not in their runtimes)
         )
         params = count_params(cfg)
         trial.set_user_attr("params", params)

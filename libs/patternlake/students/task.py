@@ -155,7 +155,7 @@ def train_student(
                 soft = _soft_targets(teacher, student, items, types, gaps, mask)
             h = student.hidden(items, types, gaps)[mask]
             loss = kd_loss(
-                student.local_scores(h),
+                student.local_scores(h, student.seen_positions(items, mask)),
                 soft,
                 local_y[mask],
                 s["temperature"],
