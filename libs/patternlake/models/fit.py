@@ -43,6 +43,7 @@ from patternlake.sequencedata import (
     item_id_count,
     read_table,
 )
+from patternlake.sequences import sequence_vocabulary
 
 if TYPE_CHECKING:
     from patternlake.config import Config
@@ -108,6 +109,7 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
     version = lake.version("user_sequences")
     item_version = lake.version("item_index")
     n_items = item_id_count(lake, item_version)
+    vocabulary = sequence_vocabulary(lake, config, version)  # recorded with the table
     t = config.train
     teacher, lr, batch_size = config.teacher.model_dump(), t.lr, t.batch_size
     if t.use_tuned:
@@ -118,9 +120,18 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
         lr, batch_size = tuned["lr"], tuned["batch_size"]
     model = TeacherConfig(
         n_items=n_items,
-        n_types=len(config.validate_.allowed_event_types) + 1,
+        n_types=vocabulary.n_types,
+        n_gaps=vocabulary.gap_buckets,
         **teacher,
     )
+    if model.max_len > vocabulary.max_len:
+        log.warning(
+            "train: teacher.max_len %d exceeds the %d events user_sequences v%d keeps per "
+            "user; positions beyond them stay padding",
+            model.max_len,
+            vocabulary.max_len,
+            version,
+        )
     spec = TrainSpec.from_config(
         t,
         files=lake.files("user_sequences", version),
