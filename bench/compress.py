@@ -83,7 +83,7 @@ def build_lake(spark, lake, config, data: str, work: Path) -> None:
 
 
 def has_teacher(config) -> bool:
-    from patternlake.students import registry
+    from patternlake import registry
 
     try:
         registry.load_teacher(config)
@@ -94,11 +94,11 @@ def has_teacher(config) -> bool:
 
 def runtimes(lake, config) -> dict:
     """fp32 teacher vs students (fp32, int8 dequant, int8 dynamic) on every user's test input."""
+    from patternlake import registry
+    from patternlake.models.student import from_bytes
     from patternlake.models.teacher import TeacherScorer
-    from patternlake.students import registry
-    from patternlake.students.model import from_bytes
+    from patternlake.sequencedata import evaluation_arrays, read_table
     from patternlake.students.task import ms_per_1000_users
-    from patternlake.training.data import evaluation_arrays, read_table
 
     teacher, tags = registry.load_teacher(config)
     table = read_table(lake.files("user_sequences", int(tags["data.version"])))
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         from patternlake.training.teacher_job import train_teacher
 
         step("teacher", lambda: train_teacher(spark, lake, config, args.backend))
-    from patternlake.models.evaluate import evaluate_models
+    from patternlake.evaluation.evaluate import evaluate_models
     from patternlake.students.compress import compress
     from patternlake.students.distill import distill
     from patternlake.students.report import COLUMNS, model_report

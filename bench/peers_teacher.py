@@ -64,11 +64,11 @@ def run_teacher(
     import torch
 
     from patternlake.config import load_config
+    from patternlake.models.fit import TrainSpec, train_worker
     from patternlake.models.metrics import evaluate_scorer
     from patternlake.models.teacher import TeacherConfig
-    from patternlake.training.data import evaluation_arrays
+    from patternlake.sequencedata import evaluation_arrays
     from patternlake.training.teacher_job import train_members
-    from patternlake.training.worker import TrainSpec, train_worker
 
     conf = load_config("local", [], environ={})
     overrides = dict(overrides or {})

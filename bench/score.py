@@ -126,12 +126,12 @@ def main(argv=None) -> int:
         compress_bench.main(["--data", "generated", "--work", str(work)])
     from compress import work_config
 
+    from patternlake import registry
     from patternlake.lake import Lake
+    from patternlake.models.student import from_bytes
     from patternlake.models.teacher import TeacherScorer
+    from patternlake.sequencedata import read_table
     from patternlake.spark import get_spark
-    from patternlake.students import registry
-    from patternlake.students.model import from_bytes
-    from patternlake.training.data import read_table
 
     config = work_config(work)
     spark = get_spark(config.spark)

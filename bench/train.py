@@ -22,10 +22,10 @@ import tempfile
 from pathlib import Path
 
 from patternlake.config import GenerateConfig, load_config
+from patternlake.evaluation.evaluate import evaluate_models
 from patternlake.features.featurize import featurize
 from patternlake.ingest.bronze import ingest, parse_mapping
 from patternlake.lake import Lake
-from patternlake.models.evaluate import evaluate_models
 from patternlake.quality.validate import validate_pending
 from patternlake.segments.kmeans import segment_users
 from patternlake.spark import get_spark

@@ -8,10 +8,10 @@
 
 # COMMAND ----------
 
+from patternlake import registry
 from patternlake.config import load_config
 from patternlake.lake import Lake
 from patternlake.spark import get_spark
-from patternlake.students import registry
 from patternlake.students.report import model_report
 
 config = load_config()  # on Databricks: load_config("databricks")

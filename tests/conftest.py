@@ -131,7 +131,7 @@ def trained_lake(spark, config, daily_lake, tmp_path_factory):
     """The daily lake with a registered teacher (single process, 12 epochs), a deliberately
     weak round of students (refused by the gate), then real students, compressed:
     (config, lake, teacher result, weak distill, weak champions, distill, compress)."""
-    from patternlake.students import registry
+    from patternlake import registry
     from patternlake.students.compress import compress
     from patternlake.students.distill import distill
     from patternlake.training.teacher_job import train_teacher

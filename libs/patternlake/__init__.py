@@ -1,3 +1,52 @@
-"""patternlake: personalized pattern discovery on the lakehouse."""
+"""patternlake: personalized pattern discovery on the lakehouse.
+
+The package is made of three kinds of parts (``tests/test_architecture.py`` checks the
+imports):
+
+* **library** (``LIBRARY``): shared code any stage may import; it imports only other
+  library modules, never a stage.
+
+  - ``config``, ``errors``, ``spark``, ``times``: conf, the user-error type, the Spark
+    session, time parsing;
+  - ``lake/``: named Delta tables under one root, over two engines;
+  - ``sequences``: the vocabulary of ``user_sequences`` (event types, gap buckets,
+    ``max_len``; recorded with the table) and the evaluation rule;
+    ``sequencedata``: decoding a pinned version of ``user_sequences`` into arrays and
+    training batches;
+  - ``models/``: model code: the teacher network (``teacher``), the students' network
+    (``student``), baselines, ranking metrics, the tensor file format (``store``) and the one
+    training function every backend runs (``fit``, with the ``TrainSpec`` of a lake and conf);
+  - ``registry``: the MLflow registry (teacher, students, champions) and experiment;
+  - ``selection``: pruning, Pareto front and choice among trained configurations;
+  - ``decisions``: reading ``model_decisions`` (the gates' verdicts per segment).
+
+* **stages**: one package per stage (or command), importing library modules and itself
+  only: ``synthetic`` (generate), ``ingest``, ``quality`` (validate), ``features``
+  (featurize), ``segments`` (segment), ``patterns`` (mine), ``tuning`` (tune teacher),
+  ``training`` (train), ``students`` (distill, compress, models), ``evaluation`` (evaluate),
+  ``scoring`` (score), ``monitoring`` (monitor), ``privacy`` (forget), ``reporting``
+  (report). Stages talk through tables (and the model registry), never through each other's
+  code.
+
+* **shells** (``SHELLS``): ``pipeline`` (the stage declarations and the runner) and ``cli``;
+  they may import every stage.
+"""
 
 __version__ = "0.1.0"
+
+LIBRARY = frozenset(
+    {
+        "config",
+        "errors",
+        "spark",
+        "times",
+        "lake",
+        "sequences",
+        "sequencedata",
+        "models",
+        "registry",
+        "selection",
+        "decisions",
+    }
+)
+SHELLS = frozenset({"pipeline", "cli"})

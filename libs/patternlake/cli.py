@@ -408,8 +408,10 @@ def cmd_report(args: argparse.Namespace, config: Config, lake: Any) -> None:
 
 def cmd_monitor(args: argparse.Namespace, config: Config, lake: Any) -> None:
     from patternlake.monitoring.drift import monitor
+    from patternlake.pipeline import run_pipeline
 
-    result = monitor(lake.spark, lake, config, args.auto_retrain)
+    retrain = (lambda: run_pipeline("train", lake, config, {})) if args.auto_retrain else None
+    result = monitor(lake.spark, lake, config, retrain)
     if args.json:
         print(json.dumps(result, default=str))
         return

@@ -118,7 +118,7 @@ def _without_input(config: Config, options: dict[str, Any]) -> str | None:
 
 
 def _without_teacher(config: Config, options: dict[str, Any]) -> str | None:
-    from patternlake.students.registry import teacher_version
+    from patternlake.registry import teacher_version
 
     if teacher_version(config) is None:
         return "no registered teacher yet; `patternlake run train` makes one"
@@ -255,7 +255,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "evaluate",
-            "patternlake.models.evaluate:evaluate_models",
+            "patternlake.evaluation.evaluate:evaluate_models",
             SPARK_LAKE_CONFIG,
             inputs=("user_sequences", "segments", "model:teacher", "model:student"),
             outputs=(),

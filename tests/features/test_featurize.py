@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 from pyspark.sql import functions as F
 
@@ -6,6 +8,8 @@ from patternlake.features.nodes import GAP_EDGES
 from patternlake.ingest.bronze import ingest
 from patternlake.lake import Lake
 from patternlake.quality.validate import validate_pending
+from patternlake.sequences import SequenceVocabulary, read_vocabulary
+from tests.conftest import with_overrides
 
 TABLES = {"item_index": "item_id", "user_sequences": "user_id", "user_features": "user_id"}
 
@@ -108,6 +112,30 @@ def test_featurize_again_is_a_noop(spark, two_batch_lakes):
     before = {t: lake.version(t) for t in TABLES}
     assert featurize(spark, lake, config).mode == "noop"
     assert {t: lake.version(t) for t in TABLES} == before
+
+
+def test_every_version_of_user_sequences_records_its_vocabulary(two_batch_lakes):
+    cfg, lake, _ = two_batch_lakes["incremental"]
+    want = SequenceVocabulary(
+        tuple(cfg.validate_.allowed_event_types), cfg.features.max_history, GAP_EDGES
+    )
+    versions = list(range(lake.version("user_sequences") + 1))
+    assert versions == [0, 1]  # the first run's overwrite, the second's merge
+    assert [read_vocabulary(lake, v) for v in versions] == [want, want]
+
+
+def test_a_changed_vocabulary_rebuilds_everything(spark, two_batch_lakes, tmp_path):
+    cfg, lake, _ = two_batch_lakes["full"]
+    shutil.copytree(lake.root, tmp_path / "lake")
+    cfg = with_overrides(cfg, lake={"root": str(tmp_path / "lake")}, features={"max_history": 4})
+    copy = Lake(spark, cfg.lake)
+    result = featurize(spark, copy, cfg)  # no new batch, but conf keeps fewer events now
+    assert result.mode == "full" and result.users_updated == 300
+    assert read_vocabulary(copy).max_len == 4
+    assert (
+        max(r.n for r in copy.read("user_sequences").selectExpr("size(item_seq) n").collect()) == 4
+    )
+    assert featurize(spark, copy, cfg).mode == "noop"
 
 
 def test_tied_times_keep_the_order_of_the_source_file(spark, stage, tmp_path):

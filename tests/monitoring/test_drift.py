@@ -187,13 +187,15 @@ def test_served_items_that_are_the_next_events_show_no_decay(spark, trained_lake
 def test_decay_alarms_and_auto_retrain_replaces_the_models_through_the_gates(
     spark, trained_lake, tmp_path
 ):
+    from patternlake import registry
     from patternlake.monitoring.drift import monitor
-    from patternlake.students import registry
+    from patternlake.pipeline import run_pipeline
 
     cfg, lake, n = _next_day(spark, trained_lake, tmp_path, hit=False)
     teacher_before = registry.teacher_version(cfg)
     decisions_before = lake.read("model_decisions").count()
-    result = monitor(spark, lake, cfg, auto_retrain=True)
+    # what `patternlake monitor --auto-retrain` passes
+    result = monitor(spark, lake, cfg, retrain=lambda: run_pipeline("train", lake, cfg, {}))
     recent = {c["check"]: c for c in result["checks"]}["recent_ndcg@10"]
     assert recent["status"] == "alarm" and recent["value"] == 0.0 and recent["n_cur"] == n
     assert result["action"] == "retrained" and set(result["retrain"]) >= {

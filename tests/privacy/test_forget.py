@@ -194,8 +194,8 @@ def test_bad_input_changes_nothing(forgotten):
 
 @pytest.mark.slow
 def test_log_holds_a_salted_hash_and_models_are_marked_for_retraining(forgotten):
+    from patternlake import registry
     from patternlake.privacy.forget import _salt
-    from patternlake.students import registry
 
     cfg, lake, _, uid, _, theirs, *_ = forgotten
     (row,) = lake.read("forget_log").collect()

@@ -223,8 +223,8 @@ def test_explanations_are_past_events_with_normalised_weights(scored):
 def test_occlusion_is_more_faithful_than_random_deletion(trained_lake):
     """The faithfulness check: deleting each user's top-3 occlusion-weighted events lowers
     the top item's score more than deleting 3 random recent events (averaged over users)."""
+    from patternlake import registry
     from patternlake.scoring.nodes import windows
-    from patternlake.students import registry
 
     cfg, lake, *_ = trained_lake
     teacher, _ = registry.load_teacher(cfg)

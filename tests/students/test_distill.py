@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from patternlake import registry
+from patternlake.models.student import count_params, from_bytes, quantized_bytes
 from patternlake.models.teacher import TeacherConfig
-from patternlake.students import registry
-from patternlake.students.model import count_params, from_bytes, quantized_bytes
 from patternlake.students.task import SegmentData, segment_table
 
 
@@ -131,7 +131,7 @@ def test_compress_gates_int8_against_its_fp32_student_and_shrinks_it(students):
 
 @pytest.mark.slow
 def test_evaluate_reports_students_int8_and_champions(spark, students):
-    from patternlake.models.evaluate import evaluate_models
+    from patternlake.evaluation.evaluate import evaluate_models
     from patternlake.students.report import model_report
 
     cfg, lake, _, _, _, good, packed = students

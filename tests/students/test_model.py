@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from patternlake.models import store
-from patternlake.models.teacher import TeacherConfig
-from patternlake.students.model import (
+from patternlake.models.student import (
     Int8Student,
     Student,
     count_params,
@@ -18,6 +17,7 @@ from patternlake.students.model import (
     large_tensors,
     quantized_bytes,
 )
+from patternlake.models.teacher import TeacherConfig
 from patternlake.students.nodes import gate, magnitude_masks, segment_catalogue, student_config
 
 

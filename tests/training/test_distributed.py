@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from patternlake.models.fit import TrainSpec, per_process_batch
 from patternlake.models.teacher import TeacherConfig
-from patternlake.training.data import ShardedSequences
+from patternlake.sequencedata import ShardedSequences
 from patternlake.training.teacher_job import run_backend
-from patternlake.training.worker import TrainSpec, per_process_batch
 from tests.training import handmade
 
 N_ITEMS = 60

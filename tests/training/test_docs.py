@@ -9,6 +9,7 @@ DOCS = [
     REPO / "README.md",
     REPO / "libs" / "patternlake" / "conf" / "base.yaml",
     *sorted((REPO / "libs" / "patternlake" / "training").glob("*.py")),
+    REPO / "libs" / "patternlake" / "models" / "fit.py",  # the training function
     REPO / "tests" / "training" / "test_cluster.py",
 ]
 

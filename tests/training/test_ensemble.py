@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from patternlake.models.fit import train_worker, validate_ndcg, validation_set
 from patternlake.models.teacher import (
     SequentialTeacher,
     TeacherConfig,
@@ -19,7 +20,6 @@ from patternlake.models.teacher import (
     teacher_from_bytes,
 )
 from patternlake.training.teacher_job import train_members
-from patternlake.training.worker import train_worker, validate_ndcg, validation_set
 from tests.training import handmade
 from tests.training.test_distributed import spec_for
 

@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from patternlake.training.teacher_job import load_best
-from patternlake.training.worker import (
+from patternlake.models.fit import (
     lr_scale,
     lr_schedule,
     train_worker,
     validate_ndcg,
     validation_set,
 )
+from patternlake.training.teacher_job import load_best
 from tests.training import handmade
 from tests.training.test_distributed import spec_for
 
@@ -59,7 +59,7 @@ def test_training_hands_back_the_best_validation_epoch_not_the_last(tmp_path):
 
 
 def test_the_weight_average_follows_its_formula_and_copies_buffers():
-    from patternlake.training.worker import WeightAverage
+    from patternlake.models.fit import WeightAverage
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from patternlake.models.evaluate import evaluate_models
+from patternlake.evaluation.evaluate import evaluate_models
 from patternlake.models.teacher import TeacherScorer
 from patternlake.training.teacher_job import load_best, train_teacher
 from tests.conftest import in_folder

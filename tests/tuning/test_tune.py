@@ -11,8 +11,9 @@ from optuna.trial import TrialState
 from patternlake.config import TuneSpaceConfig, load_config
 from patternlake.errors import ConfigError, PatternlakeError
 from patternlake.lake import Lake
-from patternlake.training.teacher_job import build_spec
-from patternlake.tuning.nodes import SEARCHED, choose, pareto_front, should_prune
+from patternlake.models.fit import build_spec
+from patternlake.selection import choose, pareto_front, should_prune
+from patternlake.tuning.nodes import SEARCHED
 from patternlake.tuning.teacher_study import (
     HISTORY_ATTR,
     TABLE,

@@ -3,6 +3,10 @@
 Incremental by default: only silver batches not yet featurized (``featurize_log``) are
 read for new items, and only the users they touch are recomputed (from their whole
 history) and merged in. ``full=True`` rebuilds everything; both give the same tables.
+
+``user_sequences`` records its vocabulary (event types, gap buckets, ``max_len``: see
+``sequences``) with the table; when conf's differs from the recorded one (or none is
+recorded), the run rebuilds everything, so that no version mixes two vocabularies.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.features.nodes import new_item_index, user_features, user_histories, user_sequences
 from patternlake.lake import Lake, batches_in_order
+from patternlake.sequences import SequenceVocabulary, read_vocabulary
 from patternlake.spark import job_label
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,16 @@ def featurize(
     order = batches_in_order(silver)
     tables = ("item_index", "user_sequences", "user_features", "featurize_log")
     full = full or not all(lake.exists(t) for t in tables)
+    conf = config.features
+    types = list(config.validate_.allowed_event_types)
+    vocabulary = SequenceVocabulary.from_config(config)
+    if not full and (recorded := read_vocabulary(lake)) != vocabulary:
+        log.info(
+            "featurize: user_sequences was built with %s, conf gives %s; rebuilding everything",
+            recorded or "no recorded vocabulary",
+            vocabulary,
+        )
+        full = True
     done = (
         set() if full else {r[0] for r in lake.read("featurize_log").select("batch_id").collect()}
     )
@@ -71,8 +86,6 @@ def featurize(
     n_new_items = lake.commit_rows("item_index", version)
     index = lake.read("item_index")
 
-    conf = config.features
-    types = list(config.validate_.allowed_event_types)
     touched = (
         events if full else events.join(fresh.select("user_id").distinct(), "user_id", "left_semi")
     )
@@ -80,7 +93,7 @@ def featurize(
     histories = user_histories(touched, index, types, conf.category_property).persist(
         StorageLevel.MEMORY_AND_DISK
     )
-    seqs = user_sequences(histories, conf.max_history)
+    seqs = vocabulary.attach(user_sequences(histories, conf.max_history))
     feats = user_features(histories, types, conf.session_gap_minutes, conf.top_categories)
     if full:
         version = lake.write(

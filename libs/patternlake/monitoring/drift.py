@@ -18,8 +18,9 @@ batches against the ones before. Checks (statistics in ``monitoring.nodes``):
 
 Each check reports both sample sizes, the value, the noise floor at ``alpha`` and a p-value;
 a band counts only above the noise floor, so small windows do not alarm on chance. With
-``--auto-retrain``, an alarm runs the ``train`` pipeline; new champions come only through the
-students' and compression gates.
+``--auto-retrain``, an alarm runs the ``train`` pipeline (``retrain``, given by the CLI: a
+stage does not run other stages); new champions come only through the students' and
+compression gates.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,8 +61,13 @@ USER_FEATURES = {
 
 
 def monitor(
-    spark: SparkSession, lake: Lake, config: Config, auto_retrain: bool = False
+    spark: SparkSession,
+    lake: Lake,
+    config: Config,
+    retrain: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """The checks, appended to ``drift``; on an alarm, ``retrain()`` when given (the CLI's
+    ``--auto-retrain``: the ``train`` pipeline), its result kept as the result's ``retrain``."""
     started = time.monotonic()
     m = config.monitor
     if not lake.exists("silver_events"):
@@ -81,12 +88,10 @@ def monitor(
         ref.unpersist()
         cur.unpersist()
     worst = max(checks, key=lambda c: SEVERITY[c["status"]])["status"]
-    action, retrain = "", None
-    if worst == "alarm" and auto_retrain:
-        from patternlake.pipeline import run_pipeline
-
+    action, retrained = "", None
+    if worst == "alarm" and retrain is not None:
         log.info("monitor: alarm (%s); --auto-retrain runs the train pipeline", _alarms(checks))
-        retrain = run_pipeline("train", lake, config, {})
+        retrained = retrain()
         action = "retrained"
     elif worst == "alarm":
         action = "retrain suggested (patternlake run train, or monitor --auto-retrain)"
@@ -105,7 +110,7 @@ def monitor(
         "action": action,
         "checks": checks,
         "drift_version": version,
-        "retrain": retrain,
+        "retrain": retrained,
         "seconds": round(time.monotonic() - started, 1),
     }
     log.info(
@@ -170,7 +175,7 @@ def _windows(
 
 def _teacher(config: Config) -> tuple[str, datetime, float | None] | None:
     """The registered teacher: (version, registered at, best validation NDCG@10), or None."""
-    from patternlake.students import registry
+    from patternlake import registry
 
     if not registry.registry_exists(config):
         return None

@@ -175,15 +175,14 @@ def _salt(config: Config) -> bytes:
 
 def _mark_models(config: Config, forget_id: str) -> list[str]:
     """Tag every registered teacher and student version ``retrain_required=<forget_id>``."""
-    from patternlake.students.registry import STUDENT, client, registry_exists
+    from patternlake.registry import STUDENT, TEACHER, client, registry_exists
 
     if not registry_exists(config):
         return []  # no registry yet: no model learned from the user
-    from patternlake.training.teacher_job import REGISTERED_NAME
 
     c = client(config)
     marked = []
-    for name in (REGISTERED_NAME, STUDENT):
+    for name in (TEACHER, STUDENT):
         for mv in c.search_model_versions(f"name = '{name}'"):
             c.set_model_version_tag(name, mv.version, "retrain_required", forget_id)
             marked.append(f"{name}/{mv.version}")

@@ -135,7 +135,7 @@ def segments(lake: Lake) -> str:
 
 
 def teacher_curve(config: Config) -> str:
-    from patternlake.students import registry
+    from patternlake import registry
 
     if not registry.registry_exists(config):
         return _missing("a registered teacher", "patternlake run train")
@@ -165,7 +165,7 @@ def teacher_curve(config: Config) -> str:
 def students(lake: Lake) -> str:
     if not lake.exists("model_decisions"):
         return _missing("model_decisions", "patternlake distill")
-    from patternlake.students.report import report_rows
+    from patternlake.decisions import report_rows
 
     rows = report_rows([r.asDict() for r in lake.read("model_decisions").collect()])
     fig, (ax, bx) = _figure(10, 3.4, cols=2)

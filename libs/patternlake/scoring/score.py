@@ -73,8 +73,8 @@ _WORKER_MODELS: dict[str, dict[int, tuple[torch.nn.Module, str, str]]] = {}
 
 def _build_models(payload: dict[str, Any]) -> dict[int, tuple[torch.nn.Module, str, str]]:
     """segment -> (model taking (B, 3, L), name, version); key -1: the teacher."""
+    from patternlake.models.student import from_bytes
     from patternlake.models.teacher import TeacherScorer, teacher_from_bytes
-    from patternlake.students.model import from_bytes
 
     teacher = TeacherScorer(teacher_from_bytes(payload["teacher"])).eval()
     models = {NO_SEGMENT: (teacher, "teacher", payload["teacher_version"])}
@@ -199,7 +199,7 @@ def score_batches(
 
 
 def champion_payload(config: Config, segments: list[int]) -> tuple[dict[str, Any], dict[int, str]]:
-    from patternlake.students import registry
+    from patternlake import registry
 
     teacher, tags = registry.teacher_file(config)
     students, served = {}, {}

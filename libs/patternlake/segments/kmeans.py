@@ -80,7 +80,9 @@ def segment_users(spark: SparkSession, lake: Lake, config: Config) -> SegmentRes
         else []
     )
     categories = sorted(r["key"] for r in top)
-    cols = feature_columns(list(config.validate_.allowed_event_types), categories)
+    # the event types user_features was built with (its share_<type> columns), not conf's
+    types = [c.removeprefix("share_") for c in features.columns if c.startswith("share_")]
+    cols = feature_columns(types, categories)
     names = list(cols)
     eligible = (
         features.filter(F.col("n_events") >= conf.min_events)

@@ -22,10 +22,10 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
+from patternlake import registry
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
-from patternlake.students import registry
 from patternlake.students.distill import pinned_files, require, run_tasks, write_decisions
 from patternlake.students.nodes import gate, summary_row
 from patternlake.students.task import compress_segment
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     import mlflow
 
-    from patternlake.training.teacher_job import use_experiment
+    from patternlake.registry import use_experiment
 
     started = time.monotonic()
     require(lake, "compress", "user_sequences", "segments")

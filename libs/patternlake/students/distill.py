@@ -20,11 +20,11 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
+from patternlake import registry
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.models.teacher import teacher_from_bytes
-from patternlake.students import registry
 from patternlake.students.nodes import gate, summary_row
 from patternlake.students.task import distill_segment
 
@@ -122,7 +122,7 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     )
     results = run_tasks(spark, distill_segment, jobs, [teacher_data], s.parallel)
     now = datetime.now(UTC)
-    from patternlake.training.teacher_job import use_experiment
+    from patternlake.registry import use_experiment
 
     use_experiment(config)
     decisions, out = [], {"segments": {}, "teacher_version": tags["version"]}

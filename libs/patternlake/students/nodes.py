@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from patternlake.models.student import count_params
 from patternlake.models.teacher import TeacherConfig
-from patternlake.students.model import count_params
 
 
 def segment_catalogue(targets: np.ndarray, share: float) -> np.ndarray | None:

@@ -1,6 +1,6 @@
-"""The per-segment student search: an Optuna study under the size budget, with the
-teacher tuner's pieces (``tuning.nodes``: the median pruning rule, the Pareto front of
-validation NDCG@10 vs parameters, the choice within a parameter budget).
+"""The per-segment student search: an Optuna study under the size budget, with the pieces
+it shares with the teacher's tuner (``selection``: the median pruning rule, the Pareto
+front of validation NDCG@10 vs parameters, the choice within a parameter budget).
 
 Runs inside a segment's Spark task (in-memory study, one thread): each trial samples a
 width, depth, dropout, learning rate and catalogue share, is skipped at once if it does not
@@ -16,10 +16,10 @@ from typing import Any
 
 import optuna
 
+from patternlake.models.student import Student, count_params
 from patternlake.models.teacher import SequentialTeacher
-from patternlake.students.model import Student, count_params
+from patternlake.selection import choose, pareto_front, should_prune
 from patternlake.students.nodes import segment_catalogue
-from patternlake.tuning.nodes import choose, pareto_front, should_prune
 
 HISTORY = "valid_ndcg_by_epoch"
 

@@ -6,7 +6,7 @@ its segment's rows with pyarrow, trains on one thread and returns a dict with th
 bytes and its numbers. The driver writes and registers what comes back.
 
 Training data: the segment's users' windows over their whole training part (as the
-teacher's, ``training.data.training_arrays``); early stopping and the gates use the
+teacher's, ``sequencedata.training_arrays``); early stopping and the gates use the
 validation targets of the segment's users only.
 """
 
@@ -23,16 +23,16 @@ import pyarrow.parquet as pq
 import torch
 
 from patternlake.models.metrics import evaluate_scorer
-from patternlake.models.teacher import SequentialTeacher, TeacherScorer, teacher_from_bytes
-from patternlake.students.model import (
+from patternlake.models.student import (
     Student,
     from_bytes,
     kd_loss,
     large_tensors,
     quantized_bytes,
 )
+from patternlake.models.teacher import SequentialTeacher, TeacherScorer, teacher_from_bytes
+from patternlake.sequencedata import evaluation_arrays, read_table, training_arrays
 from patternlake.students.nodes import magnitude_masks, segment_catalogue, student_config
-from patternlake.training.data import evaluation_arrays, read_table, training_arrays
 
 
 def segment_table(files: list[str], segment_files: list[str], segment: int) -> pa.Table:

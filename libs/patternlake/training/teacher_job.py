@@ -7,7 +7,6 @@ model with its signature) and registers it as ``teacher`` with alias ``candidate
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +27,13 @@ from pyspark.sql import SparkSession
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.models.fit import (
+    TrainSpec,
+    build_spec,
+    train_worker,
+    validate_ndcg,
+    validation_set,
+)
 from patternlake.models.teacher import (
     SequentialTeacher,
     Teacher,
@@ -36,84 +42,9 @@ from patternlake.models.teacher import (
     TeacherScorer,
     teacher_bytes,
 )
-from patternlake.training.data import item_id_count
-from patternlake.training.worker import TrainSpec, train_worker, validate_ndcg, validation_set
+from patternlake.registry import TEACHER, TEACHER_ALIAS, use_experiment
 
 log = logging.getLogger(__name__)
-REGISTERED_NAME = "teacher"
-ALIAS = "candidate"  # set on every new teacher; quality gates promote to "champion"
-
-
-def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
-    for table in ("user_sequences", "item_index"):
-        if not lake.exists(table):
-            raise PatternlakeError(
-                f"train: {table} does not exist yet; run `patternlake run daily` first"
-            )
-    version = lake.version("user_sequences")
-    item_version = lake.version("item_index")
-    n_items = item_id_count(lake, item_version)
-    t = config.train
-    teacher, lr, batch_size = config.teacher.model_dump(), t.lr, t.batch_size
-    if t.use_tuned:
-        tuned = tuned_teacher(lake)
-        teacher.update(
-            {k: tuned[k] for k in ("d_model", "n_heads", "n_layers", "dropout", "max_len")}
-        )
-        lr, batch_size = tuned["lr"], tuned["batch_size"]
-    model = TeacherConfig(
-        n_items=n_items,
-        n_types=len(config.validate_.allowed_event_types) + 1,
-        **teacher,
-    )
-    spec = TrainSpec.from_config(
-        t,
-        files=lake.files("user_sequences", version),
-        data_version=version,
-        item_index_version=item_version,
-        model=model.to_dict(),
-        backend="horovod" if backend == "horovodrun" else backend,
-        batch_size=batch_size,
-        lr=lr,
-    )
-    # one checkpoint folder per (data version, model, training settings, world size): a rerun
-    # of the same job resumes, a changed job starts over
-    key = {
-        k: v for k, v in asdict(spec).items() if k not in ("files", "checkpoint_dir", "result_path")
-    }
-    key["num_proc"] = 1 if backend == "single" else t.num_proc
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    spec.checkpoint_dir = str(
-        Path(config.models.root).resolve() / "teacher" / "checkpoints" / digest
-    )
-    return spec
-
-
-def tuned_teacher(lake: Lake) -> dict[str, Any]:
-    """The chosen trial of the latest `patternlake tune teacher` study (``train.use_tuned``):
-    its row of ``teacher_tuning`` (d_model, n_heads, n_layers, dropout, max_len, lr,
-    batch_size, study, valid_ndcg_at_10, ...)."""
-    if not lake.exists("teacher_tuning"):
-        raise PatternlakeError(
-            "train.use_tuned: teacher_tuning does not exist yet; run `patternlake tune teacher` "
-            "first (or set train.use_tuned=false)"
-        )
-    row = (
-        lake.read("teacher_tuning")
-        .where("chosen")
-        .orderBy("study_started", "study", ascending=False)
-        .first()
-    )
-    if row is None:
-        raise PatternlakeError("train.use_tuned: teacher_tuning has no chosen trial")
-    tuned = row.asDict()
-    log.info(
-        "train teacher: tuned configuration of study %s (trial %d, validation NDCG@10 %.4f)",
-        tuned["study"],
-        tuned["trial"],
-        tuned["valid_ndcg_at_10"],
-    )
-    return tuned
 
 
 def run_backend(
@@ -161,7 +92,7 @@ def run_backend(
                 f"localhost:{num_proc}",
                 sys.executable,
                 "-m",
-                "patternlake.training.worker",
+                "patternlake.models.fit",
                 str(spec_path),
             ]
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -278,24 +209,11 @@ def train_teacher(
         result["best_valid_ndcg@10"],
         result["best_epoch"],
         result["params"],
-        REGISTERED_NAME,
+        TEACHER,
         version,
         time.monotonic() - started,
     )
     return result
-
-
-def use_experiment(config: Config) -> None:
-    """Point MLflow at conf's tracking URI and experiment (created with its artifact location)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(config.mlflow.tracking_uri)
-    if mlflow.get_experiment_by_name(config.mlflow.experiment) is None:
-        location = config.mlflow.artifact_location
-        if "://" not in location:
-            location = Path(location).resolve().as_uri()
-        mlflow.create_experiment(config.mlflow.experiment, artifact_location=location)
-    mlflow.set_experiment(config.mlflow.experiment)
 
 
 def log_to_mlflow(
@@ -366,8 +284,8 @@ def log_to_mlflow(
             signature=infer_signature(example, out),
             serialization_format="pickle",
             input_example=example,
-            registered_model_name=REGISTERED_NAME,
+            registered_model_name=TEACHER,
         )
         version = str(info.registered_model_version)
-        mlflow.MlflowClient().set_registered_model_alias(REGISTERED_NAME, ALIAS, version)
+        mlflow.MlflowClient().set_registered_model_alias(TEACHER, TEACHER_ALIAS, version)
         return run.info.run_id, version

@@ -33,16 +33,14 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from patternlake.config import Config, TuneConfig
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.models.fit import build_spec, train_worker
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig
-from patternlake.training.teacher_job import build_spec, use_experiment
-from patternlake.training.worker import train_worker
+from patternlake.registry import use_experiment
+from patternlake.selection import choose, pareto_front, should_prune
 from patternlake.tuning.nodes import (
     MODEL_KEYS,
     SEARCHED,
     TRIALS_SCHEMA,
-    choose,
-    pareto_front,
-    should_prune,
     suggest,
 )
 

@@ -1,5 +1,9 @@
-"""The model registry (MLflow) for students and the teacher's weights, without pickle.
+"""The model registry (MLflow) for the teacher and the students, without pickle: shared by
+every stage that registers, loads or names a model (train, tune, distill, compress,
+evaluate, score, monitor, forget, report).
 
+* The teacher is registered as ``teacher`` (``TEACHER``); every new one carries the alias
+  ``candidate`` (``TEACHER_ALIAS``); ``use_experiment`` points MLflow at conf's experiment.
 * Every student file is logged as an artifact of its MLflow run and registered as a version
   of the registered model ``student`` with tags ``segment``, ``variant`` (fp32 | int8),
   ``params``, ``bytes`` and its validation NDCG@10.
@@ -21,13 +25,13 @@ import torch
 
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
+from patternlake.models.student import from_bytes
 from patternlake.models.teacher import SequentialTeacher, teacher_from_bytes
-from patternlake.students.model import from_bytes
 
 log = logging.getLogger(__name__)
 STUDENT = "student"
 TEACHER = "teacher"
-TEACHER_ALIAS = "candidate"
+TEACHER_ALIAS = "candidate"  # set on every new teacher
 TEACHER_FILE = "weights/teacher.safetensors"
 
 
@@ -52,6 +56,19 @@ def client(config: Config):
 
     mlflow.set_tracking_uri(config.mlflow.tracking_uri)
     return mlflow.MlflowClient(tracking_uri=config.mlflow.tracking_uri)
+
+
+def use_experiment(config: Config) -> None:
+    """Point MLflow at conf's tracking URI and experiment (created with its artifact location)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(config.mlflow.tracking_uri)
+    if mlflow.get_experiment_by_name(config.mlflow.experiment) is None:
+        location = config.mlflow.artifact_location
+        if "://" not in location:
+            location = Path(location).resolve().as_uri()
+        mlflow.create_experiment(config.mlflow.experiment, artifact_location=location)
+    mlflow.set_experiment(config.mlflow.experiment)
 
 
 def register(config: Config, run_id: str, artifact_path: str, tags: dict[str, Any]) -> str:

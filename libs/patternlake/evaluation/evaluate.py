@@ -27,22 +27,22 @@ from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.models.baselines import MarkovChain, Popularity
 from patternlake.models.metrics import evaluate_scorer
-from patternlake.sequences import MIN_EVALUATED_EVENTS
-from patternlake.students.registry import segment_students
-from patternlake.training.data import (
+from patternlake.registry import TEACHER, TEACHER_ALIAS, segment_students
+from patternlake.sequencedata import (
     evaluation_arrays,
     first_training_items,
     item_id_count,
     read_table,
     training_arrays,
 )
+from patternlake.sequences import MIN_EVALUATED_EVENTS
 
 log = logging.getLogger(__name__)
 NO_SEGMENT = -1
 
 
 def load_registered(
-    config: Config, name: str = "teacher", alias: str = "candidate"
+    config: Config, name: str = TEACHER, alias: str = TEACHER_ALIAS
 ) -> torch.nn.Module | None:
     import mlflow
 
@@ -58,7 +58,7 @@ def load_registered(
 
 
 def trained_on(
-    config: Config, name: str = "teacher", alias: str = "candidate"
+    config: Config, name: str = TEACHER, alias: str = TEACHER_ALIAS
 ) -> tuple[int | None, int | None]:
     """(user_sequences version, item_index version) a registered model was trained on, from
     its run's tags; None for a tag the run lacks."""

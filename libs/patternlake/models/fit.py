@@ -3,7 +3,7 @@ one Spark task per process with ``mapPartitionsWithIndex``, or ``horovodrun``), 
 (``TorchDistributor``, on Spark barrier tasks) and a single process.
 
 Each process builds the same model from the same seed, averages gradients with the others,
-trains on windows over every user's whole training part (``training.data``), follows a
+trains on windows over every user's whole training part (``sequencedata``), follows a
 step schedule (linear warm-up, then cosine or constant; the learning rate is not scaled by
 the world size unless ``lr_scaling`` says so; ``batch_size`` is the global batch, split
 evenly across the processes, so that 1 and N processes make the same optimizer steps),
@@ -13,28 +13,43 @@ state). An epoch whose mean training loss or validation NDCG@10 is not finite st
 run on every rank: it is neither checkpointed nor saved as best, and the result says why
 (``diverged``), so that the job raises instead of registering the model.
 
-    python -m patternlake.training.worker SPEC.json   # what `horovodrun` launches
+    python -m patternlake.models.fit SPEC.json   # what `horovodrun` launches
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from patternlake.errors import PatternlakeError
 from patternlake.models.metrics import evaluate_scorer
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig, pick_device
-from patternlake.training.data import ShardedSequences, evaluation_arrays, read_table
+from patternlake.sequencedata import (
+    ShardedSequences,
+    evaluation_arrays,
+    item_id_count,
+    read_table,
+)
+from patternlake.sequences import sequence_vocabulary
+
+if TYPE_CHECKING:
+    from patternlake.config import Config
+    from patternlake.lake import Lake
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,6 +98,88 @@ class TrainSpec:
             "ema_decay": train.ema_decay,
         }
         return cls(**{**settings, **fields})
+
+
+def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
+    for table in ("user_sequences", "item_index"):
+        if not lake.exists(table):
+            raise PatternlakeError(
+                f"train: {table} does not exist yet; run `patternlake run daily` first"
+            )
+    version = lake.version("user_sequences")
+    item_version = lake.version("item_index")
+    n_items = item_id_count(lake, item_version)
+    vocabulary = sequence_vocabulary(lake, config, version)  # recorded with the table
+    t = config.train
+    teacher, lr, batch_size = config.teacher.model_dump(), t.lr, t.batch_size
+    if t.use_tuned:
+        tuned = tuned_teacher(lake)
+        teacher.update(
+            {k: tuned[k] for k in ("d_model", "n_heads", "n_layers", "dropout", "max_len")}
+        )
+        lr, batch_size = tuned["lr"], tuned["batch_size"]
+    model = TeacherConfig(
+        n_items=n_items,
+        n_types=vocabulary.n_types,
+        n_gaps=vocabulary.gap_buckets,
+        **teacher,
+    )
+    if model.max_len > vocabulary.max_len:
+        log.warning(
+            "train: teacher.max_len %d exceeds the %d events user_sequences v%d keeps per "
+            "user; positions beyond them stay padding",
+            model.max_len,
+            vocabulary.max_len,
+            version,
+        )
+    spec = TrainSpec.from_config(
+        t,
+        files=lake.files("user_sequences", version),
+        data_version=version,
+        item_index_version=item_version,
+        model=model.to_dict(),
+        backend="horovod" if backend == "horovodrun" else backend,
+        batch_size=batch_size,
+        lr=lr,
+    )
+    # one checkpoint folder per (data version, model, training settings, world size): a rerun
+    # of the same job resumes, a changed job starts over
+    key = {
+        k: v for k, v in asdict(spec).items() if k not in ("files", "checkpoint_dir", "result_path")
+    }
+    key["num_proc"] = 1 if backend == "single" else t.num_proc
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    spec.checkpoint_dir = str(
+        Path(config.models.root).resolve() / "teacher" / "checkpoints" / digest
+    )
+    return spec
+
+
+def tuned_teacher(lake: Lake) -> dict[str, Any]:
+    """The chosen trial of the latest `patternlake tune teacher` study (``train.use_tuned``):
+    its row of ``teacher_tuning`` (d_model, n_heads, n_layers, dropout, max_len, lr,
+    batch_size, study, valid_ndcg_at_10, ...)."""
+    if not lake.exists("teacher_tuning"):
+        raise PatternlakeError(
+            "train.use_tuned: teacher_tuning does not exist yet; run `patternlake tune teacher` "
+            "first (or set train.use_tuned=false)"
+        )
+    row = (
+        lake.read("teacher_tuning")
+        .where("chosen")
+        .orderBy("study_started", "study", ascending=False)
+        .first()
+    )
+    if row is None:
+        raise PatternlakeError("train.use_tuned: teacher_tuning has no chosen trial")
+    tuned = row.asDict()
+    log.info(
+        "train teacher: tuned configuration of study %s (trial %d, validation NDCG@10 %.4f)",
+        tuned["study"],
+        tuned["trial"],
+        tuned["valid_ndcg_at_10"],
+    )
+    return tuned
 
 
 def lr_scale(rule: str, world: int) -> float:
