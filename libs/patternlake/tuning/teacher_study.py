@@ -33,13 +33,13 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from patternlake.config import Config, TuneConfig
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.lake.catalog import contract
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig
 from patternlake.training.teacher_job import build_spec, use_experiment
 from patternlake.training.worker import train_worker
 from patternlake.tuning.nodes import (
     MODEL_KEYS,
     SEARCHED,
-    TRIALS_SCHEMA,
     choose,
     pareto_front,
     should_prune,
@@ -241,8 +241,8 @@ def tune_teacher(lake: Lake, config: Config) -> dict[str, Any]:
     for r in rows:
         r["pareto"] = any(r["trial"] == f["trial"] for f in front)
         r["chosen"] = r["trial"] == chosen["trial"]
-    schema = TRIALS_SCHEMA
-    columns = [c.strip().split(" ")[0] for c in schema.split(", ")]
+    table = contract(TABLE)
+    schema, columns = table.ddl(), table.names
     version = lake.write(
         lake.spark.createDataFrame([tuple(r[c] for c in columns) for r in rows], schema),
         TABLE,
