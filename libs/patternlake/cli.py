@@ -469,10 +469,7 @@ def cmd_evaluate(args: argparse.Namespace, config: Config, lake: Any) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(
-        f"{'model':12s} {'params':>10s} {'bytes':>10s} "
-        + " ".join(f"{m:>11s}" for m in METRICS)
-    )
+    print(f"{'model':12s} {'params':>10s} {'bytes':>10s} " + " ".join(f"{m:>11s}" for m in METRICS))
     for name, m in result["models"].items():
         print(
             f"{name:12s} {m['params']:>10d} {m['bytes']:>10d} "
