@@ -18,6 +18,7 @@ import yaml
 from patternlake.config import Config, default_conf_dir, packaged_dir
 from patternlake.errors import ConfigError, PatternlakeError
 from patternlake.lake import Lake
+from patternlake.lake.catalog import contract
 
 log = logging.getLogger(__name__)
 
@@ -292,11 +293,6 @@ STEPS: dict[str, Callable[[Lake, Config, dict[str, Any]], Any]] = {
     n: s.run for n, s in STAGES.items()
 }
 RUNS_TABLE = "runs"
-RUNS_SCHEMA = (
-    "run_id string, pipeline string, position int, step string, status string, "
-    "started_at timestamp, finished_at timestamp, seconds double, error string, "
-    "resumed_from string"
-)
 
 
 def pipeline_steps(name: str, directory: Path | None = None) -> list[str]:
@@ -477,7 +473,8 @@ def _record(
 ) -> None:
     row = (run_id, pipeline, position, step, status, started_at, datetime.now(UTC), seconds,
            error, resumed_from)  # fmt: skip
-    lake.write(lake.spark.createDataFrame([row], RUNS_SCHEMA), RUNS_TABLE, mode="append")
+    schema = contract(RUNS_TABLE).ddl()
+    lake.write(lake.spark.createDataFrame([row], schema), RUNS_TABLE, mode="append")
 
 
 def export_spark_submit(name: str, env: str, master: str) -> str:

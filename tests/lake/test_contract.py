@@ -172,6 +172,14 @@ def test_delete_and_vacuum_remove_the_data_from_disk(lake, spark, table):
     assert rows_of(lake.read(table)) == [("keep", "d1", 2), ("keep", "d2", 4)]
 
 
+def test_rewrite_and_merge_work_on_a_table_whose_version_has_no_files(lake, spark, table):
+    lake.write(events(spark, []), table)  # e.g. quarantine_events after only clean batches
+    out = lake.rewrite(table, F.col("user_id") == "u1", lambda df: df.filter(F.lit(False)))
+    assert out["files"] == 0
+    lake.merge(events(spark, [("u1", "d1", 1)]), table, keys=["user_id"])
+    assert rows_of(lake.read(table)) == [("u1", "d1", 1)]
+
+
 def test_compact_merges_small_files_without_changing_rows(lake, spark, table):
     for i in range(6):
         lake.write(events(spark, [(f"u{i}", "d1", i)]), table)

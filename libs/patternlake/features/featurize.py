@@ -24,6 +24,7 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.features.nodes import new_item_index, user_features, user_histories, user_sequences
 from patternlake.lake import Lake, batches_in_order
+from patternlake.lake.catalog import contract
 from patternlake.sequences import SequenceVocabulary, read_vocabulary
 from patternlake.spark import job_label
 
@@ -111,7 +112,7 @@ def featurize(
     now = datetime.now(UTC)
     log_rows = spark.createDataFrame(
         [(b, now, "full" if full else "incremental", silver_version) for b in pending],
-        "batch_id string, featurized_at timestamp, mode string, silver_version bigint",
+        contract("featurize_log").ddl(),
     )
     lake.write(log_rows, "featurize_log", "overwrite" if full else "append")
     mode = "full" if full else "incremental"

@@ -25,6 +25,7 @@ from patternlake.ingest.sources import (
     read_events,
 )
 from patternlake.lake import Lake
+from patternlake.lake.catalog import contract
 from patternlake.lake.paths import strip_file_scheme
 from patternlake.spark import job_label
 
@@ -117,11 +118,7 @@ def ingest(
         for s in fresh
     ]
     lake.write(
-        spark.createDataFrame(
-            log_rows,
-            "batch_id string, source_file string, fingerprint string, bytes bigint, rows bigint, format string, "
-            "ingested_at timestamp",
-        ),
+        spark.createDataFrame(log_rows, contract("ingest_log").ddl()),
         "ingest_log",
         "append",
     )

@@ -9,6 +9,11 @@ Names come from ``lake.tables`` in conf. An absolute path or URI also works (not
 ad-hoc tables). Schema rules follow Delta's: columns are matched by name (case-insensitive),
 a column missing from the data is written as null, a new column needs
 ``merge_schema=True``, and a column whose type differs is rejected.
+
+A write or merge to a catalogued table (``lake.catalog``: its schema and producing stage)
+is checked against its contract first: a column it does not name, a ``NOT NULL`` one
+missing, a type that differs or a null in a ``NOT NULL`` column raise
+``SchemaMismatchError`` and nothing is written (the rules: ``lake.catalog``).
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, DataType, MapType, StructField, StructType
+from pyspark.sql.types import StructField, StructType
 
 from patternlake.config import LakeConfig
 from patternlake.errors import ConfigError, PatternlakeError, SchemaMismatchError
+from patternlake.lake.catalog import CATALOG, CONTRACTS, Contract, type_text
 from patternlake.lake.deltars import DeltaRsEngine
 from patternlake.lake.engine import DeltaEngine, WriteMode
 from patternlake.lake.paths import strip_file_scheme
@@ -74,6 +80,12 @@ class Lake:
         self.conf = conf
         self.root = _resolve_root(conf.root)
         self.engine = engine or make_engine(spark, conf)
+        self.contracts = CONTRACTS
+
+    def contract(self, name: str) -> Contract | None:
+        """The contract writes to table ``name`` are checked against (None: a path, or a
+        table of conf that the catalog does not know)."""
+        return self.contracts.get(name) if name in self.conf.tables else None
 
     # ---- names ---------------------------------------------------------------------------
 
@@ -170,9 +182,10 @@ class Lake:
             raise PatternlakeError(f"write {name}: replace_where needs mode='overwrite'")
         started = time.monotonic()
         uri = self.uri(name)
+        exists = self.engine.exists(uri)
+        df, guards = self._conform(df, name, creates=overwrite_schema or not exists)
         spec = self.conf.tables.get(name)
         partition_by = list(partition_by or (spec.partition_by if spec else []))
-        exists = self.engine.exists(uri)
         if exists and not overwrite_schema:
             table_parts = self.engine.partition_columns(uri)
             if partition_by and [p.lower() for p in partition_by] != [
@@ -213,6 +226,7 @@ class Lake:
         except Exception as exc:
             if outside and outside in str(exc):
                 raise PatternlakeError(outside) from None
+            _raise_guard(exc, guards)
             raise
         log.info(
             "lake write %s mode=%s -> version %d (%.1fs)",
@@ -243,6 +257,7 @@ class Lake:
         of ``df`` with the same non-null keys are an error."""
         started = time.monotonic()
         uri = self.uri(name)
+        self._check_contract(df, name)  # before the duplicate check's pass over the data
         missing = [k for k in keys if k not in df.columns]
         if not keys or missing:
             raise SchemaMismatchError(
@@ -263,19 +278,24 @@ class Lake:
             )
         if not self.engine.exists(uri):
             return self.write(df, name, "append", commit_info=commit_info)
+        df, guards = self._conform(df, name, creates=False)
         aligned, target, added = _align(df, self.engine.schema(uri), merge_schema, name)
-        version = self.engine.merge(
-            aligned,
-            uri,
-            keys,
-            schema=target,
-            add_columns=added,
-            metadata={
-                "patternlake.operation": "merge",
-                "patternlake.keys": ",".join(keys),
-                **(commit_info or {}),
-            },
-        )
+        try:
+            version = self.engine.merge(
+                aligned,
+                uri,
+                keys,
+                schema=target,
+                add_columns=added,
+                metadata={
+                    "patternlake.operation": "merge",
+                    "patternlake.keys": ",".join(keys),
+                    **(commit_info or {}),
+                },
+            )
+        except Exception as exc:
+            _raise_guard(exc, guards)
+            raise
         log.info(
             "lake merge %s keys=%s -> version %d (%.1fs)",
             name,
@@ -351,6 +371,47 @@ class Lake:
         log.info("lake compact %s: %s", name, metrics)
         return metrics
 
+    def _check_contract(self, df: DataFrame, name: str) -> Contract | None:
+        """Raise SchemaMismatchError when ``df`` does not fit the contract of ``name``."""
+        contract = self.contract(name)
+        if contract is not None:
+            problems = contract.mismatches(df.schema)
+            if problems:
+                raise SchemaMismatchError(
+                    f"write {name}: the data does not match the table's contract in {CATALOG}: "
+                    + "; ".join(problems)
+                    + "; nothing was written"
+                )
+        return contract
+
+    def _conform(self, df: DataFrame, name: str, creates: bool) -> tuple[DataFrame, list[str]]:
+        """``df`` checked against the contract of ``name``: with the nullable contract
+        columns it lacks as nulls when the write creates the table's schema, and a check
+        made by the write itself that no ``NOT NULL`` column holds a null (a failing row
+        stops it before anything is committed); and the messages those checks fail with."""
+        contract = self._check_contract(df, name)
+        if contract is None:
+            return df, []
+        present = {c.lower() for c in df.columns}
+        if creates:
+            absent = [c for c in contract.columns if c.name.lower() not in present]
+            df = df.select("*", *[F.lit(None).cast(c.type).alias(c.name) for c in absent])
+        required = {c.name.lower() for c in contract.columns if not c.nullable}
+        messages: dict[str, str] = {}
+        cols = []
+        for f in df.schema.fields:
+            col = F.col(f"`{f.name}`")
+            if f.name.lower() in required and f.nullable:  # Spark cannot tell: check the rows
+                message = messages[f.name] = (
+                    f"write {name}: column {f.name} is NOT NULL in the table's contract "
+                    f"({CATALOG}) but the data holds a null; nothing was written"
+                )
+                col = F.when(col.isNull(), F.raise_error(F.lit(message))).otherwise(col)
+            cols.append(col.alias(f.name))
+        if not messages:
+            return df, []
+        return df.select(*cols), list(messages.values())
+
     def _guard_replace_where(
         self, df: DataFrame, name: str, partition_by: list[str], replace_where: dict[str, Any]
     ) -> tuple[DataFrame, str]:
@@ -410,7 +471,7 @@ def _align(
         seen[low] = f.name
         if low in by_lower:
             want = by_lower[low].dataType
-            if _shape(f.dataType) != _shape(want):
+            if type_text(f.dataType) != type_text(want):
                 mismatched.append(
                     f"{f.name}: table has {want.simpleString()}, data has {f.dataType.simpleString()}"
                 )
@@ -435,14 +496,9 @@ def _align(
     return df.select(*cols), target, StructType(new) if new else None
 
 
-def _shape(t: DataType) -> str:
-    """A type's description without nullability (which Delta lets differ)."""
-    if isinstance(t, ArrayType):
-        return f"array<{_shape(t.elementType)}>"
-    if isinstance(t, MapType):
-        return f"map<{_shape(t.keyType)},{_shape(t.valueType)}>"
-    if isinstance(t, StructType):
-        return (
-            "struct<" + ",".join(f"{f.name.lower()}:{_shape(f.dataType)}" for f in t.fields) + ">"
-        )
-    return t.simpleString()
+def _raise_guard(exc: Exception, messages: list[str]) -> None:
+    """A write stopped by one of the contract's row checks: raise its message alone."""
+    text = str(exc)
+    for message in messages:
+        if message in text:
+            raise SchemaMismatchError(message) from None

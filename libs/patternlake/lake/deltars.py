@@ -339,6 +339,8 @@ class DeltaRsEngine:
         rows: Callable[[DataFrame], DataFrame],
     ) -> list[str]:
         """The data files (as listed in ``files``) holding a row that ``rows`` keeps."""
+        if not files:  # an empty version: nothing to read (and no _metadata to select)
+            return []
         current = self._read_files(uri, schema, files).select(
             "*", F.col("_metadata.file_path").alias("_pl_file")
         )

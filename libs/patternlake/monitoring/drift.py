@@ -40,17 +40,13 @@ from pyspark.sql import functions as F
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.lake.catalog import contract
 from patternlake.lake.core import batches_in_order
 from patternlake.monitoring import nodes
 
 log = logging.getLogger(__name__)
 
 TABLE = "drift"
-SCHEMA = (
-    "monitor_id string, checked_at timestamp, basis string, check string, statistic string, "
-    "value double, threshold double, noise_floor double, p_value double, n_ref bigint, "
-    "n_cur bigint, status string, action string"
-)
 SEVERITY = {"alarm": 3, "warn": 2, "ok": 1, "too_small": 0, "no_data": 0}
 # per-user features compared between the windows: name -> aggregate over a user's events
 USER_FEATURES = {
@@ -102,7 +98,7 @@ def monitor(
          action if c["status"] == "alarm" else "")
         for c in checks
     ]  # fmt: skip
-    version = lake.write(spark.createDataFrame(rows, SCHEMA), TABLE, mode="append")
+    version = lake.write(spark.createDataFrame(rows, contract(TABLE).ddl()), TABLE, mode="append")
     result = {
         "monitor_id": monitor_id,
         "basis": basis,

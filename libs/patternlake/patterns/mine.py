@@ -29,14 +29,9 @@ from pyspark.sql import functions as F
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.lake.catalog import contract
 
 log = logging.getLogger(__name__)
-
-SCHEMA = (
-    "segment_id int, kind string, antecedent array<string>, consequent string, antecedent_idx array<int>, "
-    "consequent_idx int, support double, support_count bigint, confidence double, lift double, "
-    "n_sessions bigint, segment_model_version int, mined_at timestamp"
-)
 
 
 @dataclass
@@ -210,7 +205,7 @@ def mine_patterns(spark: SparkSession, lake: Lake, config: Config) -> MineResult
         seg.unpersist()
     sessions.unpersist()
     lake.write(
-        spark.createDataFrame(rows, SCHEMA),
+        spark.createDataFrame(rows, contract("segment_patterns").ddl()),
         "segment_patterns",
         "overwrite",
         overwrite_schema=True,

@@ -41,15 +41,12 @@ from pyspark.sql.types import StringType
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.lake.catalog import contract
 from patternlake.privacy import nodes
 
 log = logging.getLogger(__name__)
 
 LOG_TABLE = "forget_log"
-LOG_SCHEMA = (
-    "forget_id string, user_hash string, requested_at timestamp, "
-    "rows_removed map<string,bigint>, files_rewritten bigint, models_marked array<string>"
-)
 TEXT_SUFFIXES = (".html", ".htm", ".json", ".txt", ".csv", ".log", ".md")
 
 
@@ -93,7 +90,7 @@ def forget_users(spark: SparkSession, lake: Lake, config: Config, ids: list[str]
     marked = _mark_models(config, forget_id)
     now = datetime.now(UTC)
     rows = [(forget_id, nodes.salted_hash(u, salt), now, removed, files, marked) for u in ids]
-    lake.write(spark.createDataFrame(rows, LOG_SCHEMA), LOG_TABLE, mode="append")
+    lake.write(spark.createDataFrame(rows, contract(LOG_TABLE).ddl()), LOG_TABLE, mode="append")
     result = {
         "forget_id": forget_id,
         "users": len(ids),

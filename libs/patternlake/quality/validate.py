@@ -28,6 +28,7 @@ from pyspark.sql import functions as F
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake, batches_in_order
+from patternlake.lake.catalog import contract
 from patternlake.quality.report import render_html
 from patternlake.quality.suite import (
     DEDUPE_COUNT,
@@ -42,33 +43,9 @@ from patternlake.spark import NO_CONSTRAINT_PROPAGATION, job_label, sql_settings
 
 log = logging.getLogger(__name__)
 
-SILVER_COLUMNS = (
-    "event_id",
-    "user_id",
-    "item_id",
-    "event_type",
-    "event_time",
-    "properties",
-    "_batch_id",
-    "_source_file",
-    "_line_ordinal",
-    "_ingested_at",
-)
-
-QUARANTINE_COLUMNS = (
-    "event_id",
-    "user_id",
-    "item_id",
-    "event_type",
-    "event_time_raw",
-    "event_time",
-    "properties",
-    "_raw",
-    "reasons",
-    "_batch_id",
-    "_source_file",
-    "_ingested_at",
-)
+SILVER_COLUMNS = tuple(contract("silver_events").names)
+# the quarantined rows as tagged; _validated_at is added when they are written
+QUARANTINE_COLUMNS = tuple(c for c in contract("quarantine_events").names if c != "_validated_at")
 
 
 @dataclass
@@ -406,14 +383,11 @@ def _record(
     row["reason_counts"] = {k: int(v) for k, v in row["reason_counts"].items()}
     row["gx_result"] = json.dumps(gx_result, default=str)
     row["validated_at"] = now
-    schema = (
-        "batch_id string, status string, bronze_rows bigint, silver_rows bigint, quarantined_rows bigint, "
-        "duplicate_rows bigint, invalid_share double, reason_counts map<string,bigint>, gx_success boolean, "
-        "report_path string, gx_result string, validated_at timestamp"
-    )
-    cols = [c.split()[0] for c in schema.split(", ")]
+    table = contract("validation_results")
     lake.write(
-        spark.createDataFrame([tuple(row[c] for c in cols)], schema), "validation_results", "append"
+        spark.createDataFrame([tuple(row[c] for c in table.names)], table.ddl()),
+        "validation_results",
+        "append",
     )
 
 

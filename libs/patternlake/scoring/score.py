@@ -39,34 +39,29 @@ from pyspark.sql import functions as F
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.lake.catalog import contract
 from patternlake.scoring.nodes import in_order, normalise, occlusion, top_k, windows
 
 log = logging.getLogger(__name__)
 TABLE = "user_patterns"
 NO_SEGMENT = -1
 
-# what score_batches yields (column, Spark type); ``recent`` is dropped after the rule join
-SCORED_FIELDS = (
-    ("user_id", "string"),
-    ("segment_id", "int"),
-    ("rank", "int"),
-    ("item_idx", "int"),
-    ("score", "double"),
-    ("fallback", "boolean"),
-    ("model_name", "string"),
-    ("model_version", "string"),
-    (
-        "explanation",
-        "array<struct<item_id: string, item_idx: int, events_ago: int, weight: double>>",
-    ),
-    ("recent", "array<int>"),
-)
-SCORED_SCHEMA = ", ".join(f"{name} {kind}" for name, kind in SCORED_FIELDS)
-SCORED_COLUMNS = [name for name, _ in SCORED_FIELDS]
-PATTERN = (
-    "struct<kind: string, antecedent: array<string>, consequent: string, support: double, "
-    "confidence: double, lift: double>"
-)
+# what score_batches yields: columns of user_patterns (types from its contract), and the
+# user's recent items, dropped after the rule join
+SCORED_COLUMNS = [
+    "user_id",
+    "segment_id",
+    "rank",
+    "item_idx",
+    "score",
+    "fallback",
+    "model_name",
+    "model_version",
+    "explanation",
+    "recent",
+]
+SCORED_SCHEMA = contract(TABLE).ddl(*SCORED_COLUMNS[:-1]) + ", recent array<int>"
+PATTERN = contract(TABLE).column("pattern").type
 
 _WORKER_MODELS: dict[str, dict[int, tuple[torch.nn.Module, str, str]]] = {}
 

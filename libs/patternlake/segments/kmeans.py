@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.lake.catalog import contract
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +168,7 @@ def segment_users(spark: SparkSession, lake: Lake, config: Config) -> SegmentRes
         for i in range(len(centers))
     ]
     lake.write(
-        spark.createDataFrame(
-            model_rows,
-            "model_version int, segment_id int, centroid array<double>, feature_names array<string>, "
-            "n_users bigint, created_at timestamp",
-        ),
+        spark.createDataFrame(model_rows, contract("segment_models").ddl()),
         "segment_models",
         "append",
     )

@@ -24,18 +24,12 @@ from patternlake import registry
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.lake.catalog import contract
 from patternlake.models.teacher import teacher_from_bytes
 from patternlake.students.nodes import gate, summary_row
 from patternlake.students.task import distill_segment
 
 log = logging.getLogger(__name__)
-
-DECISIONS_SCHEMA = (
-    "decided_at timestamp, stage string, segment_id int, model string, variant string, "
-    "registered_version string, params bigint, bytes bigint, valid_users bigint, "
-    "reference string, reference_ndcg_at_10 double, model_ndcg_at_10 double, ratio double, "
-    "threshold double, promoted boolean, champion string, reason string, details string"
-)
 
 
 def require(lake: Lake, stage: str, *tables: str) -> None:
@@ -80,9 +74,9 @@ def run_tasks(
 
 
 def write_decisions(lake: Lake, rows: list[dict[str, Any]]) -> None:
-    columns = [c.strip().split(" ")[0] for c in DECISIONS_SCHEMA.split(", ")]
+    table = contract("model_decisions")
     df = lake.spark.createDataFrame(
-        [tuple(r.get(c) for c in columns) for r in rows], DECISIONS_SCHEMA
+        [tuple(r.get(c) for c in table.names) for r in rows], table.ddl()
     )
     lake.write(df, "model_decisions", "append")
 

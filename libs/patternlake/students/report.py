@@ -10,6 +10,7 @@ from patternlake.config import Config
 from patternlake.decisions import report_rows
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.lake.catalog import contract
 
 # (key, title, width, format)
 COLUMNS = [
@@ -30,13 +31,6 @@ COLUMNS = [
     ("int8_ms_per_1000", "ms_int8", 8, ".1f"),
     ("champion", "champion", 18, "s"),
 ]
-SCHEMA = (
-    "reported_at timestamp, segment_id int, valid_users bigint, teacher_params bigint, "
-    "student_params bigint, fp32_bytes bigint, int8_bytes bigint, sparsity double, "
-    "teacher_ndcg_at_10 double, student_ndcg_at_10 double, int8_ndcg_at_10 double, "
-    "student_retention_pct double, int8_retention_pct double, teacher_ms_per_1000 double, "
-    "student_ms_per_1000 double, int8_ms_per_1000 double, champion string"
-)
 
 
 def model_report(lake: Lake, config: Config) -> list[dict[str, Any]]:
@@ -47,7 +41,7 @@ def model_report(lake: Lake, config: Config) -> list[dict[str, Any]]:
     decisions = [r.asDict() for r in lake.read("model_decisions").collect()]
     rows = report_rows(decisions)
     now = datetime.now(UTC)
-    columns = [c.strip().split(" ")[0] for c in SCHEMA.split(", ")]
-    data = [tuple(now if c == "reported_at" else r.get(c) for c in columns) for r in rows]
-    lake.write(lake.spark.createDataFrame(data, SCHEMA), "model_report", "append")
+    table = contract("model_report")
+    data = [tuple(now if c == "reported_at" else r.get(c) for c in table.names) for r in rows]
+    lake.write(lake.spark.createDataFrame(data, table.ddl()), "model_report", "append")
     return rows

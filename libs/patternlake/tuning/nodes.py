@@ -8,15 +8,6 @@ from typing import Any
 
 from patternlake.config import TuneSpaceConfig
 
-# one row per trial in the lake table teacher_tuning (columns in this order)
-TRIALS_SCHEMA = (
-    "study string, study_started timestamp, data_version bigint, item_index_version bigint, "
-    "trial int, state string, worker int, valid_ndcg_at_10 double, params bigint, "
-    "d_model int, n_heads int, n_layers int, dropout double, max_len int, lr double, "
-    "batch_size int, epochs_run int, best_epoch int, pruned_at_epoch int, "
-    "valid_ndcg_by_epoch array<double>, started timestamp, finished timestamp, "
-    "pareto boolean, chosen boolean, max_params bigint"
-)
 MODEL_KEYS = ("d_model", "n_heads", "n_layers", "dropout", "max_len")  # TeacherConfig fields
 SEARCHED = (*MODEL_KEYS, "lr", "batch_size")
 

@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from patternlake.config import Config, TuneConfig
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.lake.catalog import contract
 from patternlake.models.fit import build_spec, train_worker
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig
 from patternlake.registry import use_experiment
@@ -40,7 +41,6 @@ from patternlake.selection import choose, pareto_front, should_prune
 from patternlake.tuning.nodes import (
     MODEL_KEYS,
     SEARCHED,
-    TRIALS_SCHEMA,
     suggest,
 )
 
@@ -239,8 +239,8 @@ def tune_teacher(lake: Lake, config: Config) -> dict[str, Any]:
     for r in rows:
         r["pareto"] = any(r["trial"] == f["trial"] for f in front)
         r["chosen"] = r["trial"] == chosen["trial"]
-    schema = TRIALS_SCHEMA
-    columns = [c.strip().split(" ")[0] for c in schema.split(", ")]
+    table = contract(TABLE)
+    schema, columns = table.ddl(), table.names
     version = lake.write(
         lake.spark.createDataFrame([tuple(r[c] for c in columns) for r in rows], schema),
         TABLE,
