@@ -22,10 +22,10 @@ imports):
 
 * **stages**: one package per stage (or command), importing library modules and itself
   only: ``synthetic`` (generate), ``ingest``, ``quality`` (validate), ``features``
-  (featurize), ``segments`` (segment), ``patterns`` (mine), ``tuning`` (tune teacher),
-  ``training`` (train), ``students`` (distill, compress, models), ``evaluation`` (evaluate),
-  ``scoring`` (score), ``monitoring`` (monitor), ``privacy`` (forget), ``reporting``
-  (report). Stages talk through tables (and the model registry), never through each other's
+  (featurize), ``items`` (item stats), ``segments`` (segment), ``patterns`` (mine),
+  ``tuning`` (tune teacher), ``training`` (train), ``students`` (distill, compress, models),
+  ``evaluation`` (evaluate), ``scoring`` (score), ``monitoring`` (monitor), ``privacy``
+  (forget), ``reporting`` (report). Stages talk through tables (and the model registry), never through each other's
   code.
 
 * **shells** (``SHELLS``): ``pipeline`` (the stage declarations and the runner) and ``cli``;

@@ -182,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # CLI groups above stages with more than one word (``tune_teacher``: ``tune teacher``)
-GROUPS = {"tune": ("search model architectures and hyperparameters (Optuna)", "MODEL")}
+GROUPS = {
+    "tune": ("search model architectures and hyperparameters (Optuna)", "MODEL"),
+    "item": ("per-item tables for BI", "TABLE"),
+}
 
 
 def _add_stages(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:

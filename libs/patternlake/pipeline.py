@@ -185,6 +185,16 @@ STAGES: dict[str, Stage] = {
             ),
         ),
         Stage(
+            "item_stats",
+            "patternlake.items.stats:item_stats",
+            SPARK_LAKE_CONFIG,
+            inputs=("silver_events", "item_index"),
+            outputs=("item_stats",),
+            section="validate",  # its event types: validate.allowed_event_types
+            help="per-item events, users, share of each event type, first and last seen, "
+            "from silver_events, to item_stats (for BI; overwritten each run)",
+        ),
+        Stage(
             "segment",
             "patternlake.segments.kmeans:segment_users",
             SPARK_LAKE_CONFIG,

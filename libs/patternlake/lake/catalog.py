@@ -223,6 +223,15 @@ CONTRACTS: dict[str, Contract] = _catalog(
             "per-user activity features; share_<type>: one per validate.allowed_event_types",
         ),
         _contract(
+            "item_stats",
+            "item_stats",
+            "item_id string NOT NULL, item_idx int NOT NULL, events bigint NOT NULL, "
+            "users bigint NOT NULL, share_* double, first_seen timestamp, last_seen timestamp, "
+            "silver_version bigint NOT NULL, computed_at timestamp NOT NULL",
+            "per-item popularity for BI: events, distinct users, share_<type> (one per "
+            "validate.allowed_event_types), first and last event; overwritten each run",
+        ),
+        _contract(
             "segments",
             "segment",
             "user_id string NOT NULL, segment_id int NOT NULL, is_cold_start boolean, "
