@@ -129,6 +129,7 @@ def run_teacher(
             "test": metrics("test"),
             "best_epoch": result["best_epoch"],
             "epochs": len(result["history"]),
+            "stopped_by": "the epoch cap" if len(result["history"]) >= spec.epochs else "patience",
             "train_s": round(train_s, 1),
             "members": result["members"],
             "train_samples_per_s": result["samples_per_s"],
