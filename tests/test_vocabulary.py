@@ -21,15 +21,15 @@ from patternlake.sequences import (
 from patternlake.spark import delta_jars_loaded
 from tests.conftest import in_folder
 
-COLUMNS = (
-    "user_id string, item_seq array<int>, type_seq array<int>, gap_seq array<int>, "
-    "valid_item int, test_item int"
+COLUMNS = (  # the NOT NULL columns of user_sequences' contract (lake/catalog.py) and the split
+    "user_id string, n_events int, item_seq array<int>, type_seq array<int>, "
+    "gap_seq array<int>, time_seq array<bigint>, valid_item int, test_item int"
 )
 BUILT = SequenceVocabulary(("view", "cart", "buy"), max_len=40)
 
 
 def sequences(spark, *users: str):
-    rows = [(u, [1, 2, 3], [1, 3, 2], [0, 2, 7], 2, 3) for u in users]
+    rows = [(u, 3, [1, 2, 3], [1, 3, 2], [0, 2, 7], [0, 60, 700_000], 2, 3) for u in users]
     return spark.createDataFrame(rows, COLUMNS)
 
 

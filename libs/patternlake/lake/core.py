@@ -407,7 +407,7 @@ class Lake:
                     f"({CATALOG}) but the data holds a null; nothing was written"
                 )
                 col = F.when(col.isNull(), F.raise_error(F.lit(message))).otherwise(col)
-            cols.append(col.alias(f.name))
+            cols.append(col.alias(f.name, metadata=f.metadata))  # column metadata is kept
         if not messages:
             return df, []
         return df.select(*cols), list(messages.values())
