@@ -115,6 +115,20 @@ class SequentialTeacher(nn.Module):
         out[..., 0] = False
         return out
 
+    @staticmethod
+    def seen_candidates(
+        items: torch.Tensor, mask: torch.Tensor, cand: torch.Tensor
+    ) -> torch.Tensor:
+        """(M, C) bool: candidate c of the m-th masked position occurs in the window up to
+        that position -- ``seen(items)[mask].gather(1, cand)`` without the (B, L, N) mask
+        (sampled softmax serves catalogues too large for it)."""
+        B, L = items.shape
+        b, t = torch.nonzero(mask, as_tuple=True)  # the masked positions, in mask order
+        upto = torch.arange(L, device=items.device).unsqueeze(0) <= t.unsqueeze(1)  # (M, L)
+        prefix = torch.where(upto, items[b], torch.zeros((), dtype=items.dtype))  # (M, L)
+        hit = (cand.unsqueeze(2) == prefix.unsqueeze(1)).any(2)  # (M, C)
+        return hit & (cand != 0)
+
     def with_seen(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         return logits + self.seen_weight * seen.to(logits.dtype)
 
@@ -155,17 +169,18 @@ class SequentialTeacher(nn.Module):
         h = self.encode(items, types, gaps)  # (B, L, D)
         mask = targets > 0
         h, y = h[mask], targets[mask]  # (M, D), (M,)
-        seen = self.seen(items)[mask] if self.config.seen_bias else None  # (M, N)
         k = self.config.sampled_softmax
         if k <= 0:
-            logits = self.scores(h)
-            return F.cross_entropy(logits if seen is None else self.with_seen(logits, seen), y)
+            logits = self.scores(h)  # (M, N): the seen mask is as large as the logits
+            if self.config.seen_bias:
+                logits = self.with_seen(logits, self.seen(items)[mask])
+            return F.cross_entropy(logits, y)
         # sampled softmax: the true item plus k shared uniform negatives, logQ-corrected
         neg = torch.randint(1, self.config.n_items, (k,), device=h.device)
         cand = torch.cat([y.unsqueeze(1), neg.unsqueeze(0).expand(len(y), k)], dim=1)  # (M, 1+k)
         logits = (h.unsqueeze(1) * self.item_emb(cand)).sum(-1)  # (M, 1+k)
-        if seen is not None:
-            logits = self.with_seen(logits, seen.gather(1, cand))
+        if self.config.seen_bias:  # only the candidates' membership: never (B, L, N)
+            logits = self.with_seen(logits, self.seen_candidates(items, mask, cand))
         logits[:, 1:] = logits[:, 1:].masked_fill(cand[:, 1:] == y.unsqueeze(1), float("-inf"))
         return F.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
 
