@@ -79,11 +79,7 @@ class Student(nn.Module):
         in local ids); None without ``seen_bias``."""
         if not self.config.seen_bias:
             return None
-        local = self.local(items)
-        window = torch.zeros(len(local), self.config.n_items, dtype=torch.bool)
-        window = window.to(local.device).scatter_(1, local, True)
-        window[:, 0] = False
-        return window
+        return SequentialTeacher.window(self.local(items), self.config.n_items)
 
     def seen_positions(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """(B, L) global inputs -> (M, n_local) bool at the ``mask``-ed positions."""

@@ -6,8 +6,8 @@ after position t is ``h_t . E_j`` (plus, with ``seen_bias``, a learned scalar ``
 already occurs in the window up to t: whether users come back to an item differs between
 domains -- a film is rated once, a product viewed again before it is bought -- and the
 network learns it as one number from the training targets instead of spending attention on
-it; ``b`` starts at 0, so the feature costs nothing where it does not help). Trained with full-softmax cross-entropy over the whole
-catalogue, or a sampled softmax (uniform negatives, logQ-corrected) for large catalogues.
+it; ``b`` starts at 0, so the feature costs nothing where it does not help). Trained with
+full-softmax cross-entropy over the whole catalogue, or a sampled softmax (uniform negatives, logQ-corrected) for large catalogues.
 
 Shapes: B batch, L sequence length, D model width, N catalogue size (index 0 = padding).
 """
@@ -104,6 +104,15 @@ class SequentialTeacher(nn.Module):
         term (``last_scores``, ``position_scores`` and the loss add it)."""
         return hidden @ self.item_emb.weight.T
 
+    @staticmethod
+    def window(items: torch.Tensor, n_items: int) -> torch.Tensor:
+        """(B, L) inputs -> (B, n_items) bool: the items of each row's window (padding off);
+        the seen mask of the last position."""
+        out = torch.zeros(len(items), n_items, dtype=torch.bool, device=items.device)
+        out.scatter_(1, items, True)
+        out[:, 0] = False
+        return out
+
     def seen(self, items: torch.Tensor) -> torch.Tensor:
         """(B, L) left-padded inputs -> (B, L, N) bool: item j occurs at a position <= t."""
         B, L = items.shape
@@ -138,9 +147,7 @@ class SequentialTeacher(nn.Module):
         """Next-item scores after the last position: (B, N); padding scored -inf."""
         s = self.scores(self.encode(items, types, gaps)[:, -1])
         if self.config.seen_bias:
-            window = torch.zeros_like(s, dtype=torch.bool).scatter_(1, items, True)
-            window[:, 0] = False
-            s = self.with_seen(s, window)
+            s = self.with_seen(s, self.window(items, s.shape[-1]))
         s[:, 0] = float("-inf")
         return s
 

@@ -1,8 +1,9 @@
 """train_teacher: ``user_sequences`` (a pinned Delta version) -> the teacher model.
 
 Picks the backend from ``train.backend``, runs the one training function everywhere
-(``train.members`` times, from consecutive seeds, for an ensemble teacher), then logs the run to MLflow (params, per-epoch metrics, the Delta version trained on, the
-model with its signature) and registers it as ``teacher`` with alias ``candidate``.
+(``train.members`` times, from consecutive seeds, for an ensemble teacher), then logs the
+run to MLflow (params, per-epoch metrics, the Delta version trained on, the model with its
+signature) and registers it as ``teacher`` with alias ``candidate``.
 """
 
 from __future__ import annotations
