@@ -17,12 +17,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pyspark import StorageLevel
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
-from patternlake.features.nodes import new_item_index, user_features, user_histories, user_sequences
+from patternlake.features.nodes import (
+    appendable,
+    appended_features,
+    appended_sequences,
+    new_item_index,
+    stored_state,
+    unseen_items,
+    user_features,
+    user_histories,
+    user_sequences,
+)
 from patternlake.lake import Lake, batches_in_order
 from patternlake.lake.catalog import contract
 from patternlake.sequences import SequenceVocabulary, read_vocabulary
@@ -87,27 +97,27 @@ def featurize(
     n_new_items = lake.commit_rows("item_index", version)
     index = lake.read("item_index")
 
-    touched = (
-        events if full else events.join(fresh.select("user_id").distinct(), "user_id", "left_semi")
-    )
-    # one shuffle: every event of a touched user, grouped and sorted; both tables come from it
-    histories = user_histories(touched, index, types, conf.category_property).persist(
-        StorageLevel.MEMORY_AND_DISK
-    )
-    seqs = vocabulary.attach(user_sequences(histories, conf.max_history))
-    feats = user_features(histories, types, conf.session_gap_minutes, conf.top_categories)
     if full:
+        histories = user_histories(events, index, types, conf.category_property).persist(
+            StorageLevel.MEMORY_AND_DISK
+        )
+        seqs = vocabulary.attach(user_sequences(histories, conf.max_history))
+        feats = user_features(histories, types, conf.session_gap_minutes, conf.top_categories)
         version = lake.write(
             seqs, "user_sequences", "overwrite", overwrite_schema=True, commit_info=info
         )
         n_users = lake.commit_rows("user_sequences", version)
         lake.write(feats, "user_features", "overwrite", overwrite_schema=True, commit_info=info)
+        histories.unpersist()
     else:
-        with job_label(spark, "featurize: touched users"):
-            n_users = histories.count()
-        lake.merge(seqs, "user_sequences", keys=["user_id"], commit_info=info)
+        in_order = pending == order[len(order) - len(pending) :]
+        seqs, feats, n_users, cached = _incremental(
+            spark, lake, config, events, pending, index, in_order
+        )
+        lake.merge(vocabulary.attach(seqs), "user_sequences", keys=["user_id"], commit_info=info)
         lake.merge(feats, "user_features", keys=["user_id"], commit_info=info)
-    histories.unpersist()
+        for df in cached:
+            df.unpersist()
 
     now = datetime.now(UTC)
     log_rows = spark.createDataFrame(
@@ -126,3 +136,94 @@ def featurize(
         time.monotonic() - started,
     )
     return FeaturizeResult(mode, pending, n_new_items, n_users, silver_version)
+
+
+def _incremental(
+    spark: SparkSession,
+    lake: Lake,
+    config: Config,
+    events: DataFrame,
+    pending: list[str],
+    index: DataFrame,
+    in_order: bool,
+) -> tuple[DataFrame, DataFrame, int, list[DataFrame]]:
+    """The rows of every user the new batches touch, for merging: (sequences, features,
+    users, frames to unpersist after the merges).
+
+    A user whose new events all come after the stored history (the usual day) gets the new
+    events appended to the stored rows: the whole history is not read again. A new user is
+    built from the new events alone. A user with an event older than the stored history (late
+    data), and every user when a pending batch is ordered before a featurized one, is rebuilt
+    from the whole history in silver, as a full run does."""
+    conf = config.features
+    types = list(config.validate_.allowed_event_types)
+    gap, top = conf.session_gap_minutes, conf.top_categories
+
+    def rebuild(users: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
+        touched = events.join(users, "user_id", "left_semi")
+        hist = user_histories(touched, index, types, conf.category_property).persist(
+            StorageLevel.MEMORY_AND_DISK
+        )
+        return hist, user_sequences(hist, conf.max_history), user_features(hist, types, gap, top)
+
+    fresh = events.filter(F.col("_batch_id").isin(pending))
+    users = fresh.select("user_id").distinct()
+    if not in_order:
+        hist, seqs, feats = rebuild(F.broadcast(users))
+        with job_label(spark, "featurize: touched users"):
+            n_users = hist.count()
+        return _cached(seqs, feats, n_users, [hist])
+
+    new = user_histories(fresh, index, types, conf.category_property)
+    stored = stored_state(
+        lake.read("user_sequences", version=lake.version("user_sequences")),
+        lake.read("user_features", version=lake.version("user_features")),
+        types,
+    )
+    joined = new.join(stored, "user_id", "left").persist(StorageLevel.MEMORY_AND_DISK)
+    with job_label(spark, "featurize: touched users"):
+        n_users = joined.count()
+    ok = appendable(joined)
+    cached = [joined]
+    # the distinct-item count of a user whose stored sequence is cut (more than max_history
+    # events) needs the earlier items: look up the new (user, item) pairs in silver
+    cut = joined.filter(ok & (F.col("_s_n_events") > F.size("_s_item_seq"))).select("user_id")
+    unseen = None
+    with job_label(spark, "featurize: cut histories"):
+        any_cut = not cut.isEmpty()
+    if any_cut:
+        pairs = fresh.join(F.broadcast(cut), "user_id", "left_semi").select("user_id", "item_id")
+        pairs = pairs.distinct().persist(StorageLevel.MEMORY_AND_DISK)
+        with job_label(spark, "featurize: new (user, item) pairs"):
+            n_pairs = pairs.count()
+        earlier = events.filter(~F.col("_batch_id").isin(pending))
+        unseen = unseen_items(pairs, earlier, broadcast=n_pairs <= BROADCAST_PAIRS)
+        cached.append(pairs)
+    first_seen = joined.filter(F.col("_s_n_events").isNull()).select("user_id", "events")
+    seqs = appended_sequences(joined.filter(ok), conf.max_history).unionByName(
+        user_sequences(first_seen, conf.max_history)
+    )
+    feats = appended_features(joined.filter(ok), unseen, types, gap, top).unionByName(
+        user_features(first_seen, types, gap, top)
+    )
+    late = joined.filter(F.col("_s_n_events").isNotNull() & ~ok).select("user_id")
+    with job_label(spark, "featurize: late events"):
+        has_late = not late.isEmpty()
+    if has_late:
+        hist, late_seqs, late_feats = rebuild(late)
+        seqs, feats = seqs.unionByName(late_seqs), feats.unionByName(late_feats)
+        cached.append(hist)
+    return _cached(seqs, feats, n_users, cached)
+
+
+BROADCAST_PAIRS = 2_000_000  # new (user, item) pairs looked up without a shuffle of silver
+
+
+def _cached(
+    seqs: DataFrame, feats: DataFrame, n_users: int, cached: list[DataFrame]
+) -> tuple[DataFrame, DataFrame, int, list[DataFrame]]:
+    """Each merge reads its source several times (duplicate check, file lookup, rewrite):
+    the few touched users' rows are computed once."""
+    seqs = seqs.persist(StorageLevel.MEMORY_AND_DISK)
+    feats = feats.persist(StorageLevel.MEMORY_AND_DISK)
+    return seqs, feats, n_users, [*cached, seqs, feats]

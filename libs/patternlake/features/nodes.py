@@ -133,6 +133,91 @@ def user_sequences(histories: DataFrame, max_len: int) -> DataFrame:
     )
 
 
+def _category_counts(events: Column) -> Column:
+    """Counts per category of an event array, as (category, n) structs sorted by category."""
+    cats = F.filter(F.transform(events, lambda e: e["c"]), lambda c: c.isNotNull())
+    return F.transform(
+        F.array_sort(F.array_distinct(cats)),
+        lambda k: F.struct(
+            k.alias("category"), F.size(F.filter(cats, lambda c: c == k)).cast("long").alias("n")
+        ),
+    )
+
+
+def _top_categories(counts: Column, top_categories: int) -> Column:
+    """The ``top_categories`` categories of (category, n) structs: by count, then name."""
+    if top_categories <= 0:
+        return F.array().cast("array<string>")
+    ranked = F.sort_array(
+        F.transform(
+            counts, lambda s: F.struct((-s["n"]).alias("m"), s["category"].alias("category"))
+        )
+    )
+    return F.slice(F.transform(ranked, lambda r: r["category"]), 1, top_categories)
+
+
+def _mean_gap_hours(first_micros: Column, last_micros: Column, n: Column) -> Column:
+    """Mean seconds between consecutive events, in hours: the gaps telescope to last - first,
+    so a full rebuild and an appended history give the same double, bit for bit."""
+    return F.when(n > 1, (last_micros - first_micros) / 1e6 / ((n - 1) * F.lit(3600.0))).otherwise(
+        F.lit(0.0)
+    )
+
+
+def _day(micros: Column) -> Column:
+    return F.floor(micros / 86_400_000_000)
+
+
+def _gaps_seconds(events: Column, previous_micros: Column | None) -> Column:
+    """Seconds from each event to the one before it. ``previous_micros`` is the time of the
+    event before the array's first (an appended history's stored last event); without it,
+    the first event has no gap and the array is one shorter than ``events``."""
+    if previous_micros is not None:
+        return F.transform(
+            events,
+            lambda e, i: (
+                (
+                    e["t"]
+                    - F.when(i == 0, previous_micros).otherwise(
+                        events[F.greatest(i - 1, F.lit(0))]["t"]
+                    )
+                )
+                / 1e6
+            ),
+        )
+    n = F.size(events)
+    # element i of the tail minus element i of the whole (direct access: linear, not quadratic)
+    secs = F.transform(
+        F.slice(events, 2, F.greatest(n - 1, F.lit(1))),
+        lambda e, i: (e["t"] - events[i]["t"]) / 1e6,
+    )
+    return F.when(n > 1, secs).otherwise(F.array().cast("array<double>"))
+
+
+def _type_counts(events: Column, event_types: list[str]) -> list[Column]:
+    type_ids = F.transform(events, lambda e: e["type"])
+    return [F.size(F.filter(type_ids, _is_type(k + 1))) for k in range(len(event_types))]
+
+
+def _finish_features(df: DataFrame, event_types: list[str]) -> DataFrame:
+    """Columns derived from the counts, in the contract's order."""
+    return df.select(
+        "user_id",
+        "n_events",
+        "n_items",
+        "first_event_time",
+        "last_event_time",
+        "active_days",
+        "n_sessions",
+        "mean_gap_hours",
+        *[(F.col(f"_n_{name}") / F.col("n_events")).alias(f"share_{name}") for name in event_types],
+        (F.col("n_items") / F.col("n_events")).alias("diversity"),
+        (F.col("n_events") / F.col("n_sessions")).alias("events_per_session"),
+        "category_counts",
+        "top_categories",
+    )
+
+
 def user_features(
     histories: DataFrame,
     event_types: list[str],
@@ -142,59 +227,170 @@ def user_features(
     """Activity, recency inputs, session stats, diversity, event-type mix, categories — all
     from the history arrays of ``user_histories`` (no second pass over the events)."""
     gap_s = session_gap_minutes * 60
-    n = F.size("events")
-    # seconds between consecutive events: element i of the tail minus element i of the whole
-    # (direct array access: linear in the history, not quadratic)
-    secs = F.transform(
-        F.slice("events", 2, F.greatest(n - 1, F.lit(1))),
-        lambda e, i: (e["t"] - F.col("events")[i]["t"]) / 1e6,
-    )
-    secs = F.when(n > 1, secs).otherwise(F.array().cast("array<double>"))
-    type_ids = F.transform("events", lambda e: e["type"])
-    mix = [
-        (F.size(F.filter(type_ids, _is_type(k + 1))) / n).alias(f"share_{name}")
-        for k, name in enumerate(event_types)
-    ]
-    # categories: counts per category (keys sorted), then the top ones by count, then name
-    cats = F.filter(F.transform("events", lambda e: e["c"]), lambda c: c.isNotNull())
-    counts = F.transform(
-        F.array_sort(F.array_distinct(cats)),
-        lambda k: F.struct(
-            k.alias("category"), F.size(F.filter(cats, lambda c: c == k)).cast("long").alias("n")
-        ),
-    )
-    ranked = F.sort_array(
-        F.transform(
-            counts, lambda s: F.struct((-s["n"]).alias("m"), s["category"].alias("category"))
-        )
-    )
-    top = (
-        F.slice(F.transform(ranked, lambda r: r["category"]), 1, top_categories)
-        if top_categories > 0
-        else F.array().cast("array<string>")
-    )
+    events = F.col("events")
+    n = F.size(events)
+    first, last = F.element_at(events, 1)["t"], F.element_at(events, -1)["t"]
+    counts = _category_counts(events)
     base = histories.select(
         "user_id",
         n.alias("n_events"),
-        F.size(F.array_distinct(F.transform("events", lambda e: e["item"]))).alias("n_items"),
-        F.timestamp_micros(F.element_at("events", 1)["t"]).alias("first_event_time"),
-        F.timestamp_micros(F.element_at("events", -1)["t"]).alias("last_event_time"),
-        F.size(
-            F.array_distinct(F.transform("events", lambda e: F.floor(e["t"] / 86_400_000_000)))
-        ).alias("active_days"),
-        (F.size(F.filter(secs, lambda s: s >= gap_s)) + 1).alias("n_sessions"),
-        F.coalesce(
-            F.try_divide(F.aggregate(secs, F.lit(0.0), lambda a, s: a + s), F.size(secs) * 3600),
-            F.lit(0.0),
-        ).alias("mean_gap_hours"),
-        *mix,
+        F.size(F.array_distinct(F.transform(events, lambda e: e["item"]))).alias("n_items"),
+        F.timestamp_micros(first).alias("first_event_time"),
+        F.timestamp_micros(last).alias("last_event_time"),
+        F.size(F.array_distinct(F.transform(events, lambda e: _day(e["t"])))).alias("active_days"),
+        (F.size(F.filter(_gaps_seconds(events, None), lambda s: s >= gap_s)) + 1).alias(
+            "n_sessions"
+        ),
+        _mean_gap_hours(first, last, n).alias("mean_gap_hours"),
+        *[
+            c.alias(f"_n_{name}")
+            for c, name in zip(_type_counts(events, event_types), event_types, strict=True)
+        ],
         F.map_from_entries(counts).alias("category_counts"),
-        top.alias("top_categories"),
+        _top_categories(counts, top_categories).alias("top_categories"),
     )
-    return base.select(
-        *[c for c in base.columns if c not in ("category_counts", "top_categories")],
-        (F.col("n_items") / F.col("n_events")).alias("diversity"),
-        (F.col("n_events") / F.col("n_sessions")).alias("events_per_session"),
-        "category_counts",
-        "top_categories",
+    return _finish_features(base, event_types)
+
+
+# --- appending new events to stored histories (the incremental day) ----------------------
+
+STORED_COLUMNS = ("n_events", "n_items", "first_event_time", "last_event_time", "active_days")
+
+
+def stored_state(sequences: DataFrame, features: DataFrame, event_types: list[str]) -> DataFrame:
+    """What appending needs of a user's stored rows: the kept sequence arrays and the
+    features' counts (event-type counts recovered exactly from the shares: round(share * n))."""
+    feats = features.select(
+        "user_id",
+        *[F.col(c).alias(f"_s_{c}") for c in (*STORED_COLUMNS, "n_sessions", "category_counts")],
+        *[
+            F.round(F.col(f"share_{name}") * F.col("n_events")).cast("int").alias(f"_s_n_{name}")
+            for name in event_types
+        ],
+    )
+    seqs = sequences.select(
+        "user_id",
+        *[F.col(c).alias(f"_s_{c}") for c in ("item_seq", "type_seq", "gap_seq", "time_seq")],
+    )
+    return feats.join(seqs, "user_id")
+
+
+def appendable(joined: DataFrame) -> Column:
+    """A stored user whose new events all sort after the stored ones: the earliest new event
+    is not before the stored last event (a tie sorts after it: the new batch is later)."""
+    return F.col("_s_n_events").isNotNull() & (
+        F.element_at("events", 1)["t"] >= F.unix_micros(F.col("_s_last_event_time"))
+    )
+
+
+def appended_sequences(joined: DataFrame, max_len: int) -> DataFrame:
+    """``user_sequences`` rows of appendable users: the stored arrays followed by the new
+    events, the last ``max_len`` kept — what ``user_sequences`` of the whole history gives."""
+    events = F.col("events")
+    last = F.unix_micros(F.col("_s_last_event_time"))
+    new_gaps = F.transform(_gaps_seconds(events, last), lambda s: gap_bucket(s))
+
+    def keep(stored: str, new: Column) -> Column:
+        both = F.concat(F.col(stored), new)
+        return F.slice(both, F.greatest(F.size(both) - max_len + 1, F.lit(1)), max_len)
+
+    df = joined.select(
+        "user_id",
+        (F.col("_s_n_events") + F.size(events)).cast("int").alias("n_events"),
+        keep("_s_item_seq", F.transform(events, lambda e: e["item"])).alias("item_seq"),
+        keep("_s_type_seq", F.transform(events, lambda e: e["type"])).alias("type_seq"),
+        keep("_s_gap_seq", new_gaps).alias("gap_seq"),
+        keep("_s_time_seq", F.transform(events, lambda e: (e["t"] / 1_000_000).cast("long"))).alias(
+            "time_seq"
+        ),
+        F.timestamp_micros(F.element_at(events, -1)["t"]).alias("last_event_time"),
+    )
+    evaluable = F.col("n_events") >= MIN_EVALUATED_EVENTS
+    return df.select(
+        "user_id",
+        "n_events",
+        "item_seq",
+        "type_seq",
+        "gap_seq",
+        "time_seq",
+        F.when(evaluable, F.element_at("item_seq", -2)).alias("valid_item"),
+        F.when(evaluable, F.element_at("item_seq", -1)).alias("test_item"),
+        "last_event_time",
+    )
+
+
+def appended_features(
+    joined: DataFrame,
+    unseen_items: DataFrame | None,
+    event_types: list[str],
+    session_gap_minutes: int,
+    top_categories: int,
+) -> DataFrame:
+    """``user_features`` rows of appendable users from their stored counts and the new
+    events. A user's distinct items come from the stored sequence when it holds the whole
+    history, else from ``unseen_items`` (user_id, n_unseen: the distinct new items the user
+    had not had before; needed only for users whose sequence is cut at max_history). Gives
+    what ``user_features`` of the whole history gives."""
+    gap_s = session_gap_minutes * 60
+    events = F.col("events")
+    last_before = F.unix_micros(F.col("_s_last_event_time"))
+    first = F.unix_micros(F.col("_s_first_event_time"))
+    last = F.element_at(events, -1)["t"]
+    n = F.col("_s_n_events") + F.size(events)
+    new_days = F.array_distinct(F.transform(events, lambda e: _day(e["t"])))
+    stored_counts = F.col("_s_category_counts")
+    new_counts = F.map_from_entries(_category_counts(events))
+    merged = F.map_zip_with(
+        stored_counts,
+        new_counts,
+        lambda _k, a, b: F.coalesce(a, F.lit(0)) + F.coalesce(b, F.lit(0)),
+    )
+    counts = F.transform(
+        F.array_sort(F.map_entries(merged)),
+        lambda e: F.struct(e["key"].alias("category"), e["value"].alias("n")),
+    )
+    whole = F.col("_s_n_events") == F.size("_s_item_seq")
+    items = F.concat("_s_item_seq", F.transform(events, lambda e: e["item"]))
+    if unseen_items is None:
+        joined = joined.withColumn("n_unseen", F.lit(None).cast("long"))
+    else:
+        joined = joined.join(unseen_items, "user_id", "left")
+    n_items = F.when(whole, F.size(F.array_distinct(items))).otherwise(
+        F.col("_s_n_items") + F.coalesce("n_unseen", F.lit(0))
+    )
+    base = joined.select(
+        "user_id",
+        n.cast("int").alias("n_events"),
+        n_items.cast("int").alias("n_items"),
+        F.col("_s_first_event_time").alias("first_event_time"),
+        F.timestamp_micros(last).alias("last_event_time"),
+        (
+            F.col("_s_active_days") + F.size(F.array_except(new_days, F.array(_day(last_before))))
+        ).alias("active_days"),
+        (
+            F.col("_s_n_sessions")
+            + F.size(F.filter(_gaps_seconds(events, last_before), lambda s: s >= gap_s))
+        ).alias("n_sessions"),
+        _mean_gap_hours(first, last, n).alias("mean_gap_hours"),
+        *[
+            (F.col(f"_s_n_{name}") + c).alias(f"_n_{name}")
+            for c, name in zip(_type_counts(events, event_types), event_types, strict=True)
+        ],
+        F.map_from_entries(counts).alias("category_counts"),
+        _top_categories(counts, top_categories).alias("top_categories"),
+    )
+    return _finish_features(base, event_types)
+
+
+def unseen_items(pairs: DataFrame, earlier_events: DataFrame, broadcast: bool) -> DataFrame:
+    """(user_id, n_unseen): per user, the (user_id, item_id) ``pairs`` (distinct) that
+    ``earlier_events`` does not hold. Reads two columns of the earlier events; with
+    ``broadcast`` (few pairs), looks them up without shuffling the earlier events."""
+    seen = earlier_events.select("user_id", "item_id").join(
+        F.broadcast(pairs) if broadcast else pairs, ["user_id", "item_id"], "left_semi"
+    )
+    return (
+        pairs.join(seen.distinct(), ["user_id", "item_id"], "left_anti")
+        .groupBy("user_id")
+        .agg(F.count(F.lit(1)).alias("n_unseen"))
     )
