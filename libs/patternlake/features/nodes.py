@@ -35,10 +35,6 @@ def new_item_index(events: DataFrame, existing: DataFrame | None) -> DataFrame:
     )
 
 
-def _is_type(type_idx: int):  # a one-argument lambda (Spark reads a second one as the index)
-    return lambda t: t == type_idx
-
-
 def gap_bucket(seconds: Column) -> Column:
     out = F.lit(len(GAP_EDGES) + 1)
     for i, edge in reversed(list(enumerate(GAP_EDGES))):
@@ -80,17 +76,15 @@ def user_histories(
             category.alias("c"),
         ).alias("e"),
     )
-    ordered = F.sort_array(F.collect_list("e"))
     # the tie-break fields (batch, file, position, id) only order the events: drop them after
     # the sort, so the cached histories hold time, item, type and category only (the file
-    # path and id strings were most of each event's bytes; 30M events ran out of a 4 GB heap)
-    slim = F.transform(
-        ordered,
-        lambda e: F.struct(
-            e["t"].alias("t"), e["item"].alias("item"), e["type"].alias("type"), e["c"].alias("c")
-        ),
+    # path and id strings were most of each event's bytes; 30M events ran out of a 4 GB heap).
+    # Field access on an array of structs and arrays_zip are compiled; a lambda is not.
+    grouped = ev.groupBy("user_id").agg(F.sort_array(F.collect_list("e")).alias("_sorted"))
+    o = F.col("_sorted")
+    return grouped.select(
+        "user_id", F.arrays_zip(o["t"], o["item"], o["type"], o["c"]).alias("events")
     )
-    return ev.groupBy("user_id").agg(slim.alias("events"))
 
 
 def user_sequences(histories: DataFrame, max_len: int) -> DataFrame:
@@ -119,27 +113,24 @@ def user_sequences(histories: DataFrame, max_len: int) -> DataFrame:
     return df.select(
         "user_id",
         "n_events",
-        F.transform("kept", lambda e: e["item"]).alias("item_seq"),
-        F.transform("kept", lambda e: e["type"]).alias("type_seq"),
+        F.col("kept")["item"].alias("item_seq"),
+        F.col("kept")["type"].alias("type_seq"),
         "gap_seq",
-        F.transform("kept", lambda e: (e["t"] / 1_000_000).cast("long")).alias("time_seq"),
-        F.when(evaluable, F.element_at(F.transform("kept", lambda e: e["item"]), -2)).alias(
-            "valid_item"
-        ),
-        F.when(evaluable, F.element_at(F.transform("kept", lambda e: e["item"]), -1)).alias(
-            "test_item"
-        ),
+        F.transform(F.col("kept")["t"], lambda t: (t / 1_000_000).cast("long")).alias("time_seq"),
+        F.when(evaluable, F.element_at("kept", -2)["item"]).alias("valid_item"),
+        F.when(evaluable, F.element_at("kept", -1)["item"]).alias("test_item"),
         F.timestamp_micros(F.element_at("kept", -1)["t"]).alias("last_event_time"),
     )
 
 
 def _category_counts(events: Column) -> Column:
     """Counts per category of an event array, as (category, n) structs sorted by category."""
-    cats = F.filter(F.transform(events, lambda e: e["c"]), lambda c: c.isNotNull())
+    cats = F.array_compact(events["c"])
     return F.transform(
         F.array_sort(F.array_distinct(cats)),
         lambda k: F.struct(
-            k.alias("category"), F.size(F.filter(cats, lambda c: c == k)).cast("long").alias("n")
+            k.alias("category"),
+            (F.size(cats) - F.size(F.array_remove(cats, k))).cast("long").alias("n"),
         ),
     )
 
@@ -153,7 +144,7 @@ def _top_categories(counts: Column, top_categories: int) -> Column:
             counts, lambda s: F.struct((-s["n"]).alias("m"), s["category"].alias("category"))
         )
     )
-    return F.slice(F.transform(ranked, lambda r: r["category"]), 1, top_categories)
+    return F.slice(ranked["category"], 1, top_categories)
 
 
 def _mean_gap_hours(first_micros: Column, last_micros: Column, n: Column) -> Column:
@@ -195,8 +186,11 @@ def _gaps_seconds(events: Column, previous_micros: Column | None) -> Column:
 
 
 def _type_counts(events: Column, event_types: list[str]) -> list[Column]:
-    type_ids = F.transform(events, lambda e: e["type"])
-    return [F.size(F.filter(type_ids, _is_type(k + 1))) for k in range(len(event_types))]
+    """Events of each type: the array's size less its size without that type (compiled
+    array functions, no per-element lambda)."""
+    type_ids = events["type"]
+    n = F.size(type_ids)
+    return [n - F.size(F.array_remove(type_ids, k + 1)) for k in range(len(event_types))]
 
 
 def _finish_features(df: DataFrame, event_types: list[str]) -> DataFrame:
@@ -234,10 +228,10 @@ def user_features(
     base = histories.select(
         "user_id",
         n.alias("n_events"),
-        F.size(F.array_distinct(F.transform(events, lambda e: e["item"]))).alias("n_items"),
+        F.size(F.array_distinct(events["item"])).alias("n_items"),
         F.timestamp_micros(first).alias("first_event_time"),
         F.timestamp_micros(last).alias("last_event_time"),
-        F.size(F.array_distinct(F.transform(events, lambda e: _day(e["t"])))).alias("active_days"),
+        F.size(F.array_distinct(F.transform(events["t"], _day))).alias("active_days"),
         (F.size(F.filter(_gaps_seconds(events, None), lambda s: s >= gap_s)) + 1).alias(
             "n_sessions"
         ),
@@ -288,7 +282,7 @@ def appended_sequences(joined: DataFrame, max_len: int) -> DataFrame:
     events, the last ``max_len`` kept — what ``user_sequences`` of the whole history gives."""
     events = F.col("events")
     last = F.unix_micros(F.col("_s_last_event_time"))
-    new_gaps = F.transform(_gaps_seconds(events, last), lambda s: gap_bucket(s))
+    new_gaps = F.transform(_gaps_seconds(events, last), gap_bucket)
 
     def keep(stored: str, new: Column) -> Column:
         both = F.concat(F.col(stored), new)
@@ -297,10 +291,10 @@ def appended_sequences(joined: DataFrame, max_len: int) -> DataFrame:
     df = joined.select(
         "user_id",
         (F.col("_s_n_events") + F.size(events)).cast("int").alias("n_events"),
-        keep("_s_item_seq", F.transform(events, lambda e: e["item"])).alias("item_seq"),
-        keep("_s_type_seq", F.transform(events, lambda e: e["type"])).alias("type_seq"),
+        keep("_s_item_seq", events["item"]).alias("item_seq"),
+        keep("_s_type_seq", events["type"]).alias("type_seq"),
         keep("_s_gap_seq", new_gaps).alias("gap_seq"),
-        keep("_s_time_seq", F.transform(events, lambda e: (e["t"] / 1_000_000).cast("long"))).alias(
+        keep("_s_time_seq", F.transform(events["t"], lambda t: (t / 1_000_000).cast("long"))).alias(
             "time_seq"
         ),
         F.timestamp_micros(F.element_at(events, -1)["t"]).alias("last_event_time"),
@@ -337,7 +331,7 @@ def appended_features(
     first = F.unix_micros(F.col("_s_first_event_time"))
     last = F.element_at(events, -1)["t"]
     n = F.col("_s_n_events") + F.size(events)
-    new_days = F.array_distinct(F.transform(events, lambda e: _day(e["t"])))
+    new_days = F.array_distinct(F.transform(events["t"], _day))
     stored_counts = F.col("_s_category_counts")
     new_counts = F.map_from_entries(_category_counts(events))
     merged = F.map_zip_with(
@@ -350,7 +344,7 @@ def appended_features(
         lambda e: F.struct(e["key"].alias("category"), e["value"].alias("n")),
     )
     whole = F.col("_s_n_events") == F.size("_s_item_seq")
-    items = F.concat("_s_item_seq", F.transform(events, lambda e: e["item"]))
+    items = F.concat("_s_item_seq", events["item"])
     if unseen_items is None:
         joined = joined.withColumn("n_unseen", F.lit(None).cast("long"))
     else:
