@@ -220,10 +220,21 @@ def _map_columns(df: DataFrame, mapping: dict[str, str], explicit: set[str]) -> 
     used = {c for c in chosen.values() if c}
     prop_cols = [c for c in columns if c not in used]
     if prop_cols:
-        pairs: list[Column] = []
-        for c in prop_cols:
-            pairs += [F.lit(c), F.col(f"`{c}`")]
-        props = F.map_filter(F.create_map(*pairs), lambda k, v: v.isNotNull())
+        # the non-null values only, in column order; array_except drops the nulls with
+        # compiled code (map_filter's lambda is interpreted per entry: ~20% of the ingest)
+        entry = "struct<key:string,value:string>"
+        entries = F.array(
+            *[
+                F.when(
+                    F.col(f"`{c}`").isNotNull(),
+                    F.struct(F.lit(c).alias("key"), F.col(f"`{c}`").alias("value")),
+                )
+                for c in prop_cols
+            ]
+        )
+        props = F.map_from_entries(F.array_except(entries, F.array(F.lit(None).cast(entry)))).cast(
+            "map<string,string>"
+        )
     else:
         props = F.create_map().cast("map<string,string>")
     out = [
