@@ -268,13 +268,7 @@ class DeltaRsEngine:
                         uri, before, files, lambda rows: rows.join(source_keys, keys, "left_semi")
                     )
                 target = self._read_files(uri, schema, touched)
-                names = schema.fieldNames()
-                kept = target.join(source_keys, keys, "left_anti")
-                updated = target.select(*keys).join(df, keys, "inner").select(*names)
-                inserted = df.join(target.select(*keys), keys, "left_anti")
-                adds = self._stage(
-                    flight, kept.unionByName(updated).unionByName(inserted), uri, partition_by
-                )
+                adds = self._stage(flight, _upserted(target, df, keys, schema), uri, partition_by)
                 info = {"patternlake.rewritten_files": str(len(touched))}
                 if add_columns is not None:
                     return _Plan(adds, "overwrite", schema, None, info, flight.undo(adds))
@@ -627,6 +621,34 @@ class _StagedWriter:
     alive: bool
     published: list[str]
     newest: float  # newest modification time of anything in the folder (epoch seconds)
+
+
+def _upserted(
+    target: DataFrame, source: DataFrame, keys: list[str], schema: StructType
+) -> DataFrame:
+    """The rewritten files' rows after an upsert, in one full outer join (one shuffle of each
+    side): a target row that a source row matches takes the source row's values, others stay;
+    source rows that match nothing are added. Keys compare with ``=`` (null matches nothing)."""
+    names = schema.fieldNames()
+    t = target.select(*[F.col(f"`{n}`").alias(f"_pl_t{i}") for i, n in enumerate(names)])
+    s = source.select(
+        *[F.col(f"`{n}`").alias(f"_pl_s{i}") for i, n in enumerate(names)],
+        F.lit(True).alias("_pl_in_source"),
+    )
+    position = {n.lower(): i for i, n in enumerate(names)}
+    on = None
+    for k in keys:
+        i = position[k.lower()]
+        eq = t[f"_pl_t{i}"] == s[f"_pl_s{i}"]
+        on = eq if on is None else on & eq
+    joined = t.join(s, on, "full_outer")
+    matched = F.col("_pl_in_source").isNotNull()
+    return joined.select(
+        *[
+            F.when(matched, F.col(f"_pl_s{i}")).otherwise(F.col(f"_pl_t{i}")).alias(n)
+            for i, n in enumerate(names)
+        ]
+    )
 
 
 def _staged_writers(fs: pafs.FileSystem, table_path: str) -> list[_StagedWriter]:
