@@ -131,15 +131,15 @@ def test_cooccurrence_rules_ignore_order_and_keep_one_item_consequents(spark):
 
 def test_best_rules_apply_thresholds_rank_by_lift_then_confidence_and_cap():
     rules = [
-        ([1], 2, 5, 0.50, 2.0, 0.1),
-        ([1], 3, 5, 0.90, 2.0, 0.1),  # same lift, more confidence: first
+        ([1], 2, 9, 0.50, 2.0, 0.1),
+        ([1], 3, 5, 0.90, 2.0, 0.1),  # same lift, more confidence (fewer sessions): first
         ([2], 3, 9, 0.50, 3.0, 0.1),  # best lift
         ([3], 4, 9, 0.20, 9.0, 0.1),  # confidence too low
         ([4], 5, 9, 0.90, 1.1, 0.1),  # lift too low
-        ([0], 2, 5, 0.50, 2.0, 0.1),  # ties with [1] -> 2 but for the items: before it
+        ([0], 4, 9, 0.50, 2.0, 0.1),  # ties with [1] -> 2 but for the items: antecedent first
     ]
     got = best_rules(rules, min_confidence=0.3, min_lift=1.5, max_rules=10)
-    assert [(r[0], r[1]) for r in got] == [([2], 3), ([1], 3), ([0], 2), ([1], 2)]
+    assert [(r[0], r[1]) for r in got] == [([2], 3), ([1], 3), ([0], 4), ([1], 2)]
     assert [(r[0], r[1]) for r in best_rules(rules, 0.3, 1.5, max_rules=2)] == [([2], 3), ([1], 3)]
 
 

@@ -141,19 +141,20 @@ def test_previous_centroids_of_the_last_version_when_the_features_match(spark):
 
 
 def test_stable_ids_match_in_the_new_standardized_space():
-    # raw previous centroids A = (10, 0), B = (0, 1); the new scale is std (10, 1), so in
-    # the new standardized space A = (1, 0) and B = (0, 1)
-    previous = {5: np.array([10.0, 0.0]), 6: np.array([0.0, 1.0])}
-    centers = np.array([[1.0, 0.1], [0.1, 1.0]])
-    relabel, matched = stable_ids(centers, previous, np.zeros(2), np.array([10.0, 1.0]))
-    # cluster 0 is 0.1 from A (matched unscaled, it would be nearer B: 1.35 vs 9.0)
+    # raw previous centroids A = (4, 0), B = (0, 1); the new scale is std (4, 1), so in the
+    # new standardized space A = (1, 0) and B = (0, 1)
+    previous = {5: np.array([4.0, 0.0]), 6: np.array([0.0, 1.0])}
+    centers = np.array([[1.0, 0.0], [2.0, 2.0]])
+    relabel, matched = stable_ids(centers, previous, np.zeros(2), np.array([4.0, 1.0]))
+    # standardized: 0 -> A, 1 -> B costs 0 + sqrt(5) = 2.24, the swap sqrt(2) + sqrt(5) = 3.65;
+    # matched against the raw centroids the swap would win (sqrt(2) + sqrt(8) = 4.24 < 3 + sqrt(5))
     assert matched and relabel == {0: 5, 1: 6}
 
 
 def test_stable_ids_without_a_previous_model_follow_the_centroid_order():
-    centers = np.array([[1.0, 0.0], [0.0, 5.0], [0.0, 1.0]])
-    # sorted by coordinates: (0, 1) cluster 2, (0, 5) cluster 1, (1, 0) cluster 0
-    assert stable_ids(centers, None, np.zeros(2), np.ones(2)) == ({2: 1, 1: 2, 0: 3}, False)
+    centers = np.array([[0.0, 5.0], [1.0, 0.0], [0.0, 1.0]])
+    # sorted by coordinates: (0, 1) cluster 2, (0, 5) cluster 0, (1, 0) cluster 1
+    assert stable_ids(centers, None, np.zeros(2), np.ones(2)) == ({2: 1, 0: 2, 1: 3}, False)
 
 
 def test_assign_segments_relabels_and_measures_the_distance_to_the_centroid(spark):
