@@ -7,7 +7,8 @@ from patternlake.features.featurize import featurize
 from patternlake.ingest.bronze import ingest
 from patternlake.lake import Lake
 from patternlake.quality.validate import validate_pending
-from patternlake.segments.kmeans import COLD_START, _stable_ids, segment_users
+from patternlake.segments.kmeans import COLD_START, segment_users
+from patternlake.segments.nodes import stable_ids
 from tests.conftest import with_overrides
 
 
@@ -79,12 +80,12 @@ def test_new_centroids_take_the_ids_of_the_nearest_previous_ones():
     mean, std = np.zeros(2), np.ones(2)
     # KMeans found the same clusters, numbered differently and moved a little
     centers = np.array([[0.5, 9.5], [0.2, -0.3], [9.8, 0.4]])
-    relabel, matched = _stable_ids(centers, previous, mean, std)
+    relabel, matched = stable_ids(centers, previous, mean, std)
     assert matched and relabel == {0: 3, 1: 1, 2: 2}
     # one cluster more than before: it gets a new id, the others keep theirs
     grown = np.vstack([centers, [[20.0, 20.0]]])
-    relabel, _ = _stable_ids(grown, previous, mean, std)
+    relabel, _ = stable_ids(grown, previous, mean, std)
     assert relabel == {0: 3, 1: 1, 2: 2, 3: 4}
     # no previous model: ids 1..k in a deterministic centroid order
-    first, matched = _stable_ids(centers, None, mean, std)
+    first, matched = stable_ids(centers, None, mean, std)
     assert not matched and sorted(first.values()) == [1, 2, 3]

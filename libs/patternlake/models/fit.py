@@ -293,6 +293,61 @@ def train_worker(
     epoch; it may raise to stop training (the tuner's pruning; single-process use only)."""
     spec = TrainSpec(**spec_dict)
     comm = _Comm(spec.backend)
+    run = _build(spec, comm)
+    ckpt_dir = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
+    state, resumed_from = _resume(run, ckpt_dir)
+    # rank 0's view of where the run stands wins (every rank then runs the same epochs)
+    state = comm.broadcast_object(state)
+    run.train_model = _distribute(run, state)
+    valid = validation_set(spec, run.cfg) if comm.rank == 0 else None
+    samples, train_seconds, diverged = _epochs(run, state, ckpt_dir, valid, on_epoch)
+
+    total_samples = comm.allreduce_sum(float(samples))
+    result = None
+    if comm.rank == 0:
+        result = {
+            "history": state["history"],
+            "best_epoch": state["best_epoch"],
+            "best_valid_ndcg@10": state["best"],
+            "best_path": str(ckpt_dir / "best.pt") if ckpt_dir else "",
+            "world": comm.world,
+            "backend": spec.backend,
+            "device": str(run.device),
+            # samples = training interactions predicted (window positions with a target), the
+            # unit peers such as RecBole count (one sample = one target interaction)
+            "samples_per_s": round(total_samples / train_seconds, 1) if train_seconds else 0.0,
+            "resumed_from": resumed_from,
+            "params": run.model.num_params(),
+            "diverged": diverged,
+        }
+        if spec.result_path:
+            Path(spec.result_path).write_text(json.dumps(result))
+    # every rank returns rank 0's result: TorchDistributor keeps whichever rank writes last
+    result = comm.broadcast_object(result)
+    comm.close()
+    return result
+
+
+@dataclass
+class _Run:
+    """One process's training: its model (``train_model``: wrapped for DDP, else the model
+    itself), optimizer, schedule, average and shard of the data."""
+
+    spec: TrainSpec
+    comm: _Comm
+    device: torch.device
+    cfg: TeacherConfig
+    model: SequentialTeacher
+    opt: Any  # AdamW, or Horovod's DistributedOptimizer around it
+    sched: Any
+    ema: WeightAverage | None
+    data: ShardedSequences
+    train_model: torch.nn.Module | None = None
+
+
+def _build(spec: TrainSpec, comm: _Comm) -> _Run:
+    """Seeds, device, model, optimizer, this process's shard and the schedule, in the same
+    order on every rank (the same seed gives every rank the same initial weights)."""
     torch.set_num_threads(max(1, spec.threads))
     torch.manual_seed(spec.seed)
     np.random.seed(spec.seed)
@@ -325,96 +380,80 @@ def train_worker(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_schedule(spec.schedule, spec.warmup_steps, total_steps, spec.min_lr_ratio)
     )
-
     ema = WeightAverage(model, spec.ema_decay) if spec.ema_decay > 0 else None
-    state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "history": [], "bad_epochs": 0}
-    ckpt_dir = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
-    resumed_from = None
-    last = _latest_checkpoint(ckpt_dir) if ckpt_dir else None
-    if last is not None:  # every rank reads the same file from the shared model store
-        saved = torch.load(last, map_location=device, weights_only=False)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        if ema is not None and saved.get("ema") is not None:
-            ema.load_state_dict(saved["ema"])
-        state = saved["state"]
-        resumed_from = str(last)
-    # rank 0's view of where the run stands wins (every rank then runs the same epochs)
-    state = comm.broadcast_object(state)
+    return _Run(spec, comm, device, cfg, model, opt, sched, ema, data)
 
-    train_model: torch.nn.Module = model
-    if spec.backend == "horovod":
+
+def _resume(run: _Run, ckpt_dir: Path | None) -> tuple[dict[str, Any], str | None]:
+    """The run's state (epoch, best, history, bad epochs) and the checkpoint it resumed
+    from: the newest in ``ckpt_dir``, loaded into the model, optimizer, schedule and
+    average; a fresh state when there is none."""
+    state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "history": [], "bad_epochs": 0}
+    last = _latest_checkpoint(ckpt_dir) if ckpt_dir else None
+    if last is None:
+        return state, None
+    # every rank reads the same file from the shared model store
+    saved = torch.load(last, map_location=run.device, weights_only=False)
+    run.model.load_state_dict(saved["model"])
+    run.opt.load_state_dict(saved["optimizer"])
+    run.sched.load_state_dict(saved["scheduler"])
+    if run.ema is not None and saved.get("ema") is not None:
+        run.ema.load_state_dict(saved["ema"])
+    return saved["state"], str(last)
+
+
+def _distribute(run: _Run, state: dict[str, Any]) -> torch.nn.Module:
+    """The model to train: Horovod starts every rank from rank 0's weights (and, resumed,
+    its optimizer state); DDP wraps the model; a single process trains it as it is."""
+    comm = run.comm
+    if run.spec.backend == "horovod":
         hvd = comm.hvd
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_parameters(run.model.state_dict(), root_rank=0)
         if state["epoch"] > 0:  # resumed (rank 0 says): its Adam moments and step counts
             # (on a fresh start every state is empty; broadcasting would take a zero step)
-            hvd.broadcast_optimizer_state(opt, root_rank=0)
-    elif spec.backend == "ddp":
+            hvd.broadcast_optimizer_state(run.opt, root_rank=0)
+    elif run.spec.backend == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(
-            model, device_ids=[comm.local_rank] if device.type == "cuda" else None
+        return DistributedDataParallel(
+            run.model, device_ids=[comm.local_rank] if run.device.type == "cuda" else None
         )
+    return run.model
 
-    valid = validation_set(spec, cfg) if comm.rank == 0 else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
+def _epochs(
+    run: _Run,
+    state: dict[str, Any],
+    ckpt_dir: Path | None,
+    valid: tuple[np.ndarray, ...] | None,
+    on_epoch: Callable[[int, float], None] | None,
+) -> tuple[int, float, str | None]:
+    """Trains from ``state["epoch"]`` until ``spec.epochs``, patience or divergence,
+    updating ``state``; (training samples, training seconds, why it diverged or None)."""
+    spec, comm = run.spec, run.comm
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else nullcontext()
+    )
     samples, train_seconds = 0, 0.0
     diverged = None
     bar = _progress(comm.rank == 0, spec.epochs, state["epoch"])
     for epoch in range(state["epoch"], spec.epochs):
-        model.train()
         started = time.perf_counter()
-        loss_sum, steps = 0.0, 0
-        for b, batch in enumerate(data.epoch(epoch)):
-            if spec.max_batches_per_epoch and b >= spec.max_batches_per_epoch:
-                break
-            batch = batch.to(device)
-            with amp:  # forward() is the training loss (so DDP's hooks see it)
-                loss = train_model(batch.items, batch.types, batch.gaps, batch.targets)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update(model)
-            loss_sum += float(loss.detach())
-            steps += 1
-            samples += int((batch.targets > 0).sum())  # training interactions (targets)
+        loss_sum, steps, epoch_samples = _train_epoch(run, epoch, amp)
+        samples += epoch_samples
         elapsed = time.perf_counter() - started
         train_seconds += elapsed
         mean_loss = comm.allreduce_sum(loss_sum / max(steps, 1)) / comm.world
-        evaluated = ema.model if ema is not None else model  # what is kept and registered
-        ndcg = validate_ndcg(evaluated, valid, cfg, device) if comm.rank == 0 else None
+        evaluated = run.ema.model if run.ema is not None else run.model  # kept and registered
+        ndcg = validate_ndcg(evaluated, valid, run.cfg, run.device) if comm.rank == 0 else None
         ndcg = comm.broadcast_object(ndcg)
-        if not (math.isfinite(mean_loss) and math.isfinite(ndcg)):
-            # every rank sees the same (all-reduced, broadcast) values and stops here
-            bad = {"training loss": mean_loss, "validation NDCG@10": ndcg}
-            diverged = (
-                f"epoch {epoch}: "
-                + ", ".join(f"{k} is {v}" for k, v in bad.items() if not math.isfinite(v))
-                + "; the model diverged (try a lower train.lr or more train.warmup_steps); "
-                "this epoch is neither checkpointed nor kept as best"
-            )
+        diverged = _divergence(epoch, mean_loss, ndcg)
+        if diverged:  # every rank sees the same (all-reduced, broadcast) values: all stop
             break
-        improved = ndcg > state["best"]
-        state["history"].append(
-            {
-                "epoch": epoch,
-                "loss": round(mean_loss, 5),
-                "steps": steps,
-                "valid_ndcg@10": ndcg,
-                "seconds": round(elapsed, 2),
-                "lr": opt.param_groups[0]["lr"],
-            }
-        )
-        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        if improved:
-            state["best"], state["best_epoch"] = ndcg, epoch
-        state["epoch"] = epoch + 1
+        lr = run.opt.param_groups[0]["lr"]
+        improved = _record_epoch(state, epoch, mean_loss, steps, ndcg, elapsed, lr)
         if comm.rank == 0 and ckpt_dir:
-            _save(ckpt_dir, epoch, model, opt, sched, state, improved, ema)
+            _save(ckpt_dir, epoch, run.model, run.opt, run.sched, state, improved, run.ema)
         if comm.rank == 0 and on_epoch is not None:
             on_epoch(epoch, ndcg)
         bar.set_postfix(loss=f"{mean_loss:.3f}", ndcg=f"{ndcg:.4f}", best=f"{state['best']:.4f}")
@@ -422,31 +461,73 @@ def train_worker(
         if state["bad_epochs"] >= spec.patience:
             break
     bar.close()
+    return samples, train_seconds, diverged
 
-    total_samples = comm.allreduce_sum(float(samples))
-    result = None
-    if comm.rank == 0:
-        result = {
-            "history": state["history"],
-            "best_epoch": state["best_epoch"],
-            "best_valid_ndcg@10": state["best"],
-            "best_path": str(ckpt_dir / "best.pt") if ckpt_dir else "",
-            "world": comm.world,
-            "backend": spec.backend,
-            "device": str(device),
-            # samples = training interactions predicted (window positions with a target), the
-            # unit peers such as RecBole count (one sample = one target interaction)
-            "samples_per_s": round(total_samples / train_seconds, 1) if train_seconds else 0.0,
-            "resumed_from": resumed_from,
-            "params": model.num_params(),
-            "diverged": diverged,
+
+def _train_epoch(run: _Run, epoch: int, amp: Any) -> tuple[float, int, int]:
+    """One epoch over this process's shard (at most ``spec.max_batches_per_epoch``
+    batches): (summed loss, optimizer steps, training samples = targets predicted)."""
+    spec = run.spec
+    run.model.train()
+    loss_sum, steps, samples = 0.0, 0, 0
+    for b, batch in enumerate(run.data.epoch(epoch)):
+        if spec.max_batches_per_epoch and b >= spec.max_batches_per_epoch:
+            break
+        batch = batch.to(run.device)
+        with amp:  # forward() is the training loss (so DDP's hooks see it)
+            loss = run.train_model(batch.items, batch.types, batch.gaps, batch.targets)
+        run.opt.zero_grad()
+        loss.backward()
+        run.opt.step()
+        run.sched.step()
+        if run.ema is not None:
+            run.ema.update(run.model)
+        loss_sum += float(loss.detach())
+        steps += 1
+        samples += int((batch.targets > 0).sum())  # training interactions (targets)
+    return loss_sum, steps, samples
+
+
+def _divergence(epoch: int, mean_loss: float, ndcg: float) -> str | None:
+    """Why the run stops at ``epoch`` when its loss or validation NDCG@10 is not finite."""
+    if math.isfinite(mean_loss) and math.isfinite(ndcg):
+        return None
+    bad = {"training loss": mean_loss, "validation NDCG@10": ndcg}
+    return (
+        f"epoch {epoch}: "
+        + ", ".join(f"{k} is {v}" for k, v in bad.items() if not math.isfinite(v))
+        + "; the model diverged (try a lower train.lr or more train.warmup_steps); "
+        "this epoch is neither checkpointed nor kept as best"
+    )
+
+
+def _record_epoch(
+    state: dict[str, Any],
+    epoch: int,
+    mean_loss: float,
+    steps: int,
+    ndcg: float,
+    seconds: float,
+    lr: float,
+) -> bool:
+    """Appends the epoch to ``state["history"]``, moves the best and the patience count and
+    the next epoch; whether it improved on the best."""
+    improved = ndcg > state["best"]
+    state["history"].append(
+        {
+            "epoch": epoch,
+            "loss": round(mean_loss, 5),
+            "steps": steps,
+            "valid_ndcg@10": ndcg,
+            "seconds": round(seconds, 2),
+            "lr": lr,
         }
-        if spec.result_path:
-            Path(spec.result_path).write_text(json.dumps(result))
-    # every rank returns rank 0's result: TorchDistributor keeps whichever rank writes last
-    result = comm.broadcast_object(result)
-    comm.close()
-    return result
+    )
+    state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+    if improved:
+        state["best"], state["best_epoch"] = ndcg, epoch
+    state["epoch"] = epoch + 1
+    return improved
 
 
 class WeightAverage:

@@ -74,11 +74,41 @@ class GeneratedEvents:
 
 
 def generate_events(p: GenerateConfig) -> GeneratedEvents:
+    """The events, users and planted rules of ``p``; the same ``p`` (seed included) gives
+    the same tables. The steps draw from one generator in a fixed order, so reordering them
+    changes the data."""
     check_params(p)
     rng = np.random.default_rng(p.seed)
-    U, M, K, L = p.users, p.items, p.segments, p.rule_length
+    catalogue = _catalogue(rng, p)
+    chains = _plant_chains(rng, p, catalogue)
+    user_seg, n_user = _users(rng, p)
+    is_chain, tok_rule, tok_len = _picks(rng, p)
+    ev_tok, ev_pos, ev_user = _expand_picks(tok_len, n_user)
+    assert len(ev_tok) == p.events
+    ev_chain = is_chain[ev_tok]
+    item = _items(rng, p, catalogue, chains, user_seg[ev_user], tok_rule[ev_tok], ev_pos, ev_chain)
+    ts_ms = _event_times(rng, p, ev_user, n_user, ev_chain & (ev_pos > 0))
+    etype = _event_types(rng, ev_chain & (ev_pos == p.rule_length - 1))
+    user_names, item_names = _names(p.users), _names(p.items, "i")
+    table, duplicates = _events_table(
+        rng, p, user_names, item_names, catalogue.item_category, ev_user, item, etype, ts_ms
+    )
+    users = pa.table({"user_id": user_names, "segment": pa.array(user_seg.astype(np.int32))})
+    rules = _planted_rules(chains, item_names, p)
+    return GeneratedEvents(events=table, users=users, rules=rules, duplicates=duplicates)
 
-    # --- items, categories, segment preferences ------------------------------------------
+
+@dataclass(frozen=True)
+class _Catalogue:
+    item_category: np.ndarray  # (M,) category of each item
+    popularity: np.ndarray  # (M,) Zipf weights, in random item order
+    seg_cats: list[np.ndarray]  # per segment: the categories it prefers
+    seg_cdf: np.ndarray  # (K, M) per segment: cumulative item distribution
+
+
+def _catalogue(rng: np.random.Generator, p: GenerateConfig) -> _Catalogue:
+    """Items, categories, segment preferences."""
+    M, K = p.items, p.segments
     item_category = rng.integers(0, p.categories, M)
     popularity = 1.0 / np.arange(1, M + 1) ** p.zipf_exponent
     popularity = popularity[rng.permutation(M)]
@@ -90,37 +120,53 @@ def generate_events(p: GenerateConfig) -> GeneratedEvents:
     for k in range(K):
         w = popularity * np.where(np.isin(item_category, seg_cats[k]), 6.0, 1.0)
         seg_cdf[k] = np.cumsum(w) / w.sum()
+    return _Catalogue(item_category, popularity, seg_cats, seg_cdf)
 
-    # --- planted chains: disjoint items, taken from each segment's mid-popularity range ----
+
+def _plant_chains(rng: np.random.Generator, p: GenerateConfig, c: _Catalogue) -> np.ndarray:
+    """(K, max(rules, 1), L) item chains: disjoint items, taken from each segment's
+    mid-popularity range (its preferred categories first)."""
+    M, K, L = p.items, p.segments, p.rule_length
     chains = np.empty((K, max(p.rules_per_segment, 1), L), dtype=np.int64)
     used = np.zeros(M, dtype=bool)
-    order = np.argsort(-popularity)
+    order = np.argsort(-c.popularity)
     mid = order[M // 20 :]  # skip the head: planted rules should not be mere popularity
     for k in range(K):
-        prefer = mid[np.isin(item_category[mid], seg_cats[k])]
+        prefer = mid[np.isin(c.item_category[mid], c.seg_cats[k])]
         pool = np.concatenate([prefer, mid[~np.isin(mid, prefer)]])
         for r in range(p.rules_per_segment):
             free = pool[~used[pool]]
             pick = rng.choice(free[: max(L * 4, len(free) // 2)], size=L, replace=False)
             used[pick] = True
             chains[k, r] = pick
+    return chains
 
-    # --- users, segments, events per user ------------------------------------------------
+
+def _users(rng: np.random.Generator, p: GenerateConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(U,) each user's segment and (U,) events per user (>= 1, summing to ``p.events``)."""
+    K = p.segments
     seg_share = 1.0 + rng.random(K)
-    user_seg = rng.choice(K, size=U, p=seg_share / seg_share.sum())
-    weights = rng.lognormal(0.0, 0.9, U)
-    n_user = _split_exact(p.events, weights, minimum=1)
+    user_seg = rng.choice(K, size=p.users, p=seg_share / seg_share.sum())
+    weights = rng.lognormal(0.0, 0.9, p.users)
+    return user_seg, _split_exact(p.events, weights, minimum=1)
 
-    # --- picks (tokens): one per event is always enough, a chain covers several ------------
-    T = p.events
-    tok_user = np.repeat(np.arange(U), n_user)
+
+def _picks(rng: np.random.Generator, p: GenerateConfig) -> tuple[np.ndarray, ...]:
+    """Picks (tokens), one per event (always enough: a chain covers several): (T,) whether
+    it starts a chain, (T,) which of the segment's chains, (T,) events it covers."""
+    T, L = p.events, p.rule_length
     is_chain = (rng.random(T) < p.chain_rate) if p.rules_per_segment else np.zeros(T, bool)
     tok_rule = rng.integers(0, max(p.rules_per_segment, 1), T)
     full = rng.random(T) < p.rule_strength
     tok_len = np.where(is_chain, np.where(full, L, rng.integers(1, L, T)), 1)
+    return is_chain, tok_rule, tok_len
 
-    # expand picks into events and keep the first n_user of each user
-    ev_tok = np.repeat(np.arange(T), tok_len)
+
+def _expand_picks(tok_len: np.ndarray, n_user: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Picks expanded into events, the first ``n_user`` of each user kept (user u owns
+    picks ``n_user[:u].sum()`` onwards): (n,) pick, position inside it, user of each event."""
+    tok_user = np.repeat(np.arange(len(n_user)), n_user)
+    ev_tok = np.repeat(np.arange(len(tok_len)), tok_len)
     tok_start = np.cumsum(tok_len) - tok_len
     ev_pos = np.arange(len(ev_tok)) - tok_start[ev_tok]  # position inside the pick
     ev_user = tok_user[ev_tok]
@@ -128,23 +174,44 @@ def generate_events(p: GenerateConfig) -> GeneratedEvents:
     user_ev_start = tok_start[user_first]  # first expanded event of each user
     rank_in_user = np.arange(len(ev_tok)) - user_ev_start[ev_user]
     keep = rank_in_user < n_user[ev_user]
-    ev_tok, ev_pos, ev_user = ev_tok[keep], ev_pos[keep], ev_user[keep]
-    n = len(ev_tok)
-    assert n == p.events
+    return ev_tok[keep], ev_pos[keep], ev_user[keep]
 
-    ev_seg = user_seg[ev_user]
-    ev_chain = is_chain[ev_tok]
+
+def _items(
+    rng: np.random.Generator,
+    p: GenerateConfig,
+    c: _Catalogue,
+    chains: np.ndarray,
+    ev_seg: np.ndarray,
+    ev_rule: np.ndarray,
+    ev_pos: np.ndarray,
+    ev_chain: np.ndarray,
+) -> np.ndarray:
+    """(n,) item of each event: its chain's element (swapped for a segment-drawn item with
+    probability ``rule_noise`` after the first), else one drawn from the segment's
+    distribution."""
+    M, K, L = p.items, p.segments, p.rule_length
+    n = len(ev_seg)
     item = np.empty(n, dtype=np.int64)
     for k in range(K):
         m = ev_seg == k
-        item[m] = np.searchsorted(seg_cdf[k], rng.random(int(m.sum())), side="right")
+        item[m] = np.searchsorted(c.seg_cdf[k], rng.random(int(m.sum())), side="right")
     np.minimum(item, M - 1, out=item)
-    chain_item = chains[ev_seg, tok_rule[ev_tok], np.minimum(ev_pos, L - 1)]
+    chain_item = chains[ev_seg, ev_rule, np.minimum(ev_pos, L - 1)]
     noisy = ev_chain & (ev_pos > 0) & (rng.random(n) < p.rule_noise)
-    item = np.where(ev_chain & ~noisy, chain_item, item)
+    return np.where(ev_chain & ~noisy, chain_item, item)
 
-    # --- time: sessions with short gaps, chains inside one session ------------------------
-    in_chain_tail = ev_chain & (ev_pos > 0)
+
+def _event_times(
+    rng: np.random.Generator,
+    p: GenerateConfig,
+    ev_user: np.ndarray,
+    n_user: np.ndarray,
+    in_chain_tail: np.ndarray,
+) -> np.ndarray:
+    """(n,) event times (ms since the epoch): sessions with short gaps, a chain inside one
+    session, each user's history squeezed into ``p.days`` from ``p.start``."""
+    U, n = p.users, len(ev_user)
     avg_events = p.events / U
     span = p.days * 86400.0
     long_gap_mean = 0.5 * span / max(1.0, avg_events * SESSION_BREAK)
@@ -159,19 +226,38 @@ def generate_events(p: GenerateConfig) -> GeneratedEvents:
     rel *= squeeze[ev_user]
     offset = rng.random(U) * (span - user_span * squeeze)
     start_s = _parse_start(p.start)
-    ts_ms = ((start_s + offset[ev_user] + rel) * 1000).astype(np.int64)
+    return ((start_s + offset[ev_user] + rel) * 1000).astype(np.int64)
 
-    # --- event types ------------------------------------------------------------------------
-    chain_end = ev_chain & (ev_pos == L - 1)
-    u = rng.random(n)
-    etype = np.where(
+
+def _event_types(rng: np.random.Generator, chain_end: np.ndarray) -> np.ndarray:
+    """(n,) index into ``EVENT_TYPES``: mostly views, some carts and buys, buys likelier
+    at a chain's end."""
+    u = rng.random(len(chain_end))
+    return np.where(
         u < np.where(chain_end, 0.30, 0.04), 2, np.where(u < np.where(chain_end, 0.45, 0.14), 1, 0)
     )
-    price = np.round(5.0 + 95.0 * ((item * 2654435761) % 1000) / 1000.0, 2)
 
-    # --- strings with Arrow ---------------------------------------------------------------
-    user_names = pa.array([f"u{u:0{len(str(U))}d}" for u in range(U)])
-    item_names = pa.array([f"i{i:0{len(str(M))}d}" for i in range(M)])
+
+def _names(count: int, prefix: str = "u") -> pa.Array:
+    """``u0 .. u<count-1>`` zero-padded to the width of ``count``."""
+    return pa.array([f"{prefix}{i:0{len(str(count))}d}" for i in range(count)])
+
+
+def _events_table(
+    rng: np.random.Generator,
+    p: GenerateConfig,
+    user_names: pa.Array,
+    item_names: pa.Array,
+    item_category: np.ndarray,
+    ev_user: np.ndarray,
+    item: np.ndarray,
+    etype: np.ndarray,
+    ts_ms: np.ndarray,
+) -> tuple[pa.Table, int]:
+    """The events as strings with Arrow, a ``DUPLICATE_RATE`` share delivered twice, in
+    (event_time, event_id) order; and the number of duplicates."""
+    n = len(item)
+    price = np.round(5.0 + 95.0 * ((item * 2654435761) % 1000) / 1000.0, 2)
     cat_names = pa.array([f"c{c:02d}" for c in range(p.categories)])
     event_ids = pc.binary_join_element_wise("e", pc.cast(pa.array(np.arange(n)), pa.string()), "")
     table = pa.table(
@@ -187,15 +273,17 @@ def generate_events(p: GenerateConfig) -> GeneratedEvents:
     )
     dup_idx = np.flatnonzero(rng.random(n) < DUPLICATE_RATE)
     table = pa.concat_tables([table, table.take(pa.array(dup_idx))])
-    table = table.take(
-        pc.sort_indices(table, [("event_time", "ascending"), ("event_id", "ascending")])
-    )
+    order = pc.sort_indices(table, [("event_time", "ascending"), ("event_id", "ascending")])
+    return table.take(order), len(dup_idx)
 
+
+def _planted_rules(chains: np.ndarray, item_names: pa.Array, p: GenerateConfig) -> list[dict]:
+    """Every prefix of every planted chain as a rule: ``a -> b``, ``a, b -> c``, ..."""
     rules = []
-    for k in range(K):
+    for k in range(p.segments):
         for r in range(p.rules_per_segment):
             names = [item_names[int(i)].as_py() for i in chains[k, r]]
-            for j in range(1, L):
+            for j in range(1, p.rule_length):
                 rules.append(
                     {
                         "segment": k,
@@ -204,8 +292,7 @@ def generate_events(p: GenerateConfig) -> GeneratedEvents:
                         "strength": p.rule_strength,
                     }
                 )
-    users = pa.table({"user_id": user_names, "segment": pa.array(user_seg.astype(np.int32))})
-    return GeneratedEvents(events=table, users=users, rules=rules, duplicates=len(dup_idx))
+    return rules
 
 
 def write_generated(gen: GeneratedEvents, out: str | Path, params: GenerateConfig) -> dict:
