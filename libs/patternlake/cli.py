@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     def command(group: Any, name: str, help: str) -> argparse.ArgumentParser:
         return group.add_parser(name, help=help, description=help, parents=[common])
 
+    _add_generate(sub, command)
+    _add_stages(sub, command)
+    _add_tools(sub, command)
+    _add_run_and_export(sub, command)
+    _add_lake(sub, command)
+    return parser
+
+
+def _add_generate(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     g = command(sub, "generate", "write synthetic events with planted patterns and ground truth")
     g.add_argument(
         "--out", required=True, help="output folder (events/ and truth/ are written inside)"
@@ -72,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=["csv", "jsonl", "parquet"], default=None)
     g.set_defaults(func=cmd_generate, needs_spark=False)
 
-    _add_stages(sub, command)
 
+def _add_tools(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Commands over the lake that are not pipeline stages: models, sql, report, monitor,
+    forget-user."""
     mo = command(
         sub,
         "models",
@@ -126,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--json", action="store_true", help="print one JSON object")
     fg.set_defaults(func=cmd_forget_user, needs_spark=True)
 
+
+def _add_run_and_export(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     r = command(
         sub,
         "run",
@@ -157,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--master", default="spark://127.0.0.1:7077", help="spark-submit master")
     ex.set_defaults(func=cmd_export, needs_spark=False)
 
+
+def _add_lake(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
     c = command(sub, "config", "print the resolved configuration as JSON")
     c.set_defaults(func=cmd_config, needs_spark=False)
 
@@ -178,7 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("table")
     o.add_argument("--target-mb", type=int, default=None)
     o.set_defaults(func=cmd_lake_compact, needs_spark=True)
-    return parser
 
 
 # CLI groups above stages with more than one word (``tune_teacher``: ``tune teacher``)
