@@ -154,24 +154,11 @@ def validate_batch(
     tagged = typed.withColumn("reasons", row_reasons(suite))
     now = datetime.now(UTC)
 
-    counts = Observation(f"validate-{uuid.uuid4().hex}")
-    observed = tagged.observe(counts, *batch_counts(suite))
-    # always written: an empty partition also replaces rows of an earlier failed attempt
-    lake.write(
-        observed.filter(F.size("reasons") > 0).select(
-            *QUARANTINE_COLUMNS, F.lit(now).alias("_validated_at")
-        ),
-        "quarantine_events",
-        "overwrite",
-        replace_where={"_batch_id": batch_id},
-        commit_info={"patternlake.batch_id": batch_id},
-    )
-    stats = counts.get
+    stats = _write_quarantine(lake, suite, tagged, batch_id, now)
     total, bad = int(stats["total"]), int(stats["bad"])
     reason_counts = {
         r: int(stats[f"r{i}"]) for i, r in enumerate(suite.reason_codes) if stats[f"r{i}"]
     }
-
     share = bad / total if total else 0.0
     status = "passed" if share <= conf.max_invalid_share else "failed"
     silver_rows = duplicates = 0
@@ -187,14 +174,7 @@ def validate_batch(
     else:
         with job_label(spark, "shared event ids"):
             stats[DEDUPE_COUNT] = _shared_ids(tagged)
-
-    if conf.gx == "run":
-        with job_label(spark, "great expectations"):
-            gx_result = run_gx(typed, suite, batch_id)
-        _check_agreement(gx_result, reason_counts)
-    else:
-        samples = _unexpected_samples(lake, suite, batch_id, reason_counts) if bad else {}
-        gx_result = gx_record(suite, stats, samples, batch_id)
+    gx_result = _gx_result(spark, lake, suite, conf.gx, typed, stats, reason_counts, batch_id)
 
     report = BatchReport(
         batch_id=batch_id,
@@ -221,15 +201,61 @@ def validate_batch(
         time.monotonic() - started,
     )
     if status == "failed":
-        top = ", ".join(
-            f"{k}={v}" for k, v in sorted(reason_counts.items(), key=lambda kv: -kv[1])[:5]
-        )
-        raise PatternlakeError(
-            f"validate: batch {batch_id} has {share:.1%} invalid rows (limit validate.max_invalid_share="
-            f"{conf.max_invalid_share:.0%}; {top}). Nothing was lost: the bad rows are in quarantine_events, "
-            f"the batch stays in bronze_events and is retried by the next validate; report: {report.report_path}"
-        )
+        raise PatternlakeError(_failed_message(report, conf.max_invalid_share))
     return report
+
+
+def _write_quarantine(
+    lake: Lake, suite: EventSuite, tagged: DataFrame, batch_id: str, now: datetime
+) -> dict[str, Any]:
+    """The first pass: the batch's invalid rows to quarantine_events, every count observed
+    on the way (``batch_counts``). Always written: an empty partition also replaces rows of
+    an earlier failed attempt."""
+    counts = Observation(f"validate-{uuid.uuid4().hex}")
+    observed = tagged.observe(counts, *batch_counts(suite))
+    lake.write(
+        observed.filter(F.size("reasons") > 0).select(
+            *QUARANTINE_COLUMNS, F.lit(now).alias("_validated_at")
+        ),
+        "quarantine_events",
+        "overwrite",
+        replace_where={"_batch_id": batch_id},
+        commit_info={"patternlake.batch_id": batch_id},
+    )
+    return counts.get
+
+
+def _gx_result(
+    spark: SparkSession,
+    lake: Lake,
+    suite: EventSuite,
+    mode: str,
+    typed: DataFrame,
+    stats: dict[str, Any],
+    reason_counts: dict[str, int],
+    batch_id: str,
+) -> dict[str, Any]:
+    """Great Expectations' result for the batch: recorded from the observed counts
+    (``record``), or GX's own validation of the batch checked against them (``run``)."""
+    if mode == "run":
+        with job_label(spark, "great expectations"):
+            result = run_gx(typed, suite, batch_id)
+        _check_agreement(result, reason_counts)
+        return result
+    samples = _unexpected_samples(lake, suite, batch_id, reason_counts) if stats["bad"] else {}
+    return gx_record(suite, stats, samples, batch_id)
+
+
+def _failed_message(report: BatchReport, limit: float) -> str:
+    top = ", ".join(
+        f"{k}={v}" for k, v in sorted(report.reason_counts.items(), key=lambda kv: -kv[1])[:5]
+    )
+    return (
+        f"validate: batch {report.batch_id} has {report.invalid_share:.1%} invalid rows (limit "
+        f"validate.max_invalid_share={limit:.0%}; {top}). Nothing was lost: the bad rows are in "
+        f"quarantine_events, the batch stays in bronze_events and is retried by the next "
+        f"validate; report: {report.report_path}"
+    )
 
 
 def batch_counts(suite: EventSuite) -> list[Column]:
