@@ -1,8 +1,9 @@
 """featurize: ``silver_events`` -> ``item_index``, ``user_sequences``, ``user_features``.
 
 Incremental by default: only silver batches not yet featurized (``featurize_log``) are
-read for new items, and only the users they touch are recomputed (from their whole
-history) and merged in. ``full=True`` rebuilds everything; both give the same tables.
+read; the users they touch get the new events appended to their stored rows (a user with an
+event older than the stored history is rebuilt from the whole history in silver) and are
+merged in. ``full=True`` rebuilds everything; both give the same tables (tested).
 
 ``user_sequences`` records its vocabulary (event types, gap buckets, ``max_len``: see
 ``sequences``) with the table; when conf's differs from the recorded one (or none is
