@@ -62,18 +62,8 @@ def featurize(
     silver_version = lake.version("silver_events")
     silver = lake.read("silver_events", version=silver_version)
     order = batches_in_order(silver)
-    tables = ("item_index", "user_sequences", "user_features", "featurize_log")
-    full = full or not all(lake.exists(t) for t in tables)
-    conf = config.features
-    types = list(config.validate_.allowed_event_types)
     vocabulary = SequenceVocabulary.from_config(config)
-    if not full and (recorded := read_vocabulary(lake)) != vocabulary:
-        log.info(
-            "featurize: user_sequences was built with %s, conf gives %s; rebuilding everything",
-            recorded or "no recorded vocabulary",
-            vocabulary,
-        )
-        full = True
+    full = _rebuild_all(lake, vocabulary, full)
     done = (
         set() if full else {r[0] for r in lake.read("featurize_log").select("batch_id").collect()}
     )
@@ -99,17 +89,7 @@ def featurize(
     index = lake.read("item_index")
 
     if full:
-        histories = user_histories(events, index, types, conf.category_property).persist(
-            StorageLevel.MEMORY_AND_DISK
-        )
-        seqs = vocabulary.attach(user_sequences(histories, conf.max_history))
-        feats = user_features(histories, types, conf.session_gap_minutes, conf.top_categories)
-        version = lake.write(
-            seqs, "user_sequences", "overwrite", overwrite_schema=True, commit_info=info
-        )
-        n_users = lake.commit_rows("user_sequences", version)
-        lake.write(feats, "user_features", "overwrite", overwrite_schema=True, commit_info=info)
-        histories.unpersist()
+        n_users = _write_all(lake, config, events, index, vocabulary, info)
     else:
         in_order = pending == order[len(order) - len(pending) :]
         seqs, feats, n_users, cached = _incremental(
@@ -137,6 +117,47 @@ def featurize(
         time.monotonic() - started,
     )
     return FeaturizeResult(mode, pending, n_new_items, n_users, silver_version)
+
+
+def _rebuild_all(lake: Lake, vocabulary: SequenceVocabulary, full: bool) -> bool:
+    """Whether this run rebuilds everything: asked to, a table is missing, or conf's
+    vocabulary is not the one user_sequences was built with."""
+    tables = ("item_index", "user_sequences", "user_features", "featurize_log")
+    if full or not all(lake.exists(t) for t in tables):
+        return True
+    if (recorded := read_vocabulary(lake)) != vocabulary:
+        log.info(
+            "featurize: user_sequences was built with %s, conf gives %s; rebuilding everything",
+            recorded or "no recorded vocabulary",
+            vocabulary,
+        )
+        return True
+    return False
+
+
+def _write_all(
+    lake: Lake,
+    config: Config,
+    events: DataFrame,
+    index: DataFrame,
+    vocabulary: SequenceVocabulary,
+    info: dict[str, str],
+) -> int:
+    """Both tables from every user's whole history (one shuffle); returns the users."""
+    conf = config.features
+    types = list(config.validate_.allowed_event_types)
+    histories = user_histories(events, index, types, conf.category_property).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
+    seqs = vocabulary.attach(user_sequences(histories, conf.max_history))
+    feats = user_features(histories, types, conf.session_gap_minutes, conf.top_categories)
+    version = lake.write(
+        seqs, "user_sequences", "overwrite", overwrite_schema=True, commit_info=info
+    )
+    n_users = lake.commit_rows("user_sequences", version)
+    lake.write(feats, "user_features", "overwrite", overwrite_schema=True, commit_info=info)
+    histories.unpersist()
+    return n_users
 
 
 def _incremental(
