@@ -93,7 +93,7 @@ def featurize(
     else:
         in_order = pending == order[len(order) - len(pending) :]
         seqs, feats, n_users, cached = _incremental(
-            spark, lake, config, events, pending, index, in_order
+            spark, lake, config, events, fresh, pending, index, in_order
         )
         lake.merge(vocabulary.attach(seqs), "user_sequences", keys=["user_id"], commit_info=info)
         lake.merge(feats, "user_features", keys=["user_id"], commit_info=info)
@@ -144,15 +144,13 @@ def _write_all(
     info: dict[str, str],
 ) -> int:
     """Both tables from every user's whole history (one shuffle); returns the users."""
-    conf = config.features
-    types = list(config.validate_.allowed_event_types)
-    histories = user_histories(events, index, types, conf.category_property).persist(
-        StorageLevel.MEMORY_AND_DISK
-    )
-    seqs = vocabulary.attach(user_sequences(histories, conf.max_history))
-    feats = user_features(histories, types, conf.session_gap_minutes, conf.top_categories)
+    histories, seqs, feats = _from_histories(config, events, index)
     version = lake.write(
-        seqs, "user_sequences", "overwrite", overwrite_schema=True, commit_info=info
+        vocabulary.attach(seqs),
+        "user_sequences",
+        "overwrite",
+        overwrite_schema=True,
+        commit_info=info,
     )
     n_users = lake.commit_rows("user_sequences", version)
     lake.write(feats, "user_features", "overwrite", overwrite_schema=True, commit_info=info)
@@ -160,11 +158,26 @@ def _write_all(
     return n_users
 
 
+def _from_histories(
+    config: Config, events: DataFrame, index: DataFrame
+) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """(cached histories, sequences, features) from every event of the users in ``events``:
+    one shuffle by user; the caller unpersists the histories."""
+    conf = config.features
+    types = list(config.validate_.allowed_event_types)
+    hist = user_histories(events, index, types, conf.category_property).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
+    feats = user_features(hist, types, conf.session_gap_minutes, conf.top_categories)
+    return hist, user_sequences(hist, conf.max_history), feats
+
+
 def _incremental(
     spark: SparkSession,
     lake: Lake,
     config: Config,
     events: DataFrame,
+    fresh: DataFrame,
     pending: list[str],
     index: DataFrame,
     in_order: bool,
@@ -182,13 +195,8 @@ def _incremental(
     gap, top = conf.session_gap_minutes, conf.top_categories
 
     def rebuild(users: DataFrame) -> tuple[DataFrame, DataFrame, DataFrame]:
-        touched = events.join(users, "user_id", "left_semi")
-        hist = user_histories(touched, index, types, conf.category_property).persist(
-            StorageLevel.MEMORY_AND_DISK
-        )
-        return hist, user_sequences(hist, conf.max_history), user_features(hist, types, gap, top)
+        return _from_histories(config, events.join(users, "user_id", "left_semi"), index)
 
-    fresh = events.filter(F.col("_batch_id").isin(pending))
     users = fresh.select("user_id").distinct()
     if not in_order:
         hist, seqs, feats = rebuild(F.broadcast(users))

@@ -91,13 +91,9 @@ def user_sequences(histories: DataFrame, max_len: int) -> DataFrame:
     """The last ``max_len`` events as item / type / gap-bucket / time arrays, plus the
     evaluation split of the protocol: with >= MIN_EVALUATED_EVENTS (3) events, the last item is the test target
     and the one before it the validation target (the rest is training input)."""
-    gaps = F.transform(
-        "events",
-        lambda e, i: F.when(i == 0, F.lit(0)).otherwise(
-            gap_bucket(
-                (e["t"] - F.element_at("events", i)["t"]) / 1e6
-            )  # element_at is 1-based: i = previous
-        ),
+    # the first event has no gap (0), each later one the bucket of its gap to the one before
+    gaps = F.concat(
+        F.array(F.lit(0)), F.transform(_gaps_seconds(F.col("events"), None), gap_bucket)
     )
     n = F.size("events")
     start = F.greatest(n - max_len + 1, F.lit(1))
