@@ -14,7 +14,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from featurize import make_data
-from pyspark.sql import Window
 from pyspark.sql import functions as F
 
 from patternlake.config import load_config
@@ -22,7 +21,7 @@ from patternlake.ingest.bronze import ingest
 from patternlake.ingest.sources import fingerprint, read_events
 from patternlake.lake import Lake
 from patternlake.quality.suite import load_suite, row_reasons
-from patternlake.quality.validate import SILVER_COLUMNS, typed_events
+from patternlake.quality.validate import ranked_by_event_id, typed_events
 from patternlake.spark import get_spark
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2_000_000
@@ -68,15 +67,5 @@ t("tagged", tagged)
 t("tagged filter bad", tagged.filter(F.size("reasons") > 0))
 typed2 = typed.drop("event_id").withColumn("event_id", F.col("_line_ordinal").cast("string"))
 t("typed without sha2 event id", typed2)
-valid = F.size("reasons") == 0
-order = Window.partitionBy("event_id").orderBy(
-    (~valid).asc(), "_source_file", "_line_ordinal", "event_time", "user_id", "item_id"
-)
-whole = order.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-ranked = tagged.select(
-    *SILVER_COLUMNS,
-    valid.alias("_valid"),
-    F.row_number().over(order).alias("_n"),
-    F.count(F.lit(1)).over(whole).alias("_k"),
-)
+ranked = ranked_by_event_id(tagged)
 t("ranked firsts", ranked.filter("_valid and _n = 1"))

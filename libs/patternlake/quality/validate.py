@@ -290,17 +290,7 @@ def _append_silver(
     One shuffle by event id ranks the rows (valid first, then source file, position, time)
     and counts each id's rows; the lookup against silver reads only the silver files whose
     event-id range overlaps the batch's (``Lake.read_range``)."""
-    valid = F.size("reasons") == 0
-    order = Window.partitionBy("event_id").orderBy(
-        (~valid).asc(), "_source_file", "_line_ordinal", "event_time", "user_id", "item_id"
-    )
-    whole = order.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-    ranked = tagged.select(
-        *SILVER_COLUMNS,
-        valid.alias("_valid"),
-        F.row_number().over(order).alias("_n"),
-        F.count(F.lit(1)).over(whole).alias("_k"),
-    )
+    ranked = ranked_by_event_id(tagged)
     ids = Observation(f"dedupe-{uuid.uuid4().hex}")
     ranked = ranked.observe(
         ids,
@@ -327,6 +317,23 @@ def _append_silver(
     # were in silver already
     duplicates = int(seen["within"]) + int(seen["firsts"]) - silver_rows
     return silver_rows, duplicates, int(seen["shared"])
+
+
+def ranked_by_event_id(tagged: DataFrame) -> DataFrame:
+    """The silver columns of a tagged batch, each row with ``_valid``, its rank among the rows
+    of its event id (``_n``: valid first, then source file, position, time) and how many rows
+    share that id (``_k``): one shuffle by event id."""
+    valid = F.size("reasons") == 0
+    order = Window.partitionBy("event_id").orderBy(
+        (~valid).asc(), "_source_file", "_line_ordinal", "event_time", "user_id", "item_id"
+    )
+    whole = order.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    return tagged.select(
+        *SILVER_COLUMNS,
+        valid.alias("_valid"),
+        F.row_number().over(order).alias("_n"),
+        F.count(F.lit(1)).over(whole).alias("_k"),
+    )
 
 
 def _wrote_silver_before(lake: Lake, batch_id: str) -> bool:
