@@ -7,6 +7,8 @@ read and a plain CSV -> Parquet copy, in one session.
 Read the differences between consecutive lines: what each added piece costs.
 """
 
+import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -18,18 +20,11 @@ from pyspark.sql import functions as F
 
 from patternlake.config import load_config
 from patternlake.ingest.bronze import ingest
-from patternlake.ingest.sources import fingerprint, read_events
+from patternlake.ingest.sources import fingerprint, list_source_files, read_events
 from patternlake.lake import Lake
 from patternlake.quality.suite import load_suite, row_reasons
 from patternlake.quality.validate import ranked_by_event_id, typed_events
 from patternlake.spark import get_spark
-
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 2_000_000
-work = Path(tempfile.mkdtemp(prefix="dec-"))
-config = load_config("local", [f"lake.root={work}/lake"])
-data = make_data(config, N, 20000, work, day=False)
-spark = get_spark(config.spark)
-lake = Lake(spark, config.lake)
 
 
 def t(label, df, reps=2):
@@ -41,31 +36,59 @@ def t(label, df, reps=2):
     print(f"{label:55s} {best:6.1f}s", flush=True)
 
 
-path = data["history"]
-t("warm csv", spark.read.option("header", "true").csv(path), 1)
-t("csv read all strings", spark.read.option("header", "true").csv(path))
-files = [fingerprint(str(p)) for p in sorted(Path(path).glob("*.csv"))]
-ev = read_events(
-    spark, files, "csv", dict(config.ingest.mapping), set(), config.ingest.header, config.ingest.sep
-)
-t("read_events", ev)
-t("read_events no ordinal/file", ev.drop("_line_ordinal", "_source_file"))
-t("read_events no props", ev.drop("properties"))
-t0 = time.perf_counter()
-ingest(spark, lake, config, path)
-print(f"{'ingest':55s} {time.perf_counter() - t0:6.1f}s")
-t0 = time.perf_counter()
-spark.read.option("header", "true").csv(path).write.parquet(str(work / "plain"))
-print(f"{'plain csv->parquet':55s} {time.perf_counter() - t0:6.1f}s")
-bronze = lake.read("bronze_events")
-t("bronze read all", bronze)
-typed = typed_events(bronze, config.ingest.default_event_type)
-t("typed", typed)
-suite = load_suite(config.validate_)
-tagged = typed.withColumn("reasons", row_reasons(suite))
-t("tagged", tagged)
-t("tagged filter bad", tagged.filter(F.size("reasons") > 0))
-typed2 = typed.drop("event_id").withColumn("event_id", F.col("_line_ordinal").cast("string"))
-t("typed without sha2 event id", typed2)
-ranked = ranked_by_event_id(tagged)
-t("ranked firsts", ranked.filter("_valid and _n = 1"))
+def measure(events: int, work: Path) -> None:
+    config = load_config("local", [f"lake.root={work}/lake"])
+    data = make_data(config, events, 20000, work, day=False)
+    spark = get_spark(config.spark)
+    lake = Lake(spark, config.lake)
+    path = data["history"]
+    t("warm csv", spark.read.option("header", "true").csv(path), 1)
+    t("csv read all strings", spark.read.option("header", "true").csv(path))
+    files = [fingerprint(f) for f in list_source_files(path)]
+    ev = read_events(
+        spark,
+        files,
+        "csv",
+        dict(config.ingest.mapping),
+        set(),
+        config.ingest.header,
+        config.ingest.sep,
+    )
+    t("read_events", ev)
+    t("read_events no ordinal/file", ev.drop("_line_ordinal", "_source_file"))
+    t("read_events no props", ev.drop("properties"))
+    t0 = time.perf_counter()
+    ingest(spark, lake, config, path)
+    print(f"{'ingest':55s} {time.perf_counter() - t0:6.1f}s")
+    t0 = time.perf_counter()
+    spark.read.option("header", "true").csv(path).write.parquet(str(work / "plain"))
+    print(f"{'plain csv->parquet':55s} {time.perf_counter() - t0:6.1f}s")
+    bronze = lake.read("bronze_events")
+    t("bronze read all", bronze)
+    typed = typed_events(bronze, config.ingest.default_event_type)
+    t("typed", typed)
+    suite = load_suite(config.validate_)
+    tagged = typed.withColumn("reasons", row_reasons(suite))
+    t("tagged", tagged)
+    t("tagged filter bad", tagged.filter(F.size("reasons") > 0))
+    typed2 = typed.drop("event_id").withColumn("event_id", F.col("_line_ordinal").cast("string"))
+    t("typed without sha2 event id", typed2)
+    ranked = ranked_by_event_id(tagged)
+    t("ranked firsts", ranked.filter("_valid and _n = 1"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("events", type=int, nargs="?", default=2_000_000)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-parts-"))
+    try:
+        measure(args.events, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
