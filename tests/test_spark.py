@@ -1,6 +1,9 @@
-"""Session helpers: scoped SQL settings and Spark job labels."""
+"""Session helpers: scoped SQL settings, Spark job labels, one shuffle read by many jobs."""
 
-from patternlake.spark import job_label, sql_settings
+from pyspark.sql import Window
+from pyspark.sql import functions as F
+
+from patternlake.spark import job_label, shuffled_once, sql_settings
 
 
 def test_sql_settings_hold_inside_the_block_and_are_restored_after(spark):
@@ -26,3 +29,26 @@ def test_job_labels_nest_and_are_removed_after_the_block(spark):
             )
         assert sc.getLocalProperty("spark.job.description") == "validate b1"
     assert sc.getLocalProperty("spark.job.description") is None
+
+
+def test_shuffled_once_runs_what_comes_before_the_shuffle_once_for_every_later_job(spark):
+    runs = spark.sparkContext.accumulator(0)
+
+    def seen(v):  # a Python UDF: counts every time a row is computed before the shuffle
+        runs.add(1)
+        return v
+
+    n = 5000
+    rows = spark.range(n).select(F.udf(seen, "long")("id").alias("v"), (F.col("id") % 7).alias("k"))
+    observed = rows.observe("before", F.count(F.lit(1)).alias("rows"), F.max("v").alias("top"))
+    ranked = observed.select(
+        "k", "v", F.row_number().over(Window.partitionBy("k").orderBy("v")).alias("_n")
+    )
+    once, metrics = shuffled_once(ranked, "before")
+    assert metrics == {"rows": n, "top": n - 1}
+    assert runs.value == n  # the shuffle ran, once, inside shuffled_once
+    assert once.filter("_n = 1").count() == 7
+    assert sorted(r.v for r in once.filter("_n = 1").collect()) == list(range(7))
+    assert once.count() == n
+    assert runs.value == n  # three more jobs, none of them recomputed a row
+    assert once.schema == ranked.schema

@@ -8,15 +8,18 @@ can change at run time; the cluster's own settings win.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 from patternlake.config import SparkConfig
+from patternlake.errors import PatternlakeError
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +165,39 @@ def sql_settings(spark: SparkSession, settings: dict[str, str]) -> Iterator[None
 # reason array (one branch per expectation) its cost explodes: the bad-input corpus took over
 # 10 minutes to plan with it and 8 s to validate without it.
 NO_CONSTRAINT_PROPAGATION = {"spark.sql.constraintPropagation.enabled": "false"}
+
+
+def shuffled_once(df: DataFrame, observed: str | None = None) -> tuple[DataFrame, dict[str, Any]]:
+    """Run ``df`` up to its last shuffle now, once, and return a DataFrame over its last stage
+    that any number of later jobs read without running what came before the shuffle again:
+    Spark keeps the shuffle files while the returned DataFrame is referenced, and each job
+    over it only re-reads them (the last stage's own work, e.g. a window's sort, runs per
+    job). This is how one pass over a batch feeds two tables (validate's quarantine and
+    silver writes) without caching every row.
+
+    ``observed`` names a ``df.observe(observed, ...)`` made before the shuffle: its metrics,
+    complete once the shuffle has run, are returned as a dict (empty when ``observed`` is
+    None). Like any metric of a transformation, they count a map task again if Spark has to
+    rerun it (a lost executor), which callers' row invariants detect.
+
+    Classic Spark only (it works on the JVM query execution); under Spark Connect, which has
+    none, ``df`` is returned as it is and the metrics come from a count of it."""
+    jdf = getattr(df, "_jdf", None)
+    if jdf is None:  # Spark Connect: no JVM plan to reuse
+        if observed is None:
+            return df, {}
+        raise PatternlakeError(
+            "patternlake's validate needs classic Spark (a JVM session); Spark Connect sessions "
+            "are not supported"
+        )
+    session = df.sparkSession
+    execution = jdf.queryExecution()
+    rdd = execution.toRdd()  # plans and runs every shuffle map stage (adaptive execution)
+    metrics: dict[str, Any] = {}
+    if observed is not None:
+        row = execution.observedMetrics().get(observed)
+        if not row.isDefined():
+            raise RuntimeError(f"no observed metrics named {observed!r} in the plan")
+        metrics = json.loads(row.get().json())
+    jsession = session._jsparkSession  # type: ignore[attr-defined]
+    return DataFrame(jsession.internalCreateDataFrame(rdd, jdf.schema(), False), session), metrics

@@ -39,7 +39,7 @@ from patternlake.quality.suite import (
     run_gx,
     suite_metrics,
 )
-from patternlake.spark import NO_CONSTRAINT_PROPAGATION, job_label, sql_settings
+from patternlake.spark import NO_CONSTRAINT_PROPAGATION, job_label, shuffled_once, sql_settings
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,10 @@ def validate_pending(spark: SparkSession, lake: Lake, config: Config) -> list[Ba
 def validate_batch(
     spark: SparkSession, lake: Lake, config: Config, suite: EventSuite, batch_id: str
 ) -> BatchReport:
-    """One batch in two passes over its bronze rows: the quarantine write, which also
-    observes every count (totals, reasons, what Great Expectations reports), and, when the
-    batch passes, the silver write (deduplicated in the same shuffle)."""
+    """One pass over the batch's bronze rows: they are parsed, checked, counted (totals,
+    reasons, what Great Expectations reports) and shuffled by event id once
+    (``shuffled_once``); the quarantine write and, when the batch passes, the silver write
+    (the first row of each event id) both read that one shuffle."""
     started = time.monotonic()
     conf = config.validate_
     bronze = lake.read("bronze_events").filter(F.col("_batch_id") == batch_id)
@@ -154,7 +155,13 @@ def validate_batch(
     tagged = typed.withColumn("reasons", row_reasons(suite))
     now = datetime.now(UTC)
 
-    stats = _write_quarantine(lake, suite, tagged, batch_id, now)
+    counted = f"validate-{uuid.uuid4().hex}"
+    with job_label(spark, "parse, check and shuffle by event id"):
+        ranked, stats = shuffled_once(
+            ranked_by_event_id(tagged.observe(counted, *batch_counts(suite))), counted
+        )
+    seen = _write_quarantine(lake, ranked, batch_id, now)
+    stats[DEDUPE_COUNT] = int(seen["shared"])
     total, bad = int(stats["total"]), int(stats["bad"])
     reason_counts = {
         r: int(stats[f"r{i}"]) for i, r in enumerate(suite.reason_codes) if stats[f"r{i}"]
@@ -163,17 +170,14 @@ def validate_batch(
     status = "passed" if share <= conf.max_invalid_share else "failed"
     silver_rows = duplicates = 0
     if status == "passed":
-        silver_rows, duplicates, stats[DEDUPE_COUNT] = _append_silver(
-            spark, lake, tagged, batch_id, stats["valid_min_id"], stats["valid_max_id"]
+        silver_rows, duplicates = _append_silver(
+            spark, lake, ranked, batch_id, stats["valid_min_id"], stats["valid_max_id"], seen
         )
         if total != silver_rows + bad + duplicates:
             raise RuntimeError(
                 f"validate {batch_id}: rows lost: bronze {total} != silver {silver_rows} + "
                 f"quarantined {bad} + duplicates {duplicates}"
             )
-    else:
-        with job_label(spark, "shared event ids"):
-            stats[DEDUPE_COUNT] = _shared_ids(tagged)
     gx_result = _gx_result(spark, lake, suite, conf.gx, typed, stats, reason_counts, batch_id)
 
     report = BatchReport(
@@ -206,15 +210,22 @@ def validate_batch(
 
 
 def _write_quarantine(
-    lake: Lake, suite: EventSuite, tagged: DataFrame, batch_id: str, now: datetime
+    lake: Lake, ranked: DataFrame, batch_id: str, now: datetime
 ) -> dict[str, Any]:
-    """The first pass: the batch's invalid rows to quarantine_events, every count observed
-    on the way (``batch_counts``). Always written: an empty partition also replaces rows of
-    an earlier failed attempt."""
-    counts = Observation(f"validate-{uuid.uuid4().hex}")
-    observed = tagged.observe(counts, *batch_counts(suite))
+    """The batch's invalid rows to quarantine_events. Always written: an empty partition also
+    replaces rows of an earlier failed attempt. Every row of the batch passes through this
+    job, so it also counts the event ids: rows sharing an id with another row (``shared``,
+    Great Expectations' uniqueness count), valid rows after the first of their id
+    (``within``) and valid first rows (``firsts``)."""
+    ids = Observation(f"ids-{uuid.uuid4().hex}")
+    observed = ranked.observe(
+        ids,
+        F.count_if(F.col("_k") > 1).alias("shared"),
+        F.count_if(F.col("_valid") & (F.col("_n") > 1)).alias("within"),
+        F.count_if(F.col("_valid") & (F.col("_n") == 1)).alias("firsts"),
+    )
     lake.write(
-        observed.filter(F.size("reasons") > 0).select(
+        observed.filter(~F.col("_valid")).select(
             *QUARANTINE_COLUMNS, F.lit(now).alias("_validated_at")
         ),
         "quarantine_events",
@@ -222,7 +233,7 @@ def _write_quarantine(
         replace_where={"_batch_id": batch_id},
         commit_info={"patternlake.batch_id": batch_id},
     )
-    return counts.get
+    return ids.get
 
 
 def _gx_result(
@@ -278,26 +289,18 @@ def batch_counts(suite: EventSuite) -> list[Column]:
 def _append_silver(
     spark: SparkSession,
     lake: Lake,
-    tagged: DataFrame,
+    ranked: DataFrame,
     batch_id: str,
     lo: str | None,
     hi: str | None,
-) -> tuple[int, int, int]:
+    seen: dict[str, Any],
+) -> tuple[int, int]:
     """Append the batch's valid rows to silver, the first of each event id only (in delivery
-    order) and none already in silver. Returns (silver rows of the batch, duplicates, rows
-    sharing an event id with another row of the batch — Great Expectations' uniqueness count).
+    order) and none already in silver. Returns (silver rows of the batch, duplicates).
 
-    One shuffle by event id ranks the rows (valid first, then source file, position, time)
-    and counts each id's rows; the lookup against silver reads only the silver files whose
-    event-id range overlaps the batch's (``Lake.read_range``)."""
-    ranked = ranked_by_event_id(tagged)
-    ids = Observation(f"dedupe-{uuid.uuid4().hex}")
-    ranked = ranked.observe(
-        ids,
-        F.count_if(F.col("_k") > 1).alias("shared"),
-        F.count_if(F.col("_valid") & (F.col("_n") > 1)).alias("within"),
-        F.count_if(F.col("_valid") & (F.col("_n") == 1)).alias("firsts"),
-    )
+    ``ranked`` is the batch ranked by event id (``ranked_by_event_id``), ``seen`` its id
+    counts (``_write_quarantine``); the lookup against silver reads only the silver files
+    whose event-id range overlaps the batch's valid rows' (``Lake.read_range``)."""
     first = ranked.filter(F.col("_valid") & (F.col("_n") == 1)).select(*SILVER_COLUMNS)
     earlier_attempt = False
     if lake.exists("silver_events") and lo is not None:
@@ -307,29 +310,31 @@ def _append_silver(
     version = lake.write(
         first, "silver_events", "append", commit_info={"patternlake.batch_id": batch_id}
     )
-    seen = ids.get
-    written = lake.commit_rows("silver_events", version)
-    silver_rows = written
+    silver_rows = lake.commit_rows("silver_events", version)
     if earlier_attempt:  # a run that died after its silver commit: those rows are the batch's
         with job_label(spark, "count silver rows"):
             silver_rows = lake.read("silver_events").filter(F.col("_batch_id") == batch_id).count()
     # valid rows that are not the batch's silver rows: repeats within the batch, and ids that
     # were in silver already
     duplicates = int(seen["within"]) + int(seen["firsts"]) - silver_rows
-    return silver_rows, duplicates, int(seen["shared"])
+    return silver_rows, duplicates
 
 
 def ranked_by_event_id(tagged: DataFrame) -> DataFrame:
-    """The silver columns of a tagged batch, each row with ``_valid``, its rank among the rows
-    of its event id (``_n``: valid first, then source file, position, time) and how many rows
-    share that id (``_k``): one shuffle by event id."""
+    """A tagged batch shuffled by event id, with what both of validate's writes need: the
+    silver columns, and for invalid rows the quarantine's own (``event_time_raw``, ``_raw``,
+    ``reasons``; null on valid rows, which need none of them). Each row gets ``_valid``, its
+    rank among the rows of its event id (``_n``: valid first, then source file, position,
+    time) and how many rows share that id (``_k``): one shuffle."""
     valid = F.size("reasons") == 0
     order = Window.partitionBy("event_id").orderBy(
         (~valid).asc(), "_source_file", "_line_ordinal", "event_time", "user_id", "item_id"
     )
     whole = order.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    quarantine_only = [c for c in QUARANTINE_COLUMNS if c not in SILVER_COLUMNS]
     return tagged.select(
         *SILVER_COLUMNS,
+        *[F.when(~valid, F.col(c)).alias(c) for c in quarantine_only],
         valid.alias("_valid"),
         F.row_number().over(order).alias("_n"),
         F.count(F.lit(1)).over(whole).alias("_k"),
@@ -344,12 +349,6 @@ def _wrote_silver_before(lake: Lake, batch_id: str) -> bool:
         if info.get("patternlake.batch_id") == batch_id:
             return True
     return False
-
-
-def _shared_ids(tagged: DataFrame) -> int:
-    """Rows whose event id another row of the batch has (uniqueness, for a failed batch)."""
-    n = tagged.groupBy("event_id").count().filter("count > 1").agg(F.sum("count")).first()[0]
-    return int(n or 0)
 
 
 def _unexpected_samples(
