@@ -23,7 +23,7 @@ from patternlake.ingest.bronze import ingest
 from patternlake.ingest.sources import fingerprint, list_source_files, read_events
 from patternlake.lake import Lake
 from patternlake.quality.suite import load_suite, row_reasons
-from patternlake.quality.validate import ranked_by_event_id, typed_events
+from patternlake.quality.validate import keyed_by_event_id, ranked_by_event_id, typed_events
 from patternlake.spark import get_spark
 
 
@@ -73,7 +73,8 @@ def measure(events: int, work: Path) -> None:
     t("tagged filter bad", tagged.filter(F.size("reasons") > 0))
     typed2 = typed.drop("event_id").withColumn("event_id", F.col("_line_ordinal").cast("string"))
     t("typed without sha2 event id", typed2)
-    ranked = ranked_by_event_id(tagged)
+    partitions = int(spark.conf.get("spark.sql.shuffle.partitions"))
+    ranked = ranked_by_event_id(keyed_by_event_id(tagged, partitions))
     t("ranked firsts", ranked.filter("_valid and _n = 1"))
 
 

@@ -52,3 +52,16 @@ def test_shuffled_once_runs_what_comes_before_the_shuffle_once_for_every_later_j
     assert once.count() == n
     assert runs.value == n  # three more jobs, none of them recomputed a row
     assert once.schema == ranked.schema
+
+
+def test_shuffled_once_keeps_the_partitioning_so_a_window_by_the_key_needs_no_second_shuffle(
+    spark,
+):
+    rows = spark.range(2000).select((F.col("id") % 13).alias("k"), F.col("id").alias("v"))
+    once, metrics = shuffled_once(rows.repartition(4, "k"))
+    assert metrics == {}
+    ranked = once.select("*", F.row_number().over(Window.partitionBy("k").orderBy("v")).alias("n"))
+    plan = ranked._jdf.queryExecution().executedPlan().toString()
+    assert "Exchange" not in plan, plan
+    firsts = {r.k: r.v for r in ranked.filter("n = 1").collect()}
+    assert firsts == {k: k for k in range(13)}

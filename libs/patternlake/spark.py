@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from py4j.protocol import Py4JError
 from pyspark.sql import DataFrame, SparkSession
 
 from patternlake.config import SparkConfig
@@ -168,29 +169,30 @@ NO_CONSTRAINT_PROPAGATION = {"spark.sql.constraintPropagation.enabled": "false"}
 
 
 def shuffled_once(df: DataFrame, observed: str | None = None) -> tuple[DataFrame, dict[str, Any]]:
-    """Run ``df`` up to its last shuffle now, once, and return a DataFrame over its last stage
-    that any number of later jobs read without running what came before the shuffle again:
+    """Run ``df`` up to its last shuffle now, once, and return a DataFrame over that shuffle's
+    output which any number of later jobs read without running what came before it again:
     Spark keeps the shuffle files while the returned DataFrame is referenced, and each job
-    over it only re-reads them (the last stage's own work, e.g. a window's sort, runs per
-    job). This is how one pass over a batch feeds two tables (validate's quarantine and
-    silver writes) without caching every row.
+    over it only re-reads them. The returned DataFrame keeps ``df``'s partitioning (like
+    ``Dataset.checkpoint``), so a ``df`` ending in ``repartition(n, key)`` feeds windows and
+    aggregations by ``key`` with no second shuffle. This is how one pass over a batch feeds
+    two tables (validate's quarantine and silver writes) without caching its rows.
 
     ``observed`` names a ``df.observe(observed, ...)`` made before the shuffle: its metrics,
     complete once the shuffle has run, are returned as a dict (empty when ``observed`` is
     None). Like any metric of a transformation, they count a map task again if Spark has to
     rerun it (a lost executor), which callers' row invariants detect.
 
-    Classic Spark only (it works on the JVM query execution); under Spark Connect, which has
-    none, ``df`` is returned as it is and the metrics come from a count of it."""
+    Classic Spark only: it works on the JVM query execution, which Spark Connect does not
+    expose."""
     jdf = getattr(df, "_jdf", None)
-    if jdf is None:  # Spark Connect: no JVM plan to reuse
-        if observed is None:
-            return df, {}
+    if jdf is None:
         raise PatternlakeError(
-            "patternlake's validate needs classic Spark (a JVM session); Spark Connect sessions "
+            "patternlake needs a classic Spark session (a JVM driver); Spark Connect sessions "
             "are not supported"
         )
     session = df.sparkSession
+    jvm = session.sparkContext._jvm  # type: ignore[attr-defined]
+    jsession = session._jsparkSession  # type: ignore[attr-defined]
     execution = jdf.queryExecution()
     rdd = execution.toRdd()  # plans and runs every shuffle map stage (adaptive execution)
     metrics: dict[str, Any] = {}
@@ -199,5 +201,27 @@ def shuffled_once(df: DataFrame, observed: str | None = None) -> tuple[DataFrame
         if not row.isDefined():
             raise RuntimeError(f"no observed metrics named {observed!r} in the plan")
         metrics = json.loads(row.get().json())
-    jsession = session._jsparkSession  # type: ignore[attr-defined]
-    return DataFrame(jsession.internalCreateDataFrame(rdd, jdf.schema(), False), session), metrics
+    try:
+        plan = execution.executedPlan()
+        if plan.getClass().getSimpleName() == "AdaptiveSparkPlanExec":
+            plan = plan.executedPlan()  # the final plan, now that its stages have run
+        none = jvm.scala.Option.empty()
+        relation = getattr(jvm.org.apache.spark.sql.execution, "LogicalRDD$").__getattr__("MODULE$")
+        logical = relation.apply(
+            execution.analyzed().output(),
+            rdd,
+            plan.outputPartitioning(),
+            plan.outputOrdering(),
+            False,
+            none,
+            jsession,
+            none,
+            none,
+        )
+        out = jvm.org.apache.spark.sql.classic.Dataset.ofRows(jsession, logical)
+    except Py4JError as exc:  # another Spark version's internals: same rows, partitioning lost
+        log.warning(
+            "shuffled_once: keeping the partitioning failed (%s); later jobs reshuffle", exc
+        )
+        out = jsession.internalCreateDataFrame(rdd, jdf.schema(), False)
+    return DataFrame(out, session), metrics

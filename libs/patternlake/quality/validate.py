@@ -157,11 +157,11 @@ def validate_batch(
 
     counted = f"validate-{uuid.uuid4().hex}"
     with job_label(spark, "parse, check and shuffle by event id"):
-        ranked, stats = shuffled_once(
-            ranked_by_event_id(tagged.observe(counted, *batch_counts(suite))), counted
+        keyed, stats = shuffled_once(
+            keyed_by_event_id(tagged.observe(counted, *batch_counts(suite)), _partitions(spark)),
+            counted,
         )
-    seen = _write_quarantine(lake, ranked, batch_id, now)
-    stats[DEDUPE_COUNT] = int(seen["shared"])
+    _write_quarantine(lake, keyed, batch_id, now)
     total, bad = int(stats["total"]), int(stats["bad"])
     reason_counts = {
         r: int(stats[f"r{i}"]) for i, r in enumerate(suite.reason_codes) if stats[f"r{i}"]
@@ -170,14 +170,17 @@ def validate_batch(
     status = "passed" if share <= conf.max_invalid_share else "failed"
     silver_rows = duplicates = 0
     if status == "passed":
-        silver_rows, duplicates = _append_silver(
-            spark, lake, ranked, batch_id, stats["valid_min_id"], stats["valid_max_id"], seen
+        silver_rows, duplicates, stats[DEDUPE_COUNT] = _append_silver(
+            spark, lake, keyed, batch_id, stats["valid_min_id"], stats["valid_max_id"]
         )
         if total != silver_rows + bad + duplicates:
             raise RuntimeError(
                 f"validate {batch_id}: rows lost: bronze {total} != silver {silver_rows} + "
                 f"quarantined {bad} + duplicates {duplicates}"
             )
+    else:
+        with job_label(spark, "shared event ids"):
+            stats[DEDUPE_COUNT] = _shared_ids(keyed)
     gx_result = _gx_result(spark, lake, suite, conf.gx, typed, stats, reason_counts, batch_id)
 
     report = BatchReport(
@@ -209,23 +212,12 @@ def validate_batch(
     return report
 
 
-def _write_quarantine(
-    lake: Lake, ranked: DataFrame, batch_id: str, now: datetime
-) -> dict[str, Any]:
-    """The batch's invalid rows to quarantine_events. Always written: an empty partition also
-    replaces rows of an earlier failed attempt. Every row of the batch passes through this
-    job, so it also counts the event ids: rows sharing an id with another row (``shared``,
-    Great Expectations' uniqueness count), valid rows after the first of their id
-    (``within``) and valid first rows (``firsts``)."""
-    ids = Observation(f"ids-{uuid.uuid4().hex}")
-    observed = ranked.observe(
-        ids,
-        F.count_if(F.col("_k") > 1).alias("shared"),
-        F.count_if(F.col("_valid") & (F.col("_n") > 1)).alias("within"),
-        F.count_if(F.col("_valid") & (F.col("_n") == 1)).alias("firsts"),
-    )
+def _write_quarantine(lake: Lake, keyed: DataFrame, batch_id: str, now: datetime) -> None:
+    """The batch's invalid rows to quarantine_events (read from the shuffle by event id: no
+    sort, no second parse). Always written: an empty partition also replaces rows of an
+    earlier failed attempt."""
     lake.write(
-        observed.filter(~F.col("_valid")).select(
+        keyed.filter(~F.col("_valid")).select(
             *QUARANTINE_COLUMNS, F.lit(now).alias("_validated_at")
         ),
         "quarantine_events",
@@ -233,7 +225,6 @@ def _write_quarantine(
         replace_where={"_batch_id": batch_id},
         commit_info={"patternlake.batch_id": batch_id},
     )
-    return ids.get
 
 
 def _gx_result(
@@ -289,18 +280,25 @@ def batch_counts(suite: EventSuite) -> list[Column]:
 def _append_silver(
     spark: SparkSession,
     lake: Lake,
-    ranked: DataFrame,
+    keyed: DataFrame,
     batch_id: str,
     lo: str | None,
     hi: str | None,
-    seen: dict[str, Any],
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """Append the batch's valid rows to silver, the first of each event id only (in delivery
-    order) and none already in silver. Returns (silver rows of the batch, duplicates).
+    order) and none already in silver. Returns (silver rows of the batch, duplicates, rows
+    sharing an event id with another row of the batch — Great Expectations' uniqueness count).
 
-    ``ranked`` is the batch ranked by event id (``ranked_by_event_id``), ``seen`` its id
-    counts (``_write_quarantine``); the lookup against silver reads only the silver files
-    whose event-id range overlaps the batch's valid rows' (``Lake.read_range``)."""
+    ``keyed`` is the batch partitioned by event id (``keyed_by_event_id``), so ranking and
+    counting each id's rows needs no shuffle; the lookup against silver reads only the
+    silver files whose event-id range overlaps the batch's valid rows' (``Lake.read_range``)."""
+    ids = Observation(f"dedupe-{uuid.uuid4().hex}")
+    ranked = ranked_by_event_id(keyed).observe(
+        ids,
+        F.count_if(F.col("_k") > 1).alias("shared"),
+        F.count_if(F.col("_valid") & (F.col("_n") > 1)).alias("within"),
+        F.count_if(F.col("_valid") & (F.col("_n") == 1)).alias("firsts"),
+    )
     first = ranked.filter(F.col("_valid") & (F.col("_n") == 1)).select(*SILVER_COLUMNS)
     earlier_attempt = False
     if lake.exists("silver_events") and lo is not None:
@@ -310,6 +308,7 @@ def _append_silver(
     version = lake.write(
         first, "silver_events", "append", commit_info={"patternlake.batch_id": batch_id}
     )
+    seen = ids.get
     silver_rows = lake.commit_rows("silver_events", version)
     if earlier_attempt:  # a run that died after its silver commit: those rows are the batch's
         with job_label(spark, "count silver rows"):
@@ -317,28 +316,45 @@ def _append_silver(
     # valid rows that are not the batch's silver rows: repeats within the batch, and ids that
     # were in silver already
     duplicates = int(seen["within"]) + int(seen["firsts"]) - silver_rows
-    return silver_rows, duplicates
+    return silver_rows, duplicates, int(seen["shared"])
 
 
-def ranked_by_event_id(tagged: DataFrame) -> DataFrame:
-    """A tagged batch shuffled by event id, with what both of validate's writes need: the
-    silver columns, and for invalid rows the quarantine's own (``event_time_raw``, ``_raw``,
-    ``reasons``; null on valid rows, which need none of them). Each row gets ``_valid``, its
-    rank among the rows of its event id (``_n``: valid first, then source file, position,
-    time) and how many rows share that id (``_k``): one shuffle."""
+def keyed_by_event_id(tagged: DataFrame, partitions: int) -> DataFrame:
+    """What both of validate's writes need from a tagged batch, hash-partitioned by event id
+    into ``partitions``: the silver columns, ``_valid``, and for invalid rows the
+    quarantine's own columns (``event_time_raw``, ``_raw``, ``reasons``; null on valid rows,
+    which need none of them)."""
     valid = F.size("reasons") == 0
-    order = Window.partitionBy("event_id").orderBy(
-        (~valid).asc(), "_source_file", "_line_ordinal", "event_time", "user_id", "item_id"
-    )
-    whole = order.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
     quarantine_only = [c for c in QUARANTINE_COLUMNS if c not in SILVER_COLUMNS]
     return tagged.select(
         *SILVER_COLUMNS,
         *[F.when(~valid, F.col(c)).alias(c) for c in quarantine_only],
         valid.alias("_valid"),
+    ).repartition(partitions, "event_id")
+
+
+def ranked_by_event_id(keyed: DataFrame) -> DataFrame:
+    """``keyed`` (``keyed_by_event_id``) with each row's rank among the rows of its event id
+    (``_n``: valid first, then source file, position, time) and how many rows share that id
+    (``_k``)."""
+    order = Window.partitionBy("event_id").orderBy(
+        (~F.col("_valid")).asc(),
+        "_source_file",
+        "_line_ordinal",
+        "event_time",
+        "user_id",
+        "item_id",
+    )
+    whole = order.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    return keyed.select(
+        "*",
         F.row_number().over(order).alias("_n"),
         F.count(F.lit(1)).over(whole).alias("_k"),
     )
+
+
+def _partitions(spark: SparkSession) -> int:
+    return int(spark.conf.get("spark.sql.shuffle.partitions"))
 
 
 def _wrote_silver_before(lake: Lake, batch_id: str) -> bool:
@@ -349,6 +365,13 @@ def _wrote_silver_before(lake: Lake, batch_id: str) -> bool:
         if info.get("patternlake.batch_id") == batch_id:
             return True
     return False
+
+
+def _shared_ids(keyed: DataFrame) -> int:
+    """Rows whose event id another row of the batch has (uniqueness, for a failed batch);
+    ``keyed`` is partitioned by event id, so this needs no shuffle."""
+    n = keyed.groupBy("event_id").count().filter("count > 1").agg(F.sum("count")).first()[0]
+    return int(n or 0)
 
 
 def _unexpected_samples(
