@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -200,6 +201,23 @@ def _domain(e: Expectation) -> Column:
 
 
 NULL_CHECKS = {"expect_column_values_to_not_be_null", "expect_column_values_to_be_null"}
+
+
+def import_gx_in_background() -> threading.Thread:
+    """Start importing Great Expectations in a thread and return it: the import takes about
+    5 s of Python (GX's module tree, pydantic models, scipy), and validate's first Spark job
+    runs meanwhile (the driver thread only waits on the JVM then). ``gx_record`` and
+    ``run_gx`` import it as usual; Python's import lock makes them wait for this import if it
+    has not finished."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # an import error shows where GX is used
+            import great_expectations  # noqa: F401
+
+    thread = threading.Thread(target=load, name="import great_expectations", daemon=True)
+    thread.start()
+    return thread
 
 
 def gx_record(

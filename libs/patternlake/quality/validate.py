@@ -34,6 +34,7 @@ from patternlake.quality.suite import (
     DEDUPE_COUNT,
     EventSuite,
     gx_record,
+    import_gx_in_background,
     load_suite,
     row_reasons,
     run_gx,
@@ -131,7 +132,9 @@ def validate_pending(spark: SparkSession, lake: Lake, config: Config) -> list[Ba
             .collect()
         }
     pending = [b for b in batches if b not in passed]
-    if not pending:
+    if pending:
+        import_gx_in_background()
+    else:
         log.info("validate: nothing to do, all %d batches passed before", len(batches))
     suite = load_suite(config.validate_)
     reports = []
