@@ -6,6 +6,7 @@ from pyspark.sql import functions as F
 
 from patternlake.errors import PatternlakeError
 from patternlake.ingest.bronze import ingest
+from patternlake.quality import validate
 from patternlake.quality.validate import validate_pending
 from tests.conftest import with_overrides
 
@@ -88,9 +89,13 @@ def test_too_many_invalid_rows_fail_the_batch_and_lose_nothing(spark, stage):
     assert validate_pending(spark, lake, relaxed) == []  # nothing left to do
 
 
+@pytest.mark.parametrize("lookup", ["broadcast", "shuffle"])
 def test_generated_batches_validate_clean_and_dedupe_across_batches(
-    spark, stage, small_events, tmp_path
+    spark, stage, small_events, tmp_path, monkeypatch, lookup
 ):
+    # both ways of finding the batch's ids already in silver: the batch's ids broadcast
+    # (small batches) and silver's ids joined by a shuffle (large ones)
+    monkeypatch.setattr(validate, "BROADCAST_LOOKUP_ROWS", 10**9 if lookup == "broadcast" else 0)
     config, lake = stage
     files = sorted((small_events / "events").iterdir())
     first = ingest(spark, lake, config, str(files[0])).batch_id

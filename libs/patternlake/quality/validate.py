@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 SILVER_COLUMNS = tuple(contract("silver_events").names)
 # the quarantined rows as tagged; _validated_at is added when they are written
 QUARANTINE_COLUMNS = tuple(c for c in contract("quarantine_events").names if c != "_validated_at")
+# up to this many valid rows, a batch's event ids are broadcast to look them up in silver
+# (about 60 MB of hash table at 1M ids); larger batches join silver's ids by a shuffle
+BROADCAST_LOOKUP_ROWS = 1_000_000
 
 
 @dataclass
@@ -174,7 +177,13 @@ def validate_batch(
     silver_rows = duplicates = 0
     if status == "passed":
         silver_rows, duplicates, stats[DEDUPE_COUNT] = _append_silver(
-            spark, lake, keyed, batch_id, stats["valid_min_id"], stats["valid_max_id"]
+            spark,
+            lake,
+            keyed,
+            batch_id,
+            stats["valid_min_id"],
+            stats["valid_max_id"],
+            total - bad,
         )
         if total != silver_rows + bad + duplicates:
             raise RuntimeError(
@@ -287,6 +296,7 @@ def _append_silver(
     batch_id: str,
     lo: str | None,
     hi: str | None,
+    valid_rows: int,
 ) -> tuple[int, int, int]:
     """Append the batch's valid rows to silver, the first of each event id only (in delivery
     order) and none already in silver. Returns (silver rows of the batch, duplicates, rows
@@ -294,7 +304,9 @@ def _append_silver(
 
     ``keyed`` is the batch partitioned by event id (``keyed_by_event_id``), so ranking and
     counting each id's rows needs no shuffle; the lookup against silver reads only the
-    silver files whose event-id range overlaps the batch's valid rows' (``Lake.read_range``)."""
+    silver files whose event-id range overlaps the batch's valid rows' (``Lake.read_range``),
+    and for a batch of up to ``BROADCAST_LOOKUP_ROWS`` valid rows (a day on top of a large
+    silver) it probes silver with the batch's ids instead of shuffling silver's."""
     ids = Observation(f"dedupe-{uuid.uuid4().hex}")
     ranked = ranked_by_event_id(keyed).observe(
         ids,
@@ -306,7 +318,16 @@ def _append_silver(
     earlier_attempt = False
     if lake.exists("silver_events") and lo is not None:
         known = lake.read_range("silver_events", "event_id", lo, hi).select("event_id")
-        first = first.join(known, "event_id", "left_anti").select(*SILVER_COLUMNS)
+        if valid_rows <= BROADCAST_LOOKUP_ROWS:
+            # few ids: find those already in silver with one scan of silver's event_id
+            # column against the batch's ids broadcast (silver is not shuffled), then drop
+            # the (few) found
+            batch_ids = keyed.filter(F.col("_valid")).select("event_id").distinct()
+            known = known.join(F.broadcast(batch_ids), "event_id", "left_semi")
+            first = first.join(F.broadcast(known), "event_id", "left_anti")
+        else:
+            first = first.join(known, "event_id", "left_anti")
+        first = first.select(*SILVER_COLUMNS)
         earlier_attempt = _wrote_silver_before(lake, batch_id)
     version = lake.write(
         first, "silver_events", "append", commit_info={"patternlake.batch_id": batch_id}
