@@ -132,6 +132,8 @@ class FeaturesConfig(_Strict):
 class SegmentConfig(_Strict):
     k: int = Field(ge=1)
     seed: int
+    restarts: int = Field(ge=1)
+    init_steps: int = Field(ge=1)
     min_events: int = Field(ge=1)
     max_iter: int = Field(gt=0)
     top_categories: int = Field(ge=0)

@@ -8,7 +8,7 @@ from patternlake.ingest.bronze import ingest
 from patternlake.lake import Lake
 from patternlake.quality.validate import validate_pending
 from patternlake.segments.kmeans import COLD_START, segment_users
-from patternlake.segments.nodes import stable_ids
+from patternlake.segments.nodes import fit_clusters, stable_ids
 from tests.conftest import with_overrides
 
 
@@ -89,3 +89,21 @@ def test_new_centroids_take_the_ids_of_the_nearest_previous_ones():
     # no previous model: ids 1..k in a deterministic centroid order
     first, matched = stable_ids(centers, None, mean, std)
     assert not matched and sorted(first.values()) == [1, 2, 3]
+
+
+def test_the_same_users_in_another_layout_get_the_same_clusters(spark):
+    """KMeans' initialisation samples per partition: without a canonical layout the same
+    user_features rows written in other files gave other segments (found when validate's
+    silver layout changed)."""
+    rng = np.random.default_rng(3)
+    centers = np.array([[0.0, 0.0], [5.0, 5.0], [0.0, 6.0], [6.0, 0.0]])
+    points = centers[rng.integers(0, 4, 3000)] + rng.normal(0, 2.0, (3000, 2))
+    rows = [(f"u{i:05d}", float(x), float(y)) for i, (x, y) in enumerate(points)]
+    one = spark.createDataFrame(rows, "user_id string, a double, b double").coalesce(1)
+    other = (
+        spark.createDataFrame(rows[::-1], "user_id string, a double, b double")
+        .repartition(7)
+        .sortWithinPartitions(F.rand(1))
+    )
+    fits = [fit_clusters(df, ["a", "b"], 4, seed=42, max_iter=20).centers for df in (one, other)]
+    np.testing.assert_array_equal(fits[0], fits[1])

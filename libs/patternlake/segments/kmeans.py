@@ -63,7 +63,9 @@ def segment_users(spark: SparkSession, lake: Lake, config: Config) -> SegmentRes
     names = list(cols)
     eligible = eligible_users(features, cols, conf.min_events).persist()
     check_enough_users(eligible.count(), conf.k, conf.min_events)
-    clusters = fit_clusters(eligible, names, conf.k, conf.seed, conf.max_iter)
+    clusters = fit_clusters(
+        eligible, names, conf.k, conf.seed, conf.max_iter, conf.restarts, conf.init_steps
+    )
 
     models = lake.read("segment_models") if lake.exists("segment_models") else None
     version, previous = previous_centroids(models, names)
