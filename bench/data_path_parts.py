@@ -73,8 +73,7 @@ def measure(events: int, work: Path) -> None:
     t("tagged filter bad", tagged.filter(F.size("reasons") > 0))
     typed2 = typed.drop("event_id").withColumn("event_id", F.col("_line_ordinal").cast("string"))
     t("typed without sha2 event id", typed2)
-    partitions = int(spark.conf.get("spark.sql.shuffle.partitions"))
-    ranked = ranked_by_event_id(keyed_by_event_id(tagged, partitions))
+    ranked = ranked_by_event_id(keyed_by_event_id(tagged))
     t("ranked firsts", ranked.filter("_valid and _n = 1"))
 
 

@@ -173,8 +173,9 @@ def shuffled_once(df: DataFrame, observed: str | None = None) -> tuple[DataFrame
     output which any number of later jobs read without running what came before it again:
     Spark keeps the shuffle files while the returned DataFrame is referenced, and each job
     over it only re-reads them. The returned DataFrame keeps ``df``'s partitioning (like
-    ``Dataset.checkpoint``), so a ``df`` ending in ``repartition(n, key)`` feeds windows and
-    aggregations by ``key`` with no second shuffle. This is how one pass over a batch feeds
+    ``Dataset.checkpoint``, including a partition count that adaptive execution coalesced),
+    so a ``df`` ending in ``repartition(key)`` feeds windows and aggregations by ``key`` with
+    no second shuffle. This is how one pass over a batch feeds
     two tables (validate's quarantine and silver writes) without caching its rows.
 
     ``observed`` names a ``df.observe(observed, ...)`` made before the shuffle: its metrics,

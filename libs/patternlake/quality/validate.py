@@ -164,7 +164,7 @@ def validate_batch(
     counted = f"validate-{uuid.uuid4().hex}"
     with job_label(spark, "parse, check and shuffle by event id"):
         keyed, stats = shuffled_once(
-            keyed_by_event_id(tagged.observe(counted, *batch_counts(suite)), _partitions(spark)),
+            keyed_by_event_id(tagged.observe(counted, *batch_counts(suite))),
             counted,
         )
     _write_quarantine(lake, keyed, batch_id, now)
@@ -343,18 +343,19 @@ def _append_silver(
     return silver_rows, duplicates, int(seen["shared"])
 
 
-def keyed_by_event_id(tagged: DataFrame, partitions: int) -> DataFrame:
-    """What both of validate's writes need from a tagged batch, hash-partitioned by event id
-    into ``partitions``: the silver columns, ``_valid``, and for invalid rows the
-    quarantine's own columns (``event_time_raw``, ``_raw``, ``reasons``; null on valid rows,
-    which need none of them)."""
+def keyed_by_event_id(tagged: DataFrame) -> DataFrame:
+    """What both of validate's writes need from a tagged batch, hash-partitioned by event id:
+    the silver columns, ``_valid``, and for invalid rows the quarantine's own columns
+    (``event_time_raw``, ``_raw``, ``reasons``; null on valid rows, which need none of them).
+    The number of partitions is left to adaptive execution, which coalesces a small batch's
+    shuffle (a 1% day is not written as ``spark.sql.shuffle.partitions`` tiny files)."""
     valid = F.size("reasons") == 0
     quarantine_only = [c for c in QUARANTINE_COLUMNS if c not in SILVER_COLUMNS]
     return tagged.select(
         *SILVER_COLUMNS,
         *[F.when(~valid, F.col(c)).alias(c) for c in quarantine_only],
         valid.alias("_valid"),
-    ).repartition(partitions, "event_id")
+    ).repartition("event_id")
 
 
 def ranked_by_event_id(keyed: DataFrame) -> DataFrame:
@@ -375,10 +376,6 @@ def ranked_by_event_id(keyed: DataFrame) -> DataFrame:
         F.row_number().over(order).alias("_n"),
         F.count(F.lit(1)).over(whole).alias("_k"),
     )
-
-
-def _partitions(spark: SparkSession) -> int:
-    return int(spark.conf.get("spark.sql.shuffle.partitions"))
 
 
 def _wrote_silver_before(lake: Lake, batch_id: str) -> bool:
