@@ -80,6 +80,7 @@ def segment_users(spark: SparkSession, lake: Lake, config: Config) -> SegmentRes
         overwrite_schema=True,
         commit_info={"patternlake.segment_model_version": str(version)},
     )
+    clusters.scaled.unpersist()  # fit_clusters cached it for its restarts
     eligible.unpersist()
 
     counts = users_per_segment(lake.read("segments"))

@@ -97,7 +97,7 @@ class Clusters:
     """A KMeans fit on standardized features."""
 
     model: KMeansModel
-    scaled: DataFrame  # the input with ``x``, the standardized feature vector
+    scaled: DataFrame  # the input with ``x``, the standardized feature vector (cached)
     mean: np.ndarray  # (F,) per-feature mean of the raw features
     std: np.ndarray  # (F,) per-feature sample standard deviation; 1.0 where it is 0
     centers: np.ndarray  # (k, F) centroids in the standardized space
