@@ -203,17 +203,24 @@ def _domain(e: Expectation) -> Column:
 NULL_CHECKS = {"expect_column_values_to_not_be_null", "expect_column_values_to_be_null"}
 
 
+def _import_gx() -> Any:
+    """The great_expectations module, imported with GX's usage analytics off."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    return gx
+
+
 def import_gx_in_background() -> threading.Thread:
     """Start importing Great Expectations in a thread and return it: the import takes about
     5 s of Python (GX's module tree, pydantic models, scipy), and validate's first Spark job
     runs meanwhile (the driver thread only waits on the JVM then). ``gx_record`` and
     ``run_gx`` import it as usual; Python's import lock makes them wait for this import if it
     has not finished."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
     def load() -> None:
         with contextlib.suppress(Exception):  # an import error shows where GX is used
-            import great_expectations  # noqa: F401
+            _import_gx()
 
     thread = threading.Thread(target=load, name="import great_expectations", daemon=True)
     thread.start()
@@ -232,8 +239,7 @@ def gx_record(
     ``(considered - unexpected) / considered >= mostly`` (considered: every row for the null
     checks, non-null rows otherwise), percentages as GX's BASIC result format gives them.
     ``samples[reason]`` is up to 20 unexpected values (``partial_unexpected_list``)."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
+    gx = _import_gx()
     from great_expectations.core.expectation_validation_result import (
         ExpectationSuiteValidationResult,
         ExpectationValidationResult,
@@ -304,8 +310,7 @@ def gx_record(
 
 def run_gx(df: DataFrame, suite: EventSuite, batch_id: str) -> dict[str, Any]:
     """Validate ``df`` with Great Expectations (ephemeral context, Spark data source)."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
+    gx = _import_gx()
     from great_expectations.core.expectation_suite import ExpectationSuite
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
