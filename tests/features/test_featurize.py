@@ -166,12 +166,21 @@ def _tsv(path, rows):
     return path
 
 
-def test_appended_days_equal_a_full_rebuild(spark, config, tmp_path):
+@pytest.mark.parametrize("lookup", ["broadcast", "shuffle"])
+def test_appended_days_equal_a_full_rebuild(spark, config, tmp_path, lookup, monkeypatch):
     """Days featurized one at a time (new events appended to the stored rows) give what one
     full run over the same days gives, in every case a day can bring: later events (with a
     tie on the stored last second, a session gap, a new day, repeated and new items), an
     event older than the stored history (that user is rebuilt from silver), a new user, an
-    untouched user, and a user whose stored sequence is cut at max_history."""
+    untouched user, and a user whose stored sequence is cut at max_history. Both ways of
+    finding the touched users' stored rows and merging them back: broadcast ids (a small
+    day) and shuffles (a day with more users than BROADCAST_USERS)."""
+    if lookup == "shuffle":
+        from patternlake.features import featurize as featurize_module
+        from patternlake.lake import deltars
+
+        monkeypatch.setattr(featurize_module, "BROADCAST_USERS", -1)
+        monkeypatch.setattr(deltars, "BROADCAST_MERGE_KEYS", -1)
     day = 86_400
     t0 = 1_767_225_600  # 2026-01-01
     day1 = [

@@ -39,6 +39,17 @@ def lake(request, spark, config) -> Lake:
     return Lake(spark, conf, make_engine(spark, conf))
 
 
+@pytest.fixture(params=["broadcast", "join"])
+def merge_path(request, monkeypatch) -> str:
+    """delta-rs merges a small source by broadcasting its keys, a large one by a full outer
+    join: both must give Delta's MERGE semantics."""
+    from patternlake.lake import deltars
+
+    if request.param == "join":
+        monkeypatch.setattr(deltars, "BROADCAST_MERGE_KEYS", -1)
+    return request.param
+
+
 @pytest.fixture
 def table(tmp_path) -> str:
     return str(tmp_path / "table")
@@ -117,7 +128,7 @@ def test_partition_values_with_special_characters_round_trip(lake, spark, table)
     assert dict(zip(plain["user_id"], plain["day"], strict=True)) == got
 
 
-def test_merge_updates_matching_keys_and_inserts_the_rest(lake, spark, table):
+def test_merge_updates_matching_keys_and_inserts_the_rest(lake, spark, table, merge_path):
     lake.write(
         events(spark, [("u1", "d1", 1), ("u2", "d1", 2), ("u3", "d2", 3)]),
         table,
@@ -172,7 +183,9 @@ def test_delete_and_vacuum_remove_the_data_from_disk(lake, spark, table):
     assert rows_of(lake.read(table)) == [("keep", "d1", 2), ("keep", "d2", 4)]
 
 
-def test_rewrite_and_merge_work_on_a_table_whose_version_has_no_files(lake, spark, table):
+def test_rewrite_and_merge_work_on_a_table_whose_version_has_no_files(
+    lake, spark, table, merge_path
+):
     lake.write(events(spark, []), table)  # e.g. quarantine_events after only clean batches
     out = lake.rewrite(table, F.col("user_id") == "u1", lambda df: df.filter(F.lit(False)))
     assert out["files"] == 0
@@ -609,7 +622,9 @@ def test_time_travel_before_the_first_commit_is_a_clear_error(lake, spark, table
     assert lake.read(table, timestamp=datetime.now(UTC)).count() == 1
 
 
-def test_merge_keys_follow_sql_semantics_and_update_every_matched_row(lake, spark, table):
+def test_merge_keys_follow_sql_semantics_and_update_every_matched_row(
+    lake, spark, table, merge_path
+):
     """Issue 7, 2.6: a null key never matches (so it is always inserted, and two null-key
     rows are not duplicates); a source row matching several target rows updates them all."""
     lake.write(events(spark, [("u1", "d1", 1), ("u1", "d2", 2), (None, "d3", 3)]), table)

@@ -204,17 +204,24 @@ def _incremental(
             n_users = hist.count()
         return _cached(seqs, feats, n_users, [hist])
 
-    new = user_histories(fresh, index, types, conf.category_property)
-    stored = stored_state(
-        lake.read("user_sequences", version=lake.version("user_sequences")),
-        lake.read("user_features", version=lake.version("user_features")),
-        types,
+    new = user_histories(fresh, index, types, conf.category_property).persist(
+        StorageLevel.MEMORY_AND_DISK
     )
-    joined = new.join(stored, "user_id", "left").persist(StorageLevel.MEMORY_AND_DISK)
     with job_label(spark, "featurize: touched users"):
-        n_users = joined.count()
+        n_users = new.count()
+    sequences = lake.read("user_sequences", version=lake.version("user_sequences"))
+    features = lake.read("user_features", version=lake.version("user_features"))
+    if n_users <= BROADCAST_USERS:
+        # only the touched users' stored rows are shuffled into the join, not every user's
+        touched = F.broadcast(new.select("user_id"))
+        sequences = sequences.join(touched, "user_id", "left_semi")
+        features = features.join(touched, "user_id", "left_semi")
+    stored = stored_state(sequences, features, types)
+    joined = new.join(stored, "user_id", "left").persist(StorageLevel.MEMORY_AND_DISK)
+    with job_label(spark, "featurize: stored rows of touched users"):
+        joined.count()
     ok = appendable(joined)
-    cached = [joined]
+    cached = [new, joined]
     # the distinct-item count of a user whose stored sequence is cut (more than max_history
     # events) needs the earlier items: look up the new (user, item) pairs in silver
     cut = joined.filter(ok & (F.col("_s_n_events") > F.size("_s_item_seq"))).select("user_id")
@@ -247,6 +254,7 @@ def _incremental(
 
 
 BROADCAST_PAIRS = 2_000_000  # new (user, item) pairs looked up without a shuffle of silver
+BROADCAST_USERS = 1_000_000  # touched users whose stored rows are read without a shuffle of all
 
 
 def _cached(

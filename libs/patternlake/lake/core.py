@@ -263,15 +263,10 @@ class Lake:
             raise SchemaMismatchError(
                 f"merge into {name}: key columns {missing or keys} are not in the data"
             )
-        dup = (
-            df.dropna(subset=keys)  # null keys never match, so they never collide either
-            .groupBy(*keys)
-            .count()
-            .filter("count > 1")
-            .limit(1)
-            .collect()
-        )
-        if dup:
+        per_key = df.dropna(subset=keys).groupBy(*keys).count()  # null keys never collide
+        stats = per_key.agg(F.count("*").alias("keys"), F.max("count").alias("most")).first()
+        if stats["most"] is not None and stats["most"] > 1:
+            dup = per_key.filter("count > 1").limit(1).collect()
             sample = {k: dup[0][k] for k in keys}
             raise PatternlakeError(
                 f"merge into {name}: the data has more than one row for key {sample}"
@@ -287,6 +282,7 @@ class Lake:
                 keys,
                 schema=target,
                 add_columns=added,
+                source_keys=int(stats["keys"]),
                 metadata={
                     "patternlake.operation": "merge",
                     "patternlake.keys": ",".join(keys),

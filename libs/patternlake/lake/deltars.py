@@ -243,6 +243,7 @@ class DeltaRsEngine:
         *,
         schema: StructType,
         add_columns: StructType | None,
+        source_keys: int | None,
         metadata: dict[str, str],
     ) -> int:
         """Copy-on-write upsert computed by Spark: files holding a matching key are rewritten.
@@ -251,24 +252,36 @@ class DeltaRsEngine:
         ``=`` (a null key never matches); every matched target row takes the source row's
         values, unmatched source rows are inserted. When the merge adds columns, the whole
         table is rewritten in the same commit (delta-rs changes a schema only in an overwrite).
+
+        With at most ``BROADCAST_MERGE_KEYS`` source keys (the usual day: the users one batch
+        touches), the source's keys are broadcast: the rewritten files' rows are filtered
+        against them where they are read and the source rows are added, so neither side's
+        rows are shuffled (``_replaced``). More keys, or an unknown count: one full outer join.
         """
         new_names = set(add_columns.fieldNames()) if add_columns is not None else set()
         before = StructType([f for f in schema.fields if f.name not in new_names])
+        small = source_keys is not None and source_keys <= BROADCAST_MERGE_KEYS
+        keyset = df.select(*keys).dropna()
+        keyset = F.broadcast(keyset) if small else keyset
         with _InFlight(uri) as flight:
 
             def plan(dt: DeltaTable) -> _Plan:
                 _check_supported(dt, uri)
                 partition_by = list(dt.metadata().partition_columns)
                 files = dt.file_uris()
-                source_keys = df.select(*keys)
                 if add_columns is not None:
                     touched = files
                 else:
                     touched = self._files_holding(
-                        uri, before, files, lambda rows: rows.join(source_keys, keys, "left_semi")
+                        uri, before, files, lambda rows: rows.join(keyset, keys, "left_semi")
                     )
                 target = self._read_files(uri, schema, touched)
-                adds = self._stage(flight, _upserted(target, df, keys, schema), uri, partition_by)
+                rows = (
+                    _replaced(target, df, keyset, keys, schema)
+                    if small
+                    else _upserted(target, df, keys, schema)
+                )
+                adds = self._stage(flight, rows, uri, partition_by)
                 info = {"patternlake.rewritten_files": str(len(touched))}
                 if add_columns is not None:
                     return _Plan(adds, "overwrite", schema, None, info, flight.undo(adds))
@@ -621,6 +634,38 @@ class _StagedWriter:
     alive: bool
     published: list[str]
     newest: float  # newest modification time of anything in the folder (epoch seconds)
+
+
+BROADCAST_MERGE_KEYS = 1_000_000  # source keys a merge broadcasts instead of a full outer join
+
+
+def _replaced(
+    target: DataFrame,
+    source: DataFrame,
+    keyset: DataFrame,
+    keys: list[str],
+    schema: StructType,
+) -> DataFrame:
+    """``_upserted``'s rows without shuffling either side's rows: the target rows whose keys
+    are not in the broadcast ``keyset`` (the source's non-null keys), then every source row,
+    repeated once per target row it matches (Delta's MERGE updates each of them), at least
+    once. Only the matched target rows' keys are shuffled, to count them."""
+    names = schema.fieldNames()
+    kept = target.join(keyset, keys, "left_anti")
+    matched = (
+        target.select(*keys)
+        .join(keyset, keys, "left_semi")
+        .groupBy(*keys)
+        .agg(F.count("*").alias("_pl_matches"))
+    )
+    copies = F.coalesce(F.col("_pl_matches"), F.lit(1))
+    inserted = (
+        source.join(F.broadcast(matched), keys, "left")
+        .withColumn("_pl_copy", F.explode(F.sequence(F.lit(1), copies)))
+        .drop("_pl_matches", "_pl_copy")
+    )
+    cols = [F.col(f"`{n}`") for n in names]
+    return kept.select(*cols).unionByName(inserted.select(*cols))
 
 
 def _upserted(

@@ -59,9 +59,11 @@ class DeltaEngine(Protocol):
         *,
         schema: StructType,
         add_columns: StructType | None,
+        source_keys: int | None,
         metadata: dict[str, str],
     ) -> int:
-        """Upsert ``df`` on ``keys`` (update matching rows, insert the rest); return the version."""
+        """Upsert ``df`` on ``keys`` (update matching rows, insert the rest); return the version.
+        ``source_keys``: how many distinct non-null keys ``df`` has, when the caller knows."""
         ...
 
     def read(self, uri: str, version: int | None, timestamp: datetime | None) -> DataFrame: ...

@@ -111,6 +111,7 @@ class SparkDeltaEngine:
         *,
         schema: StructType,
         add_columns: StructType | None,
+        source_keys: int | None,
         metadata: dict[str, str],
     ) -> int:
         if add_columns is not None:
