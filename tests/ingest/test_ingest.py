@@ -7,6 +7,7 @@ from pyspark.sql import functions as F
 
 from patternlake.errors import PatternlakeError
 from patternlake.ingest.bronze import ingest, parse_mapping
+from patternlake.ingest.sources import _decoded_path, source_file
 
 MOVIELENS = (
     "196\t242\t3\t881250949\n186\t302\t3\t891717742\n22\t377\t1\t878887116\n196\t51\t2\t880606923\n"
@@ -31,6 +32,31 @@ def test_movielens_layout_loads_with_only_a_mapping(spark, stage, tmp_path):
     assert rows["242"].event_time == "881250949"
     assert rows["242"].properties == {"rating": "3"}
     assert rows["242"]._source_file == str(f)
+
+
+def test_source_file_is_the_decoded_path_whether_looked_up_or_decoded_per_row(
+    spark, stage, tmp_path
+):
+    # spaces, '%', '+' and non-ASCII in the path: Spark's URI escapes them; ingest records the
+    # path itself, through the per-file lookup and through the per-row decoding alike
+    config, lake = stage
+    folder = tmp_path / "odd dir %20 +é"
+    folder.mkdir()
+    for name in ("a b.tsv", "c%41+.tsv"):
+        (folder / name).write_text(MOVIELENS)
+    (folder / "c%41+.tsv").write_text(MOVIELENS.replace("196", "197"))
+    result = ingest(
+        spark, lake, config, str(folder), "tsv", parse_mapping("user_id=0,item_id=1,event_time=3")
+    )
+    assert result.rows == 8  # rows per file go by the file's fingerprint, found by its path
+    files = {r._source_file for r in lake.read("bronze_events").select("_source_file").collect()}
+    assert files == {str(folder / "a b.tsv"), str(folder / "c%41+.tsv")}
+
+    df = spark.read.option("sep", "\t").csv(str(folder))
+    raw = F.col("_metadata.file_path")
+    both = df.select(source_file(df).alias("looked_up"), _decoded_path(raw).alias("decoded"))
+    assert both.filter(F.col("looked_up") != F.col("decoded")).count() == 0
+    assert both.count() == 8
 
 
 def test_reingesting_the_same_file_is_a_reported_noop(spark, stage, tmp_path):

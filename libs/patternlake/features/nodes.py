@@ -119,16 +119,25 @@ def user_sequences(histories: DataFrame, max_len: int) -> DataFrame:
     )
 
 
-def _category_counts(events: Column) -> Column:
-    """Counts per category of an event array, as (category, n) structs sorted by category."""
-    cats = F.array_compact(events["c"])
-    return F.transform(
+def _with_category_counts(df: DataFrame, events: str = "events", out: str = "_counts") -> DataFrame:
+    """``df`` with ``out``: the counts per category of the ``events`` array, as (category, n)
+    structs sorted by category.
+
+    The categories without nulls are a column of their own first. An expression that a lambda
+    captures is evaluated again for every element the lambda visits: with the filtered array
+    inline, each distinct category filtered the whole history again (3x the time of
+    ``user_features``' other columns together); a column is only read.
+    """
+    df = df.withColumn("_cats", F.array_compact(F.col(events)["c"]))
+    cats = F.col("_cats")
+    counts = F.transform(
         F.array_sort(F.array_distinct(cats)),
         lambda k: F.struct(
             k.alias("category"),
             (F.size(cats) - F.size(F.array_remove(cats, k))).cast("long").alias("n"),
         ),
     )
+    return df.withColumn(out, counts).drop("_cats")
 
 
 def _top_categories(counts: Column, top_categories: int) -> Column:
@@ -220,8 +229,9 @@ def user_features(
     events = F.col("events")
     n = F.size(events)
     first, last = F.element_at(events, 1)["t"], F.element_at(events, -1)["t"]
-    counts = _category_counts(events)
-    base = histories.select(
+    # counts is read twice below: a column of its own, so that it is computed once
+    counts = F.col("_counts")
+    base = _with_category_counts(histories).select(
         "user_id",
         n.alias("n_events"),
         F.size(F.array_distinct(events["item"])).alias("n_items"),
@@ -329,22 +339,23 @@ def appended_features(
     n = F.col("_s_n_events") + F.size(events)
     new_days = F.array_distinct(F.transform(events["t"], _day))
     stored_counts = F.col("_s_category_counts")
-    new_counts = F.map_from_entries(_category_counts(events))
     merged = F.map_zip_with(
         stored_counts,
-        new_counts,
+        F.map_from_entries("_new_counts"),
         lambda _k, a, b: F.coalesce(a, F.lit(0)) + F.coalesce(b, F.lit(0)),
     )
-    counts = F.transform(
+    merged_counts = F.transform(
         F.array_sort(F.map_entries(merged)),
         lambda e: F.struct(e["key"].alias("category"), e["value"].alias("n")),
     )
+    counts = F.col("_counts")  # read twice below: computed once, in a column of its own
     whole = F.col("_s_n_events") == F.size("_s_item_seq")
     items = F.concat("_s_item_seq", events["item"])
     if unseen_items is None:
         joined = joined.withColumn("n_unseen", F.lit(None).cast("long"))
     else:
         joined = joined.join(unseen_items, "user_id", "left")
+    joined = _with_category_counts(joined, out="_new_counts").withColumn("_counts", merged_counts)
     n_items = F.when(whole, F.size(F.array_distinct(items))).otherwise(
         F.col("_s_n_items") + F.coalesce("n_unseen", F.lit(0))
     )
