@@ -22,7 +22,7 @@ from patternlake.config import load_config
 from patternlake.ingest.bronze import ingest
 from patternlake.ingest.sources import fingerprint, list_source_files, read_events
 from patternlake.lake import Lake
-from patternlake.quality.suite import load_suite, row_reasons
+from patternlake.quality.suite import load_suite, row_reasons, with_violation_flags
 from patternlake.quality.validate import keyed_by_event_id, ranked_by_event_id, typed_events
 from patternlake.spark import get_spark
 
@@ -68,7 +68,7 @@ def measure(events: int, work: Path) -> None:
     typed = typed_events(bronze, config.ingest.default_event_type)
     t("typed", typed)
     suite = load_suite(config.validate_)
-    tagged = typed.withColumn("reasons", row_reasons(suite))
+    tagged = with_violation_flags(typed, suite).withColumn("reasons", row_reasons(suite))
     t("tagged", tagged)
     t("tagged filter bad", tagged.filter(F.size("reasons") > 0))
     typed2 = typed.drop("event_id").withColumn("event_id", F.col("_line_ordinal").cast("string"))

@@ -28,6 +28,7 @@ import os
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -167,17 +168,55 @@ def violation(e: Expectation) -> Column:
     return F.coalesce(bad, F.lit(False))
 
 
+def violation_flags(suite: EventSuite) -> dict[str, Column]:
+    """One boolean column per quarantine rule: ``_v{i}`` (``i``: the expectation's position in
+    the suite) is true where the row breaks it.
+
+    ``with_violation_flags`` computes them once per row; ``row_reasons``, ``reason_counts``
+    and ``suite_metrics`` then read the flags instead of evaluating each rule (regexes, string
+    lengths) again for the reasons, the reason counts and Great Expectations' counts."""
+    return {
+        f"_v{i}": violation(e) for i, e in enumerate(suite.expectations) if e.action != DEDUPLICATE
+    }
+
+
+def with_violation_flags(df: DataFrame, suite: EventSuite) -> DataFrame:
+    return df.select("*", *[c.alias(name) for name, c in violation_flags(suite).items()])
+
+
 def row_reasons(suite: EventSuite) -> Column:
-    """array<string> of the reason codes of every quarantine rule the row breaks."""
-    tags = [F.when(violation(e), F.lit(e.reason)) for e in suite.quarantine_rules]
-    return F.array_compact(F.array(*tags)) if tags else F.array().cast("array<string>")
+    """array<string> of the reason codes of every quarantine rule the row breaks (read from
+    ``with_violation_flags``' columns). A valid row gets the empty array without building one
+    to compact (``array_compact`` is a per-element lambda)."""
+    flags = violation_flags(suite)
+    if not flags:
+        return F.array().cast("array<string>")
+    tags = [
+        F.when(F.col(name), F.lit(e.reason))
+        for name, e in zip(flags, suite.quarantine_rules, strict=True)
+    ]
+    broken = reduce(lambda a, b: a | b, [F.col(name) for name in flags])
+    return F.when(broken, F.array_compact(F.array(*tags))).otherwise(
+        F.array().cast("array<string>")
+    )
+
+
+def reason_counts(suite: EventSuite) -> list[Column]:
+    """Per reason code (``suite.reason_codes`` order), the rows breaking a rule with that
+    code, as ``r{i}``, from ``with_violation_flags``' columns."""
+    flags = violation_flags(suite)
+    out = []
+    for i, code in enumerate(suite.reason_codes):
+        names = [n for n, e in zip(flags, suite.quarantine_rules, strict=True) if e.reason == code]
+        out.append(F.count_if(reduce(lambda a, b: a | b, [F.col(n) for n in names])).alias(f"r{i}"))
+    return out
 
 
 DEDUPE_COUNT = "_gx_nonunique"  # rows whose event_id another row of the batch also has
 
 
 def suite_metrics(suite: EventSuite) -> list[Column]:
-    """Aggregates over a typed batch: per expectation ``i`` the rows of its domain
+    """Aggregates over a typed batch with ``with_violation_flags``' columns: per expectation ``i`` the rows of its domain
     (``row_condition``) ``e{i}_n``, those with a null value ``e{i}_missing`` and those breaking
     it ``e{i}_bad``, all in one pass. Uniqueness needs a shuffle: its count comes from the
     deduplication (``DEDUPE_COUNT``)."""
@@ -189,7 +228,7 @@ def suite_metrics(suite: EventSuite) -> list[Column]:
             F.count_if(domain & F.col(f"`{e.kwargs['column']}`").isNull()).alias(f"e{i}_missing"),
         ]
         if e.action != DEDUPLICATE:
-            out.append(F.count_if(violation(e)).alias(f"e{i}_bad"))
+            out.append(F.count_if(F.col(f"_v{i}")).alias(f"e{i}_bad"))
     return out
 
 

@@ -36,9 +36,12 @@ from patternlake.quality.suite import (
     gx_record,
     import_gx_in_background,
     load_suite,
+    reason_counts,
     row_reasons,
     run_gx,
     suite_metrics,
+    violation_flags,
+    with_violation_flags,
 )
 from patternlake.spark import NO_CONSTRAINT_PROPAGATION, job_label, shuffled_once, sql_settings
 
@@ -158,13 +161,16 @@ def validate_batch(
     conf = config.validate_
     bronze = lake.read("bronze_events").filter(F.col("_batch_id") == batch_id)
     typed = typed_events(bronze, config.ingest.default_event_type)
-    tagged = typed.withColumn("reasons", row_reasons(suite))
+    flagged = with_violation_flags(typed, suite)
+    tagged = flagged.withColumn("reasons", row_reasons(suite))
     now = datetime.now(UTC)
 
     counted = f"validate-{uuid.uuid4().hex}"
     with job_label(spark, "parse, check and shuffle by event id"):
         keyed, stats = shuffled_once(
-            keyed_by_event_id(tagged.observe(counted, *batch_counts(suite))),
+            keyed_by_event_id(
+                tagged.observe(counted, *batch_counts(suite)).drop(*violation_flags(suite))
+            ),
             counted,
         )
     _write_quarantine(lake, keyed, batch_id, now)
@@ -273,16 +279,14 @@ def _failed_message(report: BatchReport, limit: float) -> str:
 
 
 def batch_counts(suite: EventSuite) -> list[Column]:
-    """What one pass over a tagged batch observes: rows, invalid rows, rows per reason, the
+    """What one pass over a tagged batch (``with_violation_flags``, then ``row_reasons``)
+    observes: rows, invalid rows, rows per reason, the
     suite's own metrics (``suite_metrics``) and the event-id range of the valid rows."""
     valid = F.size("reasons") == 0
     return [
         F.count(F.lit(1)).alias("total"),
         F.count_if(~valid).alias("bad"),
-        *[
-            F.count_if(F.array_contains("reasons", r)).alias(f"r{i}")
-            for i, r in enumerate(suite.reason_codes)
-        ],
+        *reason_counts(suite),
         *suite_metrics(suite),
         F.min(F.when(valid, F.col("event_id"))).alias("valid_min_id"),
         F.max(F.when(valid, F.col("event_id"))).alias("valid_max_id"),
