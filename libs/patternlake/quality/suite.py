@@ -216,9 +216,9 @@ DEDUPE_COUNT = "_gx_nonunique"  # rows whose event_id another row of the batch a
 
 
 def suite_metrics(suite: EventSuite) -> list[Column]:
-    """Aggregates over a typed batch with ``with_violation_flags``' columns: per expectation ``i`` the rows of its domain
-    (``row_condition``) ``e{i}_n``, those with a null value ``e{i}_missing`` and those breaking
-    it ``e{i}_bad``, all in one pass. Uniqueness needs a shuffle: its count comes from the
+    """Aggregates over a typed batch with ``with_violation_flags``' columns: per expectation
+    ``i`` the rows of its domain (``row_condition``) ``e{i}_n``, those with a null value
+    ``e{i}_missing`` and those breaking it ``e{i}_bad``, all in one pass. Uniqueness needs a shuffle: its count comes from the
     deduplication (``DEDUPE_COUNT``)."""
     out: list[Column] = []
     for i, e in enumerate(suite.expectations):

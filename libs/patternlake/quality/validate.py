@@ -280,8 +280,8 @@ def _failed_message(report: BatchReport, limit: float) -> str:
 
 def batch_counts(suite: EventSuite) -> list[Column]:
     """What one pass over a tagged batch (``with_violation_flags``, then ``row_reasons``)
-    observes: rows, invalid rows, rows per reason, the
-    suite's own metrics (``suite_metrics``) and the event-id range of the valid rows."""
+    observes: rows, invalid rows, rows per reason, the suite's own metrics (``suite_metrics``)
+    and the event-id range of the valid rows."""
     valid = F.size("reasons") == 0
     return [
         F.count(F.lit(1)).alias("total"),
