@@ -7,7 +7,7 @@ from pyspark.sql import functions as F
 
 from patternlake.errors import PatternlakeError
 from patternlake.ingest.bronze import ingest, parse_mapping
-from patternlake.ingest.sources import _decoded_path, source_file
+from patternlake.ingest.sources import _decoded_path, source_file, source_file_lookup
 
 MOVIELENS = (
     "196\t242\t3\t881250949\n186\t302\t3\t891717742\n22\t377\t1\t878887116\n196\t51\t2\t880606923\n"
@@ -57,6 +57,9 @@ def test_source_file_is_the_decoded_path_whether_looked_up_or_decoded_per_row(
     both = df.select(source_file(df).alias("looked_up"), _decoded_path(raw).alias("decoded"))
     assert both.filter(F.col("looked_up") != F.col("decoded")).count() == 0
     assert both.count() == 8
+    # and the lookup is what answers: every row's file is in it
+    lookup = source_file_lookup(df)
+    assert df.filter(lookup[raw].isNull()).count() == 0
 
 
 def test_reingesting_the_same_file_is_a_reported_noop(spark, stage, tmp_path):

@@ -19,7 +19,13 @@ def new_item_index(events: DataFrame, existing: DataFrame | None) -> DataFrame:
 
     ``events`` needs item_id, event_time and _batch_order.
     """
-    first = events.groupBy("item_id").agg(
+    # the earliest time per (item, batch) first: a hash aggregate with a fixed-width buffer.
+    # A min over a struct has no fixed-width buffer, so Spark sorted every event by item for
+    # it; here it only sees one row per (item, batch).
+    per_batch = events.groupBy("item_id", "_batch_order").agg(
+        F.min("event_time").alias("event_time")
+    )
+    first = per_batch.groupBy("item_id").agg(
         F.min(F.struct("_batch_order", "event_time")).alias("first")
     )
     offset = 0

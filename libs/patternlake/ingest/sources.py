@@ -254,7 +254,8 @@ def _map_columns(
     )
 
 
-SOURCE_FILE_LOOKUP = 4096  # up to this many files, their decoded paths are looked up per row
+SOURCE_FILE_LOOKUP = 256  # up to this many files, their decoded paths are looked up per row
+# (a literal map is searched key by key: beyond a few hundred keys decoding per row is cheaper)
 
 
 def _decoded_path(uri: Column) -> Column:
@@ -265,26 +266,36 @@ def _decoded_path(uri: Column) -> Column:
     )
 
 
+def source_file_lookup(df: DataFrame) -> Column | None:
+    """A literal map from each input file's URI, as ``_metadata.file_path`` spells it, to its
+    decoded path (``_decoded_path``, run once per file in a one-row job); None for no files or
+    more than ``SOURCE_FILE_LOOKUP``."""
+    # inputFiles spells a local file file:///p, _metadata.file_path file:/p
+    uris = sorted(
+        {
+            "file:/" + u[len("file:///") :] if u.startswith("file:///") else u
+            for u in df.inputFiles()
+        }
+    )
+    if not uris or len(uris) > SOURCE_FILE_LOOKUP:
+        return None
+    decoded = df.sparkSession.range(1).select(*[_decoded_path(F.lit(u)) for u in uris]).first()
+    return F.create_map(
+        *[x for u, d in zip(uris, decoded, strict=True) for x in (F.lit(u), F.lit(d))]
+    )
+
+
 def source_file(df: DataFrame) -> Column:
     """Each row's source file as ingest records it: the path URL-decoded, without ``file:``.
 
     Decoding a URI per row cost about a third of ingest's lineage columns. The files are known
-    before the read (``inputFiles``), so their paths are decoded once, by this same expression
-    in a one-row job, and looked up per row; a path the lookup lacks (Spark spelled it another
-    way) is still decoded per row, so the value never depends on the lookup.
+    before the read, so their paths are decoded once and looked up per row
+    (``source_file_lookup``); a path the lookup lacks (Spark spelled it another way) is still
+    decoded per row, so the value never depends on the lookup.
     """
     raw = F.col("_metadata.file_path")
-    uris = set(df.inputFiles())
-    uris |= {"file:/" + u[len("file:///") :] for u in uris if u.startswith("file:///")}
-    if not uris or len(uris) > SOURCE_FILE_LOOKUP:
-        return _decoded_path(raw)
-    ordered = sorted(uris)
-    spark = df.sparkSession
-    decoded = spark.range(1).select(*[_decoded_path(F.lit(u)) for u in ordered]).first()
-    lookup = F.create_map(
-        *[x for u, d in zip(ordered, decoded, strict=True) for x in (F.lit(u), F.lit(d))]
-    )
-    return F.coalesce(lookup[raw], _decoded_path(raw))
+    lookup = source_file_lookup(df)
+    return _decoded_path(raw) if lookup is None else F.coalesce(lookup[raw], _decoded_path(raw))
 
 
 def line_ordinal() -> Column:

@@ -6,8 +6,10 @@ format.
 Each expectation carries ``meta.reason``, the reason code a failing row gets. The suite is
 compiled into Spark columns so that one pass over a batch does all the work:
 
+* ``with_violation_flags`` adds one boolean column per quarantine rule, each rule evaluated
+  once per row; the three below read those columns, so it comes first;
 * ``row_reasons`` tags each row with the reason codes of every expectation it breaks (what
-  splits silver/quarantine);
+  splits silver/quarantine), and ``reason_counts`` counts the rows per code;
 * ``suite_metrics`` are the aggregates Great Expectations itself computes per expectation
   (rows in the domain, missing, unexpected), observed on that same pass;
 * ``gx_record`` turns them into Great Expectations' own result objects
@@ -218,8 +220,8 @@ DEDUPE_COUNT = "_gx_nonunique"  # rows whose event_id another row of the batch a
 def suite_metrics(suite: EventSuite) -> list[Column]:
     """Aggregates over a typed batch with ``with_violation_flags``' columns: per expectation
     ``i`` the rows of its domain (``row_condition``) ``e{i}_n``, those with a null value
-    ``e{i}_missing`` and those breaking it ``e{i}_bad``, all in one pass. Uniqueness needs a shuffle: its count comes from the
-    deduplication (``DEDUPE_COUNT``)."""
+    ``e{i}_missing`` and those breaking it ``e{i}_bad``, all in one pass. Uniqueness needs a
+    shuffle: its count comes from the deduplication (``DEDUPE_COUNT``)."""
     out: list[Column] = []
     for i, e in enumerate(suite.expectations):
         domain = _domain(e)

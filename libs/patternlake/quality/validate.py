@@ -40,7 +40,6 @@ from patternlake.quality.suite import (
     row_reasons,
     run_gx,
     suite_metrics,
-    violation_flags,
     with_violation_flags,
 )
 from patternlake.spark import NO_CONSTRAINT_PROPAGATION, job_label, shuffled_once, sql_settings
@@ -168,9 +167,8 @@ def validate_batch(
     counted = f"validate-{uuid.uuid4().hex}"
     with job_label(spark, "parse, check and shuffle by event id"):
         keyed, stats = shuffled_once(
-            keyed_by_event_id(
-                tagged.observe(counted, *batch_counts(suite)).drop(*violation_flags(suite))
-            ),
+            # keyed_by_event_id keeps the tables' columns only: the flags stop here
+            keyed_by_event_id(tagged.observe(counted, *batch_counts(suite))),
             counted,
         )
     _write_quarantine(lake, keyed, batch_id, now)
