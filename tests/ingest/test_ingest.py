@@ -42,9 +42,8 @@ def test_source_file_is_the_decoded_path_whether_looked_up_or_decoded_per_row(
     config, lake = stage
     folder = tmp_path / "odd dir %20 +é"
     folder.mkdir()
-    for name in ("a b.tsv", "c%41+.tsv"):
-        (folder / name).write_text(MOVIELENS)
-    (folder / "c%41+.tsv").write_text(MOVIELENS.replace("196", "197"))
+    (folder / "a b.tsv").write_text(MOVIELENS)
+    (folder / "c%41+.tsv").write_text(MOVIELENS.replace("196", "197"))  # other content
     result = ingest(
         spark, lake, config, str(folder), "tsv", parse_mapping("user_id=0,item_id=1,event_time=3")
     )

@@ -170,48 +170,49 @@ def violation(e: Expectation) -> Column:
     return F.coalesce(bad, F.lit(False))
 
 
-def violation_flags(suite: EventSuite) -> dict[str, Column]:
-    """One boolean column per quarantine rule: ``_v{i}`` (``i``: the expectation's position in
-    the suite) is true where the row breaks it.
+def flag_name(i: int) -> str:
+    """The column of ``with_violation_flags`` for expectation ``i`` (its position in the suite)."""
+    return f"_v{i}"
 
-    ``with_violation_flags`` computes them once per row; ``row_reasons``, ``reason_counts``
-    and ``suite_metrics`` then read the flags instead of evaluating each rule (regexes, string
-    lengths) again for the reasons, the reason counts and Great Expectations' counts."""
-    return {
-        f"_v{i}": violation(e) for i, e in enumerate(suite.expectations) if e.action != DEDUPLICATE
-    }
+
+def _flagged_rules(suite: EventSuite) -> list[tuple[str, Expectation]]:
+    """(flag column, rule) for each quarantine rule, in the suite's order."""
+    return [(flag_name(i), e) for i, e in enumerate(suite.expectations) if e.action != DEDUPLICATE]
 
 
 def with_violation_flags(df: DataFrame, suite: EventSuite) -> DataFrame:
-    return df.select("*", *[c.alias(name) for name, c in violation_flags(suite).items()])
+    """``df`` with one boolean column per quarantine rule (``flag_name``), true where the row
+    breaks it. Each rule (regexes, string lengths) is evaluated once per row here;
+    ``row_reasons``, ``reason_counts`` and ``suite_metrics`` read the flags instead of
+    evaluating it again for the reasons, the reason counts and Great Expectations' counts."""
+    return df.select("*", *[violation(e).alias(name) for name, e in _flagged_rules(suite)])
+
+
+def _any_flag(names: list[str]) -> Column:
+    return reduce(lambda a, b: a | b, [F.col(n) for n in names])
 
 
 def row_reasons(suite: EventSuite) -> Column:
     """array<string> of the reason codes of every quarantine rule the row breaks (read from
     ``with_violation_flags``' columns). A valid row gets the empty array without building one
     to compact (``array_compact`` is a per-element lambda)."""
-    flags = violation_flags(suite)
-    if not flags:
+    rules = _flagged_rules(suite)
+    if not rules:
         return F.array().cast("array<string>")
-    tags = [
-        F.when(F.col(name), F.lit(e.reason))
-        for name, e in zip(flags, suite.quarantine_rules, strict=True)
-    ]
-    broken = reduce(lambda a, b: a | b, [F.col(name) for name in flags])
-    return F.when(broken, F.array_compact(F.array(*tags))).otherwise(
-        F.array().cast("array<string>")
-    )
+    tags = [F.when(F.col(name), F.lit(e.reason)) for name, e in rules]
+    return F.when(
+        _any_flag([name for name, _ in rules]), F.array_compact(F.array(*tags))
+    ).otherwise(F.array().cast("array<string>"))
 
 
 def reason_counts(suite: EventSuite) -> list[Column]:
     """Per reason code (``suite.reason_codes`` order), the rows breaking a rule with that
     code, as ``r{i}``, from ``with_violation_flags``' columns."""
-    flags = violation_flags(suite)
-    out = []
-    for i, code in enumerate(suite.reason_codes):
-        names = [n for n, e in zip(flags, suite.quarantine_rules, strict=True) if e.reason == code]
-        out.append(F.count_if(reduce(lambda a, b: a | b, [F.col(n) for n in names])).alias(f"r{i}"))
-    return out
+    rules = _flagged_rules(suite)
+    return [
+        F.count_if(_any_flag([name for name, e in rules if e.reason == code])).alias(f"r{i}")
+        for i, code in enumerate(suite.reason_codes)
+    ]
 
 
 DEDUPE_COUNT = "_gx_nonunique"  # rows whose event_id another row of the batch also has
@@ -230,7 +231,7 @@ def suite_metrics(suite: EventSuite) -> list[Column]:
             F.count_if(domain & F.col(f"`{e.kwargs['column']}`").isNull()).alias(f"e{i}_missing"),
         ]
         if e.action != DEDUPLICATE:
-            out.append(F.count_if(F.col(f"_v{i}")).alias(f"e{i}_bad"))
+            out.append(F.count_if(F.col(flag_name(i))).alias(f"e{i}_bad"))
     return out
 
 
