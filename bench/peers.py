@@ -495,7 +495,7 @@ def check_same_split(model: str, result: dict[str, Any], split: Split) -> None:
 
 
 def run_teacher(split: Split, ctx: RunContext) -> dict[str, Any]:
-    """Our teacher with the packaged conf (libs/patternlake/conf/base.yaml) defaults plus
+    """Our teacher with the packaged conf (conf/base.yaml) defaults plus
     ``--teacher-set``, single process, ``ctx.threads`` threads; with ``--teacher-seeds``
     one training per seed: the row shows the mean over seeds (each seed's numbers in
     ``runs``), since one run on 943 test users moves by about +-0.006 NDCG@10."""

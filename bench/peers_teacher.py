@@ -3,7 +3,7 @@
 
 The split becomes a ``user_sequences`` Parquet file (item, type and time-gap arrays; the
 validation and test targets at the end of evaluable users' rows), ``train_worker`` trains on
-it (single process, the same settings as libs/patternlake/conf/base.yaml's ``train`` and ``teacher``
+it (single process, the same settings as conf/base.yaml's ``train`` and ``teacher``
 sections unless overridden), early stopping on validation targets only; the best epoch's
 weights are then scored on the test targets with patternlake's own ``evaluation_arrays`` and
 ``evaluate_scorer`` (full ranking, nothing masked).

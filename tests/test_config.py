@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 import patternlake
-from patternlake.config import CONF_DIR_ENV, default_conf_dir, load_config
+from patternlake.config import CONF_DIR_ENV, default_conf_dir, load_config, packaged_dir
 from patternlake.errors import ConfigError
 
 
@@ -79,8 +79,18 @@ def test_unknown_table_name_is_a_config_error():
         load_config(environ={}).table("nope")
 
 
+def test_in_a_checkout_conf_and_pipelines_are_the_top_level_folders():
+    """The tests run from the checkout (the dev venv's editable install): the package folder
+    has no conf/ or pipelines/, the repository's top-level ones are used."""
+    repo = Path(__file__).resolve().parents[1]
+    assert Path(patternlake.__file__).resolve().parent == repo / "libs" / "patternlake"
+    assert packaged_dir("conf").resolve() == repo / "conf"
+    assert packaged_dir("pipelines").resolve() == repo / "pipelines"
+    assert (repo / "conf" / "base.yaml").is_file()
+
+
 def test_conf_dir_is_the_env_var_then_a_local_conf_then_the_package(tmp_path, monkeypatch):
-    packaged = Path(patternlake.__file__).parent / "conf"
+    packaged = packaged_dir("conf")
     monkeypatch.delenv(CONF_DIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     assert default_conf_dir() == packaged

@@ -1,10 +1,13 @@
 """The wheel runs with no checkout: conf, expectation suites and pipelines are package data.
 
-The wheel is built from a copy of the sources (setuptools writes ``build/`` and an
-``.egg-info`` next to what it builds), installed with ``--no-deps`` into a new venv outside
-the checkout whose only way to the dependencies is a ``.pth`` line naming this venv's
-site-packages (the ``.pth`` files in there, the editable install among them, are not
-processed), and its ``patternlake`` command is run from an empty folder.
+They live at the top of the repository (``conf/``, ``pipelines/``); the build carries them
+into the wheel as ``patternlake/conf/`` and ``patternlake/pipelines/``. The wheel is built
+from a copy of the sources (setuptools writes ``build/`` and an ``.egg-info`` next to what it
+builds), installed with ``--no-deps`` into a new venv outside the checkout whose only way to
+the dependencies is a ``.pth`` line naming this venv's site-packages (the ``.pth`` files in
+there, the editable install among them, are not processed), and its ``patternlake`` command
+is run from an empty folder. An editable install of such a copy finds the copy's top-level
+folders.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE = REPO / "libs" / "patternlake"
+# top-level folders, shipped as patternlake/conf and patternlake/pipelines
 DATA = ("conf", "pipelines")
+SOURCES = ("pyproject.toml", "README.md", "libs", *DATA)  # what the build reads
 
 pytestmark = pytest.mark.slow
 
@@ -47,23 +51,51 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def _packaged_files() -> set[str]:
-    """conf and pipelines files as the wheel names them (patternlake/conf/base.yaml, ...)."""
+    """The top-level conf and pipelines files as the wheel names them
+    (conf/base.yaml -> patternlake/conf/base.yaml, ...)."""
     return {
-        p.relative_to(PACKAGE.parent).as_posix()
+        f"patternlake/{p.relative_to(REPO).as_posix()}"
         for name in DATA
-        for p in (PACKAGE / name).rglob("*")
+        for p in (REPO / name).rglob("*")
         if p.is_file() and "__pycache__" not in p.parts
     }
 
 
+def _copy_sources(src: Path) -> Path:
+    src.mkdir(exist_ok=True)
+    for name in SOURCES:
+        if (REPO / name).is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+            shutil.copytree(REPO / name, src / name, ignore=ignore)
+        else:
+            shutil.copy(REPO / name, src / name)
+    return src
+
+
+def _new_venv(where: Path, installable: Path) -> Path:
+    """A venv at ``where`` with ``installable`` (a wheel) installed with ``--no-deps``, whose
+    way to the dependencies is a ``.pth`` naming this venv's site-packages; its python."""
+    _run([sys.executable, "-m", "venv", "--without-pip", where], cwd=where.parent, env=_clean_env())
+    python = where / "bin" / "python"
+    env = _clean_env()
+    _run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index"]
+        + ["--disable-pip-version-check", "-q", installable],
+        cwd=where.parent,
+        env=env,
+    )
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = Path(_run([python, "-c", purelib], cwd=where.parent, env=env).strip())
+    here = sysconfig.get_paths()
+    (site / "patternlake-test-deps.pth").write_text(
+        "\n".join(dict.fromkeys([here["purelib"], here["platlib"]])) + "\n"
+    )
+    return python
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
-    shutil.copytree(
-        REPO / "libs", src / "libs", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-    )
+    src = _copy_sources(tmp_path_factory.mktemp("src"))
     dist = tmp_path_factory.mktemp("dist")
     # an absolute path: a bare word would be looked up as a project name on the index
     _run(
@@ -91,7 +123,9 @@ def test_the_wheel_carries_every_conf_suite_and_pipeline_file(wheel):
     } <= packaged
     assert packaged <= names, packaged - names
     assert {n for n in names if n.startswith(tuple(f"patternlake/{d}/" for d in DATA))} == packaged
-    assert not [n for n in names if n.startswith(("tests/", "bench/", "jobs/", "conf/"))]
+    # only the package: no top-level conf/ or pipelines/ next to it
+    tops = {n.split("/")[0] for n in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"patternlake"}, tops
 
 
 def test_imported_from_the_zipped_wheel_conf_and_pipelines_still_load(wheel, tmp_path):
@@ -130,21 +164,9 @@ def test_imported_from_the_zipped_wheel_conf_and_pipelines_still_load(wheel, tmp
 @pytest.mark.timeout(600)
 def test_installed_wheel_generates_and_runs_daily_outside_the_checkout(wheel, tmp_path):
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=tmp_path, env=_clean_env())
-    python = venv / "bin" / "python"
+    python = _new_venv(venv, wheel)
     env = _clean_env()
-    _run(
-        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index"]
-        + ["--disable-pip-version-check", "-q", wheel],
-        cwd=tmp_path,
-        env=env,
-    )
-    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    site = Path(_run([python, "-c", purelib], cwd=tmp_path, env=env).strip())
     here = sysconfig.get_paths()
-    (site / "patternlake-test-deps.pth").write_text(
-        "\n".join(dict.fromkeys([here["purelib"], here["platlib"]])) + "\n"
-    )
 
     work = tmp_path / "work"  # an empty working folder: no ./conf, no ./pipelines
     work.mkdir()
@@ -188,3 +210,44 @@ def test_installed_wheel_generates_and_runs_daily_outside_the_checkout(wheel, tm
         ["ingest", "validate", "featurize", "segment", "mine", "score"], "succeeded"
     )
     assert not (work / "conf").exists() and not (work / "pipelines").exists()
+
+
+def test_an_editable_install_uses_the_top_level_conf_and_pipelines(tmp_path):
+    """``pip install -e .`` (the dev venv): the package is the copy's ``libs/patternlake``,
+    which has no ``conf/`` or ``pipelines/``; the copy's top-level folders are used, also
+    from a working folder with no ``./conf``."""
+    src = _copy_sources(tmp_path / "src")
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    # PEP 660's hook, as pip calls it (no setuptools in the new venv to build with)
+    hook = f"from setuptools import build_meta; build_meta.build_editable({str(dist)!r})"
+    _run([sys.executable, "-c", hook], cwd=src, env=_clean_env())
+    (editable,) = dist.glob("patternlake-*.whl")
+    python = _new_venv(tmp_path / "venv", editable)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = _run(
+        [
+            python,
+            "-c",
+            "import patternlake\n"
+            "from patternlake.config import default_conf_dir, load_config, packaged_dir\n"
+            "from patternlake.pipeline import pipeline_steps\n"
+            "from patternlake.quality.suite import load_suite\n"
+            "c = load_config('cluster', environ={})\n"
+            "print(patternlake.__file__)\n"
+            "print(default_conf_dir())\n"
+            "print(packaged_dir('pipelines'))\n"
+            "print(','.join(pipeline_steps('train')))\n"
+            "print(len(load_suite(c.validate_).expectations))\n",
+        ],
+        cwd=work,
+        env=_clean_env(),
+    )
+    file, conf_dir, pipelines, steps, expectations = out.splitlines()
+    src = src.resolve()
+    assert Path(file).resolve() == src / "libs" / "patternlake" / "__init__.py"
+    assert Path(conf_dir).resolve() == src / "conf"
+    assert Path(pipelines).resolve() == src / "pipelines"
+    assert steps.split(",")[0] == "train"
+    assert int(expectations) > 0

@@ -1,7 +1,8 @@
 """Typed configuration: YAML per environment, validated at start.
 
-The YAML files ship inside the package (``patternlake/conf/``, so a wheel carries them);
-``$PATTERNLAKE_CONF_DIR`` or a ``./conf`` with a ``base.yaml`` replaces that folder.
+The YAML files live in the repository's top-level ``conf/``, which the build copies into the
+wheel as ``patternlake/conf/`` (see ``packaged_dir``); ``$PATTERNLAKE_CONF_DIR`` or a
+``./conf`` with a ``base.yaml`` replaces that folder.
 Resolution order (later wins):
 
 1. ``conf/base.yaml``                     shared by every environment
@@ -375,13 +376,23 @@ class Config(_Strict):
 
 
 def packaged_dir(name: str) -> Path:
-    """The folder ``name`` (``conf``, ``pipelines``) shipped inside the package: in place for an
-    installed or editable package, copied out once per process when the package is imported
-    from a zip (``spark-submit --py-files patternlake.zip``, e.g. the wheel renamed)."""
-    folder = resources.files("patternlake") / name
-    if isinstance(folder, Path):
-        return folder
-    return _extracted_package_data() / name
+    """The folder ``name`` (``conf``, ``pipelines``) that comes with the code.
+
+    * Installed from the wheel: ``patternlake/<name>/`` inside the installed package (the
+      build copies the repository's top-level folder there; see pyproject.toml).
+    * Imported from a zip (``spark-submit --py-files patternlake.zip``, e.g. the wheel
+      renamed): that folder, copied out once per process.
+    * A checkout, editable install (``pip install -e .``) included: the package folder
+      ``libs/patternlake/`` has no ``<name>/``, so the repository's top-level ``<name>/``,
+      two levels above it. An editable install does not make ``patternlake.conf``
+      importable, so the folder is found by path, not by ``importlib.resources``.
+    """
+    package = resources.files("patternlake")
+    if not isinstance(package, Path):
+        return _extracted_package_data() / name
+    if (package / name).is_dir():
+        return package / name
+    return package.parent.parent / name
 
 
 @functools.cache
@@ -405,7 +416,8 @@ def _copy_tree(source: Traversable, dest: Path) -> None:
 
 def default_conf_dir() -> Path:
     """``$PATTERNLAKE_CONF_DIR``, else ``./conf`` if it has a ``base.yaml``, else the
-    package's own ``conf/``."""
+    ``conf/`` that comes with the code (``packaged_dir``: the wheel's copy when installed,
+    the repository's top-level ``conf/`` in a checkout or editable install)."""
     if os.environ.get(CONF_DIR_ENV):
         return Path(os.environ[CONF_DIR_ENV])
     cwd = Path.cwd() / "conf"

@@ -1,5 +1,6 @@
 """Stages, each declared once (``STAGES``), and pipelines: named, ordered lists of stages
-(``pipelines/<name>.yaml``, shipped in the package) run in one session."""
+(``pipelines/<name>.yaml``: the repository's top-level ``pipelines/``, which the wheel carries
+as ``patternlake/pipelines/``) run in one session."""
 
 from __future__ import annotations
 
@@ -307,7 +308,9 @@ RUNS_TABLE = "runs"
 
 def pipeline_steps(name: str, directory: Path | None = None) -> list[str]:
     """The steps of pipeline ``name``: from ``directory`` if given, else from the
-    ``pipelines/`` next to the conf dir in use, else from the package's own."""
+    ``pipelines/`` next to the conf dir in use, else from the ``pipelines/`` that comes with
+    the code (``packaged_dir``: the wheel's copy when installed, the repository's top-level
+    ``pipelines/`` in a checkout or editable install)."""
     candidates = (
         [directory]
         if directory

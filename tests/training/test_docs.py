@@ -7,7 +7,7 @@ from pathlib import Path
 REPO = Path(__file__).parents[2]
 DOCS = [
     REPO / "README.md",
-    REPO / "libs" / "patternlake" / "conf" / "base.yaml",
+    REPO / "conf" / "base.yaml",
     *sorted((REPO / "libs" / "patternlake" / "training").glob("*.py")),
     REPO / "libs" / "patternlake" / "models" / "fit.py",  # the training function
     REPO / "tests" / "training" / "test_cluster.py",

@@ -1,8 +1,8 @@
 """The event expectation suite: Great Expectations for the record, Spark for the row split.
 
 The suite lives in ``conf/expectations/events.json`` (``validate.suite``, relative to the conf
-dir: the package's ``patternlake/conf/`` unless another is used) in Great Expectations' own
-format.
+dir: the repository's top-level ``conf/``, carried in the wheel as ``patternlake/conf/``,
+unless another is used) in Great Expectations' own format.
 Each expectation carries ``meta.reason``, the reason code a failing row gets. The suite is
 compiled into Spark columns so that one pass over a batch does all the work:
 
