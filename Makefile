@@ -9,7 +9,7 @@ STAMP := $(VENV)/.patternlake-setup
 
 setup: $(STAMP)
 
-$(STAMP): requirements/lock.txt pyproject.toml scripts/setup.sh scripts/build_horovod.sh scripts/check_imports.py scripts/check_requirements.py
+$(STAMP): requirements/lock.txt pyproject.toml scripts/setup.sh scripts/build_horovod.sh scripts/fetch_delta_jars.sh scripts/check_imports.py scripts/check_requirements.py
 	bash scripts/setup.sh
 
 ## The main job end to end on the embedded default (local Spark, lake in ./lake)

@@ -12,8 +12,14 @@ PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")
 VERSION=0.28.1
 CACHE=${PATTERNLAKE_CACHE:-$HOME/.cache/patternlake}
 TORCH=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')
+# PyPI's torch for Linux x86_64 is a CUDA build (it runs on the CPU as well); the CPU wheel is
+# another file. Horovod's torch CMake adds CUDA whenever torch has it, which needs a CUDA
+# toolkit (nvcc): without one we build Horovod for the CPU (Gloo) and cut that branch out.
+TORCH_CUDA=$("$PY" -c 'import torch; print(torch.version.cuda or "cpu")')
+GPU_BUILD=0
+if [ "$TORCH_CUDA" != cpu ] && command -v nvcc >/dev/null 2>&1; then GPU_BUILD=1; fi
 PYTAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
-WHEELDIR="$CACHE/wheels/horovod-$VERSION-torch$TORCH-$PYTAG"
+WHEELDIR="$CACHE/wheels/horovod-$VERSION-torch$TORCH-$TORCH_CUDA-gpu$GPU_BUILD-$PYTAG"
 mkdir -p "$WHEELDIR"
 existing=$(ls "$WHEELDIR"/horovod-*.whl 2>/dev/null | head -1 || true)
 if [ -n "$existing" ]; then
@@ -29,11 +35,19 @@ src="$work/horovod-$VERSION"
 sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
   "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
 grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt"
+if [ "$GPU_BUILD" = 0 ]; then
+  # CPU build: no add_cuda() (find_package(CUDAToolkit REQUIRED)) for a CUDA-built torch
+  sed -i 's/^\( *\)add_cuda()$/\1# add_cuda(): CPU-only Horovod build/' "$src/horovod/torch/CMakeLists.txt"
+  if grep -q '^ *add_cuda()' "$src/horovod/torch/CMakeLists.txt"; then
+    echo "build_horovod.sh: could not patch add_cuda() out of horovod/torch/CMakeLists.txt" >&2; exit 1
+  fi
+fi
 (
   cd "$src"
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
          HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_CPU_OPERATIONS=GLOO \
          MAKEFLAGS="-j$(nproc)"
+  if [ "$GPU_BUILD" = 1 ]; then export HOROVOD_GPU_OPERATIONS=NCCL; fi
   "$PY" -m pip wheel --no-deps --no-build-isolation -w "$work/dist" . >&2
 )
 cp "$work"/dist/horovod-*.whl "$WHEELDIR/"

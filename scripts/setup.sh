@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command, idempotent set-up of a fresh machine: Java 17+, .venv, pinned dependencies,
-# Horovod (patched build, cached wheel), then an import check of everything.
+# Horovod (patched build, cached wheel), the Delta Lake Spark jars (Maven, cached), then an
+# import check of everything.
 #   bash scripts/setup.sh          (what `make setup` runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,13 +40,14 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check -q)
 
 stamp="$VENV/.patternlake-setup"
-want=$(cat requirements/lock.txt pyproject.toml scripts/build_horovod.sh scripts/check_requirements.py | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" scripts/check_imports.py >/dev/null 2>&1; then
+want=$(cat requirements/lock.txt pyproject.toml scripts/build_horovod.sh scripts/fetch_delta_jars.sh scripts/check_requirements.py | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" scripts/check_imports.py >/dev/null 2>&1 \
+   && bash scripts/fetch_delta_jars.sh "$PY" >/dev/null; then
   say "already set up ($VENV)"
   exit 0
 fi
 
-# --- torch first: 2.13.0 takes the local CPU wheel here; any other spec pulls CUDA ----------
+# --- torch first (from PyPI: a CUDA build for Linux x86_64, which runs on the CPU too) -----
 if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   say "installing torch==$TORCH_VERSION"
   "${PIP[@]}" install "torch==$TORCH_VERSION"
@@ -62,6 +64,10 @@ if ! "$PY" -c 'import horovod.torch' 2>/dev/null; then
   say "installing $wheel"
   "${PIP[@]}" install --no-deps "$wheel"
 fi
+
+# --- the Delta Lake Spark jars (io.delta:delta-spark_2.13), Maven into the project cache --------
+jars=$(bash scripts/fetch_delta_jars.sh "$PY")
+say "delta jars in $jars"
 
 "$PY" scripts/check_imports.py
 echo "$want" > "$stamp"

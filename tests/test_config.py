@@ -13,7 +13,7 @@ def test_local_is_the_embedded_default():
     assert c.env == "local"
     assert c.spark.master == "local[2]"
     assert c.spark.ui is False
-    assert c.lake.engine == "delta-rs"
+    assert c.lake.engine == "auto"
     assert c.table("silver_events").path == "silver/events"
 
 
@@ -45,7 +45,8 @@ def test_env_vars_then_set_flags_override_in_that_order():
             "spark.shuffle_partitions: Input should be a valid integer",
         ),
         ("spark.shuffle_partitions=0", "spark.shuffle_partitions: Input should be greater than 0"),
-        ("lake.engine=hive", "lake.engine: Input should be 'auto', 'delta-rs' or 'spark-delta'"),
+        ("lake.engine=hive", "lake.engine: Input should be 'auto' or 'delta-spark'"),
+        ("lake.engine=delta-rs", "the delta-rs writer was retired"),
         ("lake.tables.silver_events.path=../escape", "lake.tables.silver_events.path"),
         ("validate.max_invalid_share=1.5", "validate.max_invalid_share"),
     ],

@@ -456,8 +456,8 @@ def cmd_forget_user(args: argparse.Namespace, config: Config, lake: Any) -> None
     removed = result["rows_removed"]
     print(
         f"forgot {result['users']} user(s): {sum(removed.values()):,} rows removed from "
-        f"{sum(1 for n in removed.values() if n)} tables, {result['files_rewritten']} files "
-        f"rewritten, old files and log history vacuumed (forget_id {result['forget_id']})"
+        f"{sum(1 for n in removed.values() if n)} tables, {result['files_rewritten']} old "
+        f"files deleted, log history expired (forget_id {result['forget_id']})"
     )
     for name, n in sorted(removed.items()):
         if n:

@@ -63,11 +63,22 @@ class TableSpec(_Strict):
 
 class LakeConfig(_Strict):
     root: str
-    engine: Literal["auto", "delta-rs", "spark-delta"]
+    engine: Literal["auto", "delta-spark"]  # auto: delta-spark, the one engine
     vacuum_retention_hours: int = Field(ge=0)
     compact_target_mb: int = Field(gt=0)
-    storage_options: dict[str, str] = Field(default_factory=dict)
     tables: dict[str, TableSpec]
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine(cls, v: object) -> object:
+        if v == "spark-delta":  # the earlier spelling of the same engine
+            return "delta-spark"
+        if v == "delta-rs":
+            raise ValueError(
+                "the delta-rs writer was retired: the lake runs on delta-spark (use auto); "
+                "delta-rs (deltalake) still reads the tables without Spark"
+            )
+        return v
 
 
 class SparkConfig(_Strict):

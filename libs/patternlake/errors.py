@@ -22,3 +22,9 @@ class TableNotFoundError(PatternlakeError):
 
 class SchemaMismatchError(PatternlakeError):
     """Data does not fit a table's schema (a column's type differs)."""
+
+
+class ConcurrentCommitError(PatternlakeError):
+    """Another writer committed a conflicting change to the same table first; nothing of
+    this operation was committed. The lake retries it (``Lake``); raised to the caller when
+    conflicts go on past the retry deadline."""

@@ -4,6 +4,12 @@ Locally (``spark.master: local[2]``) it starts an embedded Spark with the UI off
 shuffle partition counts and Arrow on. Under ``spark-submit`` or on Databricks, where a
 session or a ``--master`` already exists, it uses that and only adds the settings that
 can change at run time; the cluster's own settings win.
+
+Every session runs Delta Lake (the lake's engine, ``delta-spark``): an embedded session gets
+the jars that ``make setup`` fetched with Maven (``scripts/fetch_delta_jars.sh``, under
+``$PATTERNLAKE_CACHE/jars``) and Delta's SQL extension and catalog; a session started
+elsewhere must bring them (Databricks does; ``spark-submit --packages
+io.delta:delta-spark_2.13:<version>`` and the two ``--conf`` lines of ``DELTA_SQL`` do).
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version as package_version
+from pathlib import Path
 from typing import Any
 
 from py4j.protocol import Py4JError
@@ -25,8 +34,59 @@ from patternlake.errors import PatternlakeError
 log = logging.getLogger(__name__)
 
 
+DELTA_SCALA = "2.13"
+# Delta's SQL extension (MERGE, DELETE, VACUUM, OPTIMIZE, REORG) and catalog: static settings,
+# fixed when a session starts.
+DELTA_SQL = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+}
+DELTA_JARS_ENV = "PATTERNLAKE_DELTA_JARS"
+
+
+def delta_version() -> str:
+    """The delta-spark release installed (its jars must be the same release)."""
+    return package_version("delta-spark")
+
+
+def delta_jar_dir() -> Path:
+    """Where ``scripts/fetch_delta_jars.sh`` puts the Delta jars: ``$PATTERNLAKE_DELTA_JARS``,
+    else ``${PATTERNLAKE_CACHE:-~/.cache/patternlake}/jars/delta-spark_2.13-<version>``."""
+    if os.environ.get(DELTA_JARS_ENV):
+        return Path(os.environ[DELTA_JARS_ENV])
+    cache = os.environ.get("PATTERNLAKE_CACHE") or str(Path.home() / ".cache" / "patternlake")
+    return Path(cache) / "jars" / f"delta-spark_{DELTA_SCALA}-{delta_version()}"
+
+
+def _delta_jars() -> list[str]:
+    folder = delta_jar_dir()
+    jars = sorted(str(p) for p in folder.glob("*.jar")) if folder.is_dir() else []
+    if not any(Path(j).name.startswith("delta-spark_") for j in jars):
+        raise PatternlakeError(
+            f"the Delta Lake jars (io.delta:delta-spark_{DELTA_SCALA}:{delta_version()}) are not "
+            f"in {folder}: run `make setup` (scripts/fetch_delta_jars.sh fetches them with Maven)"
+        )
+    return jars
+
+
+def _missing_delta(spark: SparkSession) -> str | None:
+    """Why ``spark`` cannot run the lake (no jars, or no Delta SQL extension); None when it can."""
+    if os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+        return None  # Databricks runtimes carry Delta built in
+    submit = f"--packages io.delta:delta-spark_{DELTA_SCALA}:{delta_version()} " + " ".join(
+        f"--conf {k}={v}" for k, v in DELTA_SQL.items()
+    )
+    if not delta_jars_loaded(spark):
+        return f"the Spark session has no Delta Lake jars: start it with {submit}"
+    extensions = spark.conf.get("spark.sql.extensions", "") or ""
+    if DELTA_SQL["spark.sql.extensions"] not in extensions:
+        return f"the Spark session lacks Delta's SQL extension: start it with {submit}"
+    return None
+
+
 def get_spark(conf: SparkConfig) -> SparkSession:
-    """Return the active session (Databricks, spark-submit) or build one from ``conf``."""
+    """Return the active session (Databricks, spark-submit) or build one from ``conf``, with
+    Delta Lake configured (see the module's docstring)."""
     # Executors must run the same Python as the driver (the project's venv).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -37,9 +97,14 @@ def get_spark(conf: SparkConfig) -> SparkSession:
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+        # Delta rebuilds a table's state in this many partitions (default 50 tiny tasks)
+        "spark.databricks.delta.snapshotPartitions": str(conf.shuffle_partitions),
         **conf.conf,
     }
     if active is not None:
+        problem = _missing_delta(active)
+        if problem:
+            raise PatternlakeError(problem)
         for key, value in runtime.items():
             _try_set(active, key, value)
         return active
@@ -61,10 +126,17 @@ def get_spark(conf: SparkConfig) -> SparkSession:
     }
     if conf.driver_memory and "spark.driver.memory" not in _submit_conf():
         static["spark.driver.memory"] = conf.driver_memory
+    static.update(DELTA_SQL)
+    if not _brings_delta(conf.conf):
+        # the jars of this installation, unless conf or spark-submit brings Delta itself
+        static["spark.jars"] = ",".join(filter(None, [conf.conf.get("spark.jars"), *_delta_jars()]))
     for key, value in {**static, **runtime}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    problem = _missing_delta(spark)
+    if problem:
+        raise PatternlakeError(problem)
     log.info("spark %s master=%s", spark.version, spark.sparkContext.master)
     return spark
 
@@ -101,6 +173,12 @@ def _log4j_file():
     return path
 
 
+def _brings_delta(conf: dict[str, str]) -> bool:
+    """True when the settings or spark-submit's arguments already name the Delta jars."""
+    named = " ".join(conf.get(k, "") for k in ("spark.jars", "spark.jars.packages"))
+    return "delta-spark" in named or "delta-spark" in os.environ.get("PYSPARK_SUBMIT_ARGS", "")
+
+
 def _submit_conf() -> dict[str, str]:
     """Settings spark-submit passed to this driver (empty when run as plain Python)."""
     raw = os.environ.get("PYSPARK_SUBMIT_ARGS", "")
@@ -127,7 +205,8 @@ def delta_jars_loaded(spark: SparkSession) -> bool:
     """True when the Delta Lake Spark jars are on the classpath (Databricks, --packages)."""
     try:
         jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
-        jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+        # Spark's class loader: it holds spark.jars, which Class.forName from Py4J does not see
+        jvm.org.apache.spark.util.Utils.classForName("io.delta.tables.DeltaTable", True, False)
         return True
     except Exception:
         return False
@@ -146,20 +225,26 @@ def job_label(spark: SparkSession, text: str) -> Iterator[None]:
         sc.setLocalProperty("spark.job.description", before)  # None removes it
 
 
+_SETTINGS_LOCK = threading.RLock()
+
+
 @contextmanager
 def sql_settings(spark: SparkSession, settings: dict[str, str]) -> Iterator[None]:
-    """Spark SQL settings for the jobs planned inside the block, restored after it."""
-    before = {k: spark.conf.get(k, None) for k in settings}
-    for k, v in settings.items():
-        spark.conf.set(k, v)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                spark.conf.unset(k)
-            else:
-                spark.conf.set(k, v)
+    """Spark SQL settings for the jobs planned and run inside the block, restored after it.
+    A session's settings are shared by its threads: blocks run one at a time per process,
+    so a setting never leaks into another thread's operation."""
+    with _SETTINGS_LOCK:
+        before = {k: spark.conf.get(k, None) for k in settings}
+        for k, v in settings.items():
+            spark.conf.set(k, v)
+        try:
+            yield
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    spark.conf.unset(k)
+                else:
+                    spark.conf.set(k, v)
 
 
 # Constraint propagation infers filters from every predicate of a plan; over validate's wide

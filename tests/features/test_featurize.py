@@ -173,14 +173,12 @@ def test_appended_days_equal_a_full_rebuild(spark, config, tmp_path, lookup, mon
     tie on the stored last second, a session gap, a new day, repeated and new items), an
     event older than the stored history (that user is rebuilt from silver), a new user, an
     untouched user, and a user whose stored sequence is cut at max_history. Both ways of
-    finding the touched users' stored rows and merging them back: broadcast ids (a small
+    finding the touched users' stored rows: broadcast ids (a small
     day) and shuffles (a day with more users than BROADCAST_USERS)."""
     if lookup == "shuffle":
         from patternlake.features import featurize as featurize_module
-        from patternlake.lake import deltars
 
         monkeypatch.setattr(featurize_module, "BROADCAST_USERS", -1)
-        monkeypatch.setattr(deltars, "BROADCAST_MERGE_KEYS", -1)
     day = 86_400
     t0 = 1_767_225_600  # 2026-01-01
     day1 = [

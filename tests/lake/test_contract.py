@@ -1,7 +1,7 @@
-"""The lake contract: every engine present must pass the same tests.
+"""The lake contract, on the lake's engine (delta-spark, with the jars ``make setup`` fetched).
 
-The native engine (``spark-delta``) needs the Delta Lake jars on Spark's classpath; Maven
-Central is unreachable on these machines, so it is skipped here with the reason shown.
+Tables written here are also read through delta-rs (``deltalake``), as readers without Spark
+(pandas, DuckDB, BI tools) read them.
 """
 
 from __future__ import annotations
@@ -21,33 +21,16 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from patternlake.errors import PatternlakeError, SchemaMismatchError, TableNotFoundError
-from patternlake.lake import Lake, make_engine
-from patternlake.spark import delta_jars_loaded
+from patternlake.lake import Lake
 
 WRITER = Path(__file__).with_name("writer_process.py")
-NATIVE_SKIP = (
-    "native Delta engine not tested: the io.delta:delta-spark jars are not on the Spark "
-    "classpath (Maven Central is unreachable here); it runs on Databricks or with --packages"
-)
 
 
-@pytest.fixture(params=["delta-rs", "spark-delta"])
-def lake(request, spark, config) -> Lake:
-    if request.param == "spark-delta" and not delta_jars_loaded(spark):
-        pytest.skip(NATIVE_SKIP)
-    conf = config.lake.model_copy(update={"engine": request.param})
-    return Lake(spark, conf, make_engine(spark, conf))
-
-
-@pytest.fixture(params=["broadcast", "join"])
-def merge_path(request, monkeypatch) -> str:
-    """delta-rs merges a small source by broadcasting its keys, a large one by a full outer
-    join: both must give Delta's MERGE semantics."""
-    from patternlake.lake import deltars
-
-    if request.param == "join":
-        monkeypatch.setattr(deltars, "BROADCAST_MERGE_KEYS", -1)
-    return request.param
+@pytest.fixture
+def lake(spark, config) -> Lake:
+    lake = Lake(spark, config.lake)
+    assert lake.engine.name == "delta-spark"
+    return lake
 
 
 @pytest.fixture
@@ -128,7 +111,7 @@ def test_partition_values_with_special_characters_round_trip(lake, spark, table)
     assert dict(zip(plain["user_id"], plain["day"], strict=True)) == got
 
 
-def test_merge_updates_matching_keys_and_inserts_the_rest(lake, spark, table, merge_path):
+def test_merge_updates_matching_keys_and_inserts_the_rest(lake, spark, table):
     lake.write(
         events(spark, [("u1", "d1", 1), ("u2", "d1", 2), ("u3", "d2", 3)]),
         table,
@@ -183,12 +166,9 @@ def test_delete_and_vacuum_remove_the_data_from_disk(lake, spark, table):
     assert rows_of(lake.read(table)) == [("keep", "d1", 2), ("keep", "d2", 4)]
 
 
-def test_rewrite_and_merge_work_on_a_table_whose_version_has_no_files(
-    lake, spark, table, merge_path
-):
+def test_delete_and_merge_work_on_a_table_whose_version_has_no_files(lake, spark, table):
     lake.write(events(spark, []), table)  # e.g. quarantine_events after only clean batches
-    out = lake.rewrite(table, F.col("user_id") == "u1", lambda df: df.filter(F.lit(False)))
-    assert out["files"] == 0
+    assert lake.delete(table, F.col("user_id") == "u1") == 0
     lake.merge(events(spark, [("u1", "d1", 1)]), table, keys=["user_id"])
     assert rows_of(lake.read(table)) == [("u1", "d1", 1)]
 
@@ -239,8 +219,6 @@ def test_table_names_come_from_conf(spark, config):
 
 @pytest.mark.slow
 def test_two_concurrent_appenders_lose_no_rows(lake, tmp_path, table):
-    if lake.engine.name != "delta-rs":
-        pytest.skip("subprocess writers use the default engine")
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     procs = [
@@ -268,16 +246,25 @@ def test_two_concurrent_appenders_lose_no_rows(lake, tmp_path, table):
     df = lake.read(table)
     assert df.count() == 20_000
     assert df.select("id").distinct().count() == 20_000
-    versions = [h["version"] for h in lake.history(table)]
-    assert sorted(versions) == list(range(10))  # ten commits, none lost or merged
+    history = {h["version"]: h for h in lake.history(table)}
+    assert sorted(history) == list(range(10))  # ten commits, none lost or merged
+    # each write returned the version its own commit made, not the table's latest then
+    reported = {
+        int(line.rsplit(" ", 1)[1]): offset
+        for offset, out in zip((0, 1_000_000), outputs, strict=True)
+        for line in out.splitlines()
+        if line.startswith("wrote batch")
+    }
+    assert sorted(reported) == list(range(10)), outputs
+    assert {v: history[v]["probe"] for v in reported} == {
+        v: f"writer-{offset}" for v, offset in reported.items()
+    }
 
 
 @pytest.mark.slow
 def test_writer_killed_mid_write_leaves_previous_version_and_rerun_succeeds(
     lake, spark, tmp_path, table
 ):
-    if lake.engine.name != "delta-rs":
-        pytest.skip("subprocess writers use the default engine")
     lake.write(
         spark.range(10).withColumn("payload", F.lit("x")).withColumn("writer", F.lit(-1)), table
     )
@@ -286,9 +273,9 @@ def test_writer_killed_mid_write_leaves_previous_version_and_rerun_succeeds(
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    staging = Path(table) / "_staging"
+    committed = _parquet_on_disk(table)
     deadline = time.time() + 180
-    while time.time() < deadline and not (staging.exists() and any(staging.iterdir())):
+    while time.time() < deadline and not (_in_progress(table) - committed):
         assert proc.poll() is None, "writer finished before it could be killed"
         time.sleep(0.05)
     time.sleep(1.0)  # Spark tasks are writing Parquet now
@@ -299,12 +286,13 @@ def test_writer_killed_mid_write_leaves_previous_version_and_rerun_succeeds(
     assert lake.version(table) == 0
     assert rows_of(lake.read(table)) == before
     assert DeltaTable(table).to_pyarrow_table().num_rows == 10
+    assert _parquet_on_disk(table) - _referenced(table), "the killed writer left no file"
 
     rerun = subprocess.run([*cmd[:-1], "1000"], capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert lake.read(table).count() == 1010
-    lake.vacuum(table, retention_hours=0)
-    assert not staging.exists() or not any(staging.iterdir())
+    lake.vacuum(table, retention_hours=0)  # a full vacuum: no writer runs now
+    assert _parquet_on_disk(table) == _referenced(table)
     assert lake.read(table).count() == 1010
 
 
@@ -368,17 +356,16 @@ def rows_any(df) -> list[tuple]:
 def test_a_commit_racing_another_writer_neither_duplicates_nor_loses_rows(
     lake, spark, tmp_path, table, other
 ):
-    """Issue 7, 2.1. A writer process computes its change (a merge of new key 1, or an
-    overwrite), is held before committing, and the test commits a conflicting change first."""
-    if lake.engine.name != "delta-rs":
-        pytest.skip("subprocess writers use the default engine")
+    """A writer process starts its change (a merge of new key 10, or an overwrite), is held
+    while it writes its files, and the test commits a conflicting change first: the held
+    writer's commit conflicts, and the lake retries it against the new version."""
     lake.write(ids_table(spark, range(10), -1).coalesce(1), table)
     pause = tmp_path / "pause"
     pause.mkdir()
     op = "overwrite" if other == "append" else "merge"
     offset, rows = {"merge": (10, 1), "delete": (0, 1), "append": (100, 5)}[other]
     proc = start_writer(
-        table, tmp_path / "lake", offset, rows, op=op, pause_at="commit", pause_dir=pause
+        table, tmp_path / "lake", offset, rows, op=op, pause_at="write", pause_dir=pause
     )
     wait_until_held(proc, pause)
     if other == "merge":  # the same new key, from another writer
@@ -396,7 +383,9 @@ def test_a_commit_racing_another_writer_neither_duplicates_nor_loses_rows(
     elif other == "delete":
         assert got == {0: 0, **{i: -1 for i in range(1, 10) if i != 5}}
     else:
-        assert got == {i: 100 for i in range(100, 105)}  # the overwrite is the later commit
+        # Delta's WriteSerializable isolation: a blind append does not conflict with an
+        # overwrite; it is ordered after it, so no appended row is lost
+        assert got == {**{i: 100 for i in range(100, 105)}, 200: 99, 201: 99}
 
 
 def test_replace_where_treats_a_null_partition_as_a_value(lake, spark, table):
@@ -543,75 +532,24 @@ def test_file_statistics_give_the_same_filtered_rows_through_deltalake_and_spark
             "is null": (field.is_null(), F.col(col).isNull()),
             "is not null": (field.is_valid(), F.col(col).isNotNull()),
         }
-        if col not in ("bo", "bin"):
+        # NaN: Spark ranks it above every number; delta-rs's filters and Arrow do not agree
+        if col not in ("bo", "bin", "nan"):
             tests["<"] = (field < scalar, F.col(col) < F.lit(value))
-        if col != "nan":  # Spark ranks NaN above every number, Arrow compares it as false
+        if col != "nan":
             tests[">="] = (field >= scalar, F.col(col) >= F.lit(value))
         for op, (arrow_filter, spark_filter) in tests.items():
-            via_deltalake = sorted(
-                DeltaTable(table)
-                .to_pyarrow_table(filters=arrow_filter, columns=["id"])["id"]
-                .to_pylist()
-            )
+            if col in DELTA_RS_BOOLEAN_PRUNING:  # filter after reading, not by statistics
+                whole = DeltaTable(table).to_pyarrow_table(columns=["id", col])
+                picked = whole.filter(arrow_filter)["id"]
+            else:
+                picked = DeltaTable(table).to_pyarrow_table(filters=arrow_filter, columns=["id"])[
+                    "id"
+                ]
+            via_deltalake = sorted(picked.to_pylist())
             via_spark = sorted(r.id for r in spark_df.filter(spark_filter).select("id").collect())
             if via_deltalake != via_spark:
                 mismatches.append(f"{col} {op}: deltalake {via_deltalake}, spark {via_spark}")
     assert not mismatches, "\n".join(mismatches)
-
-
-def _add_commit(table: str, actions: list[dict]) -> None:
-    import json
-
-    log = Path(table) / "_delta_log"
-    version = max(int(p.stem) for p in log.glob("*.json")) + 1
-    (log / f"{version:020d}.json").write_text("\n".join(json.dumps(a) for a in actions) + "\n")
-
-
-def test_column_mapped_tables_are_refused_by_read_write_and_merge(lake, spark, table):
-    """Issue 7, 2.4: column mapping at reader version 2 names no reader feature."""
-    import json
-
-    if lake.engine.name != "delta-rs":
-        pytest.skip("the native engine reads column-mapped tables")
-    lake.write(events(spark, [("u1", "d1", 1)]), table)
-    fields = json.loads(DeltaTable(table).schema().to_json())["fields"]
-    for n, f in enumerate(fields, start=1):
-        f["metadata"] = {"delta.columnMapping.id": n, "delta.columnMapping.physicalName": f["name"]}
-    meta = DeltaTable(table).metadata()
-    _add_commit(
-        table,
-        [
-            {
-                "commitInfo": {
-                    "timestamp": int(time.time() * 1000),
-                    "operation": "SET TBLPROPERTIES",
-                }
-            },
-            {"protocol": {"minReaderVersion": 2, "minWriterVersion": 5}},
-            {
-                "metaData": {
-                    "id": meta.id,
-                    "format": {"provider": "parquet", "options": {}},
-                    "schemaString": json.dumps({"type": "struct", "fields": fields}),
-                    "partitionColumns": [],
-                    "configuration": {
-                        "delta.columnMapping.mode": "name",
-                        "delta.columnMapping.maxColumnId": str(len(fields)),
-                    },
-                    "createdTime": int(time.time() * 1000),
-                }
-            },
-        ],
-    )
-    assert DeltaTable(table).protocol().min_reader_version == 2
-    for attempt in (
-        lambda: lake.read(table),
-        lambda: lake.merge(events(spark, [("u1", "d1", 2)]), table, keys=["user_id"]),
-        lambda: lake.write(events(spark, [("u2", "d1", 2)]), table),
-    ):
-        with pytest.raises(PatternlakeError, match="columnMapping"):
-            attempt()
-    assert DeltaTable(table).version() == 1
 
 
 def test_time_travel_before_the_first_commit_is_a_clear_error(lake, spark, table):
@@ -622,9 +560,7 @@ def test_time_travel_before_the_first_commit_is_a_clear_error(lake, spark, table
     assert lake.read(table, timestamp=datetime.now(UTC)).count() == 1
 
 
-def test_merge_keys_follow_sql_semantics_and_update_every_matched_row(
-    lake, spark, table, merge_path
-):
+def test_merge_keys_follow_sql_semantics_and_update_every_matched_row(lake, spark, table):
     """Issue 7, 2.6: a null key never matches (so it is always inserted, and two null-key
     rows are not duplicates); a source row matching several target rows updates them all."""
     lake.write(events(spark, [("u1", "d1", 1), ("u1", "d2", 2), (None, "d3", 3)]), table)
@@ -641,7 +577,16 @@ def _parquet_on_disk(table: str) -> set[str]:
     return {
         str(p.relative_to(table))
         for p in Path(table).rglob("*.parquet")
-        if "_delta_log" not in p.parts and "_staging" not in p.parts
+        if "_delta_log" not in p.parts
+    }
+
+
+def _in_progress(table: str) -> set[str]:
+    """Parquet files on disk, those Spark's tasks are still writing included."""
+    return {
+        str(p.relative_to(table))
+        for p in Path(table).rglob("*")
+        if "_delta_log" not in p.parts and ".parquet" in p.name
     }
 
 
@@ -650,43 +595,20 @@ def _referenced(table: str) -> set[str]:
 
 
 @pytest.mark.slow
-def test_vacuum_removes_the_files_of_a_writer_killed_between_move_and_commit(
-    lake, spark, tmp_path, table
-):
-    """Issue 7, 2.7."""
-    if lake.engine.name != "delta-rs":
-        pytest.skip("subprocess writers use the default engine")
+def test_a_lite_vacuum_never_touches_a_writer_still_running(lake, spark, tmp_path, table):
+    """A writer held while its tasks write the data files; a zero-retention lite vacuum
+    (what forget-user runs) meanwhile must leave them alone."""
     lake.write(ids_table(spark, range(10), -1), table)
+    lake.delete(table, "id < 3")  # something for the vacuum to remove
     pause = tmp_path / "pause"
     pause.mkdir()
-    proc = start_writer(table, tmp_path / "lake", 100, 1000, pause_at="commit", pause_dir=pause)
-    wait_until_held(proc, pause)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert _parquet_on_disk(table) - _referenced(table), "the writer moved no file"
-    lake.vacuum(table, retention_hours=0)
-    assert _parquet_on_disk(table) == _referenced(table)
-    staging = Path(table) / "_staging"
-    assert not staging.exists() or not any(staging.iterdir())
-    assert lake.read(table).count() == 10
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("held_at", ["write", "commit"])
-def test_vacuum_never_touches_a_writer_still_running(lake, spark, tmp_path, table, held_at):
-    """Issue 7, 2.8: held while Spark writes its staging files, or after moving them into the
-    table; a zero-retention vacuum meanwhile must leave them alone."""
-    if lake.engine.name != "delta-rs":
-        pytest.skip("subprocess writers use the default engine")
-    lake.write(ids_table(spark, range(10), -1), table)
-    pause = tmp_path / "pause"
-    pause.mkdir()
-    proc = start_writer(table, tmp_path / "lake", 100, 1000, pause_at=held_at, pause_dir=pause)
+    proc = start_writer(table, tmp_path / "lake", 100, 1000, pause_at="write", pause_dir=pause)
     wait_until_held(proc, pause)
     time.sleep(0.5)
-    lake.vacuum(table, retention_hours=0)
+    removed = lake.vacuum(table, retention_hours=0, lite=True)
+    assert removed  # the files the delete removed
     release(proc, pause)
-    assert lake.read(table).count() == 1010
+    assert lake.read(table).count() == 1007
     assert _parquet_on_disk(table) >= _referenced(table)
 
 
@@ -709,28 +631,6 @@ def test_adding_columns_commits_schema_and_data_together(lake, spark, table):
     assert lake.read(table, version=0).columns == ["user_id", "day", "n"]
 
 
-def test_a_commit_followed_by_many_others_returns_its_own_version(lake, spark, table, monkeypatch):
-    """Issue 7, 2.10: 101 commits by others land right after ours; the write still reports
-    its version (a RuntimeError here would make callers write the data twice)."""
-    if lake.engine.name != "delta-rs":
-        pytest.skip("delta-rs commit path")
-    lake.write(events(spark, [("u1", "d1", 1)]), table)
-    commit = DeltaTable.create_write_transaction
-
-    def commit_then_others(self, *args, **kwargs):
-        commit(self, *args, **kwargs)
-        for _ in range(101):
-            other = DeltaTable(table)
-            commit(other, [], "append", other.schema())
-
-    monkeypatch.setattr(DeltaTable, "create_write_transaction", commit_then_others)
-    v = lake.write(events(spark, [("u2", "d1", 2)]), table, commit_info={"probe": "mine"})
-    monkeypatch.undo()
-    assert lake.version(table) == v + 101
-    assert [h for h in lake.history(table) if h["version"] == v][0].get("probe") == "mine"
-    assert lake.read(table).count() == 2
-
-
 def test_read_range_reads_only_the_files_whose_statistics_overlap(lake, spark, table):
     # three appends = three files with disjoint user_id ranges (u1-u2, u5-u6, u8-u9)
     for rows in ([("u1", "d1", 1), ("u2", "d1", 2)], [("u5", "d2", 5), ("u6", "d2", 6)]):
@@ -738,8 +638,8 @@ def test_read_range_reads_only_the_files_whose_statistics_overlap(lake, spark, t
     lake.write(events(spark, [("u8", "d3", 8), ("u9", "d3", 9)]).coalesce(1), table)
     hit = lake.read_range(table, "user_id", "u5", "u7")
     assert rows_of(hit) == [("u5", "d2", 5), ("u6", "d2", 6)]
-    if lake.engine.__class__.__name__ == "DeltaRsEngine":  # native Delta skips files at planning
-        assert len(hit.inputFiles()) == 1
+    scans = [n for n in _plan_scans(hit)]
+    assert scans == [1], scans  # Delta skipped two of the three files at planning
     assert rows_of(lake.read_range(table, "user_id", "u0", "u0")) == []
     assert rows_of(lake.read_range(table, "user_id", "u2", "u8")) == [
         ("u2", "d1", 2), ("u5", "d2", 5), ("u6", "d2", 6), ("u8", "d3", 8)
@@ -751,3 +651,241 @@ def test_commit_rows_counts_what_a_commit_added_from_the_log(lake, spark, table)
     v1 = lake.write(events(spark, [("u4", "d1", 4)]), table)
     v2 = lake.write(events(spark, [("u5", "d1", 5), ("u6", "d1", 6)]), table, "overwrite")
     assert [lake.commit_rows(table, v) for v in (v0, v1, v2)] == [3, 1, 2]
+
+
+# delta-rs 1.6.6 skips every file on a predicate over a boolean column of a table written by
+# delta-spark (which records a null count but no min/max for booleans): delta-io/delta-rs#4490.
+# Readers filter such columns after reading (docs/lake.md); the test below shows the defect.
+DELTA_RS_BOOLEAN_PRUNING = {"bo"}
+
+
+def test_delta_rs_prunes_every_file_on_a_boolean_predicate_of_a_delta_spark_table(
+    lake, spark, table
+):
+    """The upstream defect the readers work around; when this fails, delta-rs fixed it: drop
+    DELTA_RS_BOOLEAN_PRUNING and the note in docs/lake.md."""
+    lake.write(spark.createDataFrame([(1, True), (2, False)], "id long, bo boolean"), table)
+    import pyarrow.compute as pc
+
+    pruned = DeltaTable(table).to_pyarrow_table(filters=pc.field("bo") == True)  # noqa: E712
+    assert pruned.num_rows == 0
+    assert DeltaTable(table).to_pyarrow_table().filter(pc.field("bo") == True).num_rows == 1  # noqa: E712
+
+
+def _plan_scans(df) -> list[int]:
+    """Run ``df`` and return the number of files each of its scans read."""
+    df.collect()
+    plan = df._jdf.queryExecution().executedPlan()
+    if plan.getClass().getSimpleName() == "AdaptiveSparkPlanExec":
+        plan = plan.executedPlan()
+    leaves = plan.collectLeaves()
+    out = []
+    for i in range(leaves.size()):
+        metrics = leaves.apply(i).metrics()
+        if metrics.contains("numFiles"):
+            out.append(int(metrics.apply("numFiles").value()))
+    return out
+
+
+# ---- the defects of the engines before delta-spark ran: each test failed on that code ------
+
+
+@pytest.mark.slow
+def test_two_merges_of_the_same_key_into_a_new_table_insert_it_once(lake, spark, tmp_path, table):
+    """Both writers find no table; the held one creates it, the test merges the same key
+    and commits first; the held merge then conflicts, is retried, and updates the key."""
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proc = start_writer(
+        table, tmp_path / "lake", 10, 1, op="merge", pause_at="write", pause_dir=pause
+    )
+    wait_until_held(proc, pause)
+    lake.merge(ids_table(spark, [10], 99), table, keys=["id"])
+    release(proc, pause)
+    assert rows_any(lake.read(table).select("id", "writer")) == [(10, 10)]
+
+
+@pytest.mark.slow
+def test_two_partition_overwrites_of_a_new_table_keep_both_partitions(lake, spark, tmp_path, table):
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proc = start_writer(
+        table, tmp_path / "lake", 1, 2, op="replace_where", pause_at="write", pause_dir=pause
+    )
+    wait_until_held(proc, pause)
+    mine = ids_table(spark, [7, 8, 9], 2).withColumn("part", F.lit(2))
+    lake.write(mine, table, "overwrite", partition_by=["part"], replace_where={"part": 2})
+    release(proc, pause)
+    got = rows_any(lake.read(table).select("part", "id"))
+    assert got == [(1, 1), (1, 2), (2, 7), (2, 8), (2, 9)]
+
+
+@pytest.mark.slow
+def test_two_writers_adding_different_columns_keep_both(lake, spark, tmp_path, table):
+    lake.write(ids_table(spark, range(3), -1), table)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proc = start_writer(
+        table, tmp_path / "lake", 100, 1, op="add_column", pause_at="write", pause_dir=pause
+    )
+    wait_until_held(proc, pause)
+    lake.write(ids_table(spark, [200], 2).withColumn("c2", F.lit(2)), table, merge_schema=True)
+    release(proc, pause)
+    df = lake.read(table)
+    assert {"c100", "c2"} <= set(df.columns)
+    got = {r.id: (r.c100, r.c2) for r in df.collect()}
+    assert got == {
+        0: (None, None),
+        1: (None, None),
+        2: (None, None),
+        100: (100, None),
+        200: (None, 2),
+    }
+
+
+@pytest.mark.slow
+def test_a_delete_that_conflicts_is_retried_not_reported_as_a_bad_predicate(
+    lake, spark, tmp_path, table
+):
+    lake.write(ids_table(spark, range(10), -1).coalesce(1), table)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proc = start_writer(
+        table, tmp_path / "lake", 5, 1, op="delete", pause_at="write", pause_dir=pause
+    )
+    wait_until_held(proc, pause)
+    lake.merge(ids_table(spark, [6], 99), table, keys=["id"])  # rewrites the delete's file
+    out = release(proc, pause)
+    assert "deleted 1" in out, out
+    got = {r.id: r.writer for r in lake.read(table).collect()}
+    assert got == {**{i: -1 for i in range(10) if i not in (5, 6)}, 6: 99}
+
+
+def test_read_range_keeps_rows_past_the_millisecond_of_a_timestamp_statistic(lake, spark, table):
+    """Delta's statistics keep timestamps to the millisecond: the largest value of a file can
+    lie up to 1 ms above its recorded maximum, and a range ending there must keep it."""
+    base = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    rows = [(i, base.replace(microsecond=us)) for i, us in enumerate([0, 400, 999])]
+    lake.write(spark.createDataFrame(rows, "id long, ts timestamp").coalesce(1), table)
+    hi = base.replace(microsecond=999)
+    got = lake.read_range(table, "ts", base.replace(microsecond=500), hi)
+    assert [r.id for r in got.collect()] == [2]
+
+
+def test_settings_of_one_operation_do_not_leak_into_the_session(lake, spark, table):
+    keys = [
+        "spark.databricks.delta.schema.autoMerge.enabled",
+        "spark.databricks.delta.commitInfo.userMetadata",
+        "spark.databricks.delta.retentionDurationCheck.enabled",
+        "spark.databricks.delta.optimize.maxFileSize",
+    ]
+    before = {k: spark.conf.get(k, None) for k in keys}
+    lake.write(events(spark, [("u1", "d1", 1)]), table)
+    wider = events(spark, [("u1", "d1", 2)]).withColumn("extra", F.lit("x"))
+    lake.merge(wider, table, keys=["user_id"], merge_schema=True)
+    lake.delete(table, "user_id = 'nobody'")
+    lake.compact(table, target_mb=1)
+    lake.vacuum(table, retention_hours=0, lite=True)
+    assert {k: spark.conf.get(k, None) for k in keys} == before
+    # a later plain merge does not evolve the schema: the setting did not stay on
+    with pytest.raises(SchemaMismatchError, match="merge_schema=True"):
+        lake.merge(wider.withColumn("more", F.lit(1)), table, keys=["user_id"])
+
+
+def test_time_travel_after_the_last_commit_and_to_a_missing_version(lake, spark, table):
+    lake.write(events(spark, [("u1", "d1", 1)]), table)
+    lake.write(events(spark, [("u2", "d1", 2)]), table)
+    later = datetime(2999, 1, 1, tzinfo=UTC)  # after the last commit: the latest version
+    assert rows_of(lake.read(table, timestamp=later)) == [("u1", "d1", 1), ("u2", "d1", 2)]
+    with pytest.raises(PatternlakeError, match="version 7 does not exist"):
+        lake.read(table, version=7)
+    lake.expire_history(table)  # versions 0 and 1 lose their log: time travel to them ends
+    with pytest.raises(PatternlakeError, match="version 0 does not exist"):
+        lake.read(table, version=0).count()
+    assert lake.read(table).count() == 2
+
+
+def test_a_bad_delete_predicate_is_a_clear_user_error(lake, spark, table):
+    lake.write(events(spark, [("u1", "d1", 1)]), table)
+    with pytest.raises(PatternlakeError, match="bad predicate"):
+        lake.delete(table, "user_id = = 'u1'")
+    with pytest.raises(PatternlakeError, match="bad predicate"):
+        lake.delete(table, "no_such_column = 1")
+    assert lake.read(table).count() == 1
+
+
+def test_files_refuses_a_version_with_deletion_vectors_until_purged(lake, spark, table):
+    """Training and evaluation read a version's Parquet files directly: a deletion vector
+    would hide nothing from them. The lake's tables are created without them; a table whose
+    owner turned them on is refused until purged."""
+    lake.write(events(spark, [(f"u{i}", "d1", i) for i in range(10)]).coalesce(1), table)
+    props = spark.sql(f"SHOW TBLPROPERTIES delta.`{table}`").collect()
+    assert {r.key: r.value for r in props}.get("delta.enableDeletionVectors") == "false"
+    spark.sql(
+        f"ALTER TABLE delta.`{table}` SET TBLPROPERTIES ('delta.enableDeletionVectors' = 'true')"
+    )
+    lake.delete(table, "n < 3")
+    with pytest.raises(PatternlakeError, match="deletion vectors"):
+        lake.files(table)
+    lake.purge(table)
+    files = lake.files(table)
+    assert sum(pq.read_metadata(f.removeprefix("file:")).num_rows for f in files) == 7
+
+
+def test_a_table_written_by_delta_spark_reads_the_same_in_deltalake_pandas_and_duckdb(
+    lake, spark, table
+):
+    import duckdb
+
+    from patternlake.sequences import SequenceVocabulary
+
+    vocabulary = SequenceVocabulary(("view", "buy"), max_len=20)
+    rows = [(f"u{i}", [i, i + 1], [1, 2]) for i in range(20)]
+    df = spark.createDataFrame(rows, "user_id string, item_seq array<int>, type_seq array<int>")
+    lake.write(vocabulary.attach(df), table, partition_by=[])
+    lake.merge(
+        vocabulary.attach(df.limit(2).withColumn("item_seq", F.array(F.lit(99)))),
+        table,
+        keys=["user_id"],
+    )
+    expected = sorted(
+        (r.user_id, list(r.item_seq), list(r.type_seq)) for r in lake.read(table).collect()
+    )
+
+    dt = DeltaTable(table)
+    via_deltalake = sorted(
+        (r["user_id"], r["item_seq"], r["type_seq"]) for r in dt.to_pyarrow_table().to_pylist()
+    )
+    pdf = dt.to_pandas()
+    via_pandas = sorted(
+        (u, list(i), list(t))
+        for u, i, t in zip(pdf.user_id, pdf.item_seq, pdf.type_seq, strict=True)
+    )
+    con = duckdb.connect()
+    con.register("t", dt.to_pyarrow_dataset())
+    via_duckdb = sorted(
+        (u, list(i), list(t))
+        for u, i, t in con.execute("SELECT user_id, item_seq, type_seq FROM t").fetchall()
+    )
+    assert via_deltalake == via_pandas == via_duckdb == expected
+    assert len(expected) == 20 and ("u0", [99], [1, 2]) in expected
+    # the column metadata (the vocabulary) is the same through delta-rs as through Spark
+    import json
+
+    meta = {f.name: f.metadata for f in dt.schema().fields}
+    spark_meta = {f.name: f.metadata for f in lake.schema(table).fields}
+    for name, value in spark_meta.items():
+        got = {
+            k: json.loads(v) if isinstance(v, str) and v[:1] in "{[" else v
+            for k, v in meta[name].items()
+        }
+        assert got == value, name
+    assert SequenceVocabulary.from_schema(lake.schema(table)) == vocabulary
+
+
+def test_missing_delta_jars_are_one_clear_line_naming_the_set_up_step(monkeypatch, tmp_path):
+    from patternlake.spark import DELTA_JARS_ENV, _delta_jars
+
+    monkeypatch.setenv(DELTA_JARS_ENV, str(tmp_path / "empty"))
+    with pytest.raises(PatternlakeError, match=r"make setup.*fetch_delta_jars"):
+        _delta_jars()

@@ -2,13 +2,17 @@
 
 usage: python writer_process.py TABLE_URI LAKE_ROOT ID_OFFSET BATCHES ROWS [BARRIER_DIR NAME PEERS]
 Writes BATCHES DataFrames of ROWS rows (ids from ID_OFFSET, ``writer`` = ID_OFFSET) to
-TABLE_URI through the lake layer. With a barrier, it waits until PEERS processes are ready
-before the first write.
+TABLE_URI through the lake layer, each commit tagged ``probe=writer-<ID_OFFSET>``, and
+prints ``wrote batch B -> version V`` per batch. With a barrier, it waits until PEERS
+processes are ready before the first write.
 
 Environment:
-  PL_WRITER_OP   append (default), overwrite, or merge (upsert on ``id``)
-  PL_PAUSE_AT    write: hold inside the Spark job writing the staged Parquet files;
-                 commit: hold just before the first commit (files already moved into the table)
+  PL_WRITER_OP   append (default), overwrite, merge (upsert on ``id``), delete (the rows
+                 with ``id`` = ID_OFFSET; held while Delta evaluates the predicate), replace_where
+                 (overwrite of partition ``part`` = ID_OFFSET, partitioned by ``part``), or
+                 add_column (an append with one more column, ``c<ID_OFFSET>``, merge_schema)
+  PL_PAUSE_AT    write: hold inside the Spark job that writes the data (after the operation
+                 read the table's snapshot, before it commits)
   PL_PAUSE_DIR   where the writer creates ``paused`` once held, and waits for ``release``
 """
 
@@ -34,21 +38,6 @@ def hold(pause_dir: str) -> None:
         time.sleep(0.05)
 
 
-def hold_before_first_commit(pause_dir: str) -> None:
-    from deltalake import DeltaTable
-
-    commit = DeltaTable.create_write_transaction
-    held = []
-
-    def held_commit(self, *args, **kwargs):
-        if not held:
-            held.append(True)
-            hold(pause_dir)
-        return commit(self, *args, **kwargs)
-
-    DeltaTable.create_write_transaction = held_commit
-
-
 def main() -> None:
     uri, root, offset, batches, rows = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
     op = os.environ.get("PL_WRITER_OP", "append")
@@ -65,14 +54,13 @@ def main() -> None:
     )
     spark = get_spark(config.spark)
     lake = Lake(spark, config.lake)
-    if pause_at == "commit":
-        hold_before_first_commit(pause_dir)
     if len(sys.argv) > 6:
         barrier, name, peers = Path(sys.argv[6]), sys.argv[7], int(sys.argv[8])
         (barrier / name).touch()
         deadline = time.time() + 120
         while len(list(barrier.iterdir())) < peers and time.time() < deadline:
             time.sleep(0.05)
+    probe = {"probe": f"writer-{offset}"}
     for b in range(batches):
         start = offset + b * rows
         df = (
@@ -88,7 +76,36 @@ def main() -> None:
                 return value
 
             df = df.withColumn("payload", held_payload("payload"))
-        version = lake.merge(df, uri, keys=["id"]) if op == "merge" else lake.write(df, uri, op)
+        if op == "delete":
+            held = F.col("id")
+            if pause_at == "write":
+
+                @F.udf("long")
+                def held_id(value: int) -> int:
+                    hold(pause_dir)
+                    return value
+
+                held = held_id("id")
+            n = lake.delete(uri, held == F.lit(offset), commit_info=probe)
+            print(f"deleted {n}", flush=True)
+            continue
+        if op == "merge":
+            version = lake.merge(df, uri, keys=["id"], commit_info=probe)
+        elif op == "replace_where":
+            df = df.withColumn("part", F.lit(offset))
+            version = lake.write(
+                df,
+                uri,
+                "overwrite",
+                partition_by=["part"],
+                replace_where={"part": offset},
+                commit_info=probe,
+            )
+        elif op == "add_column":
+            df = df.withColumn(f"c{offset}", F.lit(offset))
+            version = lake.write(df, uri, merge_schema=True, commit_info=probe)
+        else:
+            version = lake.write(df, uri, op, commit_info=probe)
         print(f"wrote batch {b} -> version {version}", flush=True)
     spark.stop()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -31,9 +32,13 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StructField, StructType
 
 from patternlake.config import LakeConfig
-from patternlake.errors import ConfigError, PatternlakeError, SchemaMismatchError
+from patternlake.errors import (
+    ConcurrentCommitError,
+    ConfigError,
+    PatternlakeError,
+    SchemaMismatchError,
+)
 from patternlake.lake.catalog import CATALOG, CONTRACTS, Contract, type_text
-from patternlake.lake.deltars import DeltaRsEngine
 from patternlake.lake.engine import DeltaEngine, WriteMode
 from patternlake.lake.paths import strip_file_scheme
 from patternlake.spark import delta_jars_loaded, job_label
@@ -42,20 +47,39 @@ log = logging.getLogger(__name__)
 
 
 def make_engine(spark: SparkSession, conf: LakeConfig) -> DeltaEngine:
-    """``auto`` picks native Delta when its jars are on the classpath, else delta-rs."""
-    wanted = conf.engine
-    if wanted == "auto":
-        wanted = "spark-delta" if delta_jars_loaded(spark) else "delta-rs"
-    if wanted == "spark-delta":
-        if not delta_jars_loaded(spark):
-            raise ConfigError(
-                "lake.engine: spark-delta needs the Delta Lake jars on the Spark classpath "
-                "(Databricks, or --packages io.delta:delta-spark_2.13:4.0.0); use delta-rs or auto"
-            )
-        from patternlake.lake.native import SparkDeltaEngine
+    """The lake's engine: Delta Lake on Spark (``lake.engine``: ``auto`` or ``delta-spark``)."""
+    from patternlake.lake.delta_spark import DeltaSparkEngine
 
-        return SparkDeltaEngine(spark)
-    return DeltaRsEngine(spark, conf.storage_options)
+    if not delta_jars_loaded(spark):
+        raise ConfigError(
+            "lake.engine: delta-spark needs the Delta Lake jars on the Spark classpath: run "
+            "`make setup`, or start Spark with --packages io.delta:delta-spark_2.13:<version>"
+        )
+    return DeltaSparkEngine(spark)
+
+
+# How long a write or merge keeps retrying after commit conflicts with other writers.
+RETRY_DEADLINE_S = 600.0
+
+
+def _retrying(what: str, attempt: Callable[[], int]) -> int:
+    """Run ``attempt`` (one whole write: read the table's state, write, commit) again after
+    each commit conflict, with jittered backoff, until it commits or the deadline passes."""
+    deadline = time.monotonic() + RETRY_DEADLINE_S
+    conflicts = 0
+    while True:
+        try:
+            return attempt()
+        except ConcurrentCommitError as exc:
+            conflicts += 1
+            if time.monotonic() > deadline:
+                raise ConcurrentCommitError(
+                    f"{what}: {conflicts} commit conflicts in {RETRY_DEADLINE_S:.0f} s, "
+                    f"nothing was committed; the last: {exc}"
+                ) from None
+            pause = min(5.0, 0.2 * 2 ** min(conflicts, 5)) * (0.5 + random.random())
+            log.info("%s: conflict with another writer, retrying in %.1fs (%s)", what, pause, exc)
+            time.sleep(pause)
 
 
 def _labelled(verb: str, position: int) -> Callable:
@@ -182,7 +206,53 @@ class Lake:
             raise PatternlakeError(f"write {name}: replace_where needs mode='overwrite'")
         started = time.monotonic()
         uri = self.uri(name)
+        version = _retrying(
+            f"write {name}",
+            lambda: self._write_once(
+                df,
+                name,
+                uri,
+                mode,
+                partition_by=partition_by,
+                replace_where=replace_where,
+                merge_schema=merge_schema,
+                overwrite_schema=overwrite_schema,
+                metadata={
+                    "patternlake.operation": "write",
+                    "patternlake.mode": mode,
+                    **(commit_info or {}),
+                },
+            ),
+        )
+        log.info(
+            "lake write %s mode=%s -> version %d (%.1fs)",
+            name,
+            mode,
+            version,
+            time.monotonic() - started,
+        )
+        return version
+
+    def _write_once(
+        self,
+        df: DataFrame,
+        name: str,
+        uri: str,
+        mode: WriteMode,
+        *,
+        partition_by: list[str] | None,
+        replace_where: dict[str, Any] | None,
+        merge_schema: bool,
+        overwrite_schema: bool,
+        metadata: dict[str, str],
+    ) -> int:
+        """One attempt at a write, against the table as it is now (``write`` retries it)."""
         exists = self.engine.exists(uri)
+        if replace_where and not exists:
+            # replaceWhere needs a table: create it empty first, so that two writers creating
+            # it at once each replace their own partition (never the whole table)
+            self._create_empty(df, name, uri, partition_by, metadata)
+            exists = True
         df, guards = self._conform(df, name, creates=overwrite_schema or not exists)
         spec = self.conf.tables.get(name)
         partition_by = list(partition_by or (spec.partition_by if spec else []))
@@ -208,34 +278,51 @@ class Lake:
         if replace_where:
             aligned, outside = self._guard_replace_where(aligned, name, partition_by, replace_where)
         try:
-            version = self.engine.write(
+            return self.engine.write(
                 aligned,
                 uri,
                 mode=mode,
                 partition_by=partition_by,
-                replace_where=replace_where if exists else None,
+                replace_where=replace_where,
                 schema=target,
                 add_columns=added,
                 overwrite_schema=overwrite_schema,
-                metadata={
-                    "patternlake.operation": "write",
-                    "patternlake.mode": mode,
-                    **(commit_info or {}),
-                },
+                metadata=metadata,
             )
+        except ConcurrentCommitError:
+            raise
         except Exception as exc:
             if outside and outside in str(exc):
                 raise PatternlakeError(outside) from None
             _raise_guard(exc, guards)
             raise
-        log.info(
-            "lake write %s mode=%s -> version %d (%.1fs)",
-            name,
-            mode,
-            version,
-            time.monotonic() - started,
+
+    def _create_empty(
+        self,
+        df: DataFrame,
+        name: str,
+        uri: str,
+        partition_by: list[str] | None,
+        metadata: dict[str, str],
+    ) -> None:
+        """Create table ``name`` with ``df``'s columns and no rows. An empty append: when
+        another writer created the table meanwhile, it adds nothing (or conflicts and is
+        retried), so creating never races with a creator."""
+        empty, _ = self._conform(df.limit(0), name, creates=True)
+        spec = self.conf.tables.get(name)
+        parts = list(partition_by or (spec.partition_by if spec else []))
+        aligned, target, _ = _align(empty, StructType([]), True, name)
+        self.engine.write(
+            aligned,
+            uri,
+            mode="append",
+            partition_by=parts,
+            replace_where=None,
+            schema=target,
+            add_columns=None,
+            overwrite_schema=False,
+            metadata={**metadata, "patternlake.operation": "create"},
         )
-        return version
 
     @_labelled("merge", 1)
     def merge(
@@ -271,27 +358,36 @@ class Lake:
             raise PatternlakeError(
                 f"merge into {name}: the data has more than one row for key {sample}"
             )
-        if not self.engine.exists(uri):
-            return self.write(df, name, "append", commit_info=commit_info)
-        df, guards = self._conform(df, name, creates=False)
-        aligned, target, added = _align(df, self.engine.schema(uri), merge_schema, name)
-        try:
-            version = self.engine.merge(
-                aligned,
-                uri,
-                keys,
-                schema=target,
-                add_columns=added,
-                source_keys=int(stats["keys"]),
-                metadata={
-                    "patternlake.operation": "merge",
-                    "patternlake.keys": ",".join(keys),
-                    **(commit_info or {}),
-                },
-            )
-        except Exception as exc:
-            _raise_guard(exc, guards)
-            raise
+        metadata = {
+            "patternlake.operation": "merge",
+            "patternlake.keys": ",".join(keys),
+            **(commit_info or {}),
+        }
+
+        def attempt() -> int:
+            if not self.engine.exists(uri):
+                # a merge into a new table: create it empty, then merge, so that two writers
+                # merging the same new key never both insert it
+                self._create_empty(df, name, uri, None, metadata)
+            conformed, guards = self._conform(df, name, creates=False)
+            aligned, target, added = _align(conformed, self.engine.schema(uri), merge_schema, name)
+            try:
+                return self.engine.merge(
+                    aligned,
+                    uri,
+                    keys,
+                    schema=target,
+                    add_columns=added,
+                    source_keys=int(stats["keys"]),
+                    metadata=metadata,
+                )
+            except ConcurrentCommitError:
+                raise
+            except Exception as exc:
+                _raise_guard(exc, guards)
+                raise
+
+        version = _retrying(f"merge into {name}", attempt)
         log.info(
             "lake merge %s keys=%s -> version %d (%.1fs)",
             name,
@@ -302,55 +398,69 @@ class Lake:
         return version
 
     @_labelled("delete", 0)
-    def delete(self, name: str, predicate: str) -> int:
-        """Delete rows matching a SQL predicate (e.g. ``user_id = 'u1'``); returns rows deleted.
-        The data stays in old files until ``vacuum``."""
+    def delete(
+        self, name: str, predicate: str | Column, commit_info: dict[str, str] | None = None
+    ) -> int:
+        """Delete rows matching a SQL predicate (e.g. ``user_id = 'u1'``) or a Column; returns
+        rows deleted. The data stays in old files until ``vacuum``, and the predicate stays in
+        the commit's log entry until ``expire_history``."""
         started = time.monotonic()
-        n = self.engine.delete(self.uri(name), predicate)
-        log.info(
-            "lake delete %s where %s: %d rows (%.1fs)",
-            name,
-            predicate,
-            n,
-            time.monotonic() - started,
+        meta = {"patternlake.operation": "delete", **(commit_info or {})}
+        out = _retrying(
+            f"delete from {name}",
+            lambda: self.engine.delete(self.uri(name), predicate, meta)["rows"],
         )
-        return n
+        log.info("lake delete %s: %d rows (%.1fs)", name, out, time.monotonic() - started)
+        return out
 
-    @_labelled("rewrite", 0)
-    def rewrite(
+    @_labelled("update", 0)
+    def update(
         self,
         name: str,
-        touched: Column,
-        transform: Callable[[DataFrame], DataFrame],
+        predicate: Column,
+        values: dict[str, Column],
         commit_info: dict[str, str] | None = None,
-    ) -> dict[str, int]:
-        """Copy-on-write change of the rows of the files that hold a row matching ``touched``:
-        they become ``transform`` of those rows (e.g. ``lambda df: df.filter(~cond)`` deletes),
-        in one commit that records ``commit_info`` but no predicate or value, unlike
-        ``delete``. Returns files rewritten, rows before and after, version."""
-        started = time.monotonic()
-        out = self.engine.rewrite(
-            self.uri(name),
-            touched,
-            transform,
-            metadata={"patternlake.operation": "rewrite", **(commit_info or {})},
-        )
-        log.info("lake rewrite %s: %s (%.1fs)", name, out, time.monotonic() - started)
-        return out
+    ) -> int | None:
+        """Set columns to ``values`` (Column expressions of the row) on the rows matching
+        ``predicate``; returns the version, or None when no row matched."""
+        meta = {"patternlake.operation": "update", **(commit_info or {})}
+
+        def attempt() -> int:
+            version = self.engine.update(self.uri(name), predicate, values, meta)
+            return -1 if version is None else version
+
+        version = _retrying(f"update {name}", attempt)
+        return None if version < 0 else version
+
+    def purge(self, name: str) -> None:
+        """Rewrite the files that have deletion vectors without the rows they hide (Delta's
+        ``REORG TABLE ... APPLY (PURGE)``): deleted rows leave the current files."""
+        self.engine.purge(self.uri(name))
 
     def expire_history(self, name: str) -> list[str]:
         """Checkpoint the current version and delete the log of every older one: time travel
-        to them ends (use after ``vacuum(name, 0)`` when old data must be gone for good)."""
+        to them ends (use after ``vacuum(name, 0, lite=True)`` when old data must be gone for
+        good: the old log entries hold predicates and per-file statistics)."""
         removed = self.engine.expire_history(self.uri(name))
         log.info("lake expire history %s: %d log files", name, len(removed))
         return removed
 
     def vacuum(
-        self, name: str, retention_hours: int | None = None, dry_run: bool = False
+        self,
+        name: str,
+        retention_hours: int | None = None,
+        dry_run: bool = False,
+        lite: bool = False,
     ) -> list[str]:
-        """Physically delete files not needed by versions newer than the retention window."""
+        """Physically delete files not needed by versions newer than the retention window.
+
+        A full vacuum deletes every file the table does not reference and that is older than
+        the retention, the leftovers of killed writers included; with a retention shorter
+        than the longest write, it can delete the files of a writer still running. ``lite``
+        deletes only the files the log removed, so it never touches a running writer: use
+        it for a short retention (``forget-user`` runs it with 0)."""
         hours = self.conf.vacuum_retention_hours if retention_hours is None else retention_hours
-        removed = self.engine.vacuum(self.uri(name), hours, dry_run)
+        removed = self.engine.vacuum(self.uri(name), hours, dry_run, lite)
         log.info(
             "lake vacuum %s retention=%dh: %d files%s",
             name,

@@ -1,19 +1,14 @@
-"""What every Delta engine behind the lake layer provides.
+"""What the Delta engine behind the lake layer provides.
 
-Engines work on table URIs and Spark DataFrames; the `Lake` facade resolves names from
-conf, checks schemas and logs. Two engines exist:
-
-* ``delta-rs``: Spark writes and reads the Parquet files, delta-rs owns the transaction
-  log (works anywhere, no JVM jars needed);
-* ``spark-delta``: native ``format("delta")`` and ``delta.tables`` when the Delta jars are
-  on the Spark classpath (Databricks, clusters with ``--packages io.delta:...``).
-
-Both read and write the same tables on disk.
+The engine works on table URIs and Spark DataFrames; the `Lake` facade resolves names from
+conf, checks schemas against the catalog, retries commit conflicts and logs. The engine is
+``delta-spark`` (``lake.delta_spark``): ``format("delta")`` and ``delta.tables`` with the
+Delta jars on Spark's classpath, locally, on clusters and on Databricks alike. Readers
+without Spark (pandas, DuckDB, BI tools) read the same tables with delta-rs (``deltalake``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -83,28 +78,27 @@ class DeltaEngine(Protocol):
 
     def history(self, uri: str, limit: int | None) -> list[dict[str, Any]]: ...
 
-    def delete(self, uri: str, predicate: str) -> int:
-        """Delete rows matching a SQL predicate; return how many were deleted."""
+    def delete(
+        self, uri: str, predicate: str | Column, metadata: dict[str, str] | None = None
+    ) -> dict[str, int]:
+        """Delete rows matching a SQL predicate or Column; return rows deleted and version."""
         ...
 
-    def vacuum(self, uri: str, retention_hours: int, dry_run: bool) -> list[str]:
+    def update(
+        self, uri: str, predicate: Column, values: dict[str, Column], metadata: dict[str, str]
+    ) -> int | None:
+        """Set ``values`` on the rows matching ``predicate``; the version, or None if none."""
+        ...
+
+    def purge(self, uri: str) -> None:
+        """Rewrite the files with deletion vectors without the rows they hide."""
+        ...
+
+    def vacuum(self, uri: str, retention_hours: int, dry_run: bool, lite: bool) -> list[str]:
         """Delete files no longer referenced by versions inside the retention window."""
         ...
 
     def compact(self, uri: str, target_size: int) -> dict[str, Any]: ...
-
-    def rewrite(
-        self,
-        uri: str,
-        touched: Column,
-        transform: Callable[[DataFrame], DataFrame],
-        *,
-        metadata: dict[str, str],
-    ) -> dict[str, int]:
-        """Replace the rows of the files holding a row that matches ``touched`` by
-        ``transform`` of them, in one commit that records no predicate and no value; return
-        files rewritten, rows before and after, and the version."""
-        ...
 
     def expire_history(self, uri: str) -> list[str]:
         """Checkpoint the current version and delete older log entries; return them."""

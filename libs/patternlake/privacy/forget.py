@@ -5,13 +5,16 @@ Reads and writes every table of ``lake.tables`` (except ``forget_log``) that has
 row per id to ``forget_log`` (``forget_id``, the id's salted hash, rows removed per table,
 the models marked). Steps, per table:
 
-1. copy-on-write rewrite of the files that hold the users' rows (``privacy.nodes.user_rows``)
-   without them; recorded samples in JSON columns (Great Expectations results) lose the
-   values that mention an id. The commits record no predicate and no id;
-2. vacuum with zero retention: every file no longer in the current version is deleted
-   (old versions held the rows too, e.g. earlier ``user_sequences`` overwrites);
-3. a checkpoint of the current version, then the older log entries are deleted (their
-   per-file min/max statistics may name the id): time travel to before the forget ends.
+1. a Delta DELETE of the users' rows (``privacy.nodes.user_rows``), and an UPDATE of the
+   recorded samples in JSON columns (Great Expectations results) that mention an id;
+2. ``REORG TABLE ... APPLY (PURGE)``: files with deletion vectors (a table whose owner turned
+   them on) are rewritten without the rows the vectors hide;
+3. a lite vacuum with zero retention: every file the log removed is deleted (old versions
+   held the rows too, e.g. earlier ``user_sequences`` overwrites), never the files of a
+   writer still running;
+4. a checkpoint of the current version, then the older log entries are deleted: the DELETE's
+   predicate names the ids, and older per-file min/max statistics may; time travel to
+   before the forget ends.
 
 Text files under the lake root outside the tables (validation HTML reports) have any
 mention of an id replaced by ``[forgotten]``. Registered models trained before stay as they
@@ -34,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType
 
@@ -62,6 +65,7 @@ def forget_users(spark: SparkSession, lake: Lake, config: Config, ids: list[str]
     commit = {"patternlake.forget_id": forget_id}
     removed: dict[str, int] = {}
     files = 0
+    scrubbed = 0
     for name in sorted(config.lake.tables):
         if name == LOG_TABLE or not lake.exists(name):
             continue
@@ -76,15 +80,14 @@ def forget_users(spark: SparkSession, lake: Lake, config: Config, ids: list[str]
         if cond is None and not json_cols:
             continue
         if cond is not None:
-            out = lake.rewrite(name, cond, lambda df, c=cond: df.filter(~c), commit)
-            removed[name] = out["rows_before"] - out["rows_after"]
-            files += out["files"]
+            removed[name] = lake.delete(name, cond, commit)
         if json_cols:
-            files += _scrub_json(
+            scrubbed += _scrub_json(
                 lake, name, json_cols, ids, cfg.user_columns + cfg.raw_columns, commit
             )
-        # old versions hold the rows too: no file outside the current version survives
-        lake.vacuum(name, retention_hours=0)
+        lake.purge(name)
+        # old versions hold the rows too: no file the log removed survives
+        files += len(lake.vacuum(name, retention_hours=0, lite=True))
         lake.expire_history(name)
     redacted = _redact_files(lake, config, ids)
     marked = _mark_models(config, forget_id)
@@ -95,13 +98,14 @@ def forget_users(spark: SparkSession, lake: Lake, config: Config, ids: list[str]
         "forget_id": forget_id,
         "users": len(ids),
         "rows_removed": removed,
-        "files_rewritten": files,
+        "files_rewritten": files,  # old files holding the rows, deleted from disk
+        "tables_scrubbed": scrubbed,
         "text_files_redacted": redacted,
         "models_marked": marked,
         "seconds": round(time.monotonic() - started, 1),
     }
     log.info(
-        "forget-user %s: %d users, %d rows in %d tables, %d files rewritten, %d models marked (%.1fs)",
+        "forget-user %s: %d users, %d rows in %d tables, %d old files deleted, %d models marked (%.1fs)",
         forget_id,
         len(ids),
         sum(removed.values()),
@@ -121,18 +125,15 @@ def _scrub_json(
     sample_columns: list[str],
     commit: dict[str, str],
 ) -> int:
+    """Scrub the ids out of the JSON columns of the rows that mention one; returns 1 when a
+    row was updated, else 0."""
     pattern = nodes.token_regex(ids)
     scrub = F.udf(lambda text: nodes.scrub_json_text(text, ids, sample_columns), StringType())
     touched = F.lit(False)
     for c in columns:
         touched = touched | F.coalesce(F.col(f"`{c}`").rlike(pattern), F.lit(False))
-
-    def transform(df: DataFrame) -> DataFrame:
-        for c in columns:
-            df = df.withColumn(c, scrub(F.col(f"`{c}`")))
-        return df
-
-    return lake.rewrite(name, touched, transform, commit)["files"]
+    values = {f"`{c}`": scrub(F.col(f"`{c}`")) for c in columns}
+    return 0 if lake.update(name, touched, values, commit) is None else 1
 
 
 def _redact_files(lake: Lake, config: Config, ids: list[str]) -> list[str]:

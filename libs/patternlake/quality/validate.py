@@ -382,12 +382,7 @@ def ranked_by_event_id(keyed: DataFrame) -> DataFrame:
 
 def _wrote_silver_before(lake: Lake, batch_id: str) -> bool:
     """Whether an earlier attempt at this batch committed to silver (its commit says so)."""
-    for commit in lake.history("silver_events"):
-        meta = commit.get("userMetadata")  # native Delta keeps it as one JSON string
-        info = json.loads(meta) if isinstance(meta, str) and meta.startswith("{") else commit
-        if info.get("patternlake.batch_id") == batch_id:
-            return True
-    return False
+    return any(c.get("patternlake.batch_id") == batch_id for c in lake.history("silver_events"))
 
 
 def _shared_ids(keyed: DataFrame) -> int:

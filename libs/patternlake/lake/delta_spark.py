@@ -1,0 +1,473 @@
+"""The lake's engine: Delta Lake on Spark (``delta-spark``), the same code locally, on a
+cluster and on Databricks.
+
+Every operation is one Delta transaction. What this module adds to delta-spark's API:
+
+* **the version a write made**, not the table's latest: each commit carries a transaction id
+  in its ``userMetadata``, and the version is the one whose commit holds it;
+* **settings per operation** (schema auto-merge, the commit's metadata, vacuum's retention
+  check, compaction's file size), set for that operation alone and restored after it;
+* **clear errors**: a missing table or version, a timestamp outside the table's history, a
+  predicate Spark cannot parse, and commit conflicts (``ConcurrentCommitError``; the lake
+  retries those, see ``Lake``);
+* **log-level operations on any Hadoop file system** (``dbfs:``, ``abfss:``, ``s3a:``): the
+  rows a commit added and expiring old log entries read and delete through Spark's file
+  system, not a local path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from py4j.protocol import Py4JJavaError
+from pyspark.errors import AnalysisException, ParseException
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
+
+from patternlake.errors import ConcurrentCommitError, PatternlakeError, TableNotFoundError
+from patternlake.lake.engine import WriteMode
+from patternlake.spark import sql_settings
+
+log = logging.getLogger(__name__)
+
+TXN_KEY = "patternlake.txn"
+USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
+# Delta's commit conflicts (io.delta.exceptions.*, by class name or error class)
+_CONFLICT = re.compile(
+    r"Concurrent(Write|Append|DeleteRead|DeleteDelete|Transaction|Modification)Exception"
+    r"|MetadataChangedException|ProtocolChangedException"
+    r"|DELTA_CONCURRENT_|DELTA_METADATA_CHANGED|DELTA_PROTOCOL_CHANGED"
+)
+# Table properties of the tables the lake creates. Deletion vectors stay off: training,
+# evaluation and distillation read a version's Parquet files directly (``files``), which
+# would show rows a deletion vector hides.
+CREATE_PROPERTIES = {"delta.enableDeletionVectors": "false"}
+
+
+class DeltaSparkEngine:
+    name = "delta-spark"
+
+    def __init__(self, spark: SparkSession):
+        from delta.tables import DeltaTable  # the delta-spark Python package
+
+        self.spark = spark
+        self._DeltaTable = DeltaTable
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def _table(self, uri: str) -> Any:
+        if not self.exists(uri):
+            raise TableNotFoundError(f"no Delta table at {uri}: run the job that writes it first")
+        return self._DeltaTable.forPath(self.spark, uri)
+
+    def exists(self, uri: str) -> bool:
+        return bool(self._DeltaTable.isDeltaTable(self.spark, uri))
+
+    def schema(self, uri: str) -> StructType:
+        return self.read(uri, None, None).schema
+
+    def partition_columns(self, uri: str) -> list[str]:
+        return list(self._detail(uri)["partitionColumns"])
+
+    def _detail(self, uri: str) -> dict[str, Any]:
+        return self._table(uri).detail().collect()[0].asDict(recursive=True)
+
+    def version(self, uri: str) -> int:
+        """The table's latest version."""
+        return int(self._table(uri).history(1).collect()[0]["version"])
+
+    def read(self, uri: str, version: int | None, timestamp: datetime | None) -> DataFrame:
+        self._table(uri)
+        reader = self.spark.read.format("delta")
+        if version is not None:
+            reader = reader.option("versionAsOf", version)
+        if timestamp is not None:
+            reader = reader.option("timestampAsOf", timestamp.isoformat())
+        try:
+            return reader.load(uri)  # Delta resolves the version here, when the plan is built
+        except (AnalysisException, Py4JJavaError) as exc:
+            if timestamp is not None and re.search(
+                r"TIMESTAMP_GREATER|after the latest", str(exc), re.I
+            ):
+                return self._read_latest_before(uri, timestamp)
+            raise _time_travel_error(uri, version, timestamp, exc) from None
+
+    def _read_latest_before(self, uri: str, timestamp: datetime) -> DataFrame:
+        """A timestamp after the last commit: the table then was its latest version (pinned,
+        so a commit landing meanwhile does not change what is read)."""
+        last = self._table(uri).history(1).collect()[0]
+        committed = last["timestamp"]
+        wanted = timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=UTC)
+        if committed.tzinfo is None:
+            committed = committed.replace(tzinfo=UTC)
+        if committed > wanted:  # a commit landed since: resolve by timestamp again
+            return self.read(uri, None, timestamp)
+        return self.read(uri, int(last["version"]), None)
+
+    def read_range(self, uri: str, column: str, lo: Any, hi: Any) -> DataFrame:
+        # Delta skips the files whose log statistics lie outside the range at planning
+        return self.read(uri, None, None).filter(F.col(f"`{column}`").between(lo, hi))
+
+    def files(self, uri: str, version: int | None) -> list[str]:
+        """The Parquet files of one version, for readers outside Spark (training, evaluation).
+        A version with deletion vectors has rows its files still hold: refused."""
+        df = self.read(uri, version, None)
+        dvs = self._deletion_vectors(uri, version)
+        if dvs:
+            raise PatternlakeError(
+                f"{uri} version {version if version is not None else 'latest'} has {dvs} "
+                "deletion vectors, so its Parquet files hold deleted rows: run "
+                f"`REORG TABLE delta.`{uri}` APPLY (PURGE)` and read the version it makes"
+            )
+        return list(df.inputFiles())
+
+    def _deletion_vectors(self, uri: str, version: int | None) -> int:
+        """How many files of the version have a deletion vector (0 without the feature)."""
+        if "deletionVectors" not in (self._detail(uri).get("tableFeatures") or []):
+            return 0
+        files = self._snapshot(uri, version).allFiles()
+        return int(files.filter("deletionVector IS NOT NULL").count())
+
+    def _snapshot(self, uri: str, version: int | None) -> Any:
+        """The JVM ``Snapshot`` of one version (the latest when ``version`` is None)."""
+        delta_log = self._delta_log(uri)
+        if version is None:
+            return delta_log.update(False, self._none(), self._none())
+        return delta_log.getSnapshotAt(version, self._none(), self._none())
+
+    def history(self, uri: str, limit: int | None) -> list[dict[str, Any]]:
+        """Commits, newest first, with the ``patternlake.*`` keys of each commit's metadata
+        at the top level of its dict."""
+        table = self._table(uri)
+        rows = table.history(limit) if limit else table.history()
+        return [_flat(r.asDict(recursive=True)) for r in rows.collect()]
+
+    def commit_rows(self, uri: str, version: int) -> int:
+        """Rows added by the commit that made ``version``: the ``numRecords`` statistics of
+        its add actions (read from its log entry; no data is read)."""
+        path = f"{uri}/_delta_log/{version:020d}.json"
+        try:
+            text = _read_text(self.spark, path)
+        except Py4JJavaError:
+            raise PatternlakeError(
+                f"{uri}: the log entry of version {version} is gone (history expired)"
+            ) from None
+        total = 0
+        for line in text.splitlines():
+            add = json.loads(line).get("add") if line.strip() else None
+            if add is None:
+                continue
+            stats = json.loads(add.get("stats") or "{}")
+            if "numRecords" not in stats:
+                raise PatternlakeError(f"{uri} version {version}: a file has no row count")
+            total += int(stats["numRecords"])
+        return total
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def write(
+        self,
+        df: DataFrame,
+        uri: str,
+        *,
+        mode: WriteMode,
+        partition_by: list[str],
+        replace_where: dict[str, Any] | None,
+        schema: StructType,
+        add_columns: StructType | None,
+        overwrite_schema: bool,
+        metadata: dict[str, str],
+    ) -> int:
+        txn, since = self._begin(uri)
+        creates = since < 0 or overwrite_schema
+        writer = df.write.format("delta").mode(mode)
+        if partition_by:
+            writer = writer.partitionBy(*partition_by)
+        if add_columns is not None:
+            writer = writer.option("mergeSchema", "true")
+        if overwrite_schema:
+            writer = writer.option("overwriteSchema", "true")
+        if replace_where:
+            writer = writer.option("replaceWhere", _where(replace_where))
+        writer = writer.option("userMetadata", _commit_text(metadata, txn))
+        # every write makes a version of its own, an empty append too (Delta skips those by
+        # default, and the caller would then count another commit's rows as this one's)
+        settings = {"spark.databricks.delta.skipRecordingEmptyCommits": "false"}
+        if creates:
+            settings.update(_create_defaults())
+        with sql_settings(self.spark, settings), _conflicts(uri):
+            writer.save(uri)
+        return self._committed(uri, txn, since)
+
+    def merge(
+        self,
+        df: DataFrame,
+        uri: str,
+        keys: list[str],
+        *,
+        schema: StructType,
+        add_columns: StructType | None,
+        source_keys: int | None,
+        metadata: dict[str, str],
+    ) -> int:
+        txn, since = self._begin(uri)
+        cond = " AND ".join(f"t.`{k}` = s.`{k}`" for k in keys)
+        settings = {USER_METADATA: _commit_text(metadata, txn)}
+        if add_columns is not None:
+            settings["spark.databricks.delta.schema.autoMerge.enabled"] = "true"
+        with sql_settings(self.spark, settings), _conflicts(uri):
+            (
+                self._table(uri)
+                .alias("t")
+                .merge(df.alias("s"), cond)
+                .whenMatchedUpdateAll()
+                .whenNotMatchedInsertAll()
+                .execute()
+            )
+        return self._committed(uri, txn, since)
+
+    def delete(
+        self, uri: str, predicate: str | Column, metadata: dict[str, str] | None = None
+    ) -> dict[str, int]:
+        """Delete the rows matching ``predicate``; return rows deleted and the version (the
+        table's own when nothing matched and nothing was committed)."""
+        txn, since = self._begin(uri)
+        table = self._table(uri)
+        settings = {USER_METADATA: _commit_text(metadata or {}, txn)}
+        try:
+            with sql_settings(self.spark, settings), _conflicts(uri):
+                table.delete(predicate)
+        except (ParseException, AnalysisException) as exc:  # a conflict is not one of these
+            first = str(exc).strip().splitlines()[0][:300]
+            raise PatternlakeError(
+                f"delete from {uri}: bad predicate {predicate!r}: {first}"
+            ) from None
+        version = self._committed(uri, txn, since, required=False)
+        if version is None:
+            return {"rows": 0, "version": since}
+        entry = [h for h in self.history(uri, self.version(uri) - version + 1)
+                 if h["version"] == version][0]  # fmt: skip
+        return {
+            "rows": int((entry["operationMetrics"] or {}).get("numDeletedRows", 0)),
+            "version": version,
+        }
+
+    def update(
+        self, uri: str, predicate: Column, values: dict[str, Column], metadata: dict[str, str]
+    ) -> int | None:
+        """Set ``values`` on the rows matching ``predicate``; the version, or None when no
+        row matched (Delta commits nothing then)."""
+        txn, since = self._begin(uri)
+        with (
+            sql_settings(self.spark, {USER_METADATA: _commit_text(metadata, txn)}),
+            _conflicts(uri),
+        ):
+            self._table(uri).update(predicate, values)
+        return self._committed(uri, txn, since, required=False)
+
+    def purge(self, uri: str) -> None:
+        """Rewrite the files that have deletion vectors without the rows they hide."""
+        self.spark.sql(f"REORG TABLE delta.{_quoted(uri)} APPLY (PURGE)").collect()
+
+    def vacuum(self, uri: str, retention_hours: int, dry_run: bool, lite: bool) -> list[str]:
+        """Delete files no version inside the retention window needs. ``lite``: only the files
+        the log removed (never the files of a writer still running, whatever the retention);
+        otherwise every file the table does not reference (a killed writer's leftovers too)."""
+        sql = f"VACUUM delta.{_quoted(uri)} {'LITE ' if lite else ''}RETAIN {retention_hours} HOURS"
+        check = {"spark.databricks.delta.retentionDurationCheck.enabled": "false"}
+        with sql_settings(self.spark, check):
+            if dry_run:
+                return sorted(r[0] for r in self.spark.sql(sql + " DRY RUN").collect())
+            before = set(_data_files(self.spark, uri))
+            self.spark.sql(sql).collect()
+        return sorted(before - set(_data_files(self.spark, uri)))
+
+    def compact(self, uri: str, target_size: int) -> dict[str, Any]:
+        settings = {"spark.databricks.delta.optimize.maxFileSize": str(target_size)}
+        with sql_settings(self.spark, settings), _conflicts(uri):
+            row = self._table(uri).optimize().executeCompaction().collect()[0]
+        return row.asDict(recursive=True)
+
+    def expire_history(self, uri: str) -> list[str]:
+        """Checkpoint the latest version, then delete every older log entry and checkpoint:
+        time travel to older versions ends, and no old commit's predicate or statistics stays
+        on disk."""
+        self._table(uri)
+        delta_log = self._delta_log(uri)
+        snapshot = delta_log.update(False, self._none(), self._none())
+        delta_log.checkpoint(snapshot, self._none())
+        return _delete_log_before(self.spark, uri, int(snapshot.version()))
+
+    def _delta_log(self, uri: str) -> Any:
+        jvm = self.spark.sparkContext._jvm  # type: ignore[attr-defined]
+        return jvm.org.apache.spark.sql.delta.DeltaLog.forTable(
+            self.spark._jsparkSession,  # type: ignore[attr-defined]
+            uri,
+        )
+
+    def _none(self) -> Any:
+        return self.spark.sparkContext._jvm.scala.Option.empty()  # type: ignore[attr-defined]
+
+    # ---- which version a commit made -----------------------------------------------------
+
+    def _begin(self, uri: str) -> tuple[str, int]:
+        """A new transaction id, and the table's version before this operation (-1: none)."""
+        since = self.version(uri) if self.exists(uri) else -1
+        return uuid.uuid4().hex, since
+
+    def _committed(self, uri: str, txn: str, since: int, required: bool = True) -> int | None:
+        """The version whose commit carries ``txn`` (made after version ``since``)."""
+        if self.exists(uri):
+            latest = self.version(uri)
+            for entry in self._table(uri).history(latest - since).collect():
+                if txn in (entry["userMetadata"] or ""):
+                    return int(entry["version"])
+        if required:
+            raise RuntimeError(f"{uri}: the commit of transaction {txn} is not in the log")
+        return None
+
+
+def _flat(entry: dict[str, Any]) -> dict[str, Any]:
+    meta = entry.get("userMetadata")
+    if isinstance(meta, str) and meta.startswith("{"):
+        with contextlib.suppress(json.JSONDecodeError):
+            entry.update({k: v for k, v in json.loads(meta).items() if k not in entry})
+    return entry
+
+
+def _commit_text(metadata: dict[str, str], txn: str) -> str:
+    return json.dumps({**metadata, TXN_KEY: txn}, sort_keys=True)
+
+
+def _create_defaults() -> dict[str, str]:
+    prefix = "spark.databricks.delta.properties.defaults."
+    return {prefix + k.removeprefix("delta."): v for k, v in CREATE_PROPERTIES.items()}
+
+
+class _conflicts:
+    """Turn Delta's commit conflicts into ``ConcurrentCommitError`` (nothing was committed)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is not None and _is_conflict(exc):
+            first = str(exc).strip().splitlines()[0][:300]
+            raise ConcurrentCommitError(
+                f"{self.uri}: another writer committed a conflicting change first ({first})"
+            ) from None
+        return False
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    try:
+        from delta.exceptions import DeltaConcurrentModificationException
+
+        if isinstance(exc, DeltaConcurrentModificationException):
+            return True
+    except ImportError:  # pragma: no cover - delta-spark is a dependency
+        pass
+    return bool(_CONFLICT.search(f"{type(exc).__name__} {exc}"))
+
+
+def _time_travel_error(
+    uri: str, version: int | None, timestamp: datetime | None, exc: Exception
+) -> Exception:
+    text = str(exc)
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+    if timestamp is not None and re.search(r"TIMESTAMP_EARLIER|before the earliest", text, re.I):
+        return PatternlakeError(
+            f"{uri}: no version at or before {timestamp.isoformat()}: that is before the "
+            "earliest version the table still has"
+        )
+    if version is not None and re.search(
+        r"VERSION_NOT_FOUND|VERSION_NOT_EXIST|Cannot time travel|FILE_NOT_FOUND|NOT_CONTIGUOUS"
+        r"|not reconstruct|EMPTY_DIRECTORY|MISSING_DELTA_LOG|FileNotFound|CHECKPOINT",
+        text,
+        re.I,
+    ):
+        return PatternlakeError(
+            f"{uri}: version {version} does not exist (never written, or its log and files "
+            f"were removed by forget-user or vacuum): {first}"
+        )
+    return exc
+
+
+def _where(values: dict[str, Any]) -> str:
+    return " AND ".join(
+        f"`{k}` IS NULL" if v is None else f"`{k}` = {_sql_literal(v)}" for k, v in values.items()
+    )
+
+
+def _sql_literal(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _quoted(uri: str) -> str:
+    return "`" + uri.replace("`", "``") + "`"
+
+
+# ---- the table's files through Spark's Hadoop file system ---------------------------------
+
+
+def _fs(spark: SparkSession, uri: str) -> tuple[Any, Any]:
+    jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
+    path = jvm.org.apache.hadoop.fs.Path(uri)
+    conf = spark._jsparkSession.sessionState().newHadoopConf()  # type: ignore[attr-defined]
+    return path.getFileSystem(conf), path
+
+
+def _read_text(spark: SparkSession, uri: str) -> str:
+    fs, path = _fs(spark, uri)
+    jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
+    stream = fs.open(path)
+    try:
+        return jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
+    finally:
+        stream.close()
+
+
+def _data_files(spark: SparkSession, uri: str) -> list[str]:
+    """Every file under the table folder but its log."""
+    fs, path = _fs(spark, uri)
+    it = fs.listFiles(path, True)
+    out = []
+    while it.hasNext():
+        p = it.next().getPath().toString()
+        if "/_delta_log/" not in p:
+            out.append(p)
+    return out
+
+
+_LOG_FILE = re.compile(r"^(\d{20})\.(json|crc|checkpoint\..*parquet|checkpoint\.parquet)$")
+
+
+def _delete_log_before(spark: SparkSession, uri: str, version: int) -> list[str]:
+    """Delete the log entries, checksums and checkpoints of versions before ``version`` (its
+    checkpoint now holds the table's state; its own entry stays for ``history``)."""
+    fs, path = _fs(spark, f"{uri}/_delta_log")
+    removed = []
+    for status in fs.listStatus(path):
+        name = status.getPath().getName()
+        m = _LOG_FILE.match(name)
+        if not m:
+            continue
+        v = int(m.group(1))
+        if v < version:
+            fs.delete(status.getPath(), False)
+            removed.append(name)
+    return sorted(removed)
