@@ -113,12 +113,21 @@ def cluster(tmp_path):
 
 
 def submit_command(url: str, job: str, *args: str) -> list[str]:
+    """spark-submit as a user runs it: the Delta Lake jars (``--jars`` with the ones
+    ``make setup`` fetched, as ``--packages io.delta:...`` would bring them) and Delta's SQL
+    extension and catalog."""
+    from patternlake.spark import DELTA_SQL, _delta_jars
+
+    delta = ["--jars", ",".join(_delta_jars())]
+    for key, value in DELTA_SQL.items():
+        delta += ["--conf", f"{key}={value}"]
     return [
         str(SPARK_HOME / "bin" / "spark-submit"),
         "--master",
         url,
         "--deploy-mode",
         "client",
+        *delta,
         "--conf",
         f"spark.executorEnv.PYSPARK_PYTHON={sys.executable}",
         "--conf",

@@ -165,7 +165,10 @@ def test_imported_from_the_zipped_wheel_conf_and_pipelines_still_load(wheel, tmp
 def test_installed_wheel_generates_and_runs_daily_outside_the_checkout(wheel, tmp_path):
     venv = tmp_path / "venv"
     python = _new_venv(venv, wheel)
-    env = _clean_env()
+    # the Delta jars `make setup` fetched, named as a user of the wheel names theirs
+    from patternlake.spark import DELTA_JARS_ENV, delta_jar_dir
+
+    env = _clean_env(**{DELTA_JARS_ENV: str(delta_jar_dir())})
     here = sysconfig.get_paths()
 
     work = tmp_path / "work"  # an empty working folder: no ./conf, no ./pipelines

@@ -20,6 +20,11 @@ class TableNotFoundError(PatternlakeError):
     """A table was read before anything wrote it."""
 
 
+class VersionNotFoundError(PatternlakeError):
+    """A table version was read that does not exist (never written, or its log and files
+    were removed: ``forget-user`` and ``expire_history`` end time travel to older versions)."""
+
+
 class SchemaMismatchError(PatternlakeError):
     """Data does not fit a table's schema (a column's type differs)."""
 

@@ -101,6 +101,22 @@ class SequenceVocabulary:
         )
 
 
+def pinned_sequence_files(lake: Lake, version: int, stage: str) -> list[str]:
+    """The Parquet files of ``user_sequences@version``, the version a registered model was
+    trained on; when it no longer exists (``forget-user`` removes old versions), one line that
+    says so and names the way out: train again on the current data."""
+    from patternlake.errors import PatternlakeError, VersionNotFoundError
+
+    try:
+        return lake.files("user_sequences", version)
+    except VersionNotFoundError:
+        raise PatternlakeError(
+            f"{stage}: the registered teacher was trained on user_sequences version {version}, "
+            "which no longer exists (forget-user removes older versions): run "
+            "`patternlake run train` to train on the current data"
+        ) from None
+
+
 def read_vocabulary(lake: Lake, version: int | None = None) -> SequenceVocabulary | None:
     """The vocabulary ``user_sequences`` (``version``, or the latest) was built with; None
     when that version records none. The latest version's comes from the log alone."""

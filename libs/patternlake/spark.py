@@ -127,8 +127,9 @@ def get_spark(conf: SparkConfig) -> SparkSession:
     if conf.driver_memory and "spark.driver.memory" not in _submit_conf():
         static["spark.driver.memory"] = conf.driver_memory
     static.update(DELTA_SQL)
-    if not _brings_delta(conf.conf):
-        # the jars of this installation, unless conf or spark-submit brings Delta itself
+    if not _brings_delta(conf.conf) and "PYSPARK_GATEWAY_PORT" not in os.environ:
+        # the jars of this installation, unless conf or spark-submit (whose JVM runs this
+        # driver already: --packages / --jars) brings Delta itself
         static["spark.jars"] = ",".join(filter(None, [conf.conf.get("spark.jars"), *_delta_jars()]))
     for key, value in {**static, **runtime}.items():
         builder = builder.config(key, value)

@@ -217,3 +217,27 @@ def test_history_before_the_forget_is_gone(forgotten):
     with pytest.raises(PatternlakeError):
         lake.read("silver_events", version=versions["silver_events"]).count()
     assert lake.read("silver_events").count() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["distill", "evaluate"])
+def test_a_stage_reading_the_teachers_pinned_version_after_a_forget_says_run_train(
+    forgotten, capsys, stage
+):
+    """The teacher was trained on a user_sequences version that the forget removed: the
+    stages that read that version say so in one line and name the way out."""
+    from patternlake.cli import main
+
+    cfg, _, work, *_ = forgotten
+    overrides = [
+        "--set", f"lake.root={work / 'lake'}",
+        "--set", f"models.root={work / 'models'}",
+        "--set", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+        "--set", f"mlflow.artifact_location={cfg.mlflow.artifact_location}",
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert main([*overrides, stage]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("patternlake: error")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "no longer exists" in errors[0] and "`patternlake run train`" in errors[0], err

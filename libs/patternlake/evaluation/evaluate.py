@@ -42,6 +42,7 @@ from patternlake.evaluation.nodes import (
 from patternlake.lake import Lake
 from patternlake.registry import TEACHER, TEACHER_ALIAS, segment_students
 from patternlake.sequencedata import evaluation_arrays, item_id_count, read_table
+from patternlake.sequences import pinned_sequence_files
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,13 @@ def _test_split(
 ) -> EvaluationSplit:
     """The test split of ``user_sequences@data_version`` (default: latest) over the items of
     ``item_index@item_index_version`` (default: latest)."""
-    version = lake.version("user_sequences") if data_version is None else data_version
-    table = read_table(lake.files("user_sequences", version))
+    if data_version is None:
+        version = lake.version("user_sequences")
+        files = lake.files("user_sequences", version)
+    else:
+        version = data_version
+        files = pinned_sequence_files(lake, version, "evaluate")
+    table = read_table(files)
     # every model sees the last ``max_len`` events it was built for: the arrays are as wide
     # as the widest model, and each model takes its own tail of them
     max_len = max([config.teacher.max_len, *(window(m) for m in models.values())])

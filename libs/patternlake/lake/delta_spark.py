@@ -31,7 +31,12 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from patternlake.errors import ConcurrentCommitError, PatternlakeError, TableNotFoundError
+from patternlake.errors import (
+    ConcurrentCommitError,
+    PatternlakeError,
+    TableNotFoundError,
+    VersionNotFoundError,
+)
 from patternlake.lake.engine import WriteMode
 from patternlake.spark import sql_settings
 
@@ -74,14 +79,14 @@ class DeltaSparkEngine:
         return self.read(uri, None, None).schema
 
     def partition_columns(self, uri: str) -> list[str]:
-        return list(self._detail(uri)["partitionColumns"])
-
-    def _detail(self, uri: str) -> dict[str, Any]:
-        return self._table(uri).detail().collect()[0].asDict(recursive=True)
+        self._table(uri)
+        columns = self._snapshot(uri, None).metadata().partitionColumns()
+        return [columns.apply(i) for i in range(columns.size())]
 
     def version(self, uri: str) -> int:
         """The table's latest version."""
-        return int(self._table(uri).history(1).collect()[0]["version"])
+        self._table(uri)
+        return int(self._snapshot(uri, None).version())
 
     def read(self, uri: str, version: int | None, timestamp: datetime | None) -> DataFrame:
         self._table(uri)
@@ -130,10 +135,10 @@ class DeltaSparkEngine:
 
     def _deletion_vectors(self, uri: str, version: int | None) -> int:
         """How many files of the version have a deletion vector (0 without the feature)."""
-        if "deletionVectors" not in (self._detail(uri).get("tableFeatures") or []):
+        snapshot = self._snapshot(uri, version)
+        if not snapshot.protocol().readerFeatureNames().contains("deletionVectors"):
             return 0
-        files = self._snapshot(uri, version).allFiles()
-        return int(files.filter("deletionVector IS NOT NULL").count())
+        return int(snapshot.allFiles().filter("deletionVector IS NOT NULL").count())
 
     def _snapshot(self, uri: str, version: int | None) -> Any:
         """The JVM ``Snapshot`` of one version (the latest when ``version`` is None)."""
@@ -252,12 +257,8 @@ class DeltaSparkEngine:
         version = self._committed(uri, txn, since, required=False)
         if version is None:
             return {"rows": 0, "version": since}
-        entry = [h for h in self.history(uri, self.version(uri) - version + 1)
-                 if h["version"] == version][0]  # fmt: skip
-        return {
-            "rows": int((entry["operationMetrics"] or {}).get("numDeletedRows", 0)),
-            "version": version,
-        }
+        metrics = _commit_info(self.spark, uri, version).get("operationMetrics") or {}
+        return {"rows": int(metrics.get("numDeletedRows", 0)), "version": version}
 
     def update(
         self, uri: str, predicate: Column, values: dict[str, Column], metadata: dict[str, str]
@@ -323,12 +324,12 @@ class DeltaSparkEngine:
         return uuid.uuid4().hex, since
 
     def _committed(self, uri: str, txn: str, since: int, required: bool = True) -> int | None:
-        """The version whose commit carries ``txn`` (made after version ``since``)."""
+        """The version whose commit carries ``txn`` (made after version ``since``), found in the
+        commit information of the log entries written since, newest first."""
         if self.exists(uri):
-            latest = self.version(uri)
-            for entry in self._table(uri).history(latest - since).collect():
-                if txn in (entry["userMetadata"] or ""):
-                    return int(entry["version"])
+            for version in range(self.version(uri), since, -1):
+                if txn in _commit_info(self.spark, uri, version).get("userMetadata", ""):
+                    return version
         if required:
             raise RuntimeError(f"{uri}: the commit of transaction {txn} is not in the log")
         return None
@@ -396,7 +397,7 @@ def _time_travel_error(
         text,
         re.I,
     ):
-        return PatternlakeError(
+        return VersionNotFoundError(
             f"{uri}: version {version} does not exist (never written, or its log and files "
             f"were removed by forget-user or vacuum): {first}"
         )
@@ -439,6 +440,15 @@ def _read_text(spark: SparkSession, uri: str) -> str:
         return jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
     finally:
         stream.close()
+
+
+def _commit_info(spark: SparkSession, uri: str, version: int) -> dict[str, Any]:
+    """The ``commitInfo`` action of the log entry of ``version`` (empty when it has none)."""
+    text = _read_text(spark, f"{uri}/_delta_log/{version:020d}.json")
+    for line in text.splitlines():
+        if '"commitInfo"' in line:
+            return json.loads(line).get("commitInfo") or {}
+    return {}
 
 
 def _data_files(spark: SparkSession, uri: str) -> list[str]:

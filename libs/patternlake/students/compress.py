@@ -41,7 +41,7 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     started = time.monotonic()
     require(lake, "compress", "user_sequences", "segments")
     teacher_data, tags = registry.teacher_file(config)
-    files, data_version = pinned_files(lake, tags)
+    files, data_version = pinned_files(lake, tags, "compress")
     students = {}
     for v in registry.student_versions(config, variant="fp32", teacher_version=tags["version"]):
         students.setdefault(int(v.tags["segment"]), v)  # newest per segment

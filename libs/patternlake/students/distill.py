@@ -26,6 +26,7 @@ from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
 from patternlake.models.teacher import teacher_from_bytes
+from patternlake.sequences import pinned_sequence_files
 from patternlake.students.nodes import gate, summary_row
 from patternlake.students.task import distill_segment
 
@@ -40,11 +41,13 @@ def require(lake: Lake, stage: str, *tables: str) -> None:
             )
 
 
-def pinned_files(lake: Lake, tags: dict[str, str]) -> tuple[list[str], int]:
-    version = (
-        int(tags["data.version"]) if "data.version" in tags else lake.version("user_sequences")
-    )
-    return lake.files("user_sequences", version), version
+def pinned_files(lake: Lake, tags: dict[str, str], stage: str) -> tuple[list[str], int]:
+    """The files of the user_sequences version the teacher was trained on, and the version."""
+    if "data.version" not in tags:
+        version = lake.version("user_sequences")
+        return lake.files("user_sequences", version), version
+    version = int(tags["data.version"])
+    return pinned_sequence_files(lake, version, stage), version
 
 
 def segment_ids(lake: Lake) -> list[int]:
@@ -88,7 +91,7 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     require(lake, "distill", "user_sequences", "segments")
     teacher_data, tags = registry.teacher_file(config)
     teacher = teacher_from_bytes(teacher_data)
-    files, data_version = pinned_files(lake, tags)
+    files, data_version = pinned_files(lake, tags, "distill")
     segs = segment_ids(lake)
     if not segs:
         raise PatternlakeError("distill: segments is empty; run `patternlake segment` first")
