@@ -123,11 +123,12 @@ class DeltaSparkEngine:
     def files(self, uri: str, version: int | None) -> list[str]:
         """The Parquet files of one version, for readers outside Spark (training, evaluation).
         A version with deletion vectors has rows its files still hold: refused."""
+        version = self.version(uri) if version is None else version
         df = self.read(uri, version, None)
         dvs = self._deletion_vectors(uri, version)
         if dvs:
             raise PatternlakeError(
-                f"{uri} version {version if version is not None else 'latest'} has {dvs} "
+                f"{uri} version {version} has {dvs} "
                 "deletion vectors, so its Parquet files hold deleted rows: run "
                 f"`REORG TABLE delta.`{uri}` APPLY (PURGE)` and read the version it makes"
             )
