@@ -20,7 +20,7 @@ def test_local_is_the_embedded_default():
 def test_environment_files_override_base():
     cluster = load_config("cluster", environ={})
     assert cluster.spark.master is None  # spark-submit decides
-    assert cluster.lake.root.startswith("s3://")
+    assert cluster.lake.root.startswith("s3a://")  # Hadoop's S3 file system, as Spark spells it
     assert load_config("databricks", environ={}).lake.engine == "auto"
 
 

@@ -156,7 +156,7 @@ def test_imported_from_the_zipped_wheel_conf_and_pipelines_still_load(wheel, tmp
     assert not Path(conf_dir).exists()  # copied out for that process, removed at its exit
     assert not conf_dir.startswith((str(REPO), str(archive)))
     assert (
-        loaded == "cluster s3://my-bucket/patternlake ingest,validate,featurize,segment,mine,score"
+        loaded == "cluster s3a://my-bucket/patternlake ingest,validate,featurize,segment,mine,score"
     )
     assert int(expectations) > 0
 
