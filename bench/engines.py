@@ -62,13 +62,20 @@ def worker(lake_root: str, data: str, settings: list[str]) -> dict:
         "user_id", F.concat(F.lit("new-"), F.col("user_id"))
     )
     source = changed.unionByName(fresh).localCheckpoint()
+    n_new = source.filter(F.col("user_id").startswith("new-")).count()
     t0 = time.perf_counter()
     lake.merge(source, "user_features", keys=["user_id"])
     out["merge_1pct"] = time.perf_counter() - t0
     out["merge_rows"] = source.count()
-    assert lake.read("user_features").count() == n_users + fresh.count()
+    assert lake.read("user_features").count() == n_users + n_new
 
-    gone = [r.user_id for r in features.sample(fraction=0.01, seed=3).select("user_id").collect()]
+    gone = [
+        r.user_id
+        for r in lake.read("user_features")
+        .sample(fraction=0.01, seed=3)
+        .select("user_id")
+        .collect()
+    ]
     before = lake.read("silver_events").count()
     t0 = time.perf_counter()
     if hasattr(lake, "update"):  # delta-spark: a Delta DELETE by a Column
