@@ -892,3 +892,22 @@ def test_missing_delta_jars_are_one_clear_line_naming_the_set_up_step(monkeypatc
     monkeypatch.setenv(DELTA_JARS_ENV, str(tmp_path / "empty"))
     with pytest.raises(PatternlakeError, match=r"make setup.*fetch_delta_jars"):
         _delta_jars()
+
+
+def test_conflicts_past_the_retry_deadline_are_reported_clearly(monkeypatch):
+    from patternlake.errors import ConcurrentCommitError
+    from patternlake.lake import core
+
+    calls = []
+
+    def always_beaten() -> int:
+        calls.append(1)
+        raise ConcurrentCommitError("t: another writer committed a conflicting change first")
+
+    monkeypatch.setattr(core, "RETRY_DEADLINE_S", 0.0)
+    monkeypatch.setattr(core.time, "sleep", lambda s: None)
+    with pytest.raises(
+        ConcurrentCommitError, match=r"merge into t: 1 commit conflicts .* nothing was committed"
+    ):
+        core._retrying("merge into t", always_beaten)
+    assert len(calls) == 1
