@@ -28,7 +28,7 @@ if [ -n "$existing" ]; then
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-echo "building horovod $VERSION against torch $TORCH (takes ~5 min on 2 cores)" >&2
+echo "building horovod $VERSION against torch $TORCH (a few minutes on 2 cores)" >&2
 "$PY" -m pip download --quiet --no-deps --no-binary :all: "horovod==$VERSION" -d "$work" >&2
 tar xzf "$work/horovod-$VERSION.tar.gz" -C "$work"
 src="$work/horovod-$VERSION"
