@@ -11,7 +11,7 @@ PY=${1:?usage: fetch_delta_jars.sh PYTHON}
 CACHE=${PATTERNLAKE_CACHE:-$HOME/.cache/patternlake}
 VERSION=$("$PY" -c 'from importlib.metadata import version; print(version("delta-spark"))')
 SCALA=2.13
-OUT="$CACHE/jars/delta-spark_$SCALA-$VERSION"
+OUT=${PATTERNLAKE_DELTA_JARS:-"$CACHE/jars/delta-spark_$SCALA-$VERSION"}  # where get_spark looks
 if [ -f "$OUT/.complete" ]; then
   echo "$OUT"
   exit 0

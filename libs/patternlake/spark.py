@@ -126,12 +126,8 @@ def get_spark(conf: SparkConfig) -> SparkSession:
     }
     if conf.driver_memory and "spark.driver.memory" not in _submit_conf():
         static["spark.driver.memory"] = conf.driver_memory
-    static.update(DELTA_SQL)
-    if not _brings_delta(conf.conf) and "PYSPARK_GATEWAY_PORT" not in os.environ:
-        # the jars of this installation, unless conf or spark-submit (whose JVM runs this
-        # driver already: --packages / --jars) brings Delta itself
-        static["spark.jars"] = ",".join(filter(None, [conf.conf.get("spark.jars"), *_delta_jars()]))
-    for key, value in {**static, **runtime}.items():
+    settings = {**static, **runtime, **_delta_settings(conf.conf)}
+    for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
@@ -172,6 +168,28 @@ def _log4j_file():
         tmp.write_text(LOG4J)
         tmp.replace(path)
     return path
+
+
+def _delta_settings(conf: dict[str, str]) -> dict[str, str]:
+    """Delta's SQL extension added to the extensions already set (conf, spark-submit,
+    spark-defaults), Delta's catalog unless another is set, and the jars of this installation
+    added to ``spark.jars`` unless conf or spark-submit (whose JVM runs this driver already:
+    ``--packages`` / ``--jars``) brings Delta itself."""
+    from pyspark import SparkConf
+
+    given = {**dict(SparkConf().getAll()), **conf}  # spark-submit's and spark-defaults' too
+    extensions = [e for e in given.get("spark.sql.extensions", "").split(",") if e.strip()]
+    if DELTA_SQL["spark.sql.extensions"] not in extensions:
+        extensions.append(DELTA_SQL["spark.sql.extensions"])
+    out = {"spark.sql.extensions": ",".join(extensions)}
+    catalog = "spark.sql.catalog.spark_catalog"
+    if catalog not in given:
+        out[catalog] = DELTA_SQL[catalog]
+    elif given[catalog] != DELTA_SQL[catalog]:
+        log.warning("spark_catalog is %s, not Delta's catalog: kept", given[catalog])
+    if not _brings_delta(conf) and "PYSPARK_GATEWAY_PORT" not in os.environ:
+        out["spark.jars"] = ",".join(filter(None, [given.get("spark.jars"), *_delta_jars()]))
+    return out
 
 
 def _brings_delta(conf: dict[str, str]) -> bool:

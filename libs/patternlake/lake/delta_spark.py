@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,9 +47,8 @@ TXN_KEY = "patternlake.txn"
 USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
 # Delta's commit conflicts (io.delta.exceptions.*, by class name or error class)
 _CONFLICT = re.compile(
-    r"Concurrent(Write|Append|DeleteRead|DeleteDelete|Transaction|Modification)Exception"
-    r"|MetadataChangedException|ProtocolChangedException"
-    r"|DELTA_CONCURRENT_|DELTA_METADATA_CHANGED|DELTA_PROTOCOL_CHANGED"
+    r"io\.delta\.exceptions\.\w+Exception"
+    r"|\[(DELTA_CONCURRENT_\w+|DELTA_METADATA_CHANGED|DELTA_PROTOCOL_CHANGED)\]"
 )
 # Table properties of the tables the lake creates. Deletion vectors stay off: training,
 # evaluation and distillation read a version's Parquet files directly (``files``), which
@@ -108,12 +108,15 @@ class DeltaSparkEngine:
         """A timestamp after the last commit: the table then was its latest version (pinned,
         so a commit landing meanwhile does not change what is read)."""
         last = self._table(uri).history(1).collect()[0]
-        committed = last["timestamp"]
+        # Spark hands a timestamp to Python as a naive datetime in the process's local time
+        committed = last["timestamp"].astimezone(UTC)
         wanted = timestamp if timestamp.tzinfo else timestamp.replace(tzinfo=UTC)
-        if committed.tzinfo is None:
-            committed = committed.replace(tzinfo=UTC)
-        if committed > wanted:  # a commit landed since: resolve by timestamp again
-            return self.read(uri, None, timestamp)
+        if committed > wanted:  # a commit landed since: the timestamp now resolves
+            reader = self.spark.read.format("delta").option("timestampAsOf", timestamp.isoformat())
+            try:
+                return reader.load(uri)
+            except (AnalysisException, Py4JJavaError) as exc:
+                raise _time_travel_error(uri, None, timestamp, exc) from None
         return self.read(uri, int(last["version"]), None)
 
     def read_range(self, uri: str, column: str, lo: Any, hi: Any) -> DataFrame:
@@ -208,9 +211,7 @@ class DeltaSparkEngine:
         settings = {"spark.databricks.delta.skipRecordingEmptyCommits": "false"}
         if creates:
             settings.update(_create_defaults())
-        with sql_settings(self.spark, settings), _conflicts(uri):
-            writer.save(uri)
-        return self._committed(uri, txn, since)
+        return self._commit(uri, txn, since, settings, lambda: writer.save(uri), required=True)
 
     def merge(
         self,
@@ -228,16 +229,14 @@ class DeltaSparkEngine:
         settings = {USER_METADATA: _commit_text(metadata, txn)}
         if add_columns is not None:
             settings["spark.databricks.delta.schema.autoMerge.enabled"] = "true"
-        with sql_settings(self.spark, settings), _conflicts(uri):
-            (
-                self._table(uri)
-                .alias("t")
-                .merge(df.alias("s"), cond)
-                .whenMatchedUpdateAll()
-                .whenNotMatchedInsertAll()
-                .execute()
-            )
-        return self._committed(uri, txn, since)
+        merge = (
+            self._table(uri)
+            .alias("t")
+            .merge(df.alias("s"), cond)
+            .whenMatchedUpdateAll()
+            .whenNotMatchedInsertAll()
+        )
+        return self._commit(uri, txn, since, settings, merge.execute, required=True)
 
     def delete(
         self, uri: str, predicate: str | Column, metadata: dict[str, str] | None = None
@@ -248,14 +247,12 @@ class DeltaSparkEngine:
         table = self._table(uri)
         settings = {USER_METADATA: _commit_text(metadata or {}, txn)}
         try:
-            with sql_settings(self.spark, settings), _conflicts(uri):
-                table.delete(predicate)
+            version = self._commit(uri, txn, since, settings, lambda: table.delete(predicate))
         except (ParseException, AnalysisException) as exc:  # a conflict is not one of these
             first = str(exc).strip().splitlines()[0][:300]
             raise PatternlakeError(
                 f"delete from {uri}: bad predicate {predicate!r}: {first}"
             ) from None
-        version = self._committed(uri, txn, since, required=False)
         if version is None:
             return {"rows": 0, "version": since}
         metrics = _commit_info(self.spark, uri, version).get("operationMetrics") or {}
@@ -267,12 +264,9 @@ class DeltaSparkEngine:
         """Set ``values`` on the rows matching ``predicate``; the version, or None when no
         row matched (Delta commits nothing then)."""
         txn, since = self._begin(uri)
-        with (
-            sql_settings(self.spark, {USER_METADATA: _commit_text(metadata, txn)}),
-            _conflicts(uri),
-        ):
-            self._table(uri).update(predicate, values)
-        return self._committed(uri, txn, since, required=False)
+        settings = {USER_METADATA: _commit_text(metadata, txn)}
+        table = self._table(uri)
+        return self._commit(uri, txn, since, settings, lambda: table.update(predicate, values))
 
     def purge(self, uri: str) -> None:
         """Rewrite the files that have deletion vectors without the rows they hide."""
@@ -283,7 +277,12 @@ class DeltaSparkEngine:
         the log removed (never the files of a writer still running, whatever the retention);
         otherwise every file the table does not reference (a killed writer's leftovers too)."""
         sql = f"VACUUM delta.{_quoted(uri)} {'LITE ' if lite else ''}RETAIN {retention_hours} HOURS"
-        check = {"spark.databricks.delta.retentionDurationCheck.enabled": "false"}
+        check = {
+            "spark.databricks.delta.retentionDurationCheck.enabled": "false",
+            # VACUUM START/END commits on every file system (Delta skips them on S3 by
+            # default): forget-user's last log entry is then one that names no id
+            "spark.databricks.delta.vacuum.logging.enabled": "true",
+        }
         with sql_settings(self.spark, check):
             if dry_run:
                 return sorted(r[0] for r in self.spark.sql(sql + " DRY RUN").collect())
@@ -304,12 +303,25 @@ class DeltaSparkEngine:
         self._table(uri)
         delta_log = self._delta_log(uri)
         snapshot = delta_log.update(False, self._none(), self._none())
-        delta_log.checkpoint(snapshot, self._none())
-        return _delete_log_before(self.spark, uri, int(snapshot.version()))
+        latest = int(snapshot.version())
+        # Delta logs a failed checkpoint and goes on: here it must fail, before any deletion
+        throwing = {"spark.databricks.delta.checkpoint.exceptionThrowing": "true"}
+        with sql_settings(self.spark, throwing):
+            delta_log.checkpoint(snapshot, self._none())
+        last = json.loads(_read_text(self.spark, f"{uri}/_delta_log/_last_checkpoint"))
+        if int(last.get("version", -1)) != latest:
+            raise RuntimeError(f"{uri}: _last_checkpoint names {last}, not version {latest}")
+        removed = _delete_log_before(self.spark, uri, latest)
+        # a lite vacuum needs the log back to the last vacuum; the log now starts here
+        _write_text(
+            self.spark,
+            f"{uri}/_delta_log/_last_vacuum_info",
+            json.dumps({"latestCommitVersionOutsideOfRetentionWindow": latest}),
+        )
+        return removed
 
     def _delta_log(self, uri: str) -> Any:
-        jvm = self.spark.sparkContext._jvm  # type: ignore[attr-defined]
-        return jvm.org.apache.spark.sql.delta.DeltaLog.forTable(
+        return _delta_log_class(self.spark).forTable(
             self.spark._jsparkSession,  # type: ignore[attr-defined]
             uri,
         )
@@ -324,11 +336,31 @@ class DeltaSparkEngine:
         since = self.version(uri) if self.exists(uri) else -1
         return uuid.uuid4().hex, since
 
+    def _commit(
+        self,
+        uri: str,
+        txn: str,
+        since: int,
+        settings: dict[str, str],
+        operation: Callable[[], Any],
+        required: bool = False,
+    ) -> int | None:
+        """Run ``operation`` (one Delta transaction tagged ``txn``) with ``settings``; return
+        the version it committed (None: it committed nothing). A conflict raised although the
+        commit landed (an error after it) is not a conflict: its version is returned."""
+        try:
+            with sql_settings(self.spark, settings), _conflicts(uri):
+                operation()
+        except ConcurrentCommitError:
+            if self._committed(uri, txn, since, required=False) is None:
+                raise
+        return self._committed(uri, txn, since, required=required)
+
     def _committed(self, uri: str, txn: str, since: int, required: bool = True) -> int | None:
-        """The version whose commit carries ``txn`` (made after version ``since``), found in the
-        commit information of the log entries written since, newest first."""
+        """The version whose commit carries ``txn`` (made after version ``since``): the first
+        log entry written since whose commit information holds it."""
         if self.exists(uri):
-            for version in range(self.version(uri), since, -1):
+            for version in range(since + 1, self.version(uri) + 1):
                 if txn in _commit_info(self.spark, uri, version).get("userMetadata", ""):
                     return version
         if required:
@@ -450,6 +482,32 @@ def _commit_info(spark: SparkSession, uri: str, version: int) -> dict[str, Any]:
         if '"commitInfo"' in line:
             return json.loads(line).get("commitInfo") or {}
     return {}
+
+
+def _write_text(spark: SparkSession, uri: str, text: str) -> None:
+    fs, path = _fs(spark, uri)
+    stream = fs.create(path, True)
+    try:
+        stream.write(bytearray(text.encode("utf-8")))
+    finally:
+        stream.close()
+
+
+def _delta_log_class(spark: SparkSession) -> Any:
+    """Delta's ``DeltaLog`` class: open-source Delta's, or the Databricks runtime's."""
+    from py4j.java_gateway import JavaClass
+
+    jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
+    for name in (
+        "org.apache.spark.sql.delta.DeltaLog",
+        "com.databricks.sql.transaction.tahoe.DeltaLog",
+    ):
+        found: Any = jvm
+        for part in name.split("."):
+            found = getattr(found, part)
+        if isinstance(found, JavaClass):
+            return found
+    raise PatternlakeError("the Spark session has no Delta Lake DeltaLog class on its classpath")
 
 
 def _data_files(spark: SparkSession, uri: str) -> list[str]:
