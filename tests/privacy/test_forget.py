@@ -219,6 +219,16 @@ def test_history_before_the_forget_is_gone(forgotten):
     assert lake.read("silver_events").count() > 0
 
 
+def _cli_overrides(cfg, work) -> list[str]:
+    """The CLI settings that point at the forgotten lake's copy under ``work``."""
+    return [
+        "--set", f"lake.root={work / 'lake'}",
+        "--set", f"models.root={work / 'models'}",
+        "--set", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
+        "--set", f"mlflow.artifact_location={cfg.mlflow.artifact_location}",
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["distill", "evaluate"])
 def test_a_stage_reading_the_teachers_pinned_version_after_a_forget_says_run_train(
@@ -229,12 +239,7 @@ def test_a_stage_reading_the_teachers_pinned_version_after_a_forget_says_run_tra
     from patternlake.cli import main
 
     cfg, _, work, *_ = forgotten
-    overrides = [
-        "--set", f"lake.root={work / 'lake'}",
-        "--set", f"models.root={work / 'models'}",
-        "--set", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
-        "--set", f"mlflow.artifact_location={cfg.mlflow.artifact_location}",
-    ]  # fmt: skip
+    overrides = _cli_overrides(cfg, work)
     capsys.readouterr()
     assert main([*overrides, stage]) == 2
     err = capsys.readouterr().err
@@ -258,12 +263,7 @@ def test_a_second_forget_on_the_same_tables_succeeds_and_leaves_no_trace(spark, 
         .first()[0]
     )
     assert other != uid and _files_naming(work / "lake", other)
-    overrides = [
-        "--set", f"lake.root={work / 'lake'}",
-        "--set", f"models.root={work / 'models'}",
-        "--set", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
-        "--set", f"mlflow.artifact_location={cfg.mlflow.artifact_location}",
-    ]  # fmt: skip
+    overrides = _cli_overrides(cfg, work)
     assert main([*overrides, "forget-user", other]) == 0
     assert _files_naming(work / "lake", other) == []
     assert _files_naming(work / "lake", uid) == []
