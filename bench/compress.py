@@ -97,8 +97,8 @@ def runtimes(lake, config) -> dict:
     from patternlake import registry
     from patternlake.models.student import from_bytes
     from patternlake.models.teacher import TeacherScorer
-    from patternlake.sequencedata import evaluation_arrays, read_table
-    from patternlake.students.task import ms_per_1000_users
+    from patternlake.sequence_reader import evaluation_arrays, read_table
+    from patternlake.students.segment_training import ms_per_1000_users
 
     teacher, tags = registry.load_teacher(config)
     table = read_table(lake.files("user_sequences", int(tags["data.version"])))
@@ -183,13 +183,13 @@ def main(argv=None) -> int:
 
     step("lake", lambda: build_lake(spark, lake, config, args.data, work))
     if args.retrain or not has_teacher(config):
-        from patternlake.training.teacher_job import train_teacher
+        from patternlake.training.train import train_teacher
 
         step("teacher", lambda: train_teacher(spark, lake, config, args.backend))
     from patternlake.evaluation.evaluate import evaluate_models
     from patternlake.students.compress import compress
     from patternlake.students.distill import distill
-    from patternlake.students.report import COLUMNS, model_report
+    from patternlake.students.models_report import COLUMNS, model_report
 
     report["distill"] = step("distill", lambda: distill(spark, lake, config))
     report["compress"] = step("compress", lambda: compress(spark, lake, config))

@@ -19,7 +19,7 @@ from featurize import make_data
 from pyspark.sql import functions as F
 
 from patternlake.config import load_config
-from patternlake.ingest.bronze import ingest
+from patternlake.ingest.ingest import ingest
 from patternlake.ingest.sources import fingerprint, list_source_files, read_events
 from patternlake.lake import Lake
 from patternlake.quality.suite import load_suite, row_reasons, with_violation_flags

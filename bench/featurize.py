@@ -39,7 +39,7 @@ from pyspark.sql import functions as F
 
 from patternlake.config import Config, load_config
 from patternlake.features.featurize import featurize
-from patternlake.ingest.bronze import ingest
+from patternlake.ingest.ingest import ingest
 from patternlake.lake import Lake
 from patternlake.quality.validate import validate_pending
 from patternlake.spark import get_spark

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 
 
 def gap_buckets(times: np.ndarray) -> np.ndarray:
-    """patternlake.features.nodes.gap_bucket in numpy: 0 for a user's first event, then
+    """patternlake.features.transforms.gap_bucket in numpy: 0 for a user's first event, then
     1 + the number of GAP_EDGES at or below the gap in seconds."""
-    from patternlake.sequences import GAP_EDGES
+    from patternlake.sequence_schema import GAP_EDGES
 
     out = np.zeros(len(times), dtype=np.int32)
     if len(times) > 1:
@@ -67,8 +67,8 @@ def run_teacher(
     from patternlake.models.fit import TrainSpec, train_worker
     from patternlake.models.metrics import evaluate_scorer
     from patternlake.models.teacher import TeacherConfig
-    from patternlake.sequencedata import evaluation_arrays
-    from patternlake.training.teacher_job import train_members
+    from patternlake.sequence_reader import evaluation_arrays
+    from patternlake.training.train import train_members
 
     conf = load_config("local", [], environ={})
     overrides = dict(overrides or {})

@@ -40,7 +40,7 @@ def timed(fn, repeats: int = 3) -> float:
 
 
 def score_all(models: dict, x: torch.Tensor, groups: np.ndarray, k: int, batch: int = 1024) -> None:
-    from patternlake.scoring.nodes import top_k
+    from patternlake.scoring.transforms import top_k
 
     with torch.no_grad():
         for g in np.unique(groups):
@@ -57,7 +57,7 @@ def faithfulness(teacher, x: torch.Tensor, last: int = 20, steps: int = 5) -> di
     of integrated gradients (Captum, on the item embeddings) and at random."""
     from captum.attr import LayerIntegratedGradients
 
-    from patternlake.scoring.nodes import deletion_curve, occlusion
+    from patternlake.scoring.transforms import deletion_curve, occlusion
 
     def score(z):
         with torch.no_grad():
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     from patternlake.lake import Lake
     from patternlake.models.student import from_bytes
     from patternlake.models.teacher import TeacherScorer
-    from patternlake.sequencedata import read_table
+    from patternlake.sequence_reader import read_table
     from patternlake.spark import get_spark
 
     config = work_config(work)
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     lake = Lake(spark, config.lake)
     teacher, tags = registry.load_teacher(config)
     table = read_table(lake.files("user_sequences"))
-    from patternlake.scoring.nodes import windows
+    from patternlake.scoring.transforms import windows
 
     L = teacher.config.max_len
     x = windows(

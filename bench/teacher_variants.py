@@ -38,7 +38,7 @@ from patternlake.spark import get_spark  # noqa: E402
 
 def test_metrics(model, table, max_len: int, n_items: int, which: str) -> dict[str, float]:
     from patternlake.models.metrics import evaluate_scorer
-    from patternlake.sequencedata import evaluation_arrays
+    from patternlake.sequence_reader import evaluation_arrays
 
     _, items, types, gaps, target = evaluation_arrays(table, max_len, which)
     stacked = [torch.from_numpy(a) for a in (items, types, gaps)]
@@ -54,7 +54,7 @@ def test_metrics(model, table, max_len: int, n_items: int, which: str) -> dict[s
 def markov_metrics(table, n_items: int) -> dict[str, dict[str, float]]:
     from patternlake.models.baselines import MarkovChain
     from patternlake.models.metrics import evaluate_scorer
-    from patternlake.sequencedata import evaluation_arrays, first_training_items, training_arrays
+    from patternlake.sequence_reader import evaluation_arrays, first_training_items, training_arrays
 
     train_in, _, _, train_out = training_arrays(table, 50)  # every training transition
     mk = MarkovChain(n_items).fit(train_in, train_out, first_training_items(table))
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from patternlake.models.fit import build_spec, train_worker
-    from patternlake.sequencedata import read_table
-    from patternlake.training.teacher_job import train_members
+    from patternlake.sequence_reader import read_table
+    from patternlake.training.train import train_members
 
     work = Path(args.work or Path.home() / ".cache/patternlake/bench-variants" / args.data)
     config = work_config(work)

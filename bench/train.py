@@ -24,13 +24,13 @@ from pathlib import Path
 from patternlake.config import GenerateConfig, load_config
 from patternlake.evaluation.evaluate import evaluate_models
 from patternlake.features.featurize import featurize
-from patternlake.ingest.bronze import ingest, parse_mapping
+from patternlake.ingest.ingest import ingest, parse_mapping
 from patternlake.lake import Lake
 from patternlake.quality.validate import validate_pending
-from patternlake.segments.kmeans import segment_users
+from patternlake.segments.segment import segment_users
 from patternlake.spark import get_spark
 from patternlake.synthetic.generate import generate
-from patternlake.training.teacher_job import train_teacher
+from patternlake.training.train import train_teacher
 
 
 def main() -> None:

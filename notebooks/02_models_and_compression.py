@@ -12,7 +12,7 @@ from patternlake import registry
 from patternlake.config import load_config
 from patternlake.lake import Lake
 from patternlake.spark import get_spark
-from patternlake.students.report import model_report
+from patternlake.students.models_report import model_report
 
 config = load_config()  # on Databricks: load_config("databricks")
 spark = get_spark(config.spark)

@@ -134,7 +134,7 @@ def trained_lake(spark, config, daily_lake, tmp_path_factory):
     from patternlake import registry
     from patternlake.students.compress import compress
     from patternlake.students.distill import distill
-    from patternlake.training.teacher_job import train_teacher
+    from patternlake.training.train import train_teacher
 
     _, lake = daily_lake
     cfg = in_folder(

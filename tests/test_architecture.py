@@ -15,7 +15,7 @@ ROOT = Path(patternlake.__file__).parent
 
 
 def unit_of(module: str) -> str:
-    """``patternlake.students.task`` -> ``students``; ``patternlake.registry`` ->
+    """``patternlake.students.segment_training`` -> ``students``; ``patternlake.registry`` ->
     ``registry``; ``patternlake`` -> ``""`` (the package itself)."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""

@@ -19,7 +19,7 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py"))
 
 @pytest.fixture(scope="module")
 def scored_copy(spark, trained_lake, tmp_path_factory):
-    from patternlake.monitoring.drift import monitor
+    from patternlake.monitoring.monitor import monitor
     from patternlake.scoring.score import score_users
     from tests.conftest import copy_trained_lake
 

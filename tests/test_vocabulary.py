@@ -9,7 +9,7 @@ import pytest
 
 from patternlake.lake import Lake
 from patternlake.models.fit import build_spec
-from patternlake.sequences import (
+from patternlake.sequence_schema import (
     GAP_BUCKETS,
     GAP_EDGES,
     VOCABULARY_KEY,
@@ -100,7 +100,7 @@ def test_training_takes_type_and_gap_ids_from_the_table_not_from_conf(
 
     # a version written before featurize recorded the vocabulary: conf's, and a warning
     lake.write(sequences(spark, "u1"), "user_sequences", "overwrite", overwrite_schema=True)
-    with caplog.at_level(logging.WARNING, logger="patternlake.sequences"):
+    with caplog.at_level(logging.WARNING, logger="patternlake.sequence_schema"):
         spec = build_spec(lake, cfg, "single")
     assert spec.model["n_types"] == conf_types
     assert "user_sequences v1 records no vocabulary" in caplog.text

@@ -9,15 +9,15 @@ imports):
   - ``config``, ``errors``, ``spark``, ``times``: conf, the user-error type, the Spark
     session, time parsing;
   - ``lake/``: named Delta tables under one root, over two engines;
-  - ``sequences``: the vocabulary of ``user_sequences`` (event types, gap buckets,
+  - ``sequence_schema``: the vocabulary of ``user_sequences`` (event types, gap buckets,
     ``max_len``; recorded with the table) and the evaluation rule;
-    ``sequencedata``: decoding a pinned version of ``user_sequences`` into arrays and
+    ``sequence_reader``: decoding a pinned version of ``user_sequences`` into arrays and
     training batches;
   - ``models/``: model code: the teacher network (``teacher``), the students' network
     (``student``), baselines, ranking metrics, the tensor file format (``store``) and the one
     training function every backend runs (``fit``, with the ``TrainSpec`` of a lake and conf);
   - ``registry``: the MLflow registry (teacher, students, champions) and experiment;
-  - ``selection``: pruning, Pareto front and choice among trained configurations;
+  - ``model_selection``: pruning, Pareto front and choice among trained configurations;
   - ``decisions``: reading ``model_decisions`` (the gates' verdicts per segment).
 
 * **stages**: one package per stage (or command), importing library modules and itself
@@ -41,11 +41,11 @@ LIBRARY = frozenset(
         "spark",
         "times",
         "lake",
-        "sequences",
-        "sequencedata",
+        "sequence_schema",
+        "sequence_reader",
         "models",
         "registry",
-        "selection",
+        "model_selection",
         "decisions",
     }
 )

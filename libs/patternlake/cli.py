@@ -373,7 +373,7 @@ SHOW: dict[str, Callable[[Any, dict[str, Any]], None]] = {
 
 
 def cmd_run(args: argparse.Namespace, config: Config, lake: Any) -> None:
-    from patternlake.ingest.bronze import parse_mapping
+    from patternlake.ingest.ingest import parse_mapping
     from patternlake.pipeline import run_pipeline
 
     options = {
@@ -424,7 +424,7 @@ def cmd_report(args: argparse.Namespace, config: Config, lake: Any) -> None:
 
 
 def cmd_monitor(args: argparse.Namespace, config: Config, lake: Any) -> None:
-    from patternlake.monitoring.drift import monitor
+    from patternlake.monitoring.monitor import monitor
     from patternlake.pipeline import run_pipeline
 
     retrain = (lambda: run_pipeline("train", lake, config, {})) if args.auto_retrain else None
@@ -488,7 +488,7 @@ def cmd_sql(args: argparse.Namespace, config: Config, lake: Any) -> None:
 
 
 def cmd_models(args: argparse.Namespace, config: Config, lake: Any) -> None:
-    from patternlake.students.report import COLUMNS, model_report
+    from patternlake.students.models_report import COLUMNS, model_report
 
     rows = model_report(lake, config)
     if args.json:

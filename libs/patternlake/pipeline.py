@@ -136,7 +136,7 @@ STAGES: dict[str, Stage] = {
     for s in (
         Stage(
             "ingest",
-            "patternlake.ingest.bronze:ingest",
+            "patternlake.ingest.ingest:ingest",
             (*SPARK_LAKE_CONFIG, "input", "format", "mapping"),
             inputs=(),
             outputs=("bronze_events", "ingest_log"),
@@ -150,7 +150,7 @@ STAGES: dict[str, Stage] = {
                     "--map",
                     dest="mapping",
                     metavar="FIELD=COLUMN,...",
-                    parse="patternlake.ingest.bronze:parse_mapping",
+                    parse="patternlake.ingest.ingest:parse_mapping",
                     help="source column of each field: user_id, item_id, event_time "
                     "(required), event_type, event_id; names or 0-based positions; replaces "
                     "ingest.mapping",
@@ -187,7 +187,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "item_stats",
-            "patternlake.items.stats:item_stats",
+            "patternlake.items.item_stats:item_stats",
             SPARK_LAKE_CONFIG,
             inputs=("silver_events", "item_index"),
             outputs=("item_stats",),
@@ -197,7 +197,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "segment",
-            "patternlake.segments.kmeans:segment_users",
+            "patternlake.segments.segment:segment_users",
             SPARK_LAKE_CONFIG,
             inputs=("user_features",),
             outputs=("segments", "segment_models"),
@@ -215,7 +215,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "tune_teacher",
-            "patternlake.tuning.teacher_study:tune_teacher",
+            "patternlake.tuning.tune_teacher:tune_teacher",
             ("lake", "config"),
             inputs=("user_sequences", "item_index"),
             outputs=("teacher_tuning",),
@@ -226,7 +226,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "train",
-            "patternlake.training.teacher_job:train_teacher",
+            "patternlake.training.train:train_teacher",
             (*SPARK_LAKE_CONFIG, "backend", "fresh"),
             inputs=("user_sequences", "item_index"),
             outputs=("model:teacher",),

@@ -4,11 +4,11 @@ import pytest
 from pyspark.sql import functions as F
 
 from patternlake.features.featurize import featurize
-from patternlake.features.nodes import GAP_EDGES
-from patternlake.ingest.bronze import ingest
+from patternlake.features.transforms import GAP_EDGES
+from patternlake.ingest.ingest import ingest
 from patternlake.lake import Lake
 from patternlake.quality.validate import validate_pending
-from patternlake.sequences import SequenceVocabulary, read_vocabulary
+from patternlake.sequence_schema import SequenceVocabulary, read_vocabulary
 from tests.conftest import with_overrides
 
 TABLES = {"item_index": "item_id", "user_sequences": "user_id", "user_features": "user_id"}

@@ -6,7 +6,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from patternlake.errors import PatternlakeError
-from patternlake.ingest.bronze import ingest, parse_mapping
+from patternlake.ingest.ingest import ingest, parse_mapping
 from patternlake.ingest.sources import _decoded_path, source_file, source_file_lookup
 
 MOVIELENS = (

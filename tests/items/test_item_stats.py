@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from patternlake.items.nodes import item_stats
+from patternlake.items.transforms import item_stats
 
 
 def test_item_stats_counts_events_users_type_shares_and_first_last_seen(spark):

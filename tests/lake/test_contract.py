@@ -838,7 +838,7 @@ def test_a_table_written_by_delta_spark_reads_the_same_in_deltalake_pandas_and_d
 ):
     import duckdb
 
-    from patternlake.sequences import SequenceVocabulary
+    from patternlake.sequence_schema import SequenceVocabulary
 
     vocabulary = SequenceVocabulary(("view", "buy"), max_len=20)
     rows = [(f"u{i}", [i, i + 1], [1, 2], [0, 3]) for i in range(20)]
@@ -896,7 +896,7 @@ def test_missing_delta_jars_are_one_clear_line_naming_the_set_up_step(monkeypatc
 
 def test_conflicts_past_the_retry_deadline_are_reported_clearly(monkeypatch):
     from patternlake.errors import ConcurrentCommitError
-    from patternlake.lake import core
+    from patternlake.lake import tables
 
     calls = []
 
@@ -904,10 +904,10 @@ def test_conflicts_past_the_retry_deadline_are_reported_clearly(monkeypatch):
         calls.append(1)
         raise ConcurrentCommitError("t: another writer committed a conflicting change first")
 
-    monkeypatch.setattr(core, "RETRY_DEADLINE_S", 0.0)
-    monkeypatch.setattr(core.time, "sleep", lambda s: None)
+    monkeypatch.setattr(tables, "RETRY_DEADLINE_S", 0.0)
+    monkeypatch.setattr(tables.time, "sleep", lambda s: None)
     with pytest.raises(
         ConcurrentCommitError, match=r"merge into t: 1 commit conflicts .* nothing was committed"
     ):
-        core._retrying("merge into t", always_beaten)
+        tables._retrying("merge into t", always_beaten)
     assert len(calls) == 1

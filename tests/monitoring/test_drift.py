@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pytest
 
-from patternlake.monitoring import nodes
+from patternlake.monitoring import transforms
 
 
 def test_psi_bands_alone_alarm_on_small_samples_of_one_distribution_the_noise_floor_does_not():
@@ -17,9 +17,9 @@ def test_psi_bands_alone_alarm_on_small_samples_of_one_distribution_the_noise_fl
     band_hits = floor_hits = 0
     for _ in range(300):
         a, b = rng.multinomial(100, p), rng.multinomial(100, p)
-        value = nodes.psi(a, b)
+        value = transforms.psi(a, b)
         band_hits += value >= 0.1
-        floor_hits += nodes.judge("psi", a, b, 0.1, 0.25, 0.01, 1).status in ("warn", "alarm")
+        floor_hits += transforms.judge("psi", a, b, 0.1, 0.25, 0.01, 1).status in ("warn", "alarm")
     assert band_hits / 300 > 0.5  # the convention alone: most unshifted pairs "drift"
     assert floor_hits / 300 <= 0.03  # with the floor: about alpha
 
@@ -29,12 +29,13 @@ def test_a_real_shift_alarms_and_small_windows_are_too_small():
     p = np.full(10, 0.1)
     q = np.array([0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03])
     a, b = rng.multinomial(5000, p), rng.multinomial(5000, q)
-    d = nodes.judge("psi", a, b, 0.1, 0.25, 0.01, 200)
+    d = transforms.judge("psi", a, b, 0.1, 0.25, 0.01, 200)
     assert d.status == "alarm" and d.value > 0.25 > d.floor and d.p_value < 1e-6
     assert (
-        nodes.judge("psi", a[:3] // 100, b[:3] // 100, 0.1, 0.25, 0.01, 200).status == "too_small"
+        transforms.judge("psi", a[:3] // 100, b[:3] // 100, 0.1, 0.25, 0.01, 200).status
+        == "too_small"
     )
-    js = nodes.judge("js", a, b, 0.02, 0.05, 0.01, 200)
+    js = transforms.judge("js", a, b, 0.02, 0.05, 0.01, 200)
     assert js.status == "alarm" and 0 < js.floor < js.value <= np.log(2)
 
 
@@ -43,7 +44,7 @@ def test_js_noise_floor_holds_for_many_categories():
     p = 1.0 / np.arange(1, 301) ** 1.1
     p /= p.sum()
     alarms = sum(
-        nodes.judge(
+        transforms.judge(
             "js", rng.multinomial(2000, p), rng.multinomial(2000, p), 0.0001, 0.0002, 0.01, 1
         ).status
         != "ok"
@@ -53,13 +54,13 @@ def test_js_noise_floor_holds_for_many_categories():
 
 
 def test_helpers():
-    keys, r, c = nodes.aligned_counts({"a": 5, "b": 3, "c": 1}, {"a": 1, "d": 4}, top=1)
+    keys, r, c = transforms.aligned_counts({"a": 5, "b": 3, "c": 1}, {"a": 1, "d": 4}, top=1)
     assert keys == ["a", "d", "(other)"] and r.tolist() == [5, 0, 4] and c.tolist() == [1, 4, 0]
-    edges = nodes.quantile_edges(np.arange(100), 4)
-    assert nodes.binned(np.arange(100), edges).tolist() == [25, 25, 25, 25]
+    edges = transforms.quantile_edges(np.arange(100), 4)
+    assert transforms.binned(np.arange(100), edges).tolist() == [25, 25, 25, 25]
     gains = np.array([1.0, 0.0] * 50)  # mean 0.5, sd ~0.503, n = 100
-    assert nodes.mean_half_width(gains, 0.05) == pytest.approx(1.96 * 0.50252 / 10, rel=1e-3)
-    assert nodes.mean_half_width(np.array([0.3]), 0.05) == pytest.approx(1.96, rel=1e-3)
+    assert transforms.mean_half_width(gains, 0.05) == pytest.approx(1.96 * 0.50252 / 10, rel=1e-3)
+    assert transforms.mean_half_width(np.array([0.3]), 0.05) == pytest.approx(1.96, rel=1e-3)
 
 
 # ---- on a real lake ----------------------------------------------------------------------
@@ -88,7 +89,7 @@ def _ingest_validate(main, root, table: pa.Table, path) -> None:
 @pytest.mark.slow
 def test_monitor_alarms_on_shifted_behaviour_and_not_on_the_same(stage, tmp_path):
     from patternlake.cli import main
-    from patternlake.monitoring.drift import monitor
+    from patternlake.monitoring.monitor import monitor
 
     config, lake = stage
     root = config.lake.root
@@ -175,7 +176,7 @@ def _next_day(spark, trained_lake, tmp_path, hit: bool):
 
 @pytest.mark.slow
 def test_served_items_that_are_the_next_events_show_no_decay(spark, trained_lake, tmp_path):
-    from patternlake.monitoring.drift import monitor
+    from patternlake.monitoring.monitor import monitor
 
     cfg, lake, n = _next_day(spark, trained_lake, tmp_path, hit=True)
     recent = {c["check"]: c for c in monitor(spark, lake, cfg)["checks"]}["recent_ndcg@10"]
@@ -188,7 +189,7 @@ def test_decay_alarms_and_auto_retrain_replaces_the_models_through_the_gates(
     spark, trained_lake, tmp_path
 ):
     from patternlake import registry
-    from patternlake.monitoring.drift import monitor
+    from patternlake.monitoring.monitor import monitor
     from patternlake.pipeline import run_pipeline
 
     cfg, lake, n = _next_day(spark, trained_lake, tmp_path, hit=False)

@@ -12,24 +12,24 @@ import pytest
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType
 
-from patternlake.privacy import nodes
+from patternlake.privacy import transforms
 from tests.conftest import comparable, copy_trained_lake
 
-# ---- nodes -------------------------------------------------------------------------------
+# ---- transforms ----------------------------------------------------------------------------
 
 
 def test_ids_are_found_as_tokens_only():
-    rx = re.compile(nodes.token_regex(["u12", "a.b"]))
+    rx = re.compile(transforms.token_regex(["u12", "a.b"]))
     assert rx.search('"u12","i1"') and rx.search("u12\ti1") and rx.search("x a.b y")
     for text in ("u123", "au12", "u12-b", "u12_c", "axb", "u1"):
         assert not rx.search(text), text
 
 
 def test_clean_ids_refuses_empty_ids():
-    assert nodes.clean_ids([" u1", "u1", "u2 "]) == ["u1", "u2"]
+    assert transforms.clean_ids([" u1", "u1", "u2 "]) == ["u1", "u2"]
     for bad in ([], ["u1", "  "]):
         with pytest.raises(ValueError, match="forget-user"):
-            nodes.clean_ids(bad)
+            transforms.clean_ids(bad)
 
 
 def test_user_rows_match_the_user_column_and_raw_text_of_unparsable_rows_only(spark):
@@ -44,7 +44,7 @@ def test_user_rows_match_the_user_column_and_raw_text_of_unparsable_rows_only(sp
         (None, "u123,i1"),  # unparsable, another user
     ]
     df = spark.createDataFrame(rows, schema)
-    cond = nodes.user_rows(df.schema, ["u12"], ["user_id"], ["_raw"])
+    cond = transforms.user_rows(df.schema, ["u12"], ["user_id"], ["_raw"])
     assert [r[0] for r in df.select(cond).collect()] == [
         True,
         True,
@@ -55,7 +55,7 @@ def test_user_rows_match_the_user_column_and_raw_text_of_unparsable_rows_only(sp
         False,
     ]
     assert (
-        nodes.user_rows(
+        transforms.user_rows(
             StructType([StructField("item_id", StringType())]), ["u12"], ["user_id"], []
         )
         is None
@@ -84,22 +84,24 @@ def test_recorded_samples_lose_the_users_values_and_keep_the_rest():
             },
         ]
     }
-    out = json.loads(nodes.scrub_json_text(json.dumps(doc), ["u12"], ["user_id", "_raw"]))
+    out = json.loads(transforms.scrub_json_text(json.dumps(doc), ["u12"], ["user_id", "_raw"]))
     users = out["results"][0]["result"]
     assert users["partial_unexpected_list"] == ["u99!"]
     assert users["partial_unexpected_counts"] == [{"value": "u99!", "count": 1}]
     assert users["unexpected_count"] == 3  # counts stay
     assert out["results"][1] == doc["results"][1]
-    assert nodes.scrub_json_text("no mention", ["u12"], ["user_id"]) == "no mention"
-    assert nodes.scrub_json_text(None, ["u12"], ["user_id"]) is None
+    assert transforms.scrub_json_text("no mention", ["u12"], ["user_id"]) == "no mention"
+    assert transforms.scrub_json_text(None, ["u12"], ["user_id"]) is None
 
 
 def test_salted_hash_is_keyed_and_stable():
-    h = nodes.salted_hash("u12", b"k1")
+    h = transforms.salted_hash("u12", b"k1")
     assert (
-        h == hmac.new(b"k1", b"u12", hashlib.sha256).hexdigest() == nodes.salted_hash("u12", b"k1")
+        h
+        == hmac.new(b"k1", b"u12", hashlib.sha256).hexdigest()
+        == transforms.salted_hash("u12", b"k1")
     )
-    assert h != nodes.salted_hash("u12", b"k2") and "u12" not in h
+    assert h != transforms.salted_hash("u12", b"k2") and "u12" not in h
 
 
 # ---- on a copy of the trained daily lake -----------------------------------------------------
@@ -199,7 +201,7 @@ def test_log_holds_a_salted_hash_and_models_are_marked_for_retraining(forgotten)
 
     cfg, lake, _, uid, _, theirs, *_ = forgotten
     (row,) = lake.read("forget_log").collect()
-    assert row.user_hash == nodes.salted_hash(uid, _salt(cfg))
+    assert row.user_hash == transforms.salted_hash(uid, _salt(cfg))
     assert uid not in str(row.asDict())
     assert row.rows_removed["silver_events"] == theirs["silver_events"]
     assert row.models_marked and any(m.startswith("teacher/") for m in row.models_marked)

@@ -5,7 +5,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from patternlake.errors import PatternlakeError
-from patternlake.ingest.bronze import ingest
+from patternlake.ingest.ingest import ingest
 from patternlake.quality import validate
 from patternlake.quality.validate import validate_pending
 from tests.conftest import with_overrides

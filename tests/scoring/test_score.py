@@ -7,7 +7,8 @@ import pytest
 import torch
 from pyspark.sql import functions as F
 
-from patternlake.scoring.nodes import (
+from patternlake.scoring.score import best_patterns
+from patternlake.scoring.transforms import (
     delete_positions,
     deletion_curve,
     in_order,
@@ -16,7 +17,6 @@ from patternlake.scoring.nodes import (
     top_k,
     windows,
 )
-from patternlake.scoring.score import best_patterns
 from tests.conftest import with_overrides
 
 
@@ -224,7 +224,7 @@ def test_occlusion_is_more_faithful_than_random_deletion(trained_lake):
     """The faithfulness check: deleting each user's top-3 occlusion-weighted events lowers
     the top item's score more than deleting 3 random recent events (averaged over users)."""
     from patternlake import registry
-    from patternlake.scoring.nodes import windows
+    from patternlake.scoring.transforms import windows
 
     cfg, lake, *_ = trained_lake
     teacher, _ = registry.load_teacher(cfg)

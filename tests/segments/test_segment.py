@@ -4,11 +4,11 @@ from pyspark.sql import functions as F
 
 from patternlake.errors import PatternlakeError
 from patternlake.features.featurize import featurize
-from patternlake.ingest.bronze import ingest
+from patternlake.ingest.ingest import ingest
 from patternlake.lake import Lake
 from patternlake.quality.validate import validate_pending
-from patternlake.segments.kmeans import COLD_START, segment_users
-from patternlake.segments.nodes import fit_clusters, stable_ids
+from patternlake.segments.segment import COLD_START, segment_users
+from patternlake.segments.transforms import fit_clusters, stable_ids
 from tests.conftest import with_overrides
 
 

@@ -12,7 +12,7 @@ import torch
 from patternlake import registry
 from patternlake.models.student import count_params, from_bytes, quantized_bytes
 from patternlake.models.teacher import TeacherConfig
-from patternlake.students.task import SegmentData, segment_table
+from patternlake.students.segment_training import SegmentData, segment_table
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_compress_gates_int8_against_its_fp32_student_and_shrinks_it(students):
 @pytest.mark.slow
 def test_evaluate_reports_students_int8_and_champions(spark, students):
     from patternlake.evaluation.evaluate import evaluate_models
-    from patternlake.students.report import model_report
+    from patternlake.students.models_report import model_report
 
     cfg, lake, _, _, _, good, packed = students
     out = evaluate_models(spark, lake, cfg)
@@ -156,7 +156,7 @@ def test_a_small_search_picks_a_student_within_the_budget(students):
     """students.search_trials > 0: an Optuna study (tuning's Pareto and pruning code) in the
     segment's task; the chosen trial is within the budget and is what gets trained."""
     from patternlake.models.teacher import teacher_bytes
-    from patternlake.students.task import distill_segment
+    from patternlake.students.segment_training import distill_segment
 
     cfg, lake, _, _, _, good, _ = students
     teacher, tags = registry.load_teacher(cfg)

@@ -18,7 +18,7 @@ from patternlake.models.student import (
     quantized_bytes,
 )
 from patternlake.models.teacher import TeacherConfig
-from patternlake.students.nodes import gate, magnitude_masks, segment_catalogue, student_config
+from patternlake.students.transforms import gate, magnitude_masks, segment_catalogue, student_config
 
 
 def _inputs(n_global: int, n: int = 64, L: int = 10, seed: int = 0) -> torch.Tensor:

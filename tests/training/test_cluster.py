@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from patternlake.ingest.bronze import ingest
+from patternlake.ingest.ingest import ingest
 from patternlake.lake import Lake
 from patternlake.quality.validate import validate_pending
 from tests.cluster import spark_submit

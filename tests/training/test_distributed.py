@@ -9,8 +9,8 @@ import torch
 
 from patternlake.models.fit import TrainSpec, per_process_batch
 from patternlake.models.teacher import TeacherConfig
-from patternlake.sequencedata import ShardedSequences
-from patternlake.training.teacher_job import run_backend
+from patternlake.sequence_reader import ShardedSequences
+from patternlake.training.train import run_backend
 from tests.training import handmade
 
 N_ITEMS = 60

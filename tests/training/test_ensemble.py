@@ -19,7 +19,7 @@ from patternlake.models.teacher import (
     teacher_bytes,
     teacher_from_bytes,
 )
-from patternlake.training.teacher_job import train_members
+from patternlake.training.train import train_members
 from tests.training import handmade
 from tests.training.test_distributed import spec_for
 

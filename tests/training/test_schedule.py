@@ -15,7 +15,7 @@ from patternlake.models.fit import (
     validate_ndcg,
     validation_set,
 )
-from patternlake.training.teacher_job import load_best
+from patternlake.training.train import load_best
 from tests.training import handmade
 from tests.training.test_distributed import spec_for
 

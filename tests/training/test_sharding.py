@@ -5,7 +5,7 @@ one file of a single piece as on uneven files."""
 import pytest
 
 from patternlake.errors import PatternlakeError
-from patternlake.sequencedata import (
+from patternlake.sequence_reader import (
     ShardedSequences,
     read_table,
     training_arrays,

@@ -11,7 +11,7 @@ import pytest
 
 from patternlake.evaluation.evaluate import evaluate_models
 from patternlake.models.teacher import TeacherScorer
-from patternlake.training.teacher_job import load_best, train_teacher
+from patternlake.training.train import load_best, train_teacher
 from tests.conftest import in_folder
 
 EPOCHS = 30

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from patternlake.sequencedata import training_arrays, training_example_counts
+from patternlake.sequence_reader import training_arrays, training_example_counts
 
 L = 5
 
@@ -73,7 +73,7 @@ def test_inputs_are_the_events_just_before_each_target_and_never_evaluation_targ
 
 def test_popularity_counts_every_training_event_once_with_windows():
     from patternlake.models.baselines import Popularity
-    from patternlake.sequencedata import first_training_items
+    from patternlake.sequence_reader import first_training_items
 
     table, where = _table([23, 9, 3, 14, 1])
     items, _, _, targets = training_arrays(table, L)

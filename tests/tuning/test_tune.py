@@ -11,10 +11,10 @@ from optuna.trial import TrialState
 from patternlake.config import TuneSpaceConfig, load_config
 from patternlake.errors import ConfigError, PatternlakeError
 from patternlake.lake import Lake
+from patternlake.model_selection import choose, pareto_front, should_prune
 from patternlake.models.fit import build_spec
-from patternlake.selection import choose, pareto_front, should_prune
-from patternlake.tuning.nodes import SEARCHED
-from patternlake.tuning.teacher_study import (
+from patternlake.tuning.transforms import SEARCHED
+from patternlake.tuning.tune_teacher import (
     HISTORY_ATTR,
     TABLE,
     objective,
@@ -25,7 +25,7 @@ from patternlake.tuning.teacher_study import (
 from tests.conftest import in_folder, with_overrides
 from tests.training import handmade
 from tests.training.test_distributed import small_item, spec_for
-from tests.training.test_teacher_job import write_version
+from tests.training.test_train import write_version
 
 TINY_SPACE = TuneSpaceConfig(
     d_model=[8, 32],

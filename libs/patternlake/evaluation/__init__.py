@@ -1,3 +1,3 @@
 """The evaluate stage: the protocol of DESIGN.md for the registered teacher, its students and
-the baselines (``evaluate``); ``nodes`` holds the scorers and report rows, ``evaluate`` the
+the baselines (``evaluate``); ``transforms`` holds the scorers and report rows, ``evaluate`` the
 I/O shell."""

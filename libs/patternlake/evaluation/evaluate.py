@@ -13,7 +13,7 @@ model has never seen.
 Inputs: ``user_sequences`` and ``item_index`` (those versions), ``segments`` when present
 (per-segment metrics), the registry (teacher, students, champions). Output: the report
 (a dict; nothing is written). This module is the I/O shell; the scorers and the report
-rows are in :mod:`patternlake.evaluation.nodes`.
+rows are in :mod:`patternlake.evaluation.transforms`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pyspark.sql import SparkSession
 
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
-from patternlake.evaluation.nodes import (
+from patternlake.evaluation.transforms import (
     PerSegment,
     baseline_scorers,
     model_reports,
@@ -41,8 +41,8 @@ from patternlake.evaluation.nodes import (
 )
 from patternlake.lake import Lake
 from patternlake.registry import TEACHER, TEACHER_ALIAS, segment_students
-from patternlake.sequencedata import evaluation_arrays, item_id_count, read_table
-from patternlake.sequences import pinned_sequence_files
+from patternlake.sequence_reader import evaluation_arrays, item_id_count, read_table
+from patternlake.sequence_schema import pinned_sequence_files
 
 log = logging.getLogger(__name__)
 

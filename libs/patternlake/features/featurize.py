@@ -6,7 +6,7 @@ event older than the stored history is rebuilt from the whole history in silver)
 merged in. ``full=True`` rebuilds everything; both give the same tables (tested).
 
 ``user_sequences`` records its vocabulary (event types, gap buckets, ``max_len``: see
-``sequences``) with the table; when conf's differs from the recorded one (or none is
+``sequence_schema``) with the table; when conf's differs from the recorded one (or none is
 recorded), the run rebuilds everything, so that no version mixes two vocabularies.
 """
 
@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
-from patternlake.features.nodes import (
+from patternlake.features.transforms import (
     appendable,
     appended_features,
     appended_sequences,
@@ -36,7 +36,7 @@ from patternlake.features.nodes import (
 )
 from patternlake.lake import Lake, batches_in_order
 from patternlake.lake.catalog import contract
-from patternlake.sequences import SequenceVocabulary, read_vocabulary
+from patternlake.sequence_schema import SequenceVocabulary, read_vocabulary
 from patternlake.spark import job_label
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ one Spark task per process with ``mapPartitionsWithIndex``, or ``horovodrun``), 
 (``TorchDistributor``, on Spark barrier tasks) and a single process.
 
 Each process builds the same model from the same seed, averages gradients with the others,
-trains on windows over every user's whole training part (``sequencedata``), follows a
+trains on windows over every user's whole training part (``sequence_reader``), follows a
 step schedule (linear warm-up, then cosine or constant; the learning rate is not scaled by
 the world size unless ``lr_scaling`` says so; ``batch_size`` is the global batch, split
 evenly across the processes, so that 1 and N processes make the same optimizer steps),
@@ -37,13 +37,13 @@ import torch
 from patternlake.errors import PatternlakeError
 from patternlake.models.metrics import evaluate_scorer
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig, pick_device
-from patternlake.sequencedata import (
+from patternlake.sequence_reader import (
     ShardedSequences,
     evaluation_arrays,
     item_id_count,
     read_table,
 )
-from patternlake.sequences import sequence_vocabulary
+from patternlake.sequence_schema import sequence_vocabulary
 
 if TYPE_CHECKING:
     from patternlake.config import Config

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patternlake.sequences import GAP_BUCKETS
+from patternlake.sequence_schema import GAP_BUCKETS
 
 
 @dataclass

@@ -1,2 +1,2 @@
 """The ``mine`` stage: ``user_sequences`` + ``segments`` -> ``segment_patterns`` (sequential
-and co-occurrence rules per segment); ``nodes`` holds the transforms, ``mine`` the I/O shell."""
+and co-occurrence rules per segment); ``transforms`` holds the transforms, ``mine`` the I/O shell."""

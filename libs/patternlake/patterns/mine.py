@@ -16,7 +16,7 @@ dropped; at most ``mine.max_rules_per_segment`` per segment and kind are kept (b
 
 The output is rewritten whole each run and records the segment model its segments came
 from (``segment_model_version``). This module is the I/O shell; the transforms are in
-:mod:`patternlake.patterns.nodes`.
+:mod:`patternlake.patterns.transforms`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from patternlake.config import Config, MineConfig
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
-from patternlake.patterns.nodes import (
+from patternlake.patterns.transforms import (
     Rule,
     best_rules,
     cooccurrence_rules,

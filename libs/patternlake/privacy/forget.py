@@ -5,7 +5,7 @@ Reads and writes every table of ``lake.tables`` (except ``forget_log``) that has
 row per id to ``forget_log`` (``forget_id``, the id's salted hash, rows removed per table,
 the models marked). Steps, per table:
 
-1. a Delta DELETE of the users' rows (``privacy.nodes.user_rows``), and an UPDATE of the
+1. a Delta DELETE of the users' rows (``privacy.transforms.user_rows``), and an UPDATE of the
    recorded samples in JSON columns (Great Expectations results) that mention an id;
 2. ``REORG TABLE ... APPLY (PURGE)``: files with deletion vectors (a table whose owner turned
    them on) are rewritten without the rows the vectors hide;
@@ -45,7 +45,7 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
-from patternlake.privacy import nodes
+from patternlake.privacy import transforms
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ TEXT_SUFFIXES = (".html", ".htm", ".json", ".txt", ".csv", ".log", ".md")
 
 def forget_users(spark: SparkSession, lake: Lake, config: Config, ids: list[str]) -> dict[str, Any]:
     try:
-        ids = nodes.clean_ids(ids)
+        ids = transforms.clean_ids(ids)
     except ValueError as exc:
         raise PatternlakeError(str(exc)) from None
     started = time.monotonic()
@@ -70,7 +70,7 @@ def forget_users(spark: SparkSession, lake: Lake, config: Config, ids: list[str]
         if name == LOG_TABLE or not lake.exists(name):
             continue
         schema = lake.schema(name)
-        cond = nodes.user_rows(schema, ids, cfg.user_columns, cfg.raw_columns)
+        cond = transforms.user_rows(schema, ids, cfg.user_columns, cfg.raw_columns)
         json_cols = [
             f.name
             for f in schema.fields
@@ -92,7 +92,7 @@ def forget_users(spark: SparkSession, lake: Lake, config: Config, ids: list[str]
     redacted = _redact_files(lake, config, ids)
     marked = _mark_models(config, forget_id)
     now = datetime.now(UTC)
-    rows = [(forget_id, nodes.salted_hash(u, salt), now, removed, files, marked) for u in ids]
+    rows = [(forget_id, transforms.salted_hash(u, salt), now, removed, files, marked) for u in ids]
     lake.write(spark.createDataFrame(rows, contract(LOG_TABLE).ddl()), LOG_TABLE, mode="append")
     result = {
         "forget_id": forget_id,
@@ -127,8 +127,8 @@ def _scrub_json(
 ) -> int:
     """Scrub the ids out of the JSON columns of the rows that mention one; returns 1 when a
     row was updated, else 0."""
-    pattern = nodes.token_regex(ids)
-    scrub = F.udf(lambda text: nodes.scrub_json_text(text, ids, sample_columns), StringType())
+    pattern = transforms.token_regex(ids)
+    scrub = F.udf(lambda text: transforms.scrub_json_text(text, ids, sample_columns), StringType())
     touched = F.lit(False)
     for c in columns:
         touched = touched | F.coalesce(F.col(f"`{c}`").rlike(pattern), F.lit(False))
@@ -142,7 +142,7 @@ def _redact_files(lake: Lake, config: Config, ids: list[str]) -> list[str]:
     if root is None or not root.is_dir():
         return []
     tables = [lake.local_path(n) for n in config.lake.tables]
-    pattern = re.compile(nodes.token_regex(ids).encode("utf-8"))
+    pattern = re.compile(transforms.token_regex(ids).encode("utf-8"))
     redacted = []
     for path in root.rglob("*"):
         if not path.is_file() or path.suffix.lower() not in TEXT_SUFFIXES:

@@ -29,7 +29,7 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake, batches_in_order
 from patternlake.lake.catalog import contract
-from patternlake.quality.report import render_html
+from patternlake.quality.html_report import render_html
 from patternlake.quality.suite import (
     DEDUPE_COUNT,
     EventSuite,

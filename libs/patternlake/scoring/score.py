@@ -40,7 +40,7 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
-from patternlake.scoring.nodes import in_order, normalise, occlusion, top_k, windows
+from patternlake.scoring.transforms import in_order, normalise, occlusion, top_k, windows
 
 log = logging.getLogger(__name__)
 TABLE = "user_patterns"

@@ -1,2 +1,2 @@
 """The ``segment`` stage: ``user_features`` -> ``segments``, ``segment_models`` (KMeans with
-stable ids); ``nodes`` holds the transforms, ``kmeans`` the I/O shell."""
+stable ids); ``transforms`` holds the transforms, ``segment`` the I/O shell."""

@@ -1,6 +1,6 @@
 """compress: each segment's latest fp32 student -> pruned, fine-tuned, int8 student.
 
-One Spark task per segment (``students.task.compress_segment``): magnitude pruning of every
+One Spark task per segment (``students.segment_training.compress_segment``): magnitude pruning of every
 large tensor at each ``compress.sparsity`` (highest first) with ``finetune_epochs`` of
 distillation under the mask, then int8 packing (sparse tensors keep only their non-zero
 values and a bitmask). The first sparsity whose int8 model keeps ``compress.gate`` of the
@@ -27,8 +27,8 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.students.distill import pinned_files, require, run_tasks, write_decisions
-from patternlake.students.nodes import gate, summary_row
-from patternlake.students.task import compress_segment
+from patternlake.students.segment_training import compress_segment
+from patternlake.students.transforms import gate, summary_row
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """distill: the registered teacher + ``user_sequences`` + ``segments`` -> one student per
 segment, registered, gated and recorded in ``model_decisions``.
 
-The students train in parallel as Spark tasks, one per segment (``students.task``): the
+The students train in parallel as Spark tasks, one per segment (``students.segment_training``): the
 teacher's weights go out as a broadcast variable, the model bytes come back with the
 task's numbers. The data is the ``user_sequences`` version the teacher was trained on.
 A student whose validation NDCG@10 on its segment's users is below ``students.gate`` x the
@@ -26,9 +26,9 @@ from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
 from patternlake.models.teacher import teacher_from_bytes
-from patternlake.sequences import pinned_sequence_files
-from patternlake.students.nodes import gate, summary_row
-from patternlake.students.task import distill_segment
+from patternlake.sequence_schema import pinned_sequence_files
+from patternlake.students.segment_training import distill_segment
+from patternlake.students.transforms import gate, summary_row
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The per-segment student search: an Optuna study under the size budget, with the pieces
-it shares with the teacher's tuner (``selection``: the median pruning rule, the Pareto
+it shares with the teacher's tuner (``model_selection``: the median pruning rule, the Pareto
 front of validation NDCG@10 vs parameters, the choice within a parameter budget).
 
 Runs inside a segment's Spark task (in-memory study, one thread): each trial samples a
@@ -16,10 +16,10 @@ from typing import Any
 
 import optuna
 
+from patternlake.model_selection import choose, pareto_front, should_prune
 from patternlake.models.student import Student, count_params
 from patternlake.models.teacher import SequentialTeacher
-from patternlake.selection import choose, pareto_front, should_prune
-from patternlake.students.nodes import segment_catalogue
+from patternlake.students.transforms import segment_catalogue
 
 HISTORY = "valid_ndcg_by_epoch"
 
@@ -29,7 +29,7 @@ def search_student(
 ) -> dict[str, Any]:
     """-> {"chosen": {d_model, n_layers, dropout, lr, catalogue_share, params,
     valid_ndcg_at_10, trial}, "trials": [...]}; chosen is None if no trial completed."""
-    from patternlake.students.task import train_student
+    from patternlake.students.segment_training import train_student
 
     targets = data.train[3].numpy().ravel()
     space = s["space"]

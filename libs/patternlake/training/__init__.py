@@ -1,3 +1,3 @@
 """The train stage: the teacher on a pinned version of ``user_sequences``, on one of the
-backends, logged and registered in MLflow (``teacher_job``; the training loop itself is
+backends, logged and registered in MLflow (``train``; the training loop itself is
 ``models.fit``)."""

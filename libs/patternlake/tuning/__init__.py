@@ -1,2 +1,2 @@
 """The tune stage: architecture and hyperparameter search for the teacher
-(`patternlake tune teacher`, table ``teacher_tuning``); see ``teacher_study``."""
+(`patternlake tune teacher`, table ``teacher_tuning``); see ``tune_teacher``."""

@@ -10,7 +10,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from patternlake.sequences import GAP_EDGES, MIN_EVALUATED_EVENTS
+from patternlake.sequence_schema import GAP_EDGES, MIN_EVALUATED_EVENTS
 
 
 def new_item_index(events: DataFrame, existing: DataFrame | None) -> DataFrame:

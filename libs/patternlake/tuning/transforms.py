@@ -1,5 +1,5 @@
 """Pure pieces of `tune teacher`: the search space (the pruning rule, the Pareto front and
-the choice of one configuration are shared with the students' search: ``selection``). No
+the choice of one configuration are shared with the students' search: ``model_selection``). No
 Spark, no files; tested on hand-made values."""
 
 from __future__ import annotations

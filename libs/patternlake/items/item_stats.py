@@ -6,7 +6,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from patternlake.config import Config
-from patternlake.items.nodes import item_stats as compute
+from patternlake.items.transforms import item_stats as compute
 from patternlake.lake import Lake
 
 

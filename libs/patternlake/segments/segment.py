@@ -7,7 +7,7 @@
   (``segment_models``) by minimum total distance (Hungarian algorithm), so segment 3 keeps
   meaning the same kind of user after retraining.
 
-This module is the I/O shell; the transforms are in :mod:`patternlake.segments.nodes`.
+This module is the I/O shell; the transforms are in :mod:`patternlake.segments.transforms`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
-from patternlake.segments.nodes import (
+from patternlake.segments.transforms import (
     COLD_START,
     assign_segments,
     check_enough_users,

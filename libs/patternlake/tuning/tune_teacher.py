@@ -34,11 +34,11 @@ from patternlake.config import Config, TuneConfig
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
+from patternlake.model_selection import choose, pareto_front, should_prune
 from patternlake.models.fit import build_spec, train_worker
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig
 from patternlake.registry import use_experiment
-from patternlake.selection import choose, pareto_front, should_prune
-from patternlake.tuning.nodes import (
+from patternlake.tuning.transforms import (
     MODEL_KEYS,
     SEARCHED,
     suggest,

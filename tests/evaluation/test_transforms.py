@@ -1,4 +1,4 @@
-"""The evaluation nodes on hand-made arrays and tiny fake models: windows, scorer routing,
+"""The evaluation transforms on hand-made arrays and tiny fake models: windows, scorer routing,
 baselines, report rows and the ranking metrics of a known ranking."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from patternlake.errors import PatternlakeError
-from patternlake.evaluation.nodes import (
+from patternlake.evaluation.transforms import (
     NO_SEGMENT,
     baseline_scorers,
     model_report,
@@ -24,7 +24,7 @@ from patternlake.evaluation.nodes import (
     segment_groups,
     window,
 )
-from patternlake.sequences import MIN_EVALUATED_EVENTS
+from patternlake.sequence_schema import MIN_EVALUATED_EVENTS
 from tests.training.handmade import SCHEMA
 
 N_ITEMS = 12  # item ids 0 (padding) .. 11

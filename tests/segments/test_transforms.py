@@ -1,4 +1,4 @@
-"""The segment nodes on tiny hand-made frames and arrays, expected values worked out by hand."""
+"""The segment transforms on tiny hand-made frames and arrays, expected values worked out by hand."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pyspark.ml.linalg import Vectors, VectorUDT
 from pyspark.sql.types import IntegerType, StringType, StructField, StructType
 
 from patternlake.errors import PatternlakeError
-from patternlake.segments.nodes import (
+from patternlake.segments.transforms import (
     COLD_START,
     assign_segments,
     check_enough_users,

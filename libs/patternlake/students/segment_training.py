@@ -6,7 +6,7 @@ its segment's rows with pyarrow, trains on one thread and returns a dict with th
 bytes and its numbers. The driver writes and registers what comes back.
 
 Training data: the segment's users' windows over their whole training part (as the
-teacher's, ``sequencedata.training_arrays``); early stopping and the gates use the
+teacher's, ``sequence_reader.training_arrays``); early stopping and the gates use the
 validation targets of the segment's users only.
 """
 
@@ -31,8 +31,8 @@ from patternlake.models.student import (
     quantized_bytes,
 )
 from patternlake.models.teacher import SequentialTeacher, TeacherScorer, teacher_from_bytes
-from patternlake.sequencedata import evaluation_arrays, read_table, training_arrays
-from patternlake.students.nodes import magnitude_masks, segment_catalogue, student_config
+from patternlake.sequence_reader import evaluation_arrays, read_table, training_arrays
+from patternlake.students.transforms import magnitude_masks, segment_catalogue, student_config
 
 
 def segment_table(files: list[str], segment_files: list[str], segment: int) -> pa.Table:

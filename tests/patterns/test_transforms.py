@@ -1,4 +1,4 @@
-"""The mining nodes on tiny hand-made frames: sessions, and support, confidence and lift
+"""The mining transforms on tiny hand-made frames: sessions, and support, confidence and lift
 worked out by hand."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from patternlake.patterns.nodes import (
+from patternlake.patterns.transforms import (
     best_rules,
     cooccurrence_rules,
     item_names,

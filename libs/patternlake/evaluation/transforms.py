@@ -30,8 +30,8 @@ import torch
 from patternlake.errors import PatternlakeError
 from patternlake.models.baselines import MarkovChain, Popularity
 from patternlake.models.metrics import evaluate_scorer
-from patternlake.sequencedata import first_training_items, training_arrays
-from patternlake.sequences import MIN_EVALUATED_EVENTS
+from patternlake.sequence_reader import first_training_items, training_arrays
+from patternlake.sequence_schema import MIN_EVALUATED_EVENTS
 
 log = logging.getLogger(__name__)
 NO_SEGMENT = -1

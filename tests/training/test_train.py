@@ -9,7 +9,7 @@ from patternlake.errors import PatternlakeError
 from patternlake.evaluation.evaluate import evaluate_models
 from patternlake.lake import Lake
 from patternlake.models.fit import train_worker
-from patternlake.training.teacher_job import train_teacher
+from patternlake.training.train import train_teacher
 from tests.conftest import in_folder, with_overrides
 from tests.training import handmade
 from tests.training.test_distributed import spec_for

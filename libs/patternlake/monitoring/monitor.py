@@ -4,7 +4,7 @@ Reads ``silver_events`` (and ``user_patterns`` when scored), the registry; appen
 per check to ``drift``. Windows: with a registered teacher, the reference is every batch
 validated before it was registered (the data it and its students learned from) and the
 current window every batch validated since; without one, the last ``monitor.recent_batches``
-batches against the ones before. Checks (statistics in ``monitoring.nodes``):
+batches against the ones before. Checks (statistics in ``monitoring.transforms``):
 
 * ``event_type_mix``: PSI of the event-type shares;
 * ``items``: Jensen-Shannon divergence of the item distribution (the reference's and the
@@ -41,8 +41,8 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
-from patternlake.lake.core import batches_in_order
-from patternlake.monitoring import nodes
+from patternlake.lake.tables import batches_in_order
+from patternlake.monitoring import transforms
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,9 @@ def _categorical(
 ) -> dict[str, Any]:
     m = config.monitor
     counts = lambda df: {r[0]: int(r[1]) for r in df.groupBy(column).count().collect()}  # noqa: E731
-    _, r, c = nodes.aligned_counts(counts(ref), counts(cur), top)
+    _, r, c = transforms.aligned_counts(counts(ref), counts(cur), top)
     warn, alarm = (m.psi_warn, m.psi_alarm) if metric == "psi" else (m.js_warn, m.js_alarm)
-    d = nodes.judge(metric, r, c, warn, alarm, m.alpha, m.min_rows)
+    d = transforms.judge(metric, r, c, warn, alarm, m.alpha, m.min_rows)
     return _row(check, metric, d.value, alarm, d.floor, d.p_value, d.n_ref, d.n_cur, d.status)
 
 
@@ -214,11 +214,11 @@ def _user_features(ref: DataFrame, cur: DataFrame, config: Config) -> list[dict[
     r, c = per_user(ref), per_user(cur)
     out = []
     for feature in USER_FEATURES:
-        edges = nodes.quantile_edges(r[feature], m.bins)
-        d = nodes.judge(
+        edges = transforms.quantile_edges(r[feature], m.bins)
+        d = transforms.judge(
             "psi",
-            nodes.binned(r[feature], edges),
-            nodes.binned(c[feature], edges),
+            transforms.binned(r[feature], edges),
+            transforms.binned(c[feature], edges),
             m.psi_warn,
             m.psi_alarm,
             m.alpha,
@@ -287,7 +287,7 @@ def _recent_ndcg(
     if n == 0:
         return empty
     mean = float(gains.mean())
-    half = nodes.mean_half_width(gains, m.alpha)
+    half = transforms.mean_half_width(gains, m.alpha)
     threshold = (1 - m.decay_tolerance) * reference
     if n < m.min_users:
         status = "too_small"

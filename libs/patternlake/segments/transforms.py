@@ -1,6 +1,6 @@
 """Segmentation transforms: DataFrame and numpy functions, no lake, no conf object.
 
-The order of :func:`patternlake.segments.kmeans.segment_users`: the clustering inputs
+The order of :func:`patternlake.segments.segment.segment_users`: the clustering inputs
 (:func:`top_categories`, :func:`feature_columns`), the split into users clustered and
 cold-start users (:func:`eligible_users`, :func:`cold_start_users`), standardization and
 KMeans (:func:`fit_clusters`), stable ids (:func:`previous_centroids`, :func:`stable_ids`),
