@@ -13,7 +13,7 @@ conf's settings (``--set students.x=...`` to change them) and prints:
 * int8 runtime candidates on the same users in one run: fp32 teacher, fp32 students, int8
   students dequantized to fp32 kernels, int8 students on PyTorch's dynamic int8 kernels
   (ms per 1,000 users and the share of users whose top-10 equals the fp32 student's);
-* the totals against DESIGN.md's targets (student <= 1/10 teacher params with >= 95% of its
+* the totals against docs/design.md's targets (student <= 1/10 teacher params with >= 95% of its
   NDCG@10; int8 >= 4x smaller than the fp32 student with >= 99% of its NDCG@10).
 
 Results go to bench/results/compress-<data>.json.

@@ -10,7 +10,7 @@ Data: public MovieLens-100k (``ml-100k.inter``, shipped inside the RecBole 1.2.1
 PyPI; downloaded once with ``pip download`` into ${PATTERNLAKE_CACHE:-~/.cache/patternlake}),
 or any ``--input`` file in the same layout (user, item, rating, timestamp; tab-separated).
 
-Split (DESIGN.md's protocol, built once by ``build_split`` and given to every model): per
+Split (docs/design.md's protocol, built once by ``build_split`` and given to every model): per
 user, events ordered by time, ties by line order in the source file; users with fewer than
 3 events are not evaluated (their events are training data); the last event is the test
 target, the one before it the validation target, the rest is training. Full ranking over

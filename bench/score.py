@@ -8,11 +8,11 @@ if missing): the registered teacher and each segment's newest fp32 and int8 stud
 1. **Models side by side**: every user of the lake scored by the teacher, by their segment's
    fp32 student and by its int8 student (runtime ``compress.runtime``), top-K included,
    in-process on one thread (what one Spark task does per Arrow batch). Prints users/s and
-   the ratio int8 students / teacher (DESIGN.md target: >= 5x).
+   the ratio int8 students / teacher (docs/design.md target: >= 5x).
 2. **Growth**: int8 students on 10k -> 1M users (histories resampled from the lake's users),
    users/s at each size (linear growth = constant users/s).
 3. **GEMM**: the scoring matmul (users x d -> users x items) in isolation against this
-   machine's fp32 GEMM rate on a large square product (DESIGN.md target: within 3x).
+   machine's fp32 GEMM rate on a large square product (docs/design.md target: within 3x).
 4. **The Spark job**: ``patternlake score`` end to end on the lake (wall time, users/s).
 """
 

@@ -8,7 +8,7 @@ once, never copied into a stage, and recorded with the table.
 * ``type_seq`` holds event-type ids: ``k`` is the k-th of the event types featurize was given
   (``validate.allowed_event_types``), 0 padding.
 * Every array holds a user's last ``max_len`` events (``features.max_history``).
-* The evaluation protocol (DESIGN.md): a user with at least ``MIN_EVALUATED_EVENTS`` events
+* The evaluation protocol (docs/design.md): a user with at least ``MIN_EVALUATED_EVENTS`` events
   is evaluated; the last event is the test target and the one before it the validation
   target (``valid_item`` / ``test_item``), the rest is training data.
 

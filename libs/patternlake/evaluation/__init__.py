@@ -1,3 +1,3 @@
-"""The evaluate stage: the protocol of DESIGN.md for the registered teacher, its students and
+"""The evaluate stage: the protocol of docs/design.md for the registered teacher, its students and
 the baselines (``evaluate``); ``transforms`` holds the scorers and report rows, ``evaluate`` the
 I/O shell."""

@@ -1,4 +1,4 @@
-"""evaluate: the protocol of DESIGN.md for the registered teacher and two baselines
+"""evaluate: the protocol of docs/design.md for the registered teacher and two baselines
 (popularity, first-order Markov chain), computed in the same run on the same split.
 
 Per user, events ordered by time; users with fewer than 3 events are not evaluated; the

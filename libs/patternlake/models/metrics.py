@@ -1,4 +1,4 @@
-"""Ranking metrics of the evaluation protocol (DESIGN.md): full ranking over the whole
+"""Ranking metrics of the evaluation protocol (docs/design.md): full ranking over the whole
 catalogue, one held-out target per user.
 
 HR@k, NDCG@k, MRR@k for k in (10, 20) and catalogue coverage@10 (share of items that

@@ -1,5 +1,5 @@
 """score: ``user_sequences`` + ``segments`` + each segment's champion + ``segment_patterns``
--> ``user_patterns`` (one row per user and rank; DESIGN.md section 3).
+-> ``user_patterns`` (one row per user and rank; docs/design.md section 5).
 
 * **models**: each segment's champion (``student@champion-<g>``: int8 or fp32 student), else
   the teacher; their files travel as one broadcast variable and each Python worker builds
