@@ -9,15 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from patternlake.pipeline import (
-    STAGES,
-    STEPS,
-    _resolve,
-    dependencies,
-    export_databricks,
-    export_spark_submit,
-    pipeline_steps,
-)
+from patternlake.export import dependencies, export_databricks, export_spark_submit
+from patternlake.pipeline import STAGES, STEPS, pipeline_steps
+from patternlake.stages import resolve
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 NOT_STAGES = {"generate", "run_pipeline", "report", "monitor", "forget_user"}  # jobs/ too
@@ -61,7 +55,7 @@ def test_every_stage_is_declared_once_and_its_job_cli_and_help_come_from_it(caps
         # the call takes what the declaration gives it, in that order
         keys = {"spark", "lake", "config", *(o.key for o in stage.options)}
         assert set(stage.args) <= keys, stage
-        inspect.signature(_resolve(stage.call)).bind(*stage.args)
+        inspect.signature(resolve(stage.call)).bind(*stage.args)
         assert stage.show in SHOW
         assert set(stage.optional) <= set(stage.inputs)
     # every other job runs a command that is not a stage; no job under an old stage name
@@ -211,3 +205,46 @@ def test_a_failed_run_is_recorded_and_resume_continues_from_the_failed_step(
     capsys.readouterr()
     assert main([*root, "run", "daily", "--resume"]) == 2  # the last run succeeded
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def touch_tables(lake, tables: str) -> list[bool]:
+    """A stage body for the scope test: asks whether each of ``tables`` (comma-separated)
+    exists, as any stage reading them would first."""
+    return [lake.exists(t) for t in tables.split(",")]
+
+
+def test_a_stage_that_touches_a_table_it_does_not_declare_fails(stage):
+    from patternlake.errors import UndeclaredTableError
+    from patternlake.stages import Option, Stage
+
+    config, lake = stage
+
+    def declared(inputs: tuple[str, ...], outputs: tuple[str, ...] = ()) -> Stage:
+        return Stage(
+            "probe",
+            "tests.test_pipeline:touch_tables",
+            ("lake", "tables"),
+            inputs=inputs,
+            outputs=outputs,
+            section="score",
+            help="probe",
+            options=(Option("--tables"),),
+        )
+
+    # what it declares, inputs and outputs, it may touch
+    probe = declared(("user_sequences",), ("user_patterns",))
+    assert probe.run(lake, config, {"tables": "user_sequences,user_patterns"}) == [False, False]
+    # item_index is in the lake's catalogue but not in the declaration: refused, named
+    with pytest.raises(UndeclaredTableError, match=r"stage probe used table item_index"):
+        probe.run(lake, config, {"tables": "user_sequences,item_index"})
+    assert declared(("user_sequences", "item_index")).run(
+        lake, config, {"tables": "item_index"}
+    ) == [False]
+    # the lake the runner holds is not narrowed by the stage's view of it
+    assert lake.exists("item_index") is False
+
+
+def test_every_stage_declares_only_tables_the_lake_knows(config):
+    for stage in STAGES.values():
+        assert stage.tables <= set(config.lake.tables), stage.name
+        assert set(stage.optional) <= set(stage.inputs), stage.name

@@ -18,7 +18,8 @@ imports):
     training function every backend runs (``fit``, with the ``TrainSpec`` of a lake and conf);
   - ``registry``: the MLflow registry (teacher, students, champions) and experiment;
   - ``model_selection``: pruning, Pareto front and choice among trained configurations;
-  - ``decisions``: reading ``model_decisions`` (the gates' verdicts per segment).
+  - ``decisions``: reading ``model_decisions`` (the gates' verdicts per segment);
+  - ``stages``: how a stage is declared (``Stage``, ``Option``).
 
 * **stages**: one package per stage (or command), importing library modules and itself
   only: ``synthetic`` (generate), ``ingest``, ``quality`` (validate), ``features``
@@ -28,8 +29,9 @@ imports):
   (forget), ``reporting`` (report). Stages talk through tables (and the model registry), never through each other's
   code.
 
-* **shells** (``SHELLS``): ``pipeline`` (the stage declarations and the runner) and ``cli``;
-  they may import every stage.
+* **shells** (``SHELLS``): ``pipeline`` (collects every stage package's declarations,
+  ``<package>/stage.py``, and runs them), ``export`` (a pipeline as spark-submit commands or
+  a Databricks bundle) and ``cli``; they may import every stage.
 """
 
 __version__ = "0.1.0"
@@ -47,6 +49,7 @@ LIBRARY = frozenset(
         "registry",
         "model_selection",
         "decisions",
+        "stages",
     }
 )
-SHELLS = frozenset({"pipeline", "cli"})
+SHELLS = frozenset({"pipeline", "export", "cli"})

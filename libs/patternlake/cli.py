@@ -408,7 +408,7 @@ def _summary(value: Any, limit: int = 4) -> str:
 
 
 def cmd_export(args: argparse.Namespace, config: Config) -> None:
-    from patternlake.pipeline import export_databricks, export_spark_submit
+    from patternlake.export import export_databricks, export_spark_submit
 
     if args.target == "spark-submit":
         print(export_spark_submit(args.pipeline, args.env or "cluster", args.master), end="")

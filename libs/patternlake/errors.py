@@ -33,3 +33,8 @@ class ConcurrentCommitError(PatternlakeError):
     """Another writer committed a conflicting change to the same table first; nothing of
     this operation was committed. The lake retries it (``Lake``); raised to the caller when
     conflicts go on past the retry deadline."""
+
+
+class UndeclaredTableError(RuntimeError):
+    """A stage touched a lake table its declaration (``<package>/stage.py``) does not name
+    among its inputs or outputs: a bug in the stage or its declaration, not a user error."""

@@ -115,10 +115,6 @@ def evaluate_models(
     Default (with the registered teacher): the newest fp32 and int8 student of every
     segment (``student``, ``student_int8``) and each segment's champion (``champions``)."""
     started = time.monotonic()
-    if not lake.exists("user_sequences"):
-        raise PatternlakeError(
-            "evaluate: user_sequences does not exist yet; run `patternlake run daily` first"
-        )
     if models is None:
         models, data_version, item_index_version = registered_teacher(
             config, data_version, item_index_version

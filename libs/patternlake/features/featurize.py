@@ -22,7 +22,6 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from patternlake.config import Config
-from patternlake.errors import PatternlakeError
 from patternlake.features.transforms import (
     appendable,
     appended_features,
@@ -55,10 +54,6 @@ def featurize(
     spark: SparkSession, lake: Lake, config: Config, full: bool = False
 ) -> FeaturizeResult:
     started = time.monotonic()
-    if not lake.exists("silver_events"):
-        raise PatternlakeError(
-            "featurize: silver_events does not exist yet; run ingest and validate first"
-        )
     silver_version = lake.version("silver_events")
     silver = lake.read("silver_events", version=silver_version)
     order = batches_in_order(silver)

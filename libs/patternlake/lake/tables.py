@@ -18,11 +18,12 @@ missing, a type that differs or a null in a ``NOT NULL`` column raise
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from patternlake.errors import (
     ConfigError,
     PatternlakeError,
     SchemaMismatchError,
+    UndeclaredTableError,
 )
 from patternlake.lake.catalog import CATALOG, CONTRACTS, Contract, type_text
 from patternlake.lake.engine import DeltaEngine, WriteMode
@@ -105,6 +107,14 @@ class Lake:
         self.root = _resolve_root(conf.root)
         self.engine = engine or make_engine(spark, conf)
         self.contracts = CONTRACTS
+        self.scope: tuple[str, frozenset[str]] | None = None  # (stage, the tables it declares)
+
+    def scoped(self, stage: str, tables: Iterable[str]) -> Lake:
+        """This lake as stage ``stage`` sees it: every catalogued table outside ``tables``
+        (what its declaration reads and writes) raises ``UndeclaredTableError``."""
+        view = copy.copy(self)
+        view.scope = (stage, frozenset(tables))
+        return view
 
     def contract(self, name: str) -> Contract | None:
         """The contract writes to table ``name`` are checked against (None: a path, or a
@@ -117,6 +127,13 @@ class Lake:
         """Where table ``name`` lives: ``lake.root/<path from conf>``, or ``name`` itself when
         it is an absolute path or URI."""
         if name in self.conf.tables:
+            if self.scope and name not in self.scope[1]:
+                stage, tables = self.scope
+                raise UndeclaredTableError(
+                    f"stage {stage} used table {name}, which its declaration does not name "
+                    f"(it declares {', '.join(sorted(tables)) or 'none'}); add {name} to its "
+                    "inputs or outputs in its package's stage.py"
+                )
             return f"{self.root}/{self.conf.tables[name].path}"
         if name.startswith("/") or "://" in name:
             return _resolve_root(name)

@@ -30,7 +30,6 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from patternlake.config import Config, MineConfig
-from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
 from patternlake.patterns.transforms import (
@@ -54,9 +53,6 @@ class MineResult:
 
 def mine_patterns(spark: SparkSession, lake: Lake, config: Config) -> MineResult:
     started = time.monotonic()
-    for table, job in (("user_sequences", "featurize"), ("segments", "segment")):
-        if not lake.exists(table):
-            raise PatternlakeError(f"mine: {table} does not exist yet; run {job} first")
     segments = lake.read("segments")
     model_version = segments.agg(F.max("model_version")).first()[0]
     sessions = training_sessions(

@@ -121,10 +121,6 @@ def _optional_long(df: DataFrame, name: str) -> Column:
 
 def validate_pending(spark: SparkSession, lake: Lake, config: Config) -> list[BatchReport]:
     """Validate every bronze batch that has not passed yet, oldest first."""
-    if not lake.exists("bronze_events"):
-        raise PatternlakeError(
-            "validate: bronze_events does not exist yet; run `patternlake ingest PATH` first"
-        )
     bronze = lake.read("bronze_events")
     batches = batches_in_order(bronze)
     passed: set[str] = set()

@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from pyspark.sql import SparkSession
 
 from patternlake.config import Config
-from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
 from patternlake.segments.transforms import (
@@ -55,8 +54,6 @@ class SegmentResult:
 def segment_users(spark: SparkSession, lake: Lake, config: Config) -> SegmentResult:
     started = time.monotonic()
     conf = config.segment
-    if not lake.exists("user_features"):
-        raise PatternlakeError("segment: user_features does not exist yet; run featurize first")
     features = lake.read("user_features")
     categories = top_categories(features, conf.top_categories)
     cols = feature_columns(share_types(features.columns), categories)

@@ -26,7 +26,7 @@ from patternlake import registry
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
-from patternlake.students.distill import pinned_files, require, run_tasks, write_decisions
+from patternlake.students.distill import pinned_files, run_tasks, write_decisions
 from patternlake.students.segment_training import compress_segment
 from patternlake.students.transforms import gate, summary_row
 
@@ -39,7 +39,6 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     from patternlake.registry import use_experiment
 
     started = time.monotonic()
-    require(lake, "compress", "user_sequences", "segments")
     teacher_data, tags = registry.teacher_file(config)
     files, data_version = pinned_files(lake, tags, "compress")
     students = {}

@@ -33,14 +33,6 @@ from patternlake.students.transforms import gate, summary_row
 log = logging.getLogger(__name__)
 
 
-def require(lake: Lake, stage: str, *tables: str) -> None:
-    for table in tables:
-        if not lake.exists(table):
-            raise PatternlakeError(
-                f"{stage}: {table} does not exist yet; run `patternlake run daily` first"
-            )
-
-
 def pinned_files(lake: Lake, tags: dict[str, str], stage: str) -> tuple[list[str], int]:
     """The files of the user_sequences version the teacher was trained on, and the version."""
     if "data.version" not in tags:
@@ -88,7 +80,6 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     import mlflow
 
     started = time.monotonic()
-    require(lake, "distill", "user_sequences", "segments")
     teacher_data, tags = registry.teacher_file(config)
     teacher = teacher_from_bytes(teacher_data)
     files, data_version = pinned_files(lake, tags, "distill")
