@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.window import Window
 
 from patternlake.sequence_schema import GAP_EDGES, MIN_EVALUATED_EVENTS
+from patternlake.spark import shuffled_once
 
 
 def new_item_index(events: DataFrame, existing: DataFrame | None) -> DataFrame:
@@ -32,10 +32,28 @@ def new_item_index(events: DataFrame, existing: DataFrame | None) -> DataFrame:
     if existing is not None:
         first = first.join(existing.select("item_id"), "item_id", "left_anti")
         offset = existing.agg(F.max("item_idx")).first()[0] or 0
-    order = Window.orderBy("first._batch_order", "first.event_time", "item_id")
-    return first.select(
+    # Numbered without a window over all items (Spark would move every row into one
+    # partition): range-partition by the order once, count each partition's rows, and number
+    # each row after the rows of the partitions before its own. ``shuffled_once`` runs the
+    # shuffle a single time, so the counts and the numbering see the same partitions.
+    keys = [F.col("first._batch_order"), F.col("first.event_time"), F.col("item_id")]
+    ranged, _ = shuffled_once(first.repartitionByRange(*keys))
+    # monotonically_increasing_id: the partition index in the upper 31 bits, the row's
+    # position within its partition in the lower 33 (documented)
+    numbered = ranged.sortWithinPartitions(*keys).withColumn(
+        "_pos", F.monotonically_increasing_id()
+    )
+    part = F.shiftright("_pos", 33)
+    counts = sorted(tuple(r) for r in numbered.groupBy(part.alias("p")).count().collect())
+    starts, total = [], offset
+    for p, n in counts:
+        starts += [F.lit(p).cast("long"), F.lit(total).cast("long")]
+        total += n
+    start = F.create_map(*starts)[part] if starts else F.lit(offset)
+    within = F.col("_pos").bitwiseAND(F.lit((1 << 33) - 1))
+    return numbered.select(
         "item_id",
-        (F.row_number().over(order) + F.lit(offset)).cast("int").alias("item_idx"),
+        (start + within + 1).cast("int").alias("item_idx"),
         F.col("first.event_time").alias("first_seen"),
         F.col("first._batch_order").cast("int").alias("first_batch"),
     )
