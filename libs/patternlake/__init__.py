@@ -19,7 +19,8 @@ imports):
   - ``registry``: the MLflow registry (teacher, students, champions) and experiment;
   - ``model_selection``: pruning, Pareto front and choice among trained configurations;
   - ``decisions``: reading ``model_decisions`` (the gates' verdicts per segment);
-  - ``stages``: how a stage is declared (``Stage``, ``Option``).
+  - ``stages``: how a stage is declared (``Stage``, ``Option``);
+  - ``progress``: progress bars of long driver loops, on a terminal only.
 
 * **stages**: one package per stage (or command), importing library modules and itself
   only: ``synthetic`` (generate), ``ingest``, ``quality`` (validate), ``features``
@@ -49,6 +50,7 @@ LIBRARY = frozenset(
         "registry",
         "model_selection",
         "decisions",
+        "progress",
         "stages",
     }
 )

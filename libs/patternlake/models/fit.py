@@ -217,16 +217,9 @@ def per_process_batch(batch_size: int, world: int) -> int:
 
 def _progress(show: bool, total: int, initial: int) -> Any:
     """An epoch progress bar on a terminal (rank 0 only); silent in logs, tasks and CI."""
-    from tqdm import tqdm
+    from patternlake.progress import progress
 
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc="teacher",
-        unit="epoch",
-        disable=not (show and sys.stderr.isatty()),
-        leave=False,
-    )
+    return progress(desc="teacher", total=total, initial=initial, unit="epoch", show=show)
 
 
 def _steps_per_epoch(data: ShardedSequences, spec: TrainSpec) -> int:

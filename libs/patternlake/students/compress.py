@@ -26,6 +26,7 @@ from patternlake import registry
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
+from patternlake.progress import progress
 from patternlake.students.distill import pinned_files, run_tasks, write_decisions
 from patternlake.students.segment_training import compress_segment
 from patternlake.students.transforms import gate, summary_row
@@ -77,7 +78,9 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     use_experiment(config)
     now = datetime.now(UTC)
     decisions, out = [], {"segments": {}, "teacher_version": tags["version"]}
-    for r in sorted(results, key=lambda r: r["segment"]):
+    for r in progress(
+        sorted(results, key=lambda r: r["segment"]), desc="compress: register", unit="segment"
+    ):
         g = r["segment"]
         fp32 = students[g]
         with mlflow.start_run(run_name=f"student-int8-{g}") as run:

@@ -26,6 +26,7 @@ from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
 from patternlake.models.teacher import teacher_from_bytes
+from patternlake.progress import progress
 from patternlake.sequence_schema import pinned_sequence_files
 from patternlake.students.segment_training import distill_segment
 from patternlake.students.transforms import gate, summary_row
@@ -114,7 +115,9 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
 
     use_experiment(config)
     decisions, out = [], {"segments": {}, "teacher_version": tags["version"]}
-    for r in sorted(results, key=lambda r: r["segment"]):
+    for r in progress(
+        sorted(results, key=lambda r: r["segment"]), desc="distill: register", unit="segment"
+    ):
         g = r["segment"]
         row = {
             "decided_at": now,

@@ -152,15 +152,13 @@ def run_trials(
 
 def _wait_with_progress(procs: list[Any], path: Path, study_name: str, n_trials: int) -> None:
     """Wait for the trial processes; on a terminal, a bar of finished trials."""
-    import sys
+    from patternlake.progress import enabled, progress
 
-    from tqdm import tqdm
-
-    if not sys.stderr.isatty():
+    if not enabled():
         for p in procs:
             p.join()
         return
-    with tqdm(total=n_trials, desc="tune teacher", unit="trial") as bar:
+    with progress(desc="tune teacher", total=n_trials, unit="trial") as bar:
         while any(p.is_alive() for p in procs):
             time.sleep(2.0)
             try:
