@@ -64,9 +64,10 @@ def run_teacher(
     import torch
 
     from patternlake.config import load_config
-    from patternlake.models.fit import TrainSpec, train_worker
+    from patternlake.models.fit import train_worker
     from patternlake.models.metrics import evaluate_scorer
     from patternlake.models.teacher import TeacherConfig
+    from patternlake.models.train_spec import TrainSpec
     from patternlake.sequence_reader import evaluation_arrays
     from patternlake.training.train import train_members
 

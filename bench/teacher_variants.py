@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
-    from patternlake.models.fit import build_spec, train_worker
+    from patternlake.models.fit import train_worker
+    from patternlake.models.train_spec import build_spec
     from patternlake.sequence_reader import read_table
     from patternlake.training.train import train_members
 

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from patternlake.lake import Lake
-from patternlake.models.fit import build_spec
+from patternlake.models.train_spec import build_spec
 from patternlake.sequence_schema import (
     GAP_BUCKETS,
     GAP_EDGES,

@@ -8,14 +8,15 @@ imports):
 
   - ``config``, ``errors``, ``spark``, ``times``: conf, the user-error type, the Spark
     session, time parsing;
-  - ``lake/``: named Delta tables under one root, over two engines;
+  - ``lake/``: named Delta tables under one root (delta-spark);
   - ``sequence_schema``: the vocabulary of ``user_sequences`` (event types, gap buckets,
     ``max_len``; recorded with the table) and the evaluation rule;
     ``sequence_reader``: decoding a pinned version of ``user_sequences`` into arrays and
     training batches;
   - ``models/``: model code: the teacher network (``teacher``), the students' network
     (``student``), baselines, ranking metrics, the tensor file format (``store``) and the one
-    training function every backend runs (``fit``, with the ``TrainSpec`` of a lake and conf);
+    training function every backend runs (``fit``) and what it trains on (``train_spec``:
+    the ``TrainSpec`` built from the lake and conf);
   - ``registry``: the MLflow registry (teacher, students, champions) and experiment;
   - ``model_selection``: pruning, Pareto front and choice among trained configurations;
   - ``decisions``: reading ``model_decisions`` (the gates' verdicts per segment);

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from patternlake.models.fit import TrainSpec, per_process_batch
+from patternlake.models.fit import per_process_batch
 from patternlake.models.teacher import TeacherConfig
+from patternlake.models.train_spec import TrainSpec
 from patternlake.sequence_reader import ShardedSequences
 from patternlake.training.train import run_backend
 from tests.training import handmade

@@ -12,7 +12,7 @@ from patternlake.config import TuneSpaceConfig, load_config
 from patternlake.errors import ConfigError, PatternlakeError
 from patternlake.lake import Lake
 from patternlake.model_selection import choose, pareto_front, should_prune
-from patternlake.models.fit import build_spec
+from patternlake.models.train_spec import build_spec
 from patternlake.tuning.transforms import SEARCHED
 from patternlake.tuning.tune_teacher import (
     HISTORY_ATTR,

@@ -18,7 +18,6 @@ run on every rank: it is neither checkpointed nor saved as best, and the result 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -27,159 +26,26 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from patternlake.errors import PatternlakeError
 from patternlake.models.metrics import evaluate_scorer
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig, pick_device
+from patternlake.models.train_spec import TrainSpec
 from patternlake.sequence_reader import (
     ShardedSequences,
     evaluation_arrays,
-    item_id_count,
     read_table,
 )
-from patternlake.sequence_schema import sequence_vocabulary
 
 if TYPE_CHECKING:
-    from patternlake.config import Config
-    from patternlake.lake import Lake
+    pass
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainSpec:
-    files: list[str]
-    data_version: int  # the user_sequences version trained on
-    model: dict[str, Any]  # TeacherConfig fields
-    backend: str  # horovod | ddp | single
-    epochs: int = 20
-    batch_size: int = 128  # global: examples per optimizer step, over all processes
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    patience: int = 3
-    lr_scaling: str = "none"  # none | sqrt | linear (x processes)
-    schedule: str = "cosine"  # cosine | constant (after the warm-up)
-    min_lr_ratio: float = 0.1  # cosine: the last step's learning rate, as a share of lr
-    seed: int = 7
-    valid_users: int = 0  # 0: every user's validation target
-    threads: int = 1
-    checkpoint_dir: str = ""
-    result_path: str = ""  # horovodrun: rank 0 writes its result here
-    max_batches_per_epoch: int = 0  # 0: all; >0 caps an epoch (benchmarks)
-    window_stride: int = 0  # targets per training window (0: max_len, windows side by side)
-    ema_decay: float = 0.0  # > 0: validate, keep and register an exponential moving average
-    item_index_version: int = -1  # the item_index version of the catalogue (for evaluate)
-
-    @classmethod
-    def from_config(cls, train: Any, **fields: Any) -> TrainSpec:
-        """A spec with the settings of a ``train`` config section; ``fields`` add the rest
-        (files, data version, model, backend) and override any setting."""
-        settings = {
-            "epochs": train.epochs,
-            "batch_size": train.batch_size,
-            "lr": train.lr,
-            "warmup_steps": train.warmup_steps,
-            "lr_scaling": train.lr_scaling,
-            "schedule": train.schedule,
-            "min_lr_ratio": train.min_lr_ratio,
-            "weight_decay": train.weight_decay,
-            "patience": train.patience,
-            "seed": train.seed,
-            "valid_users": train.valid_users,
-            "threads": train.threads_per_proc,
-            "window_stride": train.window_stride,
-            "ema_decay": train.ema_decay,
-        }
-        return cls(**{**settings, **fields})
-
-
-def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
-    for table in ("user_sequences", "item_index"):
-        if not lake.exists(table):
-            raise PatternlakeError(
-                f"train: {table} does not exist yet; run `patternlake run daily` first"
-            )
-    version = lake.version("user_sequences")
-    item_version = lake.version("item_index")
-    n_items = item_id_count(lake, item_version)
-    vocabulary = sequence_vocabulary(lake, config, version)  # recorded with the table
-    t = config.train
-    teacher, lr, batch_size = config.teacher.model_dump(), t.lr, t.batch_size
-    if t.use_tuned:
-        tuned = tuned_teacher(lake)
-        teacher.update(
-            {k: tuned[k] for k in ("d_model", "n_heads", "n_layers", "dropout", "max_len")}
-        )
-        lr, batch_size = tuned["lr"], tuned["batch_size"]
-    model = TeacherConfig(
-        n_items=n_items,
-        n_types=vocabulary.n_types,
-        n_gaps=vocabulary.gap_buckets,
-        **teacher,
-    )
-    if model.max_len > vocabulary.max_len:
-        log.warning(
-            "train: teacher.max_len %d exceeds the %d events user_sequences v%d keeps per "
-            "user; positions beyond them stay padding",
-            model.max_len,
-            vocabulary.max_len,
-            version,
-        )
-    spec = TrainSpec.from_config(
-        t,
-        files=lake.files("user_sequences", version),
-        data_version=version,
-        item_index_version=item_version,
-        model=model.to_dict(),
-        backend="horovod" if backend == "horovodrun" else backend,
-        batch_size=batch_size,
-        lr=lr,
-    )
-    # one checkpoint folder per (data version, model, training settings, world size): a rerun
-    # of the same job resumes, a changed job starts over
-    key = {
-        k: v for k, v in asdict(spec).items() if k not in ("files", "checkpoint_dir", "result_path")
-    }
-    key["num_proc"] = 1 if backend == "single" else t.num_proc
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    spec.checkpoint_dir = str(
-        Path(config.models.root).resolve() / "teacher" / "checkpoints" / digest
-    )
-    return spec
-
-
-def tuned_teacher(lake: Lake) -> dict[str, Any]:
-    """The chosen trial of the latest `patternlake tune teacher` study (``train.use_tuned``):
-    its row of ``teacher_tuning`` (d_model, n_heads, n_layers, dropout, max_len, lr,
-    batch_size, study, valid_ndcg_at_10, ...)."""
-    if not lake.exists("teacher_tuning"):
-        raise PatternlakeError(
-            "train.use_tuned: teacher_tuning does not exist yet; run `patternlake tune teacher` "
-            "first (or set train.use_tuned=false)"
-        )
-    row = (
-        lake.read("teacher_tuning")
-        .where("chosen")
-        .orderBy("study_started", "study", ascending=False)
-        .first()
-    )
-    if row is None:
-        raise PatternlakeError("train.use_tuned: teacher_tuning has no chosen trial")
-    tuned = row.asDict()
-    log.info(
-        "train teacher: tuned configuration of study %s (trial %d, validation NDCG@10 %.4f)",
-        tuned["study"],
-        tuned["trial"],
-        tuned["valid_ndcg_at_10"],
-    )
-    return tuned
 
 
 def lr_scale(rule: str, world: int) -> float:

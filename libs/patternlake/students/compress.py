@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from pyspark.sql import SparkSession
@@ -27,7 +25,8 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.progress import progress
-from patternlake.students.distill import pinned_files, run_tasks, write_decisions
+from patternlake.students.distill import pinned_files, run_tasks
+from patternlake.students.promotion import Candidate, Verdict, write_decisions
 from patternlake.students.segment_training import compress_segment
 from patternlake.students.transforms import gate, summary_row
 
@@ -35,10 +34,6 @@ log = logging.getLogger(__name__)
 
 
 def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
-    import mlflow
-
-    from patternlake.registry import use_experiment
-
     started = time.monotonic()
     teacher_data, tags = registry.teacher_file(config)
     files, data_version = pinned_files(lake, tags, "compress")
@@ -75,131 +70,111 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
 
     log.info("compress: %d students as Spark tasks, sparsity tried %s", len(jobs), c.sparsity)
     results = run_tasks(spark, task, jobs, [teacher_data, *blobs], config.students.parallel)
-    use_experiment(config)
+    registry.use_experiment(config)
     now = datetime.now(UTC)
-    decisions, out = [], {"segments": {}, "teacher_version": tags["version"]}
-    for r in progress(
-        sorted(results, key=lambda r: r["segment"]), desc="compress: register", unit="segment"
-    ):
-        g = r["segment"]
-        fp32 = students[g]
-        with mlflow.start_run(run_name=f"student-int8-{g}") as run:
-            mlflow.set_tags(
-                {
-                    "patternlake.role": "student",
-                    "segment": g,
-                    "variant": "int8",
-                    "data.version": data_version,
-                    "teacher.version": tags["version"],
-                    "fp32.version": fp32.version,
-                }
-            )
-            mlflow.log_params(
-                {
-                    "sparsity": r["sparsity"],
-                    "finetune_epochs": c.finetune_epochs,
-                    "runtime": c.runtime,
-                }
-            )
-            mlflow.log_metrics(
-                {
-                    "int8_valid_ndcg_at_10": r["int8_valid_ndcg@10"],
-                    "fp32_valid_ndcg_at_10": r["fp32_valid_ndcg@10"],
-                    "sparsity_reached": r["sparsity_reached"],
-                    "int8_bytes": r["int8_bytes"],
-                    "fp32_bytes": r["fp32_bytes"],
-                    "int8_ms_per_1000_users": r["int8_ms_per_1000_users"],
-                }
-            )
-            mlflow.log_text(json.dumps(r["tried"], indent=1), "tried.json")
-            with tempfile.TemporaryDirectory(prefix="pl-int8-") as tmp:
-                path = Path(tmp) / "student-int8.safetensors"
-                path.write_bytes(r["model"])
-                mlflow.log_artifact(str(path), artifact_path="model")
-            params = int(fp32.tags.get("params", 0))
-            version = registry.register(
-                config,
-                run.info.run_id,
-                "model",
-                {
-                    "segment": g,
-                    "variant": "int8",
-                    "params": params,
-                    "bytes": r["int8_bytes"],
-                    "valid_ndcg_at_10": round(r["int8_valid_ndcg@10"], 6),
-                    "sparsity": r["sparsity_reached"],
-                    "fp32_version": fp32.version,
-                    "teacher_version": tags["version"],
-                    "data_version": data_version,
-                },
-            )
-        decision = gate(
-            r["int8_valid_ndcg@10"],
-            r["fp32_valid_ndcg@10"],
-            c.gate,
-            r["valid_users"],
-            config.students.min_users,
+    verdicts = [
+        judge_int8(config, result, students[result["segment"]], tags["version"], data_version)
+        for result in progress(
+            sorted(results, key=lambda r: r["segment"]), desc="compress: register", unit="segment"
         )
-        current = registry.champion_version(config, g)
-        fp32_is_champion = current is not None and str(current.version) == str(fp32.version)
-        promoted = decision.passed and fp32_is_champion
-        reason = (
-            decision.reason
-            if fp32_is_champion
-            else (f"{decision.reason}; not promoted: its fp32 student is not the champion")
-        )
-        if promoted:
-            registry.set_champion(config, g, version)
-        champion = (
-            f"student-int8 v{version}"
-            if promoted
-            else f"student v{current.version}"
-            if current is not None
-            else "teacher"
-        )
-        decisions.append(
-            {
-                "decided_at": now,
-                "stage": "compress",
-                "segment_id": g,
-                "model": "student",
-                "variant": "int8",
-                "registered_version": version,
-                "params": params,
-                "bytes": r["int8_bytes"],
-                "valid_users": r["valid_users"],
-                "reference": f"student v{fp32.version}",
-                "reference_ndcg_at_10": r["fp32_valid_ndcg@10"],
-                "model_ndcg_at_10": r["int8_valid_ndcg@10"],
-                "ratio": decision.ratio,
-                "threshold": c.gate,
-                "promoted": promoted,
-                "champion": champion,
-                "reason": reason,
-                "details": json.dumps(summary_row(r) | {"tried": r["tried"]}),
-            }
-        )
-        out["segments"][g] = {
-            **summary_row(r),
-            "tried": r["tried"],
-            "registered_version": version,
-            "promoted": promoted,
-            "champion": champion,
-        }
-        log.info(
-            "compress segment %d: sparsity %.2f, %d -> %d bytes (%.1fx), validation NDCG@10 "
-            "%.4f vs fp32 %.4f: %s -> champion %s",
-            g,
-            r["sparsity_reached"],
-            r["fp32_bytes"],
-            r["int8_bytes"],
-            r["fp32_bytes"] / max(r["int8_bytes"], 1),
-            r["int8_valid_ndcg@10"],
-            r["fp32_valid_ndcg@10"],
-            "promoted" if promoted else "not promoted",
-            champion,
-        )
-    write_decisions(lake, decisions)
+    ]
+    write_decisions(lake, verdicts, now)
+    out: dict[str, Any] = {
+        "segments": {v.segment: v.summary() for v in verdicts},
+        "teacher_version": tags["version"],
+    }
     out["seconds"] = round(time.monotonic() - started, 1)
     log.info("compress: %d students in %.1fs", len(results), out["seconds"])
     return out
+
+
+def judge_int8(
+    config: Config, result: dict[str, Any], fp32: Any, teacher_version: str, data_version: int
+) -> Verdict:
+    """Register one segment's pruned int8 student, gate it against its fp32 model and make it
+    the champion when it passes and that fp32 model is the champion now."""
+    c = config.compress
+    segment = result["segment"]
+    params = int(fp32.tags.get("params", 0))
+    version = Candidate(
+        segment=segment,
+        variant="int8",
+        model=result["model"],
+        run_tags={
+            "data.version": data_version,
+            "teacher.version": teacher_version,
+            "fp32.version": fp32.version,
+        },
+        run_params={
+            "sparsity": result["sparsity"],
+            "finetune_epochs": c.finetune_epochs,
+            "runtime": c.runtime,
+        },
+        run_metrics={
+            "int8_valid_ndcg_at_10": result["int8_valid_ndcg@10"],
+            "fp32_valid_ndcg_at_10": result["fp32_valid_ndcg@10"],
+            "sparsity_reached": result["sparsity_reached"],
+            "int8_bytes": result["int8_bytes"],
+            "fp32_bytes": result["fp32_bytes"],
+            "int8_ms_per_1000_users": result["int8_ms_per_1000_users"],
+        },
+        version_tags={
+            "params": params,
+            "bytes": result["int8_bytes"],
+            "valid_ndcg_at_10": round(result["int8_valid_ndcg@10"], 6),
+            "sparsity": result["sparsity_reached"],
+            "fp32_version": fp32.version,
+            "teacher_version": teacher_version,
+            "data_version": data_version,
+        },
+        texts={"tried.json": json.dumps(result["tried"], indent=1)},
+    ).register(config)
+    decision = gate(
+        result["int8_valid_ndcg@10"],
+        result["fp32_valid_ndcg@10"],
+        c.gate,
+        result["valid_users"],
+        config.students.min_users,
+    )
+    current = registry.champion_version(config, segment)
+    fp32_is_champion = current is not None and str(current.version) == str(fp32.version)
+    promoted = decision.passed and fp32_is_champion
+    reason = decision.reason
+    if not fp32_is_champion:
+        reason += "; not promoted: its fp32 student is not the champion"
+    if promoted:
+        registry.set_champion(config, segment, version)
+        champion = f"student-int8 v{version}"
+    else:
+        champion = "teacher" if current is None else f"student v{current.version}"
+    log.info(
+        "compress segment %d: sparsity %.2f, %d -> %d bytes (%.1fx), validation NDCG@10 "
+        "%.4f vs fp32 %.4f: %s -> champion %s",
+        segment,
+        result["sparsity_reached"],
+        result["fp32_bytes"],
+        result["int8_bytes"],
+        result["fp32_bytes"] / max(result["int8_bytes"], 1),
+        result["int8_valid_ndcg@10"],
+        result["fp32_valid_ndcg@10"],
+        "promoted" if promoted else "not promoted",
+        champion,
+    )
+    return Verdict(
+        stage="compress",
+        segment=segment,
+        variant="int8",
+        valid_users=result["valid_users"],
+        reference=f"student v{fp32.version}",
+        reference_ndcg=result["fp32_valid_ndcg@10"],
+        threshold=c.gate,
+        promoted=promoted,
+        champion=champion,
+        reason=reason,
+        details=summary_row(result) | {"tried": result["tried"]},
+        registered_version=version,
+        params=params,
+        bytes=result["int8_bytes"],
+        model_ndcg=result["int8_valid_ndcg@10"],
+        ratio=decision.ratio,
+    )

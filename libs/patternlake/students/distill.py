@@ -10,12 +10,9 @@ teacher's on the same users is registered but not promoted: the segment keeps th
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from pyspark.sql import SparkSession
@@ -24,10 +21,10 @@ from patternlake import registry
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
-from patternlake.lake.catalog import contract
 from patternlake.models.teacher import teacher_from_bytes
 from patternlake.progress import progress
 from patternlake.sequence_schema import pinned_sequence_files
+from patternlake.students.promotion import Candidate, Verdict, write_decisions
 from patternlake.students.segment_training import distill_segment
 from patternlake.students.transforms import gate, summary_row
 
@@ -69,17 +66,7 @@ def run_tasks(
             v.unpersist()
 
 
-def write_decisions(lake: Lake, rows: list[dict[str, Any]]) -> None:
-    table = contract("model_decisions")
-    df = lake.spark.createDataFrame(
-        [tuple(r.get(c) for c in table.names) for r in rows], table.ddl()
-    )
-    lake.write(df, "model_decisions", "append")
-
-
 def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
-    import mlflow
-
     started = time.monotonic()
     teacher_data, tags = registry.teacher_file(config)
     teacher = teacher_from_bytes(teacher_data)
@@ -111,134 +98,105 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     )
     results = run_tasks(spark, distill_segment, jobs, [teacher_data], s.parallel)
     now = datetime.now(UTC)
-    from patternlake.registry import use_experiment
-
-    use_experiment(config)
-    decisions, out = [], {"segments": {}, "teacher_version": tags["version"]}
-    for r in progress(
-        sorted(results, key=lambda r: r["segment"]), desc="distill: register", unit="segment"
-    ):
-        g = r["segment"]
-        row = {
-            "decided_at": now,
-            "stage": "distill",
-            "segment_id": g,
-            "model": "student",
-            "variant": "fp32",
-            "valid_users": r["valid_users"],
-            "reference": "teacher",
-            "reference_ndcg_at_10": r["teacher_valid_ndcg@10"],
-            "threshold": s.gate,
-        }
-        if "error" in r:
-            registry.set_champion(config, g, None)
-            decisions.append(
-                {
-                    **row,
-                    "promoted": False,
-                    "champion": "teacher",
-                    "reason": r["error"],
-                    "details": json.dumps(summary_row(r)),
-                }
-            )
-            out["segments"][g] = {**summary_row(r), "champion": "teacher"}
-            log.warning("distill segment %d: %s; the teacher serves it", g, r["error"])
-            continue
-        with mlflow.start_run(run_name=f"student-{g}") as run:
-            mlflow.set_tags(
-                {
-                    "patternlake.role": "student",
-                    "segment": g,
-                    "variant": "fp32",
-                    "data.version": data_version,
-                    "teacher.version": tags["version"],
-                }
-            )
-            mlflow.log_params({f"model.{k}": v for k, v in r["config"].items()})
-            mlflow.log_params(
-                {
-                    "loss": s.loss,
-                    "temperature": s.temperature,
-                    "alpha": s.alpha,
-                    "catalogue_share": s.catalogue_share,
-                    "budget": budget,
-                }
-            )
-            for h in r["history"]:
-                mlflow.log_metrics(
-                    {"train_loss": h["loss"], "valid_ndcg_at_10": h["valid_ndcg@10"]},
-                    step=h["epoch"],
-                )
-            mlflow.log_metrics(
-                {
-                    "best_valid_ndcg_at_10": r["best_valid_ndcg@10"],
-                    "teacher_valid_ndcg_at_10": r["teacher_valid_ndcg@10"],
-                    "params": r["params"],
-                    "bytes": r["bytes"],
-                    "ms_per_1000_users": r["ms_per_1000_users"],
-                }
-            )
-            with tempfile.TemporaryDirectory(prefix="pl-student-") as tmp:
-                path = Path(tmp) / "student.safetensors"
-                path.write_bytes(r["model"])
-                mlflow.log_artifact(str(path), artifact_path="model")
-            version = registry.register(
-                config,
-                run.info.run_id,
-                "model",
-                {
-                    "segment": g,
-                    "variant": "fp32",
-                    "params": r["params"],
-                    "bytes": r["bytes"],
-                    "valid_ndcg_at_10": round(r["best_valid_ndcg@10"], 6),
-                    "teacher_version": tags["version"],
-                    "data_version": data_version,
-                },
-            )
-        decision = gate(
-            r["best_valid_ndcg@10"],
-            r["teacher_valid_ndcg@10"],
-            s.gate,
-            r["valid_users"],
-            s.min_users,
+    registry.use_experiment(config)
+    verdicts = [
+        judge_student(config, result, tags["version"], data_version, budget)
+        for result in progress(
+            sorted(results, key=lambda r: r["segment"]), desc="distill: register", unit="segment"
         )
-        registry.set_champion(config, g, version if decision.passed else None)
-        champion = f"student v{version}" if decision.passed else "teacher"
-        decisions.append(
-            {
-                **row,
-                "registered_version": version,
-                "params": r["params"],
-                "bytes": r["bytes"],
-                "model_ndcg_at_10": r["best_valid_ndcg@10"],
-                "ratio": decision.ratio,
-                "promoted": decision.passed,
-                "champion": champion,
-                "reason": decision.reason,
-                "details": json.dumps(summary_row(r)),
-            }
-        )
-        out["segments"][g] = {
-            **summary_row(r),
-            "registered_version": version,
-            "promoted": decision.passed,
-            "champion": champion,
-        }
-        log.info(
-            "distill segment %d: %d users, student %d params (teacher %d), validation NDCG@10 "
-            "%.4f vs teacher %.4f (%.0f%%): %s -> champion %s",
-            g,
-            r["users"],
-            r["params"],
-            r["teacher_params"],
-            r["best_valid_ndcg@10"],
-            r["teacher_valid_ndcg@10"],
-            100 * (decision.ratio or 0),
-            "promoted" if decision.passed else "not promoted",
-            champion,
-        )
-    write_decisions(lake, decisions)
+    ]
+    write_decisions(lake, verdicts, now)
+    out: dict[str, Any] = {
+        "segments": {v.segment: v.summary() for v in verdicts},
+        "teacher_version": tags["version"],
+    }
     out["seconds"] = round(time.monotonic() - started, 1)
     log.info("distill: %d students in %.1fs", len(results), out["seconds"])
     return out
+
+
+def judge_student(
+    config: Config, result: dict[str, Any], teacher_version: str, data_version: int, budget: int
+) -> Verdict:
+    """Register one segment's student, gate it against the teacher on the segment's
+    validation users and make it the segment's champion when it passes (else the teacher
+    serves the segment)."""
+    s = config.students
+    segment = result["segment"]
+    verdict = {
+        "stage": "distill",
+        "segment": segment,
+        "variant": "fp32",
+        "valid_users": result["valid_users"],
+        "reference": "teacher",
+        "reference_ndcg": result["teacher_valid_ndcg@10"],
+        "threshold": s.gate,
+        "details": summary_row(result),
+    }
+    if "error" in result:
+        registry.set_champion(config, segment, None)
+        log.warning("distill segment %d: %s; the teacher serves it", segment, result["error"])
+        return Verdict(**verdict, promoted=False, champion="teacher", reason=result["error"])
+    candidate = Candidate(
+        segment=segment,
+        variant="fp32",
+        model=result["model"],
+        run_tags={"data.version": data_version, "teacher.version": teacher_version},
+        run_params={f"model.{k}": v for k, v in result["config"].items()}
+        | {
+            "loss": s.loss,
+            "temperature": s.temperature,
+            "alpha": s.alpha,
+            "catalogue_share": s.catalogue_share,
+            "budget": budget,
+        },
+        run_metrics={
+            "best_valid_ndcg_at_10": result["best_valid_ndcg@10"],
+            "teacher_valid_ndcg_at_10": result["teacher_valid_ndcg@10"],
+            "params": result["params"],
+            "bytes": result["bytes"],
+            "ms_per_1000_users": result["ms_per_1000_users"],
+        },
+        version_tags={
+            "params": result["params"],
+            "bytes": result["bytes"],
+            "valid_ndcg_at_10": round(result["best_valid_ndcg@10"], 6),
+            "teacher_version": teacher_version,
+            "data_version": data_version,
+        },
+        history=tuple(result["history"]),
+    )
+    version = candidate.register(config)
+    decision = gate(
+        result["best_valid_ndcg@10"],
+        result["teacher_valid_ndcg@10"],
+        s.gate,
+        result["valid_users"],
+        s.min_users,
+    )
+    registry.set_champion(config, segment, version if decision.passed else None)
+    champion = f"student v{version}" if decision.passed else "teacher"
+    log.info(
+        "distill segment %d: %d users, student %d params (teacher %d), validation NDCG@10 "
+        "%.4f vs teacher %.4f (%.0f%%): %s -> champion %s",
+        segment,
+        result["users"],
+        result["params"],
+        result["teacher_params"],
+        result["best_valid_ndcg@10"],
+        result["teacher_valid_ndcg@10"],
+        100 * (decision.ratio or 0),
+        "promoted" if decision.passed else "not promoted",
+        champion,
+    )
+    return Verdict(
+        **verdict,
+        promoted=decision.passed,
+        champion=champion,
+        reason=decision.reason,
+        registered_version=version,
+        params=result["params"],
+        bytes=result["bytes"],
+        model_ndcg=result["best_valid_ndcg@10"],
+        ratio=decision.ratio,
+    )

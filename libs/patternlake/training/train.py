@@ -28,13 +28,8 @@ from pyspark.sql import SparkSession
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
-from patternlake.models.fit import (
-    TrainSpec,
-    build_spec,
-    train_worker,
-    validate_ndcg,
-    validation_set,
-)
+from patternlake.models.fit import train_worker, validate_ndcg, validation_set
+from patternlake.models.train_spec import TrainSpec, build_spec
 from patternlake.models.teacher import (
     SequentialTeacher,
     Teacher,

@@ -35,8 +35,9 @@ from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
 from patternlake.model_selection import choose, pareto_front, should_prune
-from patternlake.models.fit import build_spec, train_worker
+from patternlake.models.fit import train_worker
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig
+from patternlake.models.train_spec import build_spec
 from patternlake.registry import use_experiment
 from patternlake.tuning.transforms import (
     MODEL_KEYS,
