@@ -107,3 +107,30 @@ def test_conf_dir_is_the_env_var_then_a_local_conf_then_the_package(tmp_path, mo
     monkeypatch.setenv(CONF_DIR_ENV, str(other))
     assert default_conf_dir() == other
     assert load_config(environ={}).spark.app_name != "from-cwd"
+
+
+def test_every_setting_has_one_default_in_base_yaml():
+    """The typed model reads conf/base.yaml and holds no default of its own (so a default
+    cannot differ between base.yaml and the code); the teacher network takes every field of
+    the teacher section from conf."""
+    from dataclasses import fields
+
+    from pydantic import BaseModel
+
+    from patternlake.config import Config, TeacherModelConfig
+    from patternlake.models.teacher import TeacherConfig
+
+    def defaults(model: type[BaseModel], path: str) -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            key = f"{path}{field.alias or name}"
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found += defaults(kind, f"{key}.")
+            elif not field.is_required():
+                found.append(key)
+        return found
+
+    assert defaults(Config, "") == []
+    network = {f.name for f in fields(TeacherConfig)} - {"n_items", "n_types", "n_gaps"}
+    assert network == set(TeacherModelConfig.model_fields)

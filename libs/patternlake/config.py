@@ -86,8 +86,8 @@ class SparkConfig(_Strict):
     app_name: str
     shuffle_partitions: int = Field(gt=0)
     ui: bool
-    driver_memory: str | None = None
-    conf: dict[str, str] = Field(default_factory=dict)
+    driver_memory: str | None
+    conf: dict[str, str]
 
 
 class GenerateConfig(_Strict):
@@ -131,7 +131,7 @@ class ValidateConfig(_Strict):
     id_pattern: str
     max_invalid_share: float = Field(ge=0, le=1)
     report_dir: str  # under lake.root
-    gx: Literal["record", "run"] = "record"
+    gx: Literal["record", "run"]
 
 
 class FeaturesConfig(_Strict):
@@ -180,7 +180,7 @@ class TeacherModelConfig(_Strict):
     n_layers: int = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
     sampled_softmax: int = Field(ge=0)
-    seen_bias: bool = False  # learned score shift for items already in the window
+    seen_bias: bool  # learned score shift for items already in the window
 
 
 class TrainConfig(_Strict):
@@ -198,10 +198,10 @@ class TrainConfig(_Strict):
     seed: int
     valid_users: int = Field(ge=0)
     threads_per_proc: int = Field(gt=0)
-    window_stride: int = Field(default=0, ge=0)  # 0: max_len
-    ema_decay: float = Field(default=0.0, ge=0, lt=1)
-    members: int = Field(default=1, ge=1)  # > 1: an ensemble of that many seeds
-    use_tuned: bool = False  # true: model + lr + batch size from the latest `tune teacher`
+    window_stride: int = Field(ge=0)  # 0: max_len
+    ema_decay: float = Field(ge=0, lt=1)
+    members: int = Field(ge=1)  # > 1: an ensemble of that many seeds
+    use_tuned: bool  # true: model + lr + batch size from the latest `tune teacher`
 
 
 class TuneSpaceConfig(_Strict):
@@ -250,7 +250,7 @@ class TuneConfig(_Strict):
     prune_after: int = Field(gt=0)  # epochs before a trial may be pruned
     prune_startup_trials: int = Field(ge=1)  # finished trials needed before pruning starts
     seed: int
-    max_params: int | None = Field(default=None, gt=0)  # the chosen trial's parameter budget
+    max_params: int | None = Field(gt=0)  # the chosen trial's parameter budget
     space: TuneSpaceConfig
 
 

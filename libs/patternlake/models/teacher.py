@@ -26,13 +26,17 @@ from patternlake.sequence_schema import GAP_BUCKETS
 
 @dataclass
 class TeacherConfig:
+    """The network's shape. The product's values are conf's ``teacher`` section, which the
+    training spec passes in full (``train_spec.build_spec``); the defaults below are only
+    the bare network's, for code that builds one by hand (tests, benchmarks)."""
+
     n_items: int  # catalogue size + 1 (0 is padding)
     n_types: int  # event types + 1
+    max_len: int
+    d_model: int
+    n_heads: int
+    n_layers: int
     n_gaps: int = GAP_BUCKETS
-    max_len: int = 50
-    d_model: int = 64
-    n_heads: int = 2
-    n_layers: int = 2
     dropout: float = 0.2
     sampled_softmax: int = 0  # 0: full softmax; k > 0: k uniform negatives per batch
     seen_bias: bool = False  # a learned score shift for items already in the input window
