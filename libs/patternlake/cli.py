@@ -23,7 +23,12 @@ EXIT_USER_ERROR = 2
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with our exit code and one-line errors."""
+    """argparse with our exit code and one-line errors; its subcommands merge the global
+    options given after them with those given before (``_Subcommands``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", "parsers", _Subcommands)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -228,6 +233,28 @@ def _add_stages(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> No
         for option in stage.options:
             option.add_to(p)
         p.set_defaults(func=cmd_stage, stage=stage.name, needs_spark=True)
+
+
+class _Subcommands(argparse._SubParsersAction):
+    """A subcommand's parser fills a fresh namespace that argparse then copies over its
+    parent's, so ``--set`` after the command would replace every ``--set`` before it. Here the
+    global options merge wherever they stand, at any depth (``lake --set .. tables --set ..``):
+    every ``--set`` applies in the order given (a later one wins per key), the last ``--conf``
+    wins, ``-v`` anywhere counts."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        before = {k: getattr(namespace, k, None) for k in ("overrides", "conf", "verbose")}
+        namespace.overrides, namespace.conf, namespace.verbose = [], None, False
+        super().__call__(parser, namespace, values, option_string)
+        namespace.overrides = [*(before["overrides"] or []), *(namespace.overrides or [])]
+        namespace.conf = namespace.conf if namespace.conf is not None else before["conf"]
+        namespace.verbose = bool(namespace.verbose or before["verbose"])
 
 
 def _add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
