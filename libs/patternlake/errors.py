@@ -35,6 +35,12 @@ class ConcurrentCommitError(PatternlakeError):
     conflicts go on past the retry deadline."""
 
 
+class RegistryError(PatternlakeError):
+    """The model registry (MLflow tracking store) could not answer: missing where a stage
+    only reads it, locked, unreachable, refused. The message names the operation and the
+    tracking URI. "Not registered yet" is not this error: the registry answers None."""
+
+
 class UndeclaredTableError(RuntimeError):
     """A stage touched a lake table its declaration (``<package>/stage.py``) does not name
     among its inputs or outputs: a bug in the stage or its declaration, not a user error."""

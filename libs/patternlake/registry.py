@@ -12,19 +12,25 @@ evaluate, score, monitor, forget, report).
 * Loading reads the file through ``store`` (JSON header + raw tensors): nothing from the
   store is unpickled. The teacher's run holds ``weights/teacher.safetensors`` for the same
   reason (written by ``train``).
+* Absent is not broken: only MLflow's "does not exist" answers None ("no teacher yet");
+  any other failure (a locked database, a network error) raises ``RegistryError`` naming
+  the operation and the tracking URI. Only ``train`` (``use_experiment``) creates a
+  tracking store; the stages that read the registry refuse one that does not exist
+  (``require_store``) instead of letting MLflow create an empty one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from patternlake.config import Config
-from patternlake.errors import PatternlakeError
+from patternlake.errors import PatternlakeError, RegistryError
 from patternlake.models.student import from_bytes
 from patternlake.models.teacher import SequentialTeacher, teacher_from_bytes
 
@@ -39,11 +45,73 @@ def champion_alias(segment: int) -> str:
     return f"champion-{segment}"
 
 
+def store_path(uri: str) -> Path | None:
+    """The local file or folder of a tracking URI (``sqlite:///``, ``file://``, a plain path);
+    None for a server (``http://``, ``databricks``, a database server)."""
+    from urllib.parse import unquote, urlparse
+
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    if uri == "databricks" or uri.startswith("databricks") or "://" in uri:
+        return None
+    return Path(uri)
+
+
 def registry_exists(config: Config) -> bool:
-    """False when the tracking URI is a SQLite file that does not exist yet (nothing was ever
-    registered); asking MLflow would create it."""
-    uri = config.mlflow.tracking_uri
-    return not (uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists())
+    """False when the tracking store is a local file or folder that does not exist yet
+    (nothing was ever registered there); asking MLflow would create it. A server counts as
+    existing (asking it tells)."""
+    path = store_path(config.mlflow.tracking_uri)
+    return path is None or path.exists()
+
+
+def require_store(config: Config, operation: str) -> None:
+    """For stages that only read the registry: a missing store is a wrong URI or a lake
+    that was never trained, never an empty registry to create."""
+    if not registry_exists(config):
+        raise RegistryError(
+            f"{operation}: no MLflow tracking store at {config.mlflow.tracking_uri} "
+            "(mlflow.tracking_uri): check the URI, or run `patternlake train` first to create it"
+        )
+
+
+def absent(exc: BaseException) -> bool:
+    """MLflow's "does not exist": a registered model, version or alias not there (an alias
+    not found reads as INVALID_PARAMETER_VALUE in MLflow's SQL store)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    text = str(exc.message if hasattr(exc, "message") else exc)
+    return exc.error_code == "INVALID_PARAMETER_VALUE" and "alias" in text and "not found" in text
+
+
+def broken(config: Config, operation: str, exc: BaseException) -> RegistryError:
+    """The one line for a registry that could not answer."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return RegistryError(
+        f"registry: {operation} failed at tracking URI {config.mlflow.tracking_uri}: "
+        f"{type(exc).__name__}: {lines[0][:300]}"
+    )
+
+
+@contextmanager
+def answering(config: Config, operation: str) -> Iterator[None]:
+    """Any failure inside but our own errors -> ``broken`` (callers catch ``absent`` first).
+    MLflow's own ERROR log of a failed SQL query (a traceback on stderr) is left to ``-v``:
+    the error's one line says it."""
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    try:
+        yield
+    except PatternlakeError:
+        raise
+    except Exception as exc:
+        raise broken(config, operation, exc) from exc
 
 
 def client(config: Config):
@@ -74,16 +142,20 @@ def use_experiment(config: Config) -> None:
 def register(config: Config, run_id: str, artifact_path: str, tags: dict[str, Any]) -> str:
     """A new version of ``student`` whose source is ``artifact_path`` of run ``run_id``."""
     c = client(config)
-    try:
-        c.get_registered_model(STUDENT)
-    except Exception:
-        c.create_registered_model(
-            STUDENT, description="one small model per user segment (patternlake distill/compress)"
+    with answering(config, f"registering a version of {STUDENT}"):
+        try:
+            c.get_registered_model(STUDENT)
+        except Exception as exc:
+            if not absent(exc):
+                raise
+            c.create_registered_model(
+                STUDENT,
+                description="one small model per user segment (patternlake distill/compress)",
+            )
+        source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        mv = c.create_model_version(
+            STUDENT, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
         )
-    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    mv = c.create_model_version(
-        STUDENT, source=source, run_id=run_id, tags={k: str(v) for k, v in tags.items()}
-    )
     return str(mv.version)
 
 
@@ -91,27 +163,38 @@ def set_champion(config: Config, segment: int, version: str | None) -> None:
     """``champion-<segment>`` on ``version``; None removes it (the teacher serves)."""
     c = client(config)
     alias = champion_alias(segment)
-    if version is None:
-        with contextlib.suppress(Exception):  # no alias yet
-            c.delete_registered_model_alias(STUDENT, alias)
-        return
-    c.set_registered_model_alias(STUDENT, alias, version)
+    with answering(config, f"setting {STUDENT}@{alias}"):
+        if version is None:
+            try:
+                c.delete_registered_model_alias(STUDENT, alias)
+            except Exception as exc:
+                if not absent(exc):  # no alias (or no model) yet: nothing to remove
+                    raise
+            return
+        c.set_registered_model_alias(STUDENT, alias, version)
 
 
 def champion_version(config: Config, segment: int) -> Any | None:
     """The ModelVersion with ``champion-<segment>``, or None (the teacher serves)."""
-    try:
-        return client(config).get_model_version_by_alias(STUDENT, champion_alias(segment))
-    except Exception:
-        return None
+    operation = f"looking up {STUDENT}@{champion_alias(segment)}"
+    require_store(config, operation)
+    with answering(config, operation):
+        try:
+            return client(config).get_model_version_by_alias(STUDENT, champion_alias(segment))
+        except Exception as exc:
+            if absent(exc):
+                return None
+            raise
 
 
 def version_file(config: Config, name: str, version: str) -> Path:
     import mlflow
 
+    require_store(config, f"downloading {name} v{version}")
     c = client(config)
-    uri = c.get_model_version_download_uri(name, version)
-    folder = Path(mlflow.artifacts.download_artifacts(uri))
+    with answering(config, f"downloading {name} v{version}"):
+        uri = c.get_model_version_download_uri(name, version)
+        folder = Path(mlflow.artifacts.download_artifacts(uri))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise PatternlakeError(f"registry: {name} v{version} holds no .safetensors file")
@@ -124,11 +207,16 @@ def load_student(config: Config, version: str, runtime: str = "dequant") -> torc
 
 def student_versions(config: Config, **tags: Any) -> list[Any]:
     """Versions of ``student`` whose tags match, newest first."""
+    operation = f"searching the versions of {STUDENT}"
+    require_store(config, operation)
     c = client(config)
-    try:
-        found = c.search_model_versions(f"name='{STUDENT}'")
-    except Exception:
-        return []
+    with answering(config, operation):
+        try:
+            found = c.search_model_versions(f"name='{STUDENT}'")
+        except Exception as exc:
+            if absent(exc):
+                return []
+            raise
     keep = [v for v in found if all(v.tags.get(k) == str(x) for k, x in tags.items())]
     return sorted(keep, key=lambda v: int(v.version), reverse=True)
 
@@ -138,21 +226,30 @@ def teacher_file(config: Config) -> tuple[bytes, dict[str, str]]:
     stages broadcast to their tasks), and its run's tags (data versions) plus ``version``."""
     import mlflow
 
+    operation = f"looking up {TEACHER}@{TEACHER_ALIAS}"
+    require_store(config, operation)
     c = client(config)
-    try:
-        mv = c.get_model_version_by_alias(TEACHER, TEACHER_ALIAS)
-    except Exception:
-        raise PatternlakeError(
-            "no registered teacher yet; run `patternlake train` (or `patternlake run train`) first"
-        ) from None
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=TEACHER_FILE)
-    except Exception:
-        raise PatternlakeError(
-            f"teacher v{mv.version} has no {TEACHER_FILE} (trained by an older patternlake); "
-            "retrain it with `patternlake train --fresh`"
-        ) from None
-    tags = c.get_run(mv.run_id).data.tags
+    with answering(config, operation):
+        try:
+            mv = c.get_model_version_by_alias(TEACHER, TEACHER_ALIAS)
+        except Exception as exc:
+            if not absent(exc):
+                raise
+            raise PatternlakeError(
+                "no registered teacher yet; run `patternlake train` (or `patternlake run "
+                "train`) first"
+            ) from None
+    with answering(config, f"downloading {TEACHER} v{mv.version}"):
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=TEACHER_FILE)
+        except Exception as exc:
+            if not (absent(exc) or isinstance(exc, FileNotFoundError)):
+                raise
+            raise PatternlakeError(
+                f"teacher v{mv.version} has no {TEACHER_FILE} (trained by an older "
+                "patternlake); retrain it with `patternlake train --fresh`"
+            ) from None
+        tags = c.get_run(mv.run_id).data.tags
     return Path(path).read_bytes(), {**tags, "version": str(mv.version)}
 
 
@@ -163,10 +260,16 @@ def load_teacher(config: Config) -> tuple[SequentialTeacher, dict[str, str]]:
 
 
 def teacher_version(config: Config) -> str | None:
-    try:
-        return str(client(config).get_model_version_by_alias(TEACHER, TEACHER_ALIAS).version)
-    except Exception:
-        return None
+    """The version of ``teacher@candidate``, or None where none is registered yet."""
+    operation = f"looking up {TEACHER}@{TEACHER_ALIAS}"
+    require_store(config, operation)
+    with answering(config, operation):
+        try:
+            return str(client(config).get_model_version_by_alias(TEACHER, TEACHER_ALIAS).version)
+        except Exception as exc:
+            if absent(exc):
+                return None
+            raise
 
 
 def segment_students(

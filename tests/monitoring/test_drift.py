@@ -88,6 +88,7 @@ def _ingest_validate(main, root, table: pa.Table, path) -> None:
 
 @pytest.mark.slow
 def test_monitor_alarms_on_shifted_behaviour_and_not_on_the_same(stage, tmp_path):
+    from patternlake import registry
     from patternlake.cli import main
     from patternlake.monitoring.monitor import monitor
 
@@ -100,6 +101,7 @@ def test_monitor_alarms_on_shifted_behaviour_and_not_on_the_same(stage, tmp_path
             )
         }
     )
+    registry.use_experiment(config)  # an empty registry: monitor refuses a missing one
     base = _events(11, "a-")
     half = np.random.default_rng(0).random(base.num_rows) < 0.5
     _ingest_validate(main, root, base.filter(pa.array(half)), tmp_path / "day1.csv")

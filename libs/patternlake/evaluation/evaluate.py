@@ -52,14 +52,23 @@ def load_registered(
 ) -> torch.nn.Module | None:
     import mlflow
 
+    from patternlake.registry import absent, answering, require_store
+
+    require_store(config, "evaluate")
     mlflow.set_tracking_uri(config.mlflow.tracking_uri)
-    try:
-        model = mlflow.pytorch.load_model(f"models:/{name}@{alias}", map_location="cpu")
-    except Exception as exc:  # not registered yet
-        log.info(
-            "evaluate: no %s@%s in the registry (%s)", name, alias, str(exc).splitlines()[0][:120]
-        )
-        return None
+    with answering(config, f"evaluate: loading {name}@{alias}"):
+        try:
+            model = mlflow.pytorch.load_model(f"models:/{name}@{alias}", map_location="cpu")
+        except Exception as exc:
+            if not absent(exc):
+                raise
+            log.info(
+                "evaluate: no %s@%s in the registry (%s)",
+                name,
+                alias,
+                str(exc).splitlines()[0][:120],
+            )
+            return None
     return model.eval()
 
 

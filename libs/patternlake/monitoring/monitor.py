@@ -173,14 +173,14 @@ def _teacher(config: Config) -> tuple[str, datetime, float | None] | None:
     """The registered teacher: (version, registered at, best validation NDCG@10), or None."""
     from patternlake import registry
 
-    if not registry.registry_exists(config):
-        return None
+    registry.require_store(config, "monitor")  # a wrong URI is not "no teacher"
     version = registry.teacher_version(config)
     if version is None:
         return None
     c = registry.client(config)
-    mv = c.get_model_version(registry.TEACHER, version)
-    ndcg = c.get_run(mv.run_id).data.metrics.get("best_valid_ndcg_at_10") if mv.run_id else None
+    with registry.answering(config, f"reading {registry.TEACHER} v{version}"):
+        mv = c.get_model_version(registry.TEACHER, version)
+        ndcg = c.get_run(mv.run_id).data.metrics.get("best_valid_ndcg_at_10") if mv.run_id else None
     at = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC)
     return version, at, float(ndcg) if ndcg is not None else None
 

@@ -288,7 +288,10 @@ def best_patterns(scored: DataFrame, patterns: DataFrame) -> DataFrame:
 def score_users(
     spark: SparkSession, lake: Lake, config: Config, run_id: str | None = None
 ) -> dict[str, Any]:
+    from patternlake import registry
+
     started = time.monotonic()
+    registry.require_store(config, "score")
     for table in ("user_sequences", "segments", "item_index"):
         if not lake.exists(table):
             raise PatternlakeError(

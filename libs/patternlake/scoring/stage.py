@@ -9,10 +9,11 @@ from patternlake.stages import SPARK_LAKE_CONFIG, Option, Stage
 
 
 def without_teacher(config: Config, options: dict[str, Any]) -> str | None:
-    """In a pipeline, score is skipped until a teacher is registered (the first daily run)."""
-    from patternlake.registry import teacher_version
+    """In a pipeline, score is skipped until a teacher is registered (the first daily run):
+    no tracking store yet means no teacher; a store that cannot answer is an error."""
+    from patternlake.registry import registry_exists, teacher_version
 
-    if teacher_version(config) is None:
+    if not registry_exists(config) or teacher_version(config) is None:
         return "no registered teacher yet; `patternlake run train` makes one"
     return None
 

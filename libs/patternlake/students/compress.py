@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     started = time.monotonic()
+    registry.require_store(config, "compress")
     teacher_data, tags = registry.teacher_file(config)
     files, data_version = pinned_files(lake, tags, "compress")
     students = {}

@@ -68,6 +68,7 @@ def run_tasks(
 
 def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     started = time.monotonic()
+    registry.require_store(config, "distill")
     teacher_data, tags = registry.teacher_file(config)
     teacher = teacher_from_bytes(teacher_data)
     files, data_version = pinned_files(lake, tags, "distill")

@@ -34,6 +34,9 @@ COLUMNS = [
 
 
 def model_report(lake: Lake, config: Config) -> list[dict[str, Any]]:
+    from patternlake.registry import require_store
+
+    require_store(config, "models")
     if not lake.exists("model_decisions"):
         raise PatternlakeError(
             "models: model_decisions does not exist yet; run `patternlake distill` first"
