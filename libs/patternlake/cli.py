@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -159,6 +160,13 @@ def _add_run_and_export(sub: Any, command: Callable[..., argparse.ArgumentParser
         "--resume",
         action="store_true",
         help="start at the step where the last run of this pipeline failed (ops/runs)",
+    )
+    r.add_argument(
+        "--strict",
+        action="store_true",
+        help="a step that would be skipped (score without a registered teacher, ingest "
+        "without --input) fails the run instead (exit 2): for schedules that must score "
+        "every day",
     )
     r.set_defaults(func=cmd_run, needs_spark=True)
 
@@ -409,13 +417,22 @@ def cmd_run(args: argparse.Namespace, config: Config, lake: Any) -> None:
         "mapping": parse_mapping(args.mapping),
         "full": args.full,
     }
-    result = run_pipeline(args.pipeline, lake, config, options, resume=args.resume)
+    result = run_pipeline(
+        args.pipeline, lake, config, options, resume=args.resume, strict=args.strict
+    )
     if args.json:
         print(json.dumps(result, default=str))
         return
     print(f"run {args.pipeline} {result['run_id']} (steps recorded in ops/runs):")
     for step, seconds in result["seconds"].items():
         print(f"  {step:14s} {seconds:7.1f}s  {_summary(result[step])}")
+    skipped = result["skipped"]
+    if not skipped:
+        print(f"run {args.pipeline}: every step ran")
+        return
+    print(f"run {args.pipeline}: {len(skipped)} step(s) skipped (--strict makes a skip fail):")
+    for step, reason in skipped.items():
+        print(f"  {step}: skipped, {reason}")
 
 
 def _summary(value: Any, limit: int = 4) -> str:

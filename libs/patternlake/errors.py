@@ -41,6 +41,11 @@ class RegistryError(PatternlakeError):
     tracking URI. "Not registered yet" is not this error: the registry answers None."""
 
 
+class SkippedStepError(PatternlakeError):
+    """``run --strict``: a pipeline step would have been skipped (score without a registered
+    teacher, ingest without ``--input``); the message names the step and the reason."""
+
+
 class UndeclaredTableError(RuntimeError):
     """A stage touched a lake table its declaration (``<package>/stage.py``) does not name
     among its inputs or outputs: a bug in the stage or its declaration, not a user error."""

@@ -11,7 +11,7 @@ import pkgutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import yaml
 
 import patternlake
 from patternlake.config import Config, default_conf_dir, packaged_dir
-from patternlake.errors import ConfigError, PatternlakeError
+from patternlake.errors import ConfigError, PatternlakeError, SkippedStepError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
 from patternlake.stages import Stage
@@ -147,20 +147,31 @@ def _skip_reason(step: str, config: Config, options: dict[str, Any]) -> str | No
     return skip_when(config, options) if skip_when else None
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """What ``execute`` returns for a step it skipped, and why."""
+
+    reason: str
+
+
 def execute(
     step: str,
     lake: Lake,
     config: Config,
     options: dict[str, Any],
     pipeline: str | None = None,
+    strict: bool = False,
 ) -> tuple[Any, float]:
     """The one way a stage runs, in ``run`` (``pipeline``: its name; there a step may be
-    skipped) and from the CLI: called, timed, logged. Returns (result, seconds)."""
+    skipped, or with ``strict`` fail instead: ``SkippedStepError``) and from the CLI: called,
+    timed, logged. Returns (result or ``Skipped``, seconds)."""
     started = time.monotonic()
     reason = _skip_reason(step, config, options) if pipeline else None
+    if reason and strict:
+        raise SkippedStepError(f"run {pipeline} --strict: step {step} would be skipped: {reason}")
     if reason:
         log.info("%s: skipped (%s)", step, reason)
-        out = None
+        out: Any = Skipped(reason)
     else:
         out = STAGES[step].run(lake, config, options)
     seconds = time.monotonic() - started
@@ -177,24 +188,32 @@ def run_stage(step: str, lake: Lake, config: Config, options: dict[str, Any]) ->
 
 
 def run_pipeline(
-    name: str, lake: Lake, config: Config, options: dict[str, Any], resume: bool = False
+    name: str,
+    lake: Lake,
+    config: Config,
+    options: dict[str, Any],
+    resume: bool = False,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Run the steps of ``pipelines/<name>.yaml`` in order, recording each in ``ops/runs``;
-    ``resume``: start at the step where the last run of ``name`` failed."""
+    ``resume``: start at the step where the last run of ``name`` failed; ``strict``: a step
+    that would be skipped fails the run instead (``SkippedStepError``, recorded as failed).
+    The result: each step's result (None for a skipped one), ``seconds`` per step and
+    ``skipped``: {step: reason} for the steps skipped."""
     steps = pipeline_steps(name)
     run_id, resumed_from, done = uuid.uuid4().hex[:12], None, set()
     if resume:
         resumed_from, done = _resume_point(lake, name, steps)
     todo = [s for s in steps if s not in done]
     check_inputs(todo, lake, config, options, pipeline=name)
-    results: dict[str, Any] = {"run_id": run_id, "seconds": {}}
+    results: dict[str, Any] = {"run_id": run_id, "seconds": {}, "skipped": {}}
     for position, step in enumerate(steps):
         if step in done:
             _record(lake, run_id, name, position, step, "skipped", None, 0.0, None, resumed_from)
             continue
         started, at = time.monotonic(), datetime.now(UTC)
         try:
-            out, seconds = execute(step, lake, config, options, pipeline=name)
+            out, seconds = execute(step, lake, config, options, pipeline=name, strict=strict)
         except BaseException as exc:
             seconds = time.monotonic() - started
             _record(lake, run_id, name, position, step, "failed", at, seconds,
@@ -209,6 +228,8 @@ def run_pipeline(
                 name,
             )
             raise
+        if isinstance(out, Skipped):
+            results["skipped"][step], out = out.reason, None
         results[step] = _plain(out)
         results["seconds"][step] = round(seconds, 1)
         _record(lake, run_id, name, position, step, "succeeded", at, seconds, None, resumed_from)
