@@ -319,8 +319,15 @@ def _setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger().setLevel(level)
-    for noisy in ("py4j", "urllib3", "great_expectations", "mlflow", "alembic"):
+    # third-party INFO notices a user cannot act on (matplotlib.category: "Using categorical
+    # units to plot a list of strings that are all parsable as floats or dates"); their
+    # warnings and errors stay. Spark's own log levels: patternlake.spark.LOG4J.
+    for noisy in ("py4j", "urllib3", "great_expectations", "mlflow", "alembic", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # MLflow sets its loggers' level again when it is imported (later, lazily), from this
+    # variable ("Creating initial MLflow database tables..."); a user's own setting wins
+    if level != "DEBUG":
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_libraries)
 

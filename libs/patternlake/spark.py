@@ -129,6 +129,7 @@ def get_spark(conf: SparkConfig) -> SparkSession:
     settings = {**static, **runtime, **_delta_settings(conf.conf)}
     for key, value in settings.items():
         builder = builder.config(key, value)
+    _start_jvm({**builder._options, **settings})  # type: ignore[attr-defined]
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     problem = _missing_delta(spark)
@@ -152,7 +153,83 @@ logger.utils.name = org.apache.spark.util.Utils
 logger.utils.level = error
 logger.prefixspan.name = org.apache.spark.mllib.fpm.PrefixSpan
 logger.prefixspan.level = error
+# "Truncated the string representation of a plan": a debug string (explain shows the rest)
+logger.truncated.name = org.apache.spark.sql.catalyst.util.SparkStringUtils
+logger.truncated.level = error
+# "Failed to load implementation from: ...JNIBLAS": no native BLAS, MLlib uses Java's
+logger.netlib.name = dev.ludovic.netlib
+logger.netlib.level = error
 """
+
+
+# The JVM prints this at every start, to stderr, before any code of Spark's runs: Spark 4 adds
+# ``--add-modules=jdk.incubator.vector`` to every driver and the JVM has no option to quiet
+# the notice.
+JVM_NOTICE = b"WARNING: Using incubator modules:"
+# Copies the JVM's stderr to this process's stderr as it comes, less a first line that is
+# JVM_NOTICE. A process of its own, so that it outlives this one while the JVM shuts down.
+_STDERR_FILTER = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the driver, not the copy
+notice = sys.argv[1].encode()
+def write(data):
+    while data:
+        data = data[os.write(1, data):]
+first = b""
+while len(first) < len(notice) and notice.startswith(first):
+    byte = os.read(0, 1)
+    if not byte:
+        break
+    first += byte
+if first == notice:
+    while not first.endswith(b"\\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            break
+        first += byte
+else:
+    write(first)
+while True:
+    data = os.read(0, 65536)
+    if not data:
+        break
+    write(data)
+"""
+
+
+def _start_jvm(options: dict[str, str]) -> None:
+    """Start the JVM of an embedded session (what ``getOrCreate`` would start with
+    ``options``) with its stderr through a filter that drops the JVM's incubator-modules
+    notice; everything else the JVM writes reaches stderr unchanged. Nothing is done when a
+    JVM exists already (spark-submit, an earlier session) or no filter process can start."""
+    import subprocess
+
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+
+    if SparkContext._gateway is not None or "PYSPARK_GATEWAY_PORT" in os.environ:
+        return
+    read, write = os.pipe()
+    try:
+        try:
+            subprocess.Popen(
+                [sys.executable, "-c", _STDERR_FILTER, JVM_NOTICE.decode()],
+                stdin=read,
+                stdout=2,  # this process's stderr (a file descriptor: pytest replaces sys.stderr)
+                close_fds=True,
+            )
+        except OSError as exc:
+            log.debug("no stderr filter for the JVM (%s)", exc)
+            return
+        os.close(read)
+        read = -1
+        conf = SparkConf(loadDefaults=False).setAll(list(options.items()))
+        gateway = launch_gateway(conf, popen_kwargs={"stderr": write})
+    finally:
+        os.close(write)
+        if read != -1:
+            os.close(read)
+    SparkContext._ensure_initialized(gateway=gateway)
 
 
 def _log4j_file():

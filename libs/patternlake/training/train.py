@@ -29,7 +29,6 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.models.fit import train_worker, validate_ndcg, validation_set
-from patternlake.models.train_spec import TrainSpec, build_spec
 from patternlake.models.teacher import (
     SequentialTeacher,
     Teacher,
@@ -38,6 +37,9 @@ from patternlake.models.teacher import (
     TeacherScorer,
     teacher_bytes,
 )
+from patternlake.models.train_spec import TrainSpec, build_spec
+from patternlake.progress import enabled as progress_enabled
+from patternlake.progress import progress
 from patternlake.registry import TEACHER, TEACHER_ALIAS, use_experiment
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,40 @@ def run_backend(
                 )
             return json.loads(Path(payload["result_path"]).read_text())
     raise PatternlakeError(f"train.backend: unknown backend {backend!r}")
+
+
+def _with_epoch_bar(spec: TrainSpec, backend: str, run: Callable[[], dict[str, Any]]) -> Any:
+    """``run()``; on a terminal, with a bar of the epochs that the training processes have
+    checkpointed: they train outside this process (Horovod, DDP), where no bar of theirs
+    reaches the terminal. The single backend draws its own."""
+    if backend == "single" or not spec.checkpoint_dir or not progress_enabled():
+        return run()
+    import threading
+
+    done = threading.Event()
+
+    def follow() -> None:
+        folder = Path(spec.checkpoint_dir)
+        with progress(desc="teacher", total=spec.epochs, unit="epoch") as bar:
+            while not done.wait(2.0):
+                bar.update(max(0, _checkpointed_epochs(folder) - bar.n))
+
+    follower = threading.Thread(target=follow, name="teacher-epochs", daemon=True)
+    follower.start()
+    try:
+        return run()
+    finally:
+        done.set()
+        follower.join()
+
+
+def _checkpointed_epochs(folder: Path) -> int:
+    """Epochs done, by the newest ``epoch-NNNN.pt`` that training saved in ``folder``."""
+    found = sorted(folder.glob("epoch-*.pt")) if folder.is_dir() else []
+    try:
+        return int(found[-1].stem.split("-")[1]) + 1 if found else 0
+    except ValueError:
+        return 0
 
 
 def train_members(
@@ -189,7 +225,11 @@ def train_teacher(
         spec.checkpoint_dir,
     )
     model, result = train_members(
-        spec, config.train.members, lambda member: run_backend(spark, member, backend, num_proc)
+        spec,
+        config.train.members,
+        lambda member: _with_epoch_bar(
+            member, backend, lambda: run_backend(spark, member, backend, num_proc)
+        ),
     )
     run_id, version = log_to_mlflow(config, spec, result, model, backend)
     result.update(
@@ -210,6 +250,35 @@ def train_teacher(
         time.monotonic() - started,
     )
     return result
+
+
+class _DropMessages(logging.Filter):
+    """Drops a logger's records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _register_teacher(client: Any, model_id: str, run_id: str) -> str:
+    """A new version of ``teacher`` from the logged model ``model_id`` of run ``run_id``, as
+    ``log_model(registered_model_name=...)`` registers it, without the two lines MLflow's
+    fluent registration prints ("Successfully registered model", "Created version")."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    try:
+        client.create_registered_model(TEACHER)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    mv = client.create_model_version(
+        TEACHER, source=f"models:/{model_id}", run_id=run_id, model_id=model_id
+    )
+    return str(mv.version)
 
 
 def log_to_mlflow(
@@ -274,14 +343,22 @@ def log_to_mlflow(
         example[:, 0, -1] = 1
         with torch.no_grad():
             out = scorer(torch.from_numpy(example)).numpy()
-        info = mlflow.pytorch.log_model(
-            scorer,
-            name="model",
-            signature=infer_signature(example, out),
-            serialization_format="pickle",
-            input_example=example,
-            registered_model_name=TEACHER,
-        )
-        version = str(info.registered_model_version)
+        # pickle on purpose: the logged model is for evaluate and for people (mlflow.pytorch
+        # .load_model); the stages load the safetensors weights above. MLflow warns about
+        # pickle at every save: that one message is dropped, its other warnings stay.
+        pytorch_log = logging.getLogger("mlflow.pytorch")
+        pickle_notice = _DropMessages("Saving pytorch model by Pickle")
+        pytorch_log.addFilter(pickle_notice)
+        try:
+            info = mlflow.pytorch.log_model(
+                scorer,
+                name="model",
+                signature=infer_signature(example, out),
+                serialization_format="pickle",
+                input_example=example,
+            )
+        finally:
+            pytorch_log.removeFilter(pickle_notice)
+        version = _register_teacher(mlflow.MlflowClient(), info.model_id, run.info.run_id)
         mlflow.MlflowClient().set_registered_model_alias(TEACHER, TEACHER_ALIAS, version)
         return run.info.run_id, version
