@@ -38,6 +38,14 @@ from patternlake.errors import (
     TableNotFoundError,
     VersionNotFoundError,
 )
+from patternlake.lake.delta_log import (
+    commit_info,
+    data_files,
+    delete_log_before,
+    delta_log_class,
+    read_text,
+    write_text,
+)
 from patternlake.lake.engine import WriteMode
 from patternlake.spark import sql_settings
 
@@ -163,7 +171,7 @@ class DeltaSparkEngine:
         its add actions (read from its log entry; no data is read)."""
         path = f"{uri}/_delta_log/{version:020d}.json"
         try:
-            text = _read_text(self.spark, path)
+            text = read_text(self.spark, path)
         except Py4JJavaError:
             raise PatternlakeError(
                 f"{uri}: the log entry of version {version} is gone (history expired)"
@@ -255,7 +263,7 @@ class DeltaSparkEngine:
             ) from None
         if version is None:
             return {"rows": 0, "version": since}
-        metrics = _commit_info(self.spark, uri, version).get("operationMetrics") or {}
+        metrics = commit_info(self.spark, uri, version).get("operationMetrics") or {}
         return {"rows": int(metrics.get("numDeletedRows", 0)), "version": version}
 
     def update(
@@ -286,9 +294,9 @@ class DeltaSparkEngine:
         with sql_settings(self.spark, check):
             if dry_run:
                 return sorted(r[0] for r in self.spark.sql(sql + " DRY RUN").collect())
-            before = set(_data_files(self.spark, uri))
+            before = set(data_files(self.spark, uri))
             self.spark.sql(sql).collect()
-        return sorted(before - set(_data_files(self.spark, uri)))
+        return sorted(before - set(data_files(self.spark, uri)))
 
     def compact(self, uri: str, target_size: int) -> dict[str, Any]:
         settings = {"spark.databricks.delta.optimize.maxFileSize": str(target_size)}
@@ -308,12 +316,12 @@ class DeltaSparkEngine:
         throwing = {"spark.databricks.delta.checkpoint.exceptionThrowing": "true"}
         with sql_settings(self.spark, throwing):
             delta_log.checkpoint(snapshot, self._none())
-        last = json.loads(_read_text(self.spark, f"{uri}/_delta_log/_last_checkpoint"))
+        last = json.loads(read_text(self.spark, f"{uri}/_delta_log/_last_checkpoint"))
         if int(last.get("version", -1)) != latest:
             raise RuntimeError(f"{uri}: _last_checkpoint names {last}, not version {latest}")
-        removed = _delete_log_before(self.spark, uri, latest)
+        removed = delete_log_before(self.spark, uri, latest)
         # a lite vacuum needs the log back to the last vacuum; the log now starts here
-        _write_text(
+        write_text(
             self.spark,
             f"{uri}/_delta_log/_last_vacuum_info",
             json.dumps({"latestCommitVersionOutsideOfRetentionWindow": latest}),
@@ -321,7 +329,7 @@ class DeltaSparkEngine:
         return removed
 
     def _delta_log(self, uri: str) -> Any:
-        return _delta_log_class(self.spark).forTable(
+        return delta_log_class(self.spark).forTable(
             self.spark._jsparkSession,  # type: ignore[attr-defined]
             uri,
         )
@@ -361,7 +369,7 @@ class DeltaSparkEngine:
         log entry written since whose commit information holds it."""
         if self.exists(uri):
             for version in range(since + 1, self.version(uri) + 1):
-                if txn in _commit_info(self.spark, uri, version).get("userMetadata", ""):
+                if txn in commit_info(self.spark, uri, version).get("userMetadata", ""):
                     return version
         if required:
             raise RuntimeError(f"{uri}: the commit of transaction {txn} is not in the log")
@@ -453,90 +461,3 @@ def _sql_literal(v: Any) -> str:
 
 def _quoted(uri: str) -> str:
     return "`" + uri.replace("`", "``") + "`"
-
-
-# ---- the table's files through Spark's Hadoop file system ---------------------------------
-
-
-def _fs(spark: SparkSession, uri: str) -> tuple[Any, Any]:
-    jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
-    path = jvm.org.apache.hadoop.fs.Path(uri)
-    conf = spark._jsparkSession.sessionState().newHadoopConf()  # type: ignore[attr-defined]
-    return path.getFileSystem(conf), path
-
-
-def _read_text(spark: SparkSession, uri: str) -> str:
-    fs, path = _fs(spark, uri)
-    jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
-    stream = fs.open(path)
-    try:
-        return jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
-    finally:
-        stream.close()
-
-
-def _commit_info(spark: SparkSession, uri: str, version: int) -> dict[str, Any]:
-    """The ``commitInfo`` action of the log entry of ``version`` (empty when it has none)."""
-    text = _read_text(spark, f"{uri}/_delta_log/{version:020d}.json")
-    for line in text.splitlines():
-        if '"commitInfo"' in line:
-            return json.loads(line).get("commitInfo") or {}
-    return {}
-
-
-def _write_text(spark: SparkSession, uri: str, text: str) -> None:
-    fs, path = _fs(spark, uri)
-    stream = fs.create(path, True)
-    try:
-        stream.write(bytearray(text.encode("utf-8")))
-    finally:
-        stream.close()
-
-
-def _delta_log_class(spark: SparkSession) -> Any:
-    """Delta's ``DeltaLog`` class: open-source Delta's, or the Databricks runtime's."""
-    from py4j.java_gateway import JavaClass
-
-    jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
-    for name in (
-        "org.apache.spark.sql.delta.DeltaLog",
-        "com.databricks.sql.transaction.tahoe.DeltaLog",
-    ):
-        found: Any = jvm
-        for part in name.split("."):
-            found = getattr(found, part)
-        if isinstance(found, JavaClass):
-            return found
-    raise PatternlakeError("the Spark session has no Delta Lake DeltaLog class on its classpath")
-
-
-def _data_files(spark: SparkSession, uri: str) -> list[str]:
-    """Every file under the table folder but its log."""
-    fs, path = _fs(spark, uri)
-    it = fs.listFiles(path, True)
-    out = []
-    while it.hasNext():
-        p = it.next().getPath().toString()
-        if "/_delta_log/" not in p:
-            out.append(p)
-    return out
-
-
-_LOG_FILE = re.compile(r"^(\d{20})\.(json|crc|checkpoint\..*parquet|checkpoint\.parquet)$")
-
-
-def _delete_log_before(spark: SparkSession, uri: str, version: int) -> list[str]:
-    """Delete the log entries, checksums and checkpoints of versions before ``version`` (its
-    checkpoint now holds the table's state; its own entry stays for ``history``)."""
-    fs, path = _fs(spark, f"{uri}/_delta_log")
-    removed = []
-    for status in fs.listStatus(path):
-        name = status.getPath().getName()
-        m = _LOG_FILE.match(name)
-        if not m:
-            continue
-        v = int(m.group(1))
-        if v < version:
-            fs.delete(status.getPath(), False)
-            removed.append(name)
-    return sorted(removed)
