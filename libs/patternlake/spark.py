@@ -30,6 +30,7 @@ from pyspark.sql import DataFrame, SparkSession
 
 from patternlake.config import SparkConfig
 from patternlake.errors import PatternlakeError
+from patternlake.progress import enabled as progress_enabled
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,9 @@ def get_spark(conf: SparkConfig) -> SparkSession:
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     static = {
         "spark.ui.enabled": str(conf.ui).lower(),
-        # Spark's own stage progress bar (scoring, featurize, ...) only for a person watching
-        "spark.ui.showConsoleProgress": str(sys.stderr.isatty()).lower(),
+        # Spark's own stage progress bar (scoring, featurize, ...) only for a person watching,
+        # like ours (patternlake.progress: a terminal, PATTERNLAKE_PROGRESS=0 turns both off)
+        "spark.ui.showConsoleProgress": str(progress_enabled()).lower(),
         "spark.driver.extraJavaOptions": "-Duser.timezone=UTC "
         f"-Dlog4j2.configurationFile={_log4j_file().as_uri()}",
         "spark.executor.extraJavaOptions": "-Duser.timezone=UTC",
