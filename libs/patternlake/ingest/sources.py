@@ -139,7 +139,7 @@ def read_events(
             *[_as_string(df, c).alias(c) for c in df.columns]
         )  # nested values -> JSON text
     elif fmt == "parquet":
-        df = spark.read.option("mergeSchema", "true").parquet(*paths)
+        df = _read_parquet(spark, paths)
         df = df.select(*[_as_string(df, c).alias(c) for c in df.columns])
     else:
         raise PatternlakeError(f"ingest: unknown format {fmt!r}")
@@ -148,6 +148,26 @@ def read_events(
     return _map_columns(
         df, {k: v for k, v in mapping.items() if k in CONTRACT_FIELDS}, explicit, source_file(df)
     )
+
+
+def _read_parquet(spark: SparkSession, paths: list[str]) -> DataFrame:
+    """The files' merged schema is read up front: a file that is not Parquet (its footer
+    has no magic number) fails here, as one clear line rather than a Java stack trace."""
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
+
+    try:
+        return spark.read.option("mergeSchema", "true").parquet(*paths)
+    except (Py4JJavaError, PySparkException) as exc:
+        text = str(exc)
+        hint = next(
+            (line.strip() for line in text.splitlines() if "not a Parquet file" in line),
+            text.strip().splitlines()[0] if text.strip() else type(exc).__name__,
+        )
+        raise PatternlakeError(
+            f"ingest: cannot read {', '.join(paths)} as Parquet ({hint[:300]}); "
+            "pass --format csv|tsv|jsonl for text files"
+        ) from None
 
 
 def _read_delimited(
