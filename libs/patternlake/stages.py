@@ -1,17 +1,6 @@
 """How a stage is declared: a ``Stage`` (and its CLI ``Option``\\s), written once in the
-stage's own package as ``<package>/stage.py``::
-
-    STAGES = (
-        Stage(
-            "segment",
-            "patternlake.segments.segment:segment_users",
-            SPARK_LAKE_CONFIG,
-            inputs=("user_features",),
-            outputs=("segments", "segment_models"),
-            section="segment",
-            help="cluster users into segments (MLlib KMeans) with stable ids",
-        ),
-    )
+stage's own package as ``<package>/stage.py``, a tuple ``STAGES`` (``segments/stage.py`` is
+the shortest example; ``docs/architecture.md`` walks through one).
 
 The runner (``patternlake.pipeline``) collects every package's ``STAGES``; from a declaration
 come the CLI subcommand, the pipeline step, the input check before the stage runs, the
