@@ -82,7 +82,7 @@ def test_run_steps_are_the_declared_stages(tmp_path):
     commands = next(a for a in build_parser()._actions if a.dest == "command").choices
     run = {a.dest for a in commands["run"]._actions} - {"help", "conf", "overrides", "verbose"}
     keys = {o.key for s in STAGES.values() for o in s.options}
-    assert run - {"pipeline", "json", "resume"} <= keys
+    assert run - {"pipeline", "json", "resume", "strict"} <= keys
 
 
 def test_an_old_step_name_in_a_pipeline_file_works_with_a_warning(tmp_path, caplog):
