@@ -114,6 +114,19 @@ def answering(config: Config, operation: str) -> Iterator[None]:
         raise broken(config, operation, exc) from exc
 
 
+def _read(config: Config, operation: str, ask: Any, when_absent: Any = None) -> Any:
+    """``ask()`` of a store that must exist (``require_store``): MLflow's "does not exist"
+    answers ``when_absent``, any other failure is ``broken``."""
+    require_store(config, operation)
+    with answering(config, operation):
+        try:
+            return ask()
+        except Exception as exc:
+            if absent(exc):
+                return when_absent
+            raise
+
+
 def client(config: Config):
     import os
     import sys
@@ -176,15 +189,12 @@ def set_champion(config: Config, segment: int, version: str | None) -> None:
 
 def champion_version(config: Config, segment: int) -> Any | None:
     """The ModelVersion with ``champion-<segment>``, or None (the teacher serves)."""
-    operation = f"looking up {STUDENT}@{champion_alias(segment)}"
-    require_store(config, operation)
-    with answering(config, operation):
-        try:
-            return client(config).get_model_version_by_alias(STUDENT, champion_alias(segment))
-        except Exception as exc:
-            if absent(exc):
-                return None
-            raise
+    alias = champion_alias(segment)
+    return _read(
+        config,
+        f"looking up {STUDENT}@{alias}",
+        lambda: client(config).get_model_version_by_alias(STUDENT, alias),
+    )
 
 
 def version_file(config: Config, name: str, version: str) -> Path:
@@ -207,16 +217,12 @@ def load_student(config: Config, version: str, runtime: str = "dequant") -> torc
 
 def student_versions(config: Config, **tags: Any) -> list[Any]:
     """Versions of ``student`` whose tags match, newest first."""
-    operation = f"searching the versions of {STUDENT}"
-    require_store(config, operation)
-    c = client(config)
-    with answering(config, operation):
-        try:
-            found = c.search_model_versions(f"name='{STUDENT}'")
-        except Exception as exc:
-            if absent(exc):
-                return []
-            raise
+    found = _read(
+        config,
+        f"searching the versions of {STUDENT}",
+        lambda: client(config).search_model_versions(f"name='{STUDENT}'"),
+        when_absent=[],
+    )
     keep = [v for v in found if all(v.tags.get(k) == str(x) for k, x in tags.items())]
     return sorted(keep, key=lambda v: int(v.version), reverse=True)
 
@@ -226,19 +232,12 @@ def teacher_file(config: Config) -> tuple[bytes, dict[str, str]]:
     stages broadcast to their tasks), and its run's tags (data versions) plus ``version``."""
     import mlflow
 
-    operation = f"looking up {TEACHER}@{TEACHER_ALIAS}"
-    require_store(config, operation)
+    mv = _teacher(config)
+    if mv is None:
+        raise PatternlakeError(
+            "no registered teacher yet; run `patternlake train` (or `patternlake run train`) first"
+        )
     c = client(config)
-    with answering(config, operation):
-        try:
-            mv = c.get_model_version_by_alias(TEACHER, TEACHER_ALIAS)
-        except Exception as exc:
-            if not absent(exc):
-                raise
-            raise PatternlakeError(
-                "no registered teacher yet; run `patternlake train` (or `patternlake run "
-                "train`) first"
-            ) from None
     with answering(config, f"downloading {TEACHER} v{mv.version}"):
         try:
             path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=TEACHER_FILE)
@@ -261,15 +260,17 @@ def load_teacher(config: Config) -> tuple[SequentialTeacher, dict[str, str]]:
 
 def teacher_version(config: Config) -> str | None:
     """The version of ``teacher@candidate``, or None where none is registered yet."""
-    operation = f"looking up {TEACHER}@{TEACHER_ALIAS}"
-    require_store(config, operation)
-    with answering(config, operation):
-        try:
-            return str(client(config).get_model_version_by_alias(TEACHER, TEACHER_ALIAS).version)
-        except Exception as exc:
-            if absent(exc):
-                return None
-            raise
+    mv = _teacher(config)
+    return None if mv is None else str(mv.version)
+
+
+def _teacher(config: Config) -> Any | None:
+    """The ModelVersion of ``teacher@candidate``, or None where none is registered yet."""
+    return _read(
+        config,
+        f"looking up {TEACHER}@{TEACHER_ALIAS}",
+        lambda: client(config).get_model_version_by_alias(TEACHER, TEACHER_ALIAS),
+    )
 
 
 def segment_students(
