@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from pyspark.sql import SparkSession
@@ -24,9 +23,8 @@ from patternlake import registry
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
-from patternlake.progress import progress
 from patternlake.students.distill import pinned_files, run_tasks
-from patternlake.students.promotion import Candidate, Verdict, write_decisions
+from patternlake.students.promotion import Candidate, Verdict, judge_segments
 from patternlake.students.segment_training import compress_segment
 from patternlake.students.transforms import gate, summary_row
 
@@ -71,19 +69,16 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
 
     log.info("compress: %d students as Spark tasks, sparsity tried %s", len(jobs), c.sparsity)
     results = run_tasks(spark, task, jobs, [teacher_data, *blobs], config.students.parallel)
-    registry.use_experiment(config)
-    now = datetime.now(UTC)
-    verdicts = [
-        judge_int8(config, result, students[result["segment"]], tags["version"], data_version)
-        for result in progress(
-            sorted(results, key=lambda r: r["segment"]), desc="compress: register", unit="segment"
-        )
-    ]
-    write_decisions(lake, verdicts, now)
-    out: dict[str, Any] = {
-        "segments": {v.segment: v.summary() for v in verdicts},
-        "teacher_version": tags["version"],
-    }
+    out = judge_segments(
+        lake,
+        config,
+        "compress",
+        results,
+        lambda result: judge_int8(
+            config, result, students[result["segment"]], tags["version"], data_version
+        ),
+        tags["version"],
+    )
     out["seconds"] = round(time.monotonic() - started, 1)
     log.info("compress: %d students in %.1fs", len(results), out["seconds"])
     return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from pyspark.sql import SparkSession
@@ -22,9 +21,8 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.models.teacher import teacher_from_bytes
-from patternlake.progress import progress
 from patternlake.sequence_schema import pinned_sequence_files
-from patternlake.students.promotion import Candidate, Verdict, write_decisions
+from patternlake.students.promotion import Candidate, Verdict, judge_segments
 from patternlake.students.segment_training import distill_segment
 from patternlake.students.transforms import gate, summary_row
 
@@ -98,19 +96,14 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
         data_version,
     )
     results = run_tasks(spark, distill_segment, jobs, [teacher_data], s.parallel)
-    now = datetime.now(UTC)
-    registry.use_experiment(config)
-    verdicts = [
-        judge_student(config, result, tags["version"], data_version, budget)
-        for result in progress(
-            sorted(results, key=lambda r: r["segment"]), desc="distill: register", unit="segment"
-        )
-    ]
-    write_decisions(lake, verdicts, now)
-    out: dict[str, Any] = {
-        "segments": {v.segment: v.summary() for v in verdicts},
-        "teacher_version": tags["version"],
-    }
+    out = judge_segments(
+        lake,
+        config,
+        "distill",
+        results,
+        lambda result: judge_student(config, result, tags["version"], data_version, budget),
+        tags["version"],
+    )
     out["seconds"] = round(time.monotonic() - started, 1)
     log.info("distill: %d students in %.1fs", len(results), out["seconds"])
     return out

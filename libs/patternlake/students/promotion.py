@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from patternlake import registry
 from patternlake.config import Config
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
+from patternlake.progress import progress
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,27 @@ class Verdict:
         if self.registered_version is not None:
             out |= {"registered_version": self.registered_version, "promoted": self.promoted}
         return out | {"champion": self.champion}
+
+
+def judge_segments(
+    lake: Lake,
+    config: Config,
+    stage: str,
+    results: list[dict[str, Any]],
+    judge: Callable[[dict[str, Any]], Verdict],
+    teacher_version: str,
+) -> dict[str, Any]:
+    """Each segment's task result judged in segment order (``judge``: register, gate, move the
+    champion), the verdicts appended to ``model_decisions``; the stage's result."""
+    registry.use_experiment(config)
+    decided_at = datetime.now(UTC)
+    ordered = sorted(results, key=lambda r: r["segment"])
+    verdicts = [judge(r) for r in progress(ordered, desc=f"{stage}: register", unit="segment")]
+    write_decisions(lake, verdicts, decided_at)
+    return {
+        "segments": {v.segment: v.summary() for v in verdicts},
+        "teacher_version": teacher_version,
+    }
 
 
 def write_decisions(lake: Lake, verdicts: list[Verdict], decided_at: datetime) -> None:
