@@ -1,0 +1,337 @@
+"""Ranking a catalogue without holding a (users x catalogue) matrix.
+
+Every served model (teacher, ensemble, student over the whole or a segment catalogue,
+int8 student) scores item j for a user as a product of the user's hidden state with item
+j's vector (plus the seen term). A :class:`Ranker` exposes that split: ``encode`` runs the
+network once per user, ``chunk`` scores a contiguous range of item ids, ``items`` scores
+chosen items only. On top of it:
+
+* :func:`top_k` -- exact top-K over item chunks, merging a running top-K; ties are broken
+  by the lower item id, the same rule as :func:`dense_top_k`, so the two agree exactly;
+* :func:`target_ranks` -- the evaluation protocol's rank of a held-out target (items
+  scored at or above it, ties against the target) and each user's top 10, counted over
+  chunks;
+* :func:`delete_positions` -- histories with chosen events deleted, built with tensor
+  operations (explanations and their faithfulness check).
+
+Memory: a chunk holds ``batch x chunk_items`` floats; :func:`chunk_items` sizes it from a
+byte budget (default 64 MB), so the peak does not grow with the catalogue. Shapes: B users,
+L window, D width, N catalogue (id 0 is padding, never returned).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+CHUNK_BYTES = 64 << 20
+NEG = float("-inf")
+
+
+def chunk_items(batch: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Items per chunk so that a (batch x chunk) float32 block stays within the budget."""
+    return max(1024, budget_bytes // (4 * max(1, batch)))
+
+
+def _finite(s: torch.Tensor) -> torch.Tensor:
+    """NaN and +-inf (a diverged model) rank last, like a masked item."""
+    return s.nan_to_num(nan=NEG, posinf=NEG, neginf=NEG)
+
+
+def _seen_block(window: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """(B, hi - lo) bool: item lo + c occurs in the row's window (padding never)."""
+    out = torch.zeros((len(window), hi - lo + 1), dtype=torch.bool, device=window.device)
+    inside = (window >= lo) & (window < hi) & (window > 0)
+    out.scatter_(1, torch.where(inside, window - lo, hi - lo), True)
+    return out[:, :-1]
+
+
+def _seen_items(window: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """(B, C) bool: candidate c occurs in the row's window."""
+    return (cand.unsqueeze(2) == window.unsqueeze(1)).any(2) & (cand > 0)
+
+
+@dataclass
+class DotState:
+    hidden: torch.Tensor  # (B, D): the state after the last position
+    window: torch.Tensor  # (B, L): global item ids of the input window
+
+
+class DotRanker:
+    """A SequentialTeacher-family network: score(j) = h . E[local(j)] (+ seen term).
+    ``to_local`` maps global ids to a segment student's local ids (< 2: not scored)."""
+
+    def __init__(self, net: nn.Module, n_global: int, to_local: torch.Tensor | None = None):
+        self.net = net
+        self.n_items = n_global
+        self.to_local = to_local
+        self.table = net.item_emb.weight
+        self.seen_weight = net.seen_weight if net.config.seen_bias else None
+
+    def _local(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids if self.to_local is None else self.to_local[ids]
+
+    def encode(self, x: torch.Tensor) -> DotState:
+        h = self.net.encode(self._local(x[:, 0]), x[:, 1], x[:, 2])[:, -1]
+        return DotState(h, x[:, 0])
+
+    def width(self, state: DotState) -> int:
+        return self.n_items
+
+    def chunk(self, state: DotState, lo: int, hi: int) -> torch.Tensor:
+        if self.to_local is None:
+            s = state.hidden @ self.table[lo:hi].T
+            scored = None
+        else:
+            local = self.to_local[lo:hi]
+            s = state.hidden @ self.table[local].T
+            scored = local >= 2
+        if self.seen_weight is not None:
+            s = s + self.seen_weight * _seen_block(state.window, lo, hi).to(s.dtype)
+        if scored is not None:
+            s = s.masked_fill(~scored.unsqueeze(0), NEG)
+        if lo == 0:
+            s[:, 0] = NEG
+        return s
+
+    def items(self, state: DotState, cand: torch.Tensor) -> torch.Tensor:
+        local = self._local(cand)
+        s = (state.hidden.unsqueeze(1) * self.table[local]).sum(-1)
+        if self.seen_weight is not None:
+            s = s + self.seen_weight * _seen_items(state.window, cand).to(s.dtype)
+        bad = (cand == 0) if self.to_local is None else (local < 2)
+        return s.masked_fill(bad, NEG)
+
+
+@dataclass
+class EnsembleState:
+    members: list[DotState]
+    log_z: list[torch.Tensor]  # (B,) each member's log-partition over the catalogue
+
+
+class EnsembleRanker:
+    """log mean softmax of K members (``TeacherEnsemble``): each member's normaliser is
+    summed over the item chunks first (one extra catalogue pass at ``encode``)."""
+
+    def __init__(self, members: list[DotRanker], chunk: int = 0):
+        self.members = members
+        self.n_items = members[0].n_items
+        self.chunk_size = chunk
+
+    def encode(self, x: torch.Tensor) -> EnsembleState:
+        states = [m.encode(x) for m in self.members]
+        size = self.chunk_size or chunk_items(len(x))
+        log_z = []
+        for m, st in zip(self.members, states, strict=True):
+            z = torch.full((len(x),), NEG)
+            for lo in range(0, self.n_items, size):
+                block = m.chunk(st, lo, min(self.n_items, lo + size))
+                z = torch.logaddexp(z, torch.logsumexp(block, dim=1))
+            log_z.append(z)
+        return EnsembleState(states, log_z)
+
+    def width(self, state: EnsembleState) -> int:
+        return self.n_items
+
+    def _mean(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.logsumexp(torch.stack(parts), dim=0) - math.log(len(parts))
+
+    def chunk(self, state: EnsembleState, lo: int, hi: int) -> torch.Tensor:
+        return self._mean(
+            [
+                m.chunk(st, lo, hi) - z.unsqueeze(1)
+                for m, st, z in zip(self.members, state.members, state.log_z, strict=True)
+            ]
+        )
+
+    def items(self, state: EnsembleState, cand: torch.Tensor) -> torch.Tensor:
+        return self._mean(
+            [
+                m.items(st, cand) - z.unsqueeze(1)
+                for m, st, z in zip(self.members, state.members, state.log_z, strict=True)
+            ]
+        )
+
+
+class DenseRanker:
+    """Any callable (B, 3, L) -> (B, N) scores (a baseline, a hand-made test model, the int8
+    ``dynamic`` runtime): the whole row is computed at ``encode``, so memory is (B x N)."""
+
+    def __init__(self, score: Callable[[torch.Tensor], torch.Tensor]):
+        self.score = score
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x)
+
+    def width(self, state: torch.Tensor) -> int:
+        return state.shape[1]
+
+    def chunk(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        s = state[:, lo:hi].clone()
+        if lo == 0:
+            s[:, 0] = NEG
+        return s
+
+    def items(self, state: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        return state.gather(1, cand).masked_fill(cand == 0, NEG)
+
+
+Ranker = DotRanker | EnsembleRanker | DenseRanker
+
+
+def ranker_for(model: Any) -> Ranker:
+    """The chunked view of a served model; a model of unknown kind is ranked densely."""
+    from patternlake.models.student import Int8Student, Student
+    from patternlake.models.teacher import SequentialTeacher, TeacherEnsemble, TeacherScorer
+
+    if isinstance(model, TeacherScorer):
+        model = model.teacher
+    if isinstance(model, SequentialTeacher):
+        return DotRanker(model, model.config.n_items)
+    if isinstance(model, TeacherEnsemble):
+        return EnsembleRanker([DotRanker(m, m.config.n_items) for m in model.nets])
+    if isinstance(model, Int8Student) and model.out is None:  # dequantized: an fp32 shell
+        model = model.shell
+    if isinstance(model, Student):
+        to_local = None if model.catalogue is None else model.to_local
+        return DotRanker(model.net, model.n_global, to_local)
+    return DenseRanker(model)
+
+
+def _rows(state: Any) -> int:
+    if isinstance(state, DotState):
+        return len(state.hidden)
+    if isinstance(state, EnsembleState):
+        return len(state.members[0].hidden)
+    return len(state)
+
+
+def _order(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first k of each row by (value descending, id ascending)."""
+    by_id = ids.argsort(dim=1, stable=True)
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    by_value = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, by_value), ids.gather(1, by_value)
+
+
+def _block_top(s: torch.Tensor, lo: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of one block under the tie rule: everything above the k-th value, then
+    the lowest ids among the values equal to it."""
+    values, idx = s.topk(k, dim=1)
+    kth = values[:, -1:]
+    above = values > kth
+    ties = torch.where(s == kth, torch.arange(s.shape[1]), s.shape[1]).topk(k, largest=False)[0]
+    tied = ties < s.shape[1]
+    cand_ids = torch.cat([torch.where(above, idx, 0), ties.clamp_max(s.shape[1] - 1)], 1)
+    cand_vals = torch.cat(
+        [torch.where(above, values, NEG), torch.where(tied, kth.expand_as(ties), NEG)], 1
+    )
+    keep = torch.cat([above, tied], 1)
+    # dropped slots: -inf and an id past every real one, so they sort last
+    cand_ids = torch.where(keep, cand_ids + lo, torch.iinfo(torch.int64).max)
+    return _order(cand_vals, cand_ids, k)
+
+
+def top_k(
+    ranker: Ranker,
+    state: Any,
+    k: int,
+    exclude: torch.Tensor | None = None,
+    chunk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) of each row's k best items over chunks of ``chunk`` items, ties to the
+    lower id; padding and, with ``exclude`` ((B, L) item ids), the user's past items are
+    never returned. A row with fewer than k scorable items ends in -inf values (callers
+    drop them; their ids are meaningless)."""
+    n = ranker.width(state)
+    size = chunk or chunk_items(_rows(state))
+    best_v: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
+    for lo in range(0, n, size):
+        hi = min(n, lo + size)
+        s = _finite(ranker.chunk(state, lo, hi))
+        if exclude is not None:
+            s = s.masked_fill(_seen_block(exclude, lo, hi), NEG)
+        v, i = _block_top(s, lo, min(k, hi - lo))
+        if best_v is None:
+            best_v, best_i = v, i
+        else:
+            best_v, best_i = _order(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k)
+    assert best_v is not None and best_i is not None
+    return best_v, best_i.clamp_max(n - 1)
+
+
+def dense_top_k(
+    scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: :func:`top_k` on a whole (B, N) matrix by one stable sort."""
+    s = _finite(scores.clone())
+    s[:, 0] = NEG
+    if exclude is not None:
+        s.scatter_(1, exclude, NEG)
+    order = s.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return s.gather(1, order), order
+
+
+def target_ranks(
+    ranker: Ranker,
+    state: Any,
+    targets: torch.Tensor,
+    exclude: torch.Tensor | None = None,
+    k: int = 10,
+    chunk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ranks, top-k ids): each target's 0-based rank among all items, counted over item
+    chunks (items scored at or above the target, ties against it; a target scored -inf or
+    NaN ranks last), and each row's top k (0 where the score is -inf), with ``exclude``'s
+    past items masked except the target itself. Equals ``models.metrics`` on the dense
+    matrix."""
+    t = _finite(ranker.items(state, targets.unsqueeze(1)))  # (B, 1)
+    n = ranker.width(state)
+    size = chunk or chunk_items(len(targets))
+    above = torch.zeros(len(targets), dtype=torch.int64)
+    best_v: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
+    for lo in range(0, n, size):
+        hi = min(n, lo + size)
+        s = _finite(ranker.chunk(state, lo, hi))
+        if exclude is not None:
+            s = s.masked_fill(_seen_block(exclude, lo, hi), NEG)
+        is_target = (targets.unsqueeze(1) - lo) == torch.arange(hi - lo).unsqueeze(0)
+        s = torch.where(is_target, t, s)
+        above += (s >= t).sum(1)
+        v, i = _block_top(s, lo, min(k, hi - lo))
+        if best_v is None:
+            best_v, best_i = v, i
+        else:
+            best_v, best_i = _order(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k)
+    assert best_v is not None and best_i is not None
+    return above - 1, torch.where(best_v > NEG, best_i, 0)
+
+
+def delete_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x (B, 3, L) with, in each row b, the events at ``positions[b]`` (a boolean (B, L)
+    mask) removed and the rest shifted right (left padding grows): the history as if those
+    events had not happened. One scatter, no loop over rows."""
+    B, C, L = x.shape
+    keep = ~positions & (x[:, 0] > 0)
+    after = keep.flip(1).cumsum(1).flip(1) - keep.long()  # kept events after each position
+    dest = torch.where(keep, L - 1 - after, L)  # column L collects the dropped ones
+    out = torch.zeros((B, C, L + 1), dtype=x.dtype, device=x.device)
+    out.scatter_(2, dest.unsqueeze(1).expand(B, C, L), x)
+    return out[:, :, :L]
+
+
+def score_items(ranker: Ranker, x: torch.Tensor, cand: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B, C) scores of the candidate items for histories x (B, 3, L), encoded ``batch``
+    histories at a time."""
+    parts = [
+        ranker.items(ranker.encode(x[lo : lo + batch]), cand[lo : lo + batch])
+        for lo in range(0, len(x), batch)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(cand.shape)
