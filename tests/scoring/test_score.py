@@ -7,14 +7,14 @@ import pytest
 import torch
 from pyspark.sql import functions as F
 
-from patternlake.scoring.score import best_patterns
+from patternlake.models.ranking import DenseRanker, delete_positions, top_k
 from patternlake.scoring.transforms import (
-    delete_positions,
+    best_rule,
     deletion_curve,
     in_order,
     normalise,
     occlusion,
-    top_k,
+    rule_book,
     windows,
 )
 from tests.conftest import with_overrides
@@ -30,9 +30,11 @@ def test_windows_keep_the_last_events_and_pad_unknown_items():
 
 def test_top_k_never_returns_padding_or_excluded_items():
     s = torch.tensor([[9.0, 1, 5, 3, 4], [9.0, 4, 3, 2, 1]])
-    _, ids = top_k(s, 2)
+    ranker = DenseRanker(lambda x: s)
+    state = ranker.encode(torch.zeros((2, 3, 1), dtype=torch.int64))
+    _, ids = top_k(ranker, state, 2)
     assert ids.tolist() == [[2, 4], [1, 2]]
-    _, ids = top_k(s, 2, exclude=torch.tensor([[2, 0], [1, 2]]))
+    _, ids = top_k(ranker, state, 2, exclude=torch.tensor([[2, 0], [1, 2]]))
     assert ids.tolist() == [[4, 3], [3, 4]]
 
 
@@ -72,31 +74,29 @@ def test_deletion_curve_falls_faster_for_the_true_order():
     assert good.tolist() == [2.5, 0.5, 0.0] and bad.tolist() == [2.5, 2.5, 2.5]
 
 
-def test_in_order_and_best_pattern_per_item(spark):
-    scored = spark.createDataFrame(
-        [("u", 1, 1, 7, [1, 5, 2, 9]), ("u", 2, 1, 8, [1, 5, 2, 9]), ("v", 1, 2, 7, [2, 1])],
-        "user_id string, rank int, segment_id int, item_idx int, recent array<int>",
-    )
-    patterns = spark.createDataFrame(
+def test_in_order_and_best_pattern_per_item():
+    def rule(seg, ante, cons, ante_idx, cons_idx, sup, conf, lift, kind="sequential"):
+        return dict(
+            segment_id=seg, kind=kind, antecedent=ante, consequent=cons,
+            antecedent_idx=ante_idx, consequent_idx=cons_idx, support=sup,
+            confidence=conf, lift=lift,
+        )  # fmt: skip
+
+    book = rule_book(
         [
-            (1, "sequential", ["a", "b"], "g", [1, 2], 7, 0.1, 0.5, 3.0),  # in order: matches
-            (1, "sequential", ["b", "a"], "g", [2, 1], 7, 0.2, 0.9, 4.0),  # wrong order for u
-            (1, "sequential", ["x"], "h", [4], 8, 0.3, 0.9, 5.0),  # 4 not in u's history
-            (1, "cooccurrence", ["a"], "h", [1], 8, 0.3, 0.9, 5.0),  # not sequential
-            (2, "sequential", ["b", "a"], "g", [2, 1], 7, 0.2, 0.6, 4.0),  # v's segment
-        ],
-        "segment_id int, kind string, antecedent array<string>, consequent string, "
-        "antecedent_idx array<int>, consequent_idx int, support double, confidence double, "
-        "lift double",
+            rule(1, ["a", "b"], "g", [1, 2], 7, 0.1, 0.5, 3.0),  # in order: matches
+            rule(1, ["b", "a"], "g", [2, 1], 7, 0.2, 0.9, 4.0),  # wrong order for u
+            rule(1, ["x"], "h", [4], 8, 0.3, 0.9, 5.0),  # 4 not in u's history
+            rule(1, ["a"], "h", [1], 8, 0.3, 0.9, 5.0, kind="cooccurrence"),  # not sequential
+            rule(2, ["b", "a"], "g", [2, 1], 7, 0.2, 0.6, 4.0),  # v's segment
+        ]
     )
-    out = {(r.user_id, r.rank): r.pattern for r in best_patterns(scored, patterns).collect()}
-    assert out[("u", 1)].antecedent == ["a", "b"] and out[("u", 1)].confidence == 0.5
-    assert out[("u", 2)] is None
-    assert out[("v", 1)].antecedent == ["b", "a"]
-    check = spark.createDataFrame(
-        [([1, 2], [3, 1, 4, 2]), ([1, 2], [2, 1]), ([], [5])], "a array<int>, h array<int>"
-    )
-    assert [r[0] for r in check.select(in_order(F.col("a"), F.col("h"))).collect()] == [
+    assert best_rule(book, 1, 7, [1, 5, 2, 9])["antecedent"] == ["a", "b"]
+    assert best_rule(book, 1, 7, [1, 5, 2, 9])["confidence"] == 0.5
+    assert best_rule(book, 1, 8, [1, 5, 2, 9]) is None
+    assert best_rule(book, 2, 7, [2, 1])["antecedent"] == ["b", "a"]
+    assert best_rule(book, 1, 7, [2, 1, 2])["confidence"] == 0.9  # both match: the best
+    assert [in_order(a, h) for a, h in [([1, 2], [3, 1, 4, 2]), ([1, 2], [2, 1]), ([], [5])]] == [
         True,
         False,
         True,

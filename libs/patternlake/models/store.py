@@ -63,6 +63,17 @@ def dumps(tensors: dict[str, np.ndarray | torch.Tensor], metadata: dict[str, Any
     return struct.pack("<Q", len(head)) + head + b"".join(chunks)
 
 
+def metadata(data: bytes) -> dict[str, Any]:
+    """The metadata of a model file, from its header alone (no tensor is read)."""
+    if len(data) < 8:
+        raise ValueError("not a model file (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if 8 + n > len(data):
+        raise ValueError("not a model file (header runs past the end)")
+    header = json.loads(data[8 : 8 + n])
+    return {k: json.loads(v) for k, v in header.get("__metadata__", {}).items()}
+
+
 def loads(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """bytes -> (tensors as numpy arrays, metadata). Raises ValueError on a damaged file."""
     if len(data) < 8:

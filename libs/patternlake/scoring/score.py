@@ -4,19 +4,26 @@
 * **models**: each segment's champion (``student@champion-<g>``: int8 or fp32 student), else
   the teacher; their files travel as one broadcast variable and each Python worker builds
   them once (a module-level cache keyed by the files' digest; Spark reuses Python workers).
-* **users**: ``mapInPandas`` over Arrow batches of ``score.batch_size`` users
-  (``spark.sql.execution.arrow.maxRecordsPerBatch`` is set to it); per segment, one forward
-  pass and a ``topk`` over the catalogue; ``score.exclude_seen`` drops past items. Users
-  with fewer than ``score.min_history`` known events get their segment's most popular items,
-  flagged ``fallback``; so do the last ranks of a user whose student's segment catalogue
-  has fewer than K items left to offer.
+* **users**: the histories are cut in Spark to the longest window a served model reads;
+  ``mapInPandas`` over Arrow batches of ``score.batch_size`` users
+  (``spark.sql.execution.arrow.maxRecordsPerBatch`` is set to it); per segment, one encoder
+  pass per user and an exact top-K over item chunks (``models.ranking``: no (users x
+  catalogue) matrix beyond one chunk of ~64 MB, whatever the catalogue); ``score.exclude_seen``
+  drops past items. Users with fewer than ``score.min_history`` known events get their
+  segment's most popular items, flagged ``fallback``; so do the last ranks of a user whose
+  student's segment catalogue has fewer than K items left to offer.
 * **explanation**: leave-one-out occlusion over the ``score.explain_events`` most recent
   events: each event's weight is the drop of the item's score when that event is deleted
   (the history shifted as if it never happened), normalised over the positive drops; the
-  ``score.explain_top`` largest are kept. (Why occlusion: docs/scoring.md, faithfulness.)
-* **pattern**: a Spark join with ``segment_patterns``: the best-supported sequential rule of
-  the user's segment whose consequent is the item and whose antecedent occurs in order in
-  the user's ``score.pattern_window`` most recent events.
+  ``score.explain_top`` largest are kept. Only the K recommended items are scored for each
+  deleted history, and the deleted histories go through the encoder in batches. The events'
+  item ids are joined from ``item_index`` in Spark before the task (``recent_names``).
+  (Why occlusion: docs/scoring.md, faithfulness.)
+* **pattern**: the best-supported sequential rule of the user's segment (confidence, lift,
+  support) whose consequent is the item and whose antecedent occurs in order in the user's
+  ``score.pattern_window`` most recent events, matched inside the task: the rules
+  (``mine.max_rules_per_segment`` per segment) travel with the models, so the models run
+  once per user and the output joins ``item_index`` once for the items' ids.
 * **runs**: every run is its own partition ``run_id``; rerunning a run id replaces that
   partition only.
 """
@@ -27,6 +34,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,14 +48,23 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
-from patternlake.scoring.transforms import in_order, normalise, occlusion, top_k, windows
+from patternlake.models import ranking
+from patternlake.scoring.transforms import (
+    PATTERN_FIELDS,
+    Rule,
+    best_rule,
+    normalise,
+    occlusion,
+    rule_book,
+    windows,
+)
 
 log = logging.getLogger(__name__)
 TABLE = "user_patterns"
 NO_SEGMENT = -1
 
-# what score_batches yields: columns of user_patterns (types from its contract), and the
-# user's recent items, dropped after the rule join
+# what score_batches yields: columns of user_patterns (types from its contract) but
+# item_id, which Spark joins from item_index afterwards
 SCORED_COLUMNS = [
     "user_id",
     "segment_id",
@@ -55,32 +72,46 @@ SCORED_COLUMNS = [
     "item_idx",
     "score",
     "fallback",
+    "pattern",
+    "explanation",
     "model_name",
     "model_version",
-    "explanation",
-    "recent",
 ]
-SCORED_SCHEMA = contract(TABLE).ddl(*SCORED_COLUMNS[:-1]) + ", recent array<int>"
-PATTERN = contract(TABLE).column("pattern").type
-
-_WORKER_MODELS: dict[str, dict[int, tuple[torch.nn.Module, str, str]]] = {}
+SCORED_SCHEMA = contract(TABLE).ddl(*SCORED_COLUMNS)
 
 
-def _build_models(payload: dict[str, Any]) -> dict[int, tuple[torch.nn.Module, str, str]]:
-    """segment -> (model taking (B, 3, L), name, version); key -1: the teacher."""
+@dataclass
+class Served:
+    """One served model as a Python worker holds it."""
+
+    ranker: ranking.Ranker
+    name: str
+    version: str
+    max_len: int
+    n_items: int
+
+
+_WORKER_MODELS: dict[str, dict[int, Served]] = {}
+
+
+def _served(model: torch.nn.Module, name: str, version: str) -> Served:
+    n_items = int(getattr(model, "n_global", model.config.n_items))
+    return Served(ranking.ranker_for(model), name, version, model.config.max_len, n_items)
+
+
+def _build_models(payload: dict[str, Any]) -> dict[int, Served]:
+    """segment -> its served model; key -1: the teacher."""
     from patternlake.models.student import from_bytes
-    from patternlake.models.teacher import TeacherScorer, teacher_from_bytes
+    from patternlake.models.teacher import teacher_from_bytes
 
-    teacher = TeacherScorer(teacher_from_bytes(payload["teacher"])).eval()
-    models = {NO_SEGMENT: (teacher, "teacher", payload["teacher_version"])}
+    teacher = teacher_from_bytes(payload["teacher"]).eval()
+    models = {NO_SEGMENT: _served(teacher, "teacher", payload["teacher_version"])}
     for g, (name, version, blob) in payload["students"].items():
-        models[int(g)] = (from_bytes(blob, payload["runtime"]), name, version)
+        models[int(g)] = _served(from_bytes(blob, payload["runtime"]), name, version)
     return models
 
 
-def worker_models(
-    digest: str, payload: dict[str, Any]
-) -> dict[int, tuple[torch.nn.Module, str, str]]:
+def worker_models(digest: str, payload: dict[str, Any]) -> dict[int, Served]:
     if digest not in _WORKER_MODELS:
         _WORKER_MODELS.clear()
         _WORKER_MODELS[digest] = _build_models(payload)
@@ -95,7 +126,7 @@ def _popular(
     return [(i, c) for i, c in ranked if i not in skip][:n]
 
 
-def _row(user: str, g: int, rank: int, item: int, score: float, recent: list[int], **kw) -> dict:
+def _row(user: str, g: int, rank: int, item: int, score: float, **kw) -> dict:
     fallback = {"fallback": True, "model_name": "segment_popularity", "model_version": None}
     return {
         "user_id": user,
@@ -103,16 +134,17 @@ def _row(user: str, g: int, rank: int, item: int, score: float, recent: list[int
         "rank": rank,
         "item_idx": item,
         "score": score,
+        "pattern": kw.pop("pattern", None),
+        "explanation": kw.pop("explanation", []),
         **(kw or fallback),
-        "explanation": kw.get("explanation", []),
-        "recent": recent,
     }
 
 
 def _explanation(
-    idx: torch.Tensor, weights: torch.Tensor, window: torch.Tensor, item_ids: np.ndarray
+    idx: torch.Tensor, weights: torch.Tensor, window: torch.Tensor, names: dict[int, str]
 ) -> list[dict[str, Any]]:
-    """One item's kept events ((E,) positions from the end, weights) as output structs."""
+    """One item's kept events ((E,) positions from the end, weights) as output structs;
+    ``names``: the item ids of the user's recent events (joined in Spark)."""
     L = len(window)
     out = []
     for ago, w in zip(idx.tolist(), weights.tolist(), strict=True):
@@ -120,7 +152,7 @@ def _explanation(
             item = int(window[L - 1 - ago])
             out.append(
                 {
-                    "item_id": str(item_ids[item]),
+                    "item_id": names.get(item),
                     "item_idx": item,
                     "events_ago": int(ago),
                     "weight": round(float(w), 4),
@@ -134,10 +166,13 @@ def score_batches(
     digest: str,
     payload: dict[str, Any],
     popular: dict[int, list[tuple[int, float]]],
-    item_ids: np.ndarray,
+    rules: dict[tuple[int, int], list[Rule]],
     s: dict[str, Any],
 ) -> Iterator[pd.DataFrame]:
-    """The mapInPandas function: one output frame (SCORED_SCHEMA) per input batch."""
+    """The mapInPandas function: one output frame (SCORED_SCHEMA) per input batch. Input
+    columns: user_id, segment_id, item_seq/type_seq/gap_seq (already cut to the longest
+    window in Spark) and recent_names (item idx -> item id of the events explanations may
+    name)."""
     torch.set_num_threads(1)
     models = worker_models(digest, payload)
     K = s["top_k"]
@@ -146,26 +181,32 @@ def score_batches(
         segs = batch["segment_id"].fillna(NO_SEGMENT).astype(int).to_numpy()
         for g in (int(x) for x in np.unique(segs)):
             part = batch[segs == g]
-            model, name, version = models.get(g, models[NO_SEGMENT])
-            L, n_items = model.config.max_len, int(getattr(model, "n_global", model.config.n_items))
-            x = windows(part["item_seq"], part["type_seq"], part["gap_seq"], L, n_items)
+            m = models.get(g, models[NO_SEGMENT])
+            x = windows(part["item_seq"], part["type_seq"], part["gap_seq"], m.max_len, m.n_items)
             use = (x[:, 0] > 0).sum(1).numpy() >= s["min_history"]
             recent = [[int(i) for i in seq[-s["pattern_window"] :]] for seq in part["item_seq"]]
+            names = [dict(n) if n is not None else {} for n in part["recent_names"]]
             users = part["user_id"].tolist()
             seen = [set(r) if s["exclude_seen"] else set() for r in recent]
             if use.any():
                 xs = x[torch.from_numpy(use)]
                 with torch.no_grad():
-                    values, ids = top_k(model(xs), K, xs[:, 0] if s["exclude_seen"] else None)
+                    state = m.ranker.encode(xs)
+                    exclude = xs[:, 0] if s["exclude_seen"] else None
+                    values, ids = ranking.top_k(m.ranker, state, K, exclude)
                     explained = None
                     if s["explain_events"] > 0:
-                        drops = occlusion(model, xs, ids, min(s["explain_events"], L))
+                        base = m.ranker.items(state, ids)
+                        drops = occlusion(
+                            m.ranker, xs, ids, min(s["explain_events"], m.max_len), base
+                        )
                         explained = normalise(drops, s["explain_top"])
                 for r, b in enumerate(np.nonzero(use)[0]):
                     n_model = int(torch.isfinite(values[r]).sum())
                     for k in range(n_model):
+                        item = int(ids[r, k])
                         expl = (
-                            _explanation(explained[0][r, k], explained[1][r, k], xs[r, 0], item_ids)
+                            _explanation(explained[0][r, k], explained[1][r, k], xs[r, 0], names[b])
                             if explained is not None
                             else []
                         )
@@ -174,22 +215,26 @@ def score_batches(
                                 users[b],
                                 g,
                                 k + 1,
-                                int(ids[r, k]),
+                                item,
                                 float(values[r, k]),
-                                recent[b],
-                                fallback=False,
-                                model_name=name,
-                                model_version=version,
+                                pattern=best_rule(rules, g, item, recent[b]),
                                 explanation=expl,
+                                fallback=False,
+                                model_name=m.name,
+                                model_version=m.version,
                             )
                         )
                     # a student's segment catalogue ran out: popularity fills the last ranks
                     taken = {int(i) for i in ids[r, :n_model]} | seen[b]
                     for k, (item, share) in enumerate(_popular(popular, g, taken, K - n_model)):
-                        rows.append(_row(users[b], g, n_model + k + 1, item, share, recent[b]))
+                        pattern = best_rule(rules, g, item, recent[b])
+                        rows.append(
+                            _row(users[b], g, n_model + k + 1, item, share, pattern=pattern)
+                        )
             for b in np.nonzero(~use)[0]:
                 for k, (item, share) in enumerate(_popular(popular, g, seen[b], K)):
-                    rows.append(_row(users[b], g, k + 1, item, share, recent[b]))
+                    pattern = best_rule(rules, g, item, recent[b])
+                    rows.append(_row(users[b], g, k + 1, item, share, pattern=pattern))
         yield pd.DataFrame(rows, columns=SCORED_COLUMNS)
 
 
@@ -206,8 +251,13 @@ def champion_payload(config: Config, segments: list[int]) -> tuple[dict[str, Any
         blob = registry.version_file(config, registry.STUDENT, mv.version).read_bytes()
         students[g] = (name, str(mv.version), blob)
         served[g] = f"{name} v{mv.version}"
+    from patternlake.models.store import metadata
+
+    files = [teacher, *(blob for _, _, blob in students.values())]
     payload = {
         "teacher": teacher,
+        # the longest window any served model reads: histories are cut to it in Spark
+        "max_len": max(int(metadata(f)["config"]["max_len"]) for f in files),
         "teacher_version": tags["version"],
         "students": students,
         "runtime": config.compress.runtime,
@@ -246,43 +296,46 @@ def segment_popularity(history: DataFrame, k: int) -> dict[int, list[tuple[int, 
     return out
 
 
-def best_patterns(scored: DataFrame, patterns: DataFrame) -> DataFrame:
-    """For each scored row, the best rule (confidence, then lift, then support) of its
-    segment with the item as consequent and the antecedent in order in ``recent``."""
-    rules = patterns.where("kind = 'sequential'").select(
-        F.col("segment_id").alias("p_segment"),
-        F.col("consequent_idx").alias("p_item"),
-        "antecedent_idx",
-        "kind",
-        "antecedent",
-        "consequent",
-        "support",
-        "confidence",
-        "lift",
-    )
-    cand = (
-        scored.select("user_id", "rank", "segment_id", "item_idx", "recent")
-        .join(
-            rules,
-            (F.col("segment_id") == F.col("p_segment")) & (F.col("item_idx") == F.col("p_item")),
-        )
-        .where(in_order(F.col("antecedent_idx"), F.col("recent")))
-    )
-    w = Window.partitionBy("user_id", "rank").orderBy(
-        F.desc("confidence"), F.desc("lift"), F.desc("support"), F.asc("antecedent")
-    )
-    best = (
-        cand.withColumn("_r", F.row_number().over(w))
-        .where("_r = 1")
-        .select(
+def cut(column: str, n: int) -> F.Column:
+    """The last ``n`` elements of an array column (all of a shorter one), in Spark."""
+    return F.expr(f"slice({column}, greatest(size({column}) - {n} + 1, 1), {n})").alias(column)
+
+
+def model_inputs(
+    sequences: DataFrame, segments: DataFrame, items: DataFrame, window: int, explain: int
+) -> DataFrame:
+    """Per user: segment, the histories cut to ``window`` events, and ``recent_names``, the
+    item ids (joined from item_index in Spark) of the ``explain`` most recent events, which
+    are the only ones an explanation names."""
+    cols = ("item_seq", "type_seq", "gap_seq")
+    hist = sequences.select("user_id", *(cut(c, window) for c in cols))
+    recent = (
+        hist.select(
             "user_id",
-            "rank",
-            F.struct("kind", "antecedent", "consequent", "support", "confidence", "lift")
-            .cast(PATTERN)
-            .alias("pattern"),
+            F.explode(F.slice("item_seq", -max(1, explain), max(1, explain))).alias("item_idx"),
+        )
+        .distinct()
+        .join(items.select("item_idx", "item_id"), "item_idx")
+        .groupBy("user_id")
+        .agg(
+            F.map_from_entries(F.collect_list(F.struct("item_idx", "item_id"))).alias(
+                "recent_names"
+            )
         )
     )
-    return scored.join(best, ["user_id", "rank"], "left")
+    out = hist.join(segments, "user_id", "left")
+    return (
+        out.join(recent, "user_id", "left")
+        if explain > 0
+        else out.withColumn("recent_names", F.lit(None).cast("map<int,string>"))
+    )
+
+
+def rule_rows(patterns: DataFrame) -> list[dict[str, Any]]:
+    """The sequential rules of every segment (``mine.max_rules_per_segment`` each at most):
+    small enough to travel to every task, where each recommended item is matched."""
+    fields = ("segment_id", "consequent_idx", "antecedent_idx", *PATTERN_FIELDS)
+    return [r.asDict() for r in patterns.where("kind = 'sequential'").select(*fields).collect()]
 
 
 def score_users(
@@ -306,29 +359,24 @@ def score_users(
     digest = hashlib.sha1(
         payload["teacher"] + b"".join(b for _, _, b in payload["students"].values())
     ).hexdigest()
-    items = lake.read("item_index").select("item_idx", "item_id").collect()
-    item_ids = np.empty(max((r.item_idx for r in items), default=0) + 1, dtype=object)
-    for r in items:
-        item_ids[r.item_idx] = r.item_id
-    history = (
-        lake.read("user_sequences")
-        .select("user_id", "item_seq", "type_seq", "gap_seq")
-        .join(segments, "user_id", "left")
-    )
-    popular = segment_popularity(history, s["top_k"])
+    sequences = lake.read("user_sequences")
+    item_index = lake.read("item_index").select("item_idx", "item_id")
+    popular = segment_popularity(sequences.join(segments, "user_id", "left"), s["top_k"])
+    rules = rule_book(rule_rows(lake.read("segment_patterns")))
+    window = max(payload["max_len"], s["pattern_window"])
+    inputs = model_inputs(sequences, segments, item_index, window, s["explain_events"])
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(s["batch_size"]))
     sc = spark.sparkContext
-    shared = sc.broadcast((digest, payload, popular, item_ids, s))
+    shared = sc.broadcast((digest, payload, popular, rules, s))
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        d, p, pop, ids, settings = shared.value
-        yield from score_batches(batches, d, p, pop, ids, settings)
+        d, p, pop, book, settings = shared.value
+        yield from score_batches(batches, d, p, pop, book, settings)
 
-    scored = history.mapInPandas(run, SCORED_SCHEMA)
-    with_patterns = best_patterns(scored, lake.read("segment_patterns"))
-    out = with_patterns.join(
-        lake.read("item_index").select("item_idx", "item_id"), "item_idx", "left"
-    ).select(
+    # one pass of the models per user: the rules are matched inside the task, and item ids
+    # join the (users x K) output once
+    scored = inputs.mapInPandas(run, SCORED_SCHEMA)
+    out = scored.join(item_index, "item_idx", "left").select(
         "user_id",
         "segment_id",
         "rank",

@@ -1,15 +1,20 @@
-"""Pure pieces of `score`: model inputs from histories, top-K, occlusion explanations, the
-deletion-curve faithfulness check and the in-order rule match (a Spark Column expression).
-No files, no sessions; tested on hand-made values."""
+"""Pure pieces of `score`: model inputs from histories, occlusion explanations over the
+recommended items only, the deletion-curve faithfulness check and the in-order rule match.
+Top-K over the catalogue is ``models.ranking.top_k`` (item chunks). No files, no sessions;
+tested on hand-made values."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from pyspark.sql import Column
-from pyspark.sql import functions as F
+
+from patternlake.models import ranking
+
+ENCODE_BATCH = 2048  # histories per encoder pass in explanations
+PATTERN_FIELDS = ("kind", "antecedent", "consequent", "support", "confidence", "lift")
 
 
 def windows(
@@ -34,57 +39,56 @@ def windows(
     return torch.from_numpy(out)
 
 
-def top_k(
-    scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, ids) of the k best items of each row; padding (0), -inf items and, with
-    ``exclude`` ((B, L) item ids), the user's past items are never returned (a row with
-    fewer than k scorable items gets -inf values at its end, which callers drop)."""
-    s = scores.clone()
-    s[:, 0] = float("-inf")
-    if exclude is not None:
-        s.scatter_(1, exclude, float("-inf"))
-        s[:, 0] = float("-inf")
-    values, ids = s.topk(min(k, s.shape[1]), dim=1)
-    return values, ids
+def as_ranker(model: Any) -> ranking.Ranker:
+    """A Ranker as is; a served model by its chunked view; any other callable
+    ((B, 3, L) -> (B, N) scores) densely."""
+    if isinstance(model, ranking.DotRanker | ranking.EnsembleRanker | ranking.DenseRanker):
+        return model
+    return ranking.ranker_for(model)
 
 
-def delete_positions(x: torch.Tensor, row_positions: torch.Tensor) -> torch.Tensor:
-    """x (B, 3, L) with, in each row b, the events at ``row_positions[b]`` (a boolean (B, L)
-    mask) removed and the rest shifted right (left padding grows): the history as if those
-    events had not happened."""
-    B, _, L = x.shape
-    keep = ~row_positions & (x[:, 0] > 0)
-    out = torch.zeros_like(x)
-    for b in range(B):
-        kept = x[b][:, keep[b]]
-        if kept.shape[1]:
-            out[b, :, L - kept.shape[1] :] = kept
-    return out
+def _one_position(x: torch.Tensor, p: int) -> torch.Tensor:
+    mask = torch.zeros(x.shape[0], x.shape[2], dtype=torch.bool)
+    mask[:, p] = True
+    return mask
 
 
 def occlusion(
-    score: Callable[[torch.Tensor], torch.Tensor],
+    model: Any,
     x: torch.Tensor,
     items: torch.Tensor,
     last: int,
+    base: torch.Tensor | None = None,
+    batch: int = ENCODE_BATCH,
 ) -> torch.Tensor:
     """Leave-one-out: for each of the ``last`` most recent positions p, the drop of each
     recommended item's score when event p is deleted (the history shifted as if it never
-    happened). x: (B, 3, L); items: (B, K) -> (B, K, last) drops (0 on padding)."""
+    happened). x: (B, 3, L); items: (B, K) -> (B, K, last) drops (0 on padding).
+
+    Only the K items are scored (each deleted history's state against their vectors), and
+    the deleted histories of every position and row go through the encoder together,
+    ``batch`` at a time. ``base``: the items' scores on x when the caller has them."""
+    ranker = as_ranker(model)
     B, _, L = x.shape
-    base = score(x).gather(1, items)  # (B, K)
-    drops = torch.zeros((B, items.shape[1], last))
+    K = items.shape[1]
+    if base is None:
+        base = ranking.score_items(ranker, x, items, batch)
+    rows, cols, variants = [], [], []
     for j in range(last):
-        p = L - 1 - j
-        mask = torch.zeros((B, L), dtype=torch.bool)
-        mask[:, p] = True
-        present = x[:, 0, p] > 0
-        if not present.any():
-            continue
-        s = score(delete_positions(x, mask)).gather(1, items)
-        d = torch.where(torch.isfinite(s), base - s, torch.zeros_like(s))
-        drops[:, :, j] = torch.where(present.unsqueeze(1), d, torch.zeros_like(d))
+        present = torch.nonzero(x[:, 0, L - 1 - j] > 0).squeeze(1)
+        if len(present):
+            variants.append(
+                ranking.delete_positions(x[present], _one_position(x[present], L - 1 - j))
+            )
+            rows.append(present)
+            cols.append(torch.full((len(present),), j))
+    drops = torch.zeros((B, K, last))
+    if not rows:
+        return drops
+    r, c = torch.cat(rows), torch.cat(cols)
+    s = ranking.score_items(ranker, torch.cat(variants), items[r], batch)
+    d = base[r] - s
+    drops[r, :, c] = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
     return drops
 
 
@@ -99,7 +103,7 @@ def normalise(drops: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def deletion_curve(
-    score: Callable[[torch.Tensor], torch.Tensor],
+    model: Any,
     x: torch.Tensor,
     item: torch.Tensor,
     order: torch.Tensor,
@@ -108,25 +112,50 @@ def deletion_curve(
     """Mean score of ``item`` (B,) after deleting the first 0..steps positions of ``order``
     ((B, E) positions from the end, 0 = most recent) from each history: a faithful
     explanation's curve falls faster than a random order's."""
+    ranker = as_ranker(model)
     B, _, L = x.shape
     out = []
     for k in range(steps + 1):
         mask = torch.zeros((B, L), dtype=torch.bool)
         for j in range(k):
             mask[torch.arange(B), L - 1 - order[:, j]] = True
-        s = score(delete_positions(x, mask)).gather(1, item.unsqueeze(1)).squeeze(1)
+        deleted = ranking.delete_positions(x, mask)
+        s = ranking.score_items(ranker, deleted, item.unsqueeze(1), ENCODE_BATCH).squeeze(1)
         out.append(float(torch.where(torch.isfinite(s), s, torch.zeros_like(s)).mean()))
     return np.array(out)
 
 
-def in_order(antecedent: Column, history: Column) -> Column:
+def in_order(antecedent: Sequence[int], history: Sequence[int]) -> bool:
     """True where every element of ``antecedent`` occurs in ``history`` in the same order
-    (not necessarily adjacent): a greedy left-to-right scan with ``aggregate``."""
-    matched = F.aggregate(
-        history,
-        F.lit(0),
-        lambda acc, x: F.when(
-            (acc < F.size(antecedent)) & (x == F.try_element_at(antecedent, acc + 1)), acc + 1
-        ).otherwise(acc),
-    )
-    return matched == F.size(antecedent)
+    (not necessarily adjacent): a greedy left-to-right scan."""
+    it = iter(history)
+    return all(any(h == a for h in it) for a in antecedent)
+
+
+Rule = tuple[tuple[int, ...], dict[str, Any]]  # (antecedent item ids, the pattern struct)
+
+
+def rule_book(rows: Iterable[dict[str, Any]]) -> dict[tuple[int, int], list[Rule]]:
+    """(segment, consequent item id) -> its sequential rules, best first (confidence, then
+    lift, then support, then the antecedent's names): what :func:`best_rule` scans."""
+    book: dict[tuple[int, int], list[tuple[tuple, Rule]]] = {}
+    for r in rows:
+        if r["kind"] != "sequential":
+            continue
+        pattern = {k: r[k] for k in PATTERN_FIELDS}
+        pattern["antecedent"] = list(pattern["antecedent"])
+        key = (-r["confidence"], -r["lift"], -r["support"], list(r["antecedent"]))
+        rule = (tuple(int(i) for i in r["antecedent_idx"]), pattern)
+        book.setdefault((int(r["segment_id"]), int(r["consequent_idx"])), []).append((key, rule))
+    return {k: [rule for _, rule in sorted(v, key=lambda t: t[0])] for k, v in book.items()}
+
+
+def best_rule(
+    book: dict[tuple[int, int], list[Rule]], segment: int, item: int, recent: Sequence[int]
+) -> dict[str, Any] | None:
+    """The best rule of the segment with ``item`` as consequent whose antecedent occurs in
+    order in ``recent`` (None: no such rule)."""
+    for antecedent, pattern in book.get((segment, item), ()):
+        if in_order(antecedent, recent):
+            return pattern
+    return None
