@@ -24,6 +24,10 @@ from patternlake.evaluation.transforms import (
     segment_groups,
     window,
 )
+from patternlake.models.baselines import MarkovChain
+from patternlake.models.metrics import ranker_ranks
+from patternlake.models.ranking import DenseRanker
+from patternlake.sequence_reader import training_arrays
 from patternlake.sequence_schema import MIN_EVALUATED_EVENTS
 from tests.training.handmade import SCHEMA
 
@@ -62,23 +66,25 @@ def test_segment_groups_default_to_no_segment():
 def test_model_scorer_gives_the_model_its_own_tail_of_the_inputs():
     model = Fixed([0.0, 1.0, 2.0], max_len=2, n_params=5)
     stacked = np.arange(2 * 3 * 4, dtype=np.int64).reshape(2, 3, 4)  # (n, 3, L=4)
-    score, params, nbytes = model_scorer(model, stacked)
-    out = score(slice(0, 2))
-    assert model.seen == [(2, 3, 2)] and out.tolist() == [[0.0, 1.0, 2.0]] * 2
+    rank, params, nbytes = model_scorer(model, stacked)
+    ranks, top = rank(slice(0, 2), torch.tensor([2, 1]), None)
+    assert model.seen == [(2, 3, 2)] and ranks.tolist() == [0, 1]
+    assert top.tolist() == [[2, 1, 0]] * 2  # padding (0) is never ranked: it closes the row
     assert params == 5 and nbytes > 0
 
 
 def test_routed_scorer_scores_each_user_with_their_segments_model_else_the_fallback():
-    a, b = Fixed([1.0, 0.0, 0.0], n_params=4), Fixed([0.0, 0.0, 5.0], n_params=9)
+    a, b = Fixed([0.0, 3.0, 1.0], n_params=4), Fixed([0.0, 0.0, 5.0], n_params=9)
     stacked = np.zeros((3, 3, 2), dtype=np.int64)
     groups = np.array([1, 2, 1])
-    score, params, nbytes = routed_scorer({1: (a, 100)}, b, stacked, groups)
-    assert score(slice(0, 3)).tolist() == [[1, 0, 0], [0, 0, 5], [1, 0, 0]]
+    rank, params, nbytes = routed_scorer({1: (a, 100)}, b, stacked, groups)
+    ranks, top = rank(slice(0, 3), torch.tensor([2, 1, 1]), None)
+    assert ranks.tolist() == [1, 1, 0] and top[:, 0].tolist() == [1, 2, 1]
     assert a.seen == [(2, 3, 2)] and b.seen == [(1, 3, 2)]  # users 0 and 2; user 1
     assert (params, nbytes) == (4, 100)  # what serving the routed models costs: not b
     orphan, _, _ = routed_scorer({1: (a, 100)}, None, stacked, groups)
     with pytest.raises(PatternlakeError, match="no model for segment 2"):
-        orphan(slice(0, 3))
+        orphan(slice(0, 3), torch.tensor([1, 1, 1]), None)
 
 
 def sequences_table() -> pa.Table:
@@ -111,7 +117,10 @@ def test_baselines_fit_on_the_training_parts_only():
     assert list(found) == ["popularity", "markov"]
     pop, pop_params, _ = found["popularity"]
     # training events: 1 2 3 (u1, its targets 4 and 5 left out) and 2 3 (u2)
-    assert pop(slice(0, 1)).tolist() == [[0, 1, 2, 2, 0, 0]] and pop_params == 6
+    # counts [0, 1, 2, 2, 0, 0]: item 1 ranks after 2 and 3, item 3 ties with 2 (ties
+    # count against the target)
+    ranks, top = pop(slice(0, 2), torch.tensor([1, 3]), None)
+    assert ranks.tolist() == [2, 1] and top[0].tolist()[:3] == [2, 3, 1] and pop_params == 6
     markov, markov_params, _ = found["markov"]
     # transitions 1 -> 2 once, 2 -> 3 twice; + 0.001 * popularity share (counts / 5)
     expected = [
@@ -119,7 +128,15 @@ def test_baselines_fit_on_the_training_parts_only():
         [0, 0.0002, 1.0004, 0.0004, 0, 0],  # last item 1
         [0, 0.0002, 0.0004, 0.0004, 0, 0],  # last item 3: never followed, popularity only
     ]
-    np.testing.assert_allclose(markov(slice(0, 3)).numpy(), expected, rtol=1e-5, atol=1e-7)
+    ranks, top = markov(slice(0, 3), torch.tensor([3, 2, 3]), None)
+    assert ranks.tolist() == [0, 0, 1]
+    assert top.tolist() == [[3, 2, 1, 4, 5, 0], [2, 3, 1, 4, 5, 0], [2, 3, 1, 4, 5, 0]]
+    chain = MarkovChain(6).fit(*training_arrays(sequences_table(), 3)[::3])
+    chunks = [chain.ranker().chunk(items, lo, min(6, lo + 4)) for lo in (0, 4)]
+    dense = chain.scores(items)
+    np.testing.assert_allclose(dense.numpy(), expected, rtol=1e-5, atol=1e-7)
+    dense[:, 0] = float("-inf")
+    assert torch.equal(torch.cat(chunks, 1), dense)  # item chunks are the dense rows
     assert markov_params == 2
 
 
@@ -173,10 +190,11 @@ def scores_ranking(targets: list[int], above: int) -> torch.Tensor:
 def test_model_reports_rank_the_targets():
     targets = np.array([3, 5, 7])
     groups = np.array([1, 1, 2])
-    scored = {
-        "first": (lambda s: scores_ranking(targets[s].tolist(), 0), 1, 1),
-        "second": (lambda s: scores_ranking(targets[s].tolist(), 1), 1, 1),
-    }
+    def ranked(place: int):
+        ranker = DenseRanker(lambda x: scores_ranking(x.tolist(), place))
+        return ranker_ranks(ranker, lambda s: torch.from_numpy(targets[s]))
+
+    scored = {"first": (ranked(0), 1, 1), "second": (ranked(1), 1, 1)}
     out = model_reports(scored, targets, groups, N_ITEMS, 2, None, {})
     first, second = out["first"]["overall"], out["second"]["overall"]
     assert (first["ndcg@10"], first["hr@10"], first["mrr@10"]) == (1.0, 1.0, 1.0)

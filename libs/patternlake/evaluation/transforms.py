@@ -1,9 +1,10 @@
 """Evaluation transforms: scorers, per-user segments and the report rows; no lake, no
 registry, no conf object.
 
-A *scorer* is ``(score, params, bytes)``: ``score(users)`` takes a slice of the evaluated
-users and returns their (b, N) scores over the whole catalogue (N = item ids, padding
-included); params and bytes are what serving it costs. The order of
+A *scorer* is ``(rank, params, bytes)``: ``rank(users, targets, exclude)`` takes a slice of
+the evaluated users and returns their targets' ranks and top-10 ids, counted over item
+chunks (``models.ranking``: no (users x catalogue) matrix, whatever the catalogue); params
+and bytes are what serving it costs. The order of
 :func:`patternlake.evaluation.evaluate.evaluate_models`: :func:`segment_groups`, the
 scorers (:func:`baseline_scorers`, :func:`routed_scorer`, :func:`model_scorer`, merged by
 :func:`scorers`), then :func:`model_reports` (metrics and sizes per model and segment) next
@@ -20,7 +21,6 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,15 +28,16 @@ import pyarrow as pa
 import torch
 
 from patternlake.errors import PatternlakeError
+from patternlake.models import ranking
 from patternlake.models.baselines import MarkovChain, Popularity
-from patternlake.models.metrics import evaluate_scorer
+from patternlake.models.metrics import RankFn, evaluate_ranks, ranker_ranks
 from patternlake.sequence_reader import first_training_items, training_arrays
 from patternlake.sequence_schema import MIN_EVALUATED_EVENTS
 
 log = logging.getLogger(__name__)
 NO_SEGMENT = -1
 
-Scorer = tuple[Callable[[slice], torch.Tensor], int, int]  # score(users) -> (b, N), params, bytes
+Scorer = tuple[RankFn, int, int]  # rank(users, targets, exclude) -> (ranks, top 10), params, bytes
 PerSegment = dict[int, tuple[torch.nn.Module, int]]  # segment -> (model, bytes on disk)
 
 
@@ -69,20 +70,26 @@ def baseline_scorers(
     pop = Popularity(n_items).fit(train_in, train_out, firsts)
     markov = MarkovChain(n_items).fit(train_in, train_out, firsts)
     return {
-        "popularity": (lambda s: pop.scores(items[s]), pop.num_params(), pop.nbytes()),
-        "markov": (lambda s: markov.scores(items[s]), markov.num_params(), markov.nbytes()),
+        "popularity": (
+            ranker_ranks(pop.ranker(), lambda s: items[s]),
+            pop.num_params(),
+            pop.nbytes(),
+        ),
+        "markov": (
+            ranker_ranks(markov.ranker(), lambda s: items[s]),
+            markov.num_params(),
+            markov.nbytes(),
+        ),
     }
 
 
 def model_scorer(model: torch.nn.Module, stacked: np.ndarray) -> Scorer:
     """One network for every user; ``stacked`` (n, 3, L): items, types, gaps."""
     w = window(model)
-
-    def score(s: slice) -> torch.Tensor:
-        with torch.no_grad():
-            return model(torch.from_numpy(stacked[s][:, :, -w:]))
-
-    return score, sum(p.numel() for p in model.parameters()), model_bytes(model)
+    rank = ranker_ranks(
+        ranking.ranker_for(model), lambda s: torch.from_numpy(stacked[s][:, :, -w:])
+    )
+    return rank, sum(p.numel() for p in model.parameters()), model_bytes(model)
 
 
 def routed_scorer(
@@ -94,26 +101,35 @@ def routed_scorer(
     """Scores each user with the model of their segment (the fallback where there is none);
     params and bytes: the total to serve every segment's model."""
 
-    def score(s: slice) -> torch.Tensor:
+    rankers = {g: ranking.ranker_for(m) for g, (m, _) in per_segment.items()}
+    fallback_ranker = ranking.ranker_for(fallback) if fallback is not None else None
+
+    def rank(
+        s: slice, targets: torch.Tensor, exclude: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x = stacked[s]
         g = groups[s]
-        parts: dict[int, torch.Tensor] = {}
+        ranks = torch.empty(len(g), dtype=torch.int64)
+        top: torch.Tensor | None = None
         with torch.no_grad():
             for seg in np.unique(g):
                 model = per_segment.get(int(seg), (fallback, 0))[0]
                 if model is None:
                     raise PatternlakeError(f"evaluate: no model for segment {seg}")
-                rows = np.nonzero(g == seg)[0]
-                parts[int(seg)] = (rows, model(torch.from_numpy(x[rows][:, :, -window(model) :])))
-        n = next(iter(parts.values()))[1].shape[1]
-        out = torch.empty((len(g), n))
-        for rows, scores in parts.values():
-            out[torch.from_numpy(rows)] = scores.float()
-        return out
+                ranker = rankers.get(int(seg), fallback_ranker)
+                rows = torch.from_numpy(np.nonzero(g == seg)[0])
+                state = ranker.encode(torch.from_numpy(x[rows.numpy()][:, :, -window(model) :]))
+                part_exclude = exclude[rows] if exclude is not None else None
+                r, t = ranking.target_ranks(ranker, state, targets[rows], part_exclude)
+                if top is None:
+                    top = torch.empty((len(g), t.shape[1]), dtype=torch.int64)
+                ranks[rows], top[rows] = r, t
+        assert top is not None
+        return ranks, top
 
     params = sum(m.num_params() for m, _ in per_segment.values())
     nbytes = sum(b for _, b in per_segment.values())
-    return score, params, nbytes
+    return rank, params, nbytes
 
 
 def scorers(
@@ -195,10 +211,10 @@ def model_reports(
     """:func:`model_report` of every scorer on the users' ``target`` (n,); ``history`` (n,
     L): the past items to mask from the ranking, or None."""
     out = {}
-    for name, (score, params, nbytes) in scored.items():
+    for name, (rank, params, nbytes) in scored.items():
         t = time.monotonic()
-        overall, per = evaluate_scorer(
-            score, len(target), target, groups, n_items, batch_size, history
+        overall, per = evaluate_ranks(
+            rank, len(target), target, groups, n_items, batch_size, history
         )
         teacher = scored["teacher"][1:] if "teacher" in scored else None
         out[name] = model_report(overall, per, params, nbytes, groups, routed.get(name), teacher)

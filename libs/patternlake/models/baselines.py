@@ -42,6 +42,13 @@ class Popularity:
     def num_params(self) -> int:
         return int(self.n_items)
 
+    def ranker(self) -> _BaselineRanker:
+        return _BaselineRanker(
+            self.n_items,
+            lambda items, lo, hi: np.broadcast_to(self.counts[lo:hi], (len(items), hi - lo)),
+            lambda items, cand: self.counts[cand],
+        )
+
     def nbytes(self) -> int:
         return int(self.counts.nbytes)
 
@@ -79,6 +86,52 @@ class MarkovChain:
     def num_params(self) -> int:
         return int(self.transitions.nnz)
 
+    def ranker(self) -> _BaselineRanker:
+        return _BaselineRanker(self.n_items, self._block, self._items)
+
+    def _items(self, items: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        rows = self.transitions[items[:, -1]]
+        totals = np.asarray(rows.sum(axis=1))
+        picked = np.asarray(rows[np.arange(len(cand))[:, None], cand].todense())
+        probs = np.divide(picked, totals, out=np.zeros(picked.shape), where=totals > 0)
+        return probs + self.backoff * self.pop.counts[cand] / max(1.0, self.pop.counts.sum())
+
+    def _block(self, items: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """Columns lo..hi of :meth:`scores`: the rows' sparse transitions sliced, never the
+        whole catalogue."""
+        rows = self.transitions[items[:, -1]]
+        totals = np.asarray(rows.sum(axis=1))
+        block = rows[:, lo:hi].toarray()
+        probs = np.divide(block, totals, out=np.zeros_like(block), where=totals > 0)
+        pop = self.pop.counts[lo:hi] / max(1.0, self.pop.counts.sum())
+        return probs + self.backoff * pop[None, :]
+
     def nbytes(self) -> int:
         t = self.transitions
         return int(t.data.nbytes + t.indices.nbytes + t.indptr.nbytes + self.pop.nbytes())
+
+
+class _BaselineRanker:
+    """A baseline as a ``models.ranking`` ranker: scores computed per item chunk from the
+    users' inputs (n, L), so ranking a large catalogue needs no (users x catalogue) matrix."""
+
+    def __init__(self, n_items: int, block, pick):
+        self.n_items = n_items
+        self.block = block  # (inputs, lo, hi) -> (n, hi - lo) scores
+        self.pick = pick  # (inputs, (n, C) item ids) -> (n, C) scores
+
+    def encode(self, items: np.ndarray) -> np.ndarray:
+        return np.asarray(items)
+
+    def width(self, state: np.ndarray) -> int:
+        return self.n_items
+
+    def chunk(self, state: np.ndarray, lo: int, hi: int) -> torch.Tensor:
+        s = torch.from_numpy(np.array(self.block(state, lo, hi), dtype=np.float32))
+        if lo == 0:
+            s[:, 0] = float("-inf")
+        return s
+
+    def items(self, state: np.ndarray, cand: torch.Tensor) -> torch.Tensor:
+        s = torch.from_numpy(np.array(self.pick(state, cand.numpy().copy()), dtype=np.float32))
+        return s.masked_fill(cand == 0, float("-inf"))

@@ -8,6 +8,7 @@ appear in at least one user's top 10), overall and per segment.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +65,12 @@ class RankingAccumulator:
         self.top10.append(torch.where(top.values > float("-inf"), top.indices, 0).cpu().numpy())
         self.groups.append(np.asarray(groups))
 
+    def add_ranks(self, ranks: np.ndarray, top10: np.ndarray, groups: np.ndarray) -> None:
+        """Ranks and top-10 ids already counted (``models.ranking.target_ranks``)."""
+        self.ranks.append(np.asarray(ranks))
+        self.top10.append(np.asarray(top10))
+        self.groups.append(np.asarray(groups))
+
     def report(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         ranks = np.concatenate(self.ranks) if self.ranks else np.zeros(0)
         groups = np.concatenate(self.groups) if self.groups else np.zeros(0)
@@ -105,6 +112,40 @@ def evaluate_scorer(
         exclude = torch.from_numpy(history[s]) if history is not None else None
         acc.add(score(s).float().cpu(), torch.from_numpy(targets[s]), groups[s], exclude)
     return acc.report()
+
+
+RankFn = Callable[[slice, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+
+
+def evaluate_ranks(
+    rank: RankFn,
+    n_users: int,
+    targets: np.ndarray,
+    groups: np.ndarray,
+    n_items: int,
+    batch_size: int = 1024,
+    history: np.ndarray | None = None,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """:func:`evaluate_scorer` without a (users x catalogue) matrix: ``rank(slice, targets,
+    exclude)`` returns those users' target ranks and top-10 ids, counted over item chunks
+    (:func:`ranker_ranks`)."""
+    acc = RankingAccumulator(n_items)
+    for s in _slices(n_users, batch_size):
+        exclude = torch.from_numpy(history[s]) if history is not None else None
+        ranks, top = rank(s, torch.from_numpy(targets[s]), exclude)
+        acc.add_ranks(ranks.cpu().numpy(), top.cpu().numpy(), groups[s])
+    return acc.report()
+
+
+def ranker_ranks(ranker: Any, inputs: Callable[[slice], Any]) -> RankFn:
+    """The rank function of a ``models.ranking`` ranker over ``inputs(users)``."""
+    from patternlake.models import ranking
+
+    def rank(s: slice, targets: torch.Tensor, exclude: torch.Tensor | None):
+        with torch.no_grad():
+            return ranking.target_ranks(ranker, ranker.encode(inputs(s)), targets, exclude)
+
+    return rank
 
 
 def _slices(n: int, size: int) -> Iterator[slice]:
