@@ -40,7 +40,7 @@ def timed(fn, repeats: int = 3) -> float:
 
 
 def score_all(models: dict, x: torch.Tensor, groups: np.ndarray, k: int, batch: int = 1024) -> None:
-    from patternlake.scoring.transforms import top_k
+    from patternlake.models.ranking import ranker_for, top_k
 
     with torch.no_grad():
         for g in np.unique(groups):
@@ -49,7 +49,8 @@ def score_all(models: dict, x: torch.Tensor, groups: np.ndarray, k: int, batch: 
             L = model.config.max_len
             xs = x[rows][:, :, -L:]
             for s in range(0, len(xs), batch):
-                top_k(model(xs[s : s + batch]), k)
+                ranker = ranker_for(model)
+                top_k(ranker, ranker.encode(xs[s : s + batch]), k)
 
 
 def faithfulness(teacher, x: torch.Tensor, last: int = 20, steps: int = 5) -> dict:

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from patternlake.models.metrics import evaluate_scorer
+from patternlake.models import ranking
+from patternlake.models.metrics import evaluate_ranks, ranker_ranks
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig, pick_device
 from patternlake.models.train_spec import TrainSpec
 from patternlake.sequence_reader import (
@@ -446,12 +447,13 @@ def validate_ndcg(
     items, types, gaps, target = valid
     model.eval()
 
-    def score(s: slice) -> torch.Tensor:
-        t = [torch.from_numpy(a[s]).to(device) for a in (items, types, gaps)]
-        return model.last_scores(*t)
+    def inputs(s: slice) -> torch.Tensor:
+        return torch.from_numpy(np.stack([items[s], types[s], gaps[s]], axis=1)).to(device)
 
-    overall, _ = evaluate_scorer(
-        score, len(target), target, np.zeros(len(target)), cfg.n_items, batch_size=512
+    # target ranks counted over item chunks: no (users x catalogue) matrix on the host
+    rank = ranker_ranks(ranking.ranker_for(model), inputs)
+    overall, _ = evaluate_ranks(
+        rank, len(target), target, np.zeros(len(target)), cfg.n_items, batch_size=512
     )
     return float(overall["ndcg@10"])
 

@@ -142,8 +142,12 @@ def ranker_ranks(ranker: Any, inputs: Callable[[slice], Any]) -> RankFn:
     from patternlake.models import ranking
 
     def rank(s: slice, targets: torch.Tensor, exclude: torch.Tensor | None):
+        x = inputs(s)
+        if isinstance(x, torch.Tensor):  # the model's device (CUDA in training)
+            targets = targets.to(x.device)
+            exclude = exclude.to(x.device) if exclude is not None else None
         with torch.no_grad():
-            return ranking.target_ranks(ranker, ranker.encode(inputs(s)), targets, exclude)
+            return ranking.target_ranks(ranker, ranker.encode(x), targets, exclude)
 
     return rank
 

@@ -39,16 +39,27 @@ def chunk_items(batch: int, budget_bytes: int = CHUNK_BYTES) -> int:
 
 
 def _finite(s: torch.Tensor) -> torch.Tensor:
-    """NaN and +-inf (a diverged model) rank last, like a masked item."""
-    return s.nan_to_num(nan=NEG, posinf=NEG, neginf=NEG)
+    """NaN and +inf (a diverged model) rank last, like a masked item; in place, and one
+    read of the block when there are none."""
+    top = s.max()  # NaN when any is NaN
+    if not bool(top < float("inf")):
+        s.nan_to_num_(nan=NEG, posinf=NEG, neginf=NEG)
+    return s
 
 
-def _seen_block(window: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """(B, hi - lo) bool: item lo + c occurs in the row's window (padding never)."""
-    out = torch.zeros((len(window), hi - lo + 1), dtype=torch.bool, device=window.device)
+def _in_block(window: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the window items that fall in items lo..hi (padding never): the
+    (B x L) cells a seen term or a mask touches, instead of a (B x chunk) mask."""
     inside = (window >= lo) & (window < hi) & (window > 0)
-    out.scatter_(1, torch.where(inside, window - lo, hi - lo), True)
-    return out[:, :-1]
+    rows, pos = torch.nonzero(inside, as_tuple=True)
+    return rows, window[rows, pos] - lo
+
+
+def _mask_block(s: torch.Tensor, window: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """s with the window's items in lo..hi set to -inf (in place)."""
+    rows, cols = _in_block(window, lo, hi)
+    s[rows, cols] = NEG
+    return s
 
 
 def _seen_items(window: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
@@ -92,7 +103,9 @@ class DotRanker:
             s = state.hidden @ self.table[local].T
             scored = local >= 2
         if self.seen_weight is not None:
-            s = s + self.seen_weight * _seen_block(state.window, lo, hi).to(s.dtype)
+            rows, cols = _in_block(state.window, lo, hi)
+            # an item twice in the window gets the term once: both writes carry one value
+            s[rows, cols] = s[rows, cols] + self.seen_weight
         if scored is not None:
             s = s.masked_fill(~scored.unsqueeze(0), NEG)
         if lo == 0:
@@ -128,7 +141,7 @@ class EnsembleRanker:
         size = self.chunk_size or chunk_items(len(x))
         log_z = []
         for m, st in zip(self.members, states, strict=True):
-            z = torch.full((len(x),), NEG)
+            z = torch.full((len(x),), NEG, device=x.device)
             for lo in range(0, self.n_items, size):
                 block = m.chunk(st, lo, min(self.n_items, lo + size))
                 z = torch.logaddexp(z, torch.logsumexp(block, dim=1))
@@ -220,21 +233,27 @@ def _order(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tenso
 
 
 def _block_top(s: torch.Tensor, lo: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of one block under the tie rule: everything above the k-th value, then
-    the lowest ids among the values equal to it."""
+    """Exact top-k of one block under the tie rule (value descending, id ascending). Rows
+    where more than k items reach the k-th value (a tie across the boundary) take
+    everything above it, then the lowest ids equal to it."""
     values, idx = s.topk(k, dim=1)
     kth = values[:, -1:]
-    above = values > kth
-    ties = torch.where(s == kth, torch.arange(s.shape[1]), s.shape[1]).topk(k, largest=False)[0]
-    tied = ties < s.shape[1]
-    cand_ids = torch.cat([torch.where(above, idx, 0), ties.clamp_max(s.shape[1] - 1)], 1)
-    cand_vals = torch.cat(
-        [torch.where(above, values, NEG), torch.where(tied, kth.expand_as(ties), NEG)], 1
-    )
-    keep = torch.cat([above, tied], 1)
-    # dropped slots: -inf and an id past every real one, so they sort last
-    cand_ids = torch.where(keep, cand_ids + lo, torch.iinfo(torch.int64).max)
-    return _order(cand_vals, cand_ids, k)
+    tied = torch.nonzero((s >= kth).sum(1) > k, as_tuple=True)[0]
+    if len(tied):
+        sub, sub_kth = s[tied], kth[tied]
+        above = values[tied] > sub_kth
+        cols = torch.arange(s.shape[1], device=s.device)
+        low = torch.where(sub == sub_kth, cols, s.shape[1]).topk(k, largest=False)[0]
+        cand_ids = torch.cat([torch.where(above, idx[tied], 0), low.clamp_max(s.shape[1] - 1)], 1)
+        cand_vals = torch.cat(
+            [torch.where(above, values[tied], NEG), torch.where(low < s.shape[1], sub_kth, NEG)], 1
+        )
+        keep = torch.cat([above, low < s.shape[1]], 1)
+        # dropped slots: -inf and an id past every real one, so they sort last
+        cand_ids = torch.where(keep, cand_ids, torch.iinfo(torch.int64).max - lo)
+        values, idx = values.clone(), idx.clone()
+        values[tied], idx[tied] = _order(cand_vals, cand_ids, k)
+    return _order(values, idx + lo, k)
 
 
 def top_k(
@@ -256,7 +275,7 @@ def top_k(
         hi = min(n, lo + size)
         s = _finite(ranker.chunk(state, lo, hi))
         if exclude is not None:
-            s = s.masked_fill(_seen_block(exclude, lo, hi), NEG)
+            _mask_block(s, exclude, lo, hi)
         v, i = _block_top(s, lo, min(k, hi - lo))
         if best_v is None:
             best_v, best_i = v, i
@@ -270,7 +289,7 @@ def dense_top_k(
     scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: :func:`top_k` on a whole (B, N) matrix by one stable sort."""
-    s = _finite(scores.clone())
+    s = _finite(scores.float().clone())
     s[:, 0] = NEG
     if exclude is not None:
         s.scatter_(1, exclude, NEG)
@@ -294,16 +313,16 @@ def target_ranks(
     t = _finite(ranker.items(state, targets.unsqueeze(1)))  # (B, 1)
     n = ranker.width(state)
     size = chunk or chunk_items(len(targets))
-    above = torch.zeros(len(targets), dtype=torch.int64)
+    above = torch.zeros(len(targets), dtype=torch.int64, device=targets.device)
     best_v: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
     for lo in range(0, n, size):
         hi = min(n, lo + size)
         s = _finite(ranker.chunk(state, lo, hi))
         if exclude is not None:
-            s = s.masked_fill(_seen_block(exclude, lo, hi), NEG)
-        is_target = (targets.unsqueeze(1) - lo) == torch.arange(hi - lo).unsqueeze(0)
-        s = torch.where(is_target, t, s)
+            _mask_block(s, exclude, lo, hi)
+        mine = torch.nonzero((targets >= lo) & (targets < hi), as_tuple=True)[0]
+        s[mine, targets[mine] - lo] = t[mine, 0]  # the target itself is never masked
         above += (s >= t).sum(1)
         v, i = _block_top(s, lo, min(k, hi - lo))
         if best_v is None:

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from patternlake.models.metrics import evaluate_scorer
+from patternlake.models import ranking
+from patternlake.models.metrics import evaluate_ranks, ranker_ranks
 from patternlake.models.student import (
     Student,
     from_bytes,
@@ -71,11 +72,9 @@ def ndcg(model: torch.nn.Module, data: SegmentData, n_items: int, batch: int = 5
         return 0.0
     model.eval()
 
-    def score(s: slice) -> torch.Tensor:
-        return model(data.valid[s])
-
-    overall, _ = evaluate_scorer(
-        score, data.n_valid, data.valid_target, np.zeros(data.n_valid), n_items, batch
+    rank = ranker_ranks(ranking.ranker_for(model), lambda s: data.valid[s])
+    overall, _ = evaluate_ranks(
+        rank, data.n_valid, data.valid_target, np.zeros(data.n_valid), n_items, batch
     )
     return float(overall["ndcg@10"])
 

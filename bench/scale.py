@@ -1,0 +1,284 @@
+"""The model stages' work at catalogue scale: 20,000 vs 1,000,000 items, side by side.
+
+    .venv/bin/python bench/scale.py [--items 20000,1000000] [--users 4096] [--dense]
+
+What one Spark task of each model stage does, in-process on this machine, with the
+teacher's default shape (conf/base.yaml ``teacher``) and random weights (speed and memory
+do not depend on the weights), each stage in its own process so that its peak RSS is its
+own:
+
+* **score**: ``scoring.score.score_batches``, the ``mapInPandas`` function of ``patternlake
+  score`` -- exact top-10 over item chunks, occlusion explanations over the 20 most recent
+  events (only the 10 items scored per deleted history), a rule book to match -- on
+  Arrow-sized batches of 1,024 users with 50-event histories (Zipf-distributed items);
+* **evaluate**: the evaluation protocol's target ranks and top 10 over item chunks
+  (``models.metrics.evaluate_ranks`` with ``models.ranking``), as ``patternlake evaluate``
+  and validation during training run them;
+* **train**: optimizer steps of the teacher (AdamW, batches of 128 windows of 50 events;
+  sampled softmax with 256 negatives, the catalogue-independent loss; full softmax too
+  where its logits fit in 4 GB).
+
+Per stage and catalogue: wall time, users/s (targets/s for training), peak RSS, and the
+roofline: the FLOPs the stage's model work needs (encoder passes, explanation passes,
+catalogue products) over this machine's GEMM rate (2 threads, a square fp32 product), and
+the share of it reached. Then each ratio 1M / 20k. ``--dense`` adds the dense path that
+scoring used before (a (users x catalogue) score matrix per batch and every explanation
+pass over the whole catalogue), capped at 8 GB of address space, to show where it breaks.
+
+Not covered here: the Spark jobs around these functions (``run daily``, the Horovod
+launch, the Delta writes) at 1M items; ``bench/featurize.py`` measures the data path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "libs"))
+
+L, D, HEADS, LAYERS = 50, 64, 2, 2  # conf/base.yaml teacher
+K, EXPLAIN, BATCH = 10, 20, 1024
+
+
+def gemm_rate(threads: int = 2) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+
+
+def encoder_flops(length: int = L, d: int = D, layers: int = LAYERS) -> float:
+    """Multiply-adds x 2 of one history through the encoder: QKV, output, MLP (12 L d^2)
+    and attention scores and mixing (2 L^2 d), per layer."""
+    return 2.0 * layers * (12 * length * d * d + 2 * length * length * d)
+
+
+def _teacher(n_items: int):
+    from patternlake.models.teacher import SequentialTeacher, TeacherConfig
+
+    torch.manual_seed(0)
+    c = TeacherConfig(
+        n_items=n_items, n_types=6, max_len=L, d_model=D, n_heads=HEADS, n_layers=LAYERS,
+        dropout=0.0, seen_bias=True,
+    )  # fmt: skip
+    return SequentialTeacher(c).eval()
+
+
+def _histories(n_users: int, n_items: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.minimum(rng.zipf(1.2, size=(n_users, L)), n_items - 1).astype(np.int64)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def stage_score(n_items: int, n_users: int, dense: bool) -> dict:
+    import pandas as pd
+
+    from patternlake.models.teacher import teacher_bytes
+    from patternlake.scoring.score import score_batches
+
+    torch.set_num_threads(1)  # a Spark task: one core per Python worker
+    seqs = _histories(n_users, n_items)
+    payload = {
+        "teacher": teacher_bytes(_teacher(n_items)), "teacher_version": "1", "students": {},
+        "runtime": "dequant", "max_len": L, "data_version": 0,
+    }  # fmt: skip
+    rules = {(0, int(i)): [((int(i) + 1,), {"kind": "sequential"})] for i in range(1, 200)}
+    settings = dict(top_k=K, min_history=1, exclude_seen=False, explain_events=EXPLAIN,
+                    explain_top=3, pattern_window=20)  # fmt: skip
+    frames = [
+        pd.DataFrame(
+            {
+                "user_id": [f"u{i}" for i in range(lo, min(n_users, lo + BATCH))],
+                "segment_id": 0,
+                "item_seq": list(seqs[lo : lo + BATCH]),
+                "type_seq": [[1] * L] * len(seqs[lo : lo + BATCH]),
+                "gap_seq": [[1] * L] * len(seqs[lo : lo + BATCH]),
+                "recent_names": [
+                    [(int(i), str(i)) for i in s[-EXPLAIN:]] for s in seqs[lo : lo + BATCH]
+                ],
+            }
+        )
+        for lo in range(0, n_users, BATCH)
+    ]
+    if dense:
+        return _dense_score(n_items, n_users, seqs)
+    t = time.perf_counter()
+    rows = sum(len(f) for f in score_batches(iter(frames), "d", payload, {}, rules, settings))
+    sec = time.perf_counter() - t
+    assert rows == n_users * K
+    flops = (1 + EXPLAIN) * encoder_flops() + 2 * D * n_items + EXPLAIN * 2 * D * K
+    return {"seconds": sec, "rate": n_users / sec, "flops_per_unit": flops}
+
+
+def _dense_score(n_items: int, n_users: int, seqs: np.ndarray) -> dict:
+    """The scoring path before item chunks: (users x catalogue) scores, a masked copy for
+    top-K, and every explanation pass over the whole catalogue."""
+    from patternlake.models.teacher import TeacherScorer
+
+    model = TeacherScorer(_teacher(n_items)).eval()
+    x = torch.zeros((n_users, 3, L), dtype=torch.int64)
+    x[:, 0] = torch.from_numpy(seqs)
+    x[:, 1] = 1
+    t = time.perf_counter()
+    with torch.no_grad():
+        for lo in range(0, n_users, BATCH):
+            xs = x[lo : lo + BATCH]
+            s = model(xs).clone()
+            ids = s.topk(K, dim=1).indices
+            base = s.gather(1, ids)
+            for j in range(EXPLAIN):
+                keep = torch.ones(L, dtype=torch.bool)
+                keep[L - 1 - j] = False
+                deleted = torch.zeros_like(xs)
+                deleted[:, :, 1:] = xs[:, :, keep]
+                _ = base - model(deleted).gather(1, ids)
+    sec = time.perf_counter() - t
+    flops = (1 + EXPLAIN) * (encoder_flops() + 2 * D * n_items)
+    return {"seconds": sec, "rate": n_users / sec, "flops_per_unit": flops}
+
+
+def stage_evaluate(n_items: int, n_users: int, dense: bool) -> dict:
+    from patternlake.models import ranking
+    from patternlake.models.metrics import evaluate_ranks, ranker_ranks
+
+    torch.set_num_threads(1)
+    seqs = _histories(n_users, n_items, seed=1)
+    x = torch.zeros((n_users, 3, L), dtype=torch.int64)
+    x[:, 0] = torch.from_numpy(seqs)
+    x[:, 1] = 1
+    targets = _histories(n_users, n_items, seed=2)[:, 0]
+    rank = ranker_ranks(ranking.ranker_for(_teacher(n_items)), lambda s: x[s])
+    t = time.perf_counter()
+    evaluate_ranks(rank, n_users, targets, np.zeros(n_users), n_items, BATCH)
+    sec = time.perf_counter() - t
+    return {
+        "seconds": sec,
+        "rate": n_users / sec,
+        "flops_per_unit": encoder_flops() + 2 * D * n_items,
+    }
+
+
+def stage_train(n_items: int, n_users: int, dense: bool, sampled: int = 256) -> dict:
+    torch.set_num_threads(2)
+    model = _teacher(n_items).train()
+    model.config.sampled_softmax = 0 if dense else sampled
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rng = np.random.default_rng(3)
+    steps, batch = 8, 128
+    items = torch.from_numpy(_histories(batch * (steps + 1), n_items, seed=4))
+    t0 = None
+    for step in range(steps + 1):
+        if step == 1:
+            t0 = time.perf_counter()  # step 0 warms up (allocations, Adam's state)
+        b = items[step * batch : (step + 1) * batch]
+        inputs, targets = b[:, :-1], b[:, 1:]
+        types = torch.ones_like(inputs)
+        gaps = torch.from_numpy(rng.integers(0, 5, size=inputs.shape))
+        pad = torch.zeros((batch, 1), dtype=torch.int64)
+        loss = model.loss(
+            torch.cat([pad, inputs], 1)[:, :L], torch.cat([pad, types], 1)[:, :L],
+            torch.cat([pad, gaps], 1)[:, :L], torch.cat([pad, targets], 1)[:, :L],
+        )  # fmt: skip
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sec = time.perf_counter() - t0
+    n_targets = steps * batch * (L - 1)
+    per_target = 3 * (encoder_flops() / L) + 3 * 2 * D * (n_items if dense else sampled + 1)
+    return {"seconds": sec, "rate": n_targets / sec, "flops_per_unit": per_target}
+
+
+STAGES = {"score": stage_score, "evaluate": stage_evaluate, "train": stage_train}
+
+
+def child(stage: str, n_items: int, n_users: int, dense: bool, cap_gb: float) -> None:
+    if cap_gb:
+        limit = int(cap_gb * (1 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        out = STAGES[stage](n_items, n_users, dense)
+        out["rss_mb"] = _rss_mb()
+    except (MemoryError, RuntimeError) as e:
+        out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}", "rss_mb": _rss_mb()}
+    print("RESULT " + json.dumps(out))
+
+
+def run_child(stage: str, n_items: int, n_users: int, dense: bool, cap_gb: float) -> dict:
+    cmd = [sys.executable, __file__, "--child", stage, "--items", str(n_items), "--users",
+           str(n_users), "--cap-gb", str(cap_gb)] + (["--dense"] if dense else [])  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    for line in run.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": f"exit {run.returncode}: {run.stderr.strip().splitlines()[-1:]}", "rss_mb": 0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--items", default="20000,1000000")
+    p.add_argument("--users", type=int, default=4096)
+    p.add_argument("--stages", default="score,evaluate,train")
+    p.add_argument("--dense", action="store_true", help="also the dense paths, capped")
+    p.add_argument("--cap-gb", type=float, default=0.0)
+    p.add_argument("--child", default="")
+    a = p.parse_args(argv)
+    sizes = [int(x) for x in a.items.split(",")]
+    if a.child:
+        child(a.child, sizes[0], a.users, a.dense, a.cap_gb)
+        return 0
+    gemm = gemm_rate()
+    print(f"GEMM rate (2048^2 fp32, 2 threads): {gemm:.1f} GFLOP/s; one thread ~ half of it")
+    print(f"teacher: max_len {L}, d_model {D}, {LAYERS} layers; {a.users} users; top-{K}, "
+          f"{EXPLAIN} events explained\n")  # fmt: skip
+    results: dict[tuple[str, str, int], dict] = {}
+    variants = [("chunked", False, 0.0)] + ([("dense", True, 8.0)] if a.dense else [])
+    for stage in a.stages.split(","):
+        for name, dense, cap in variants:
+            if stage == "evaluate" and dense:
+                continue
+            for n in sizes:
+                if stage == "train" and dense and n * 128 * L * 4 * 3 > 4 << 30:
+                    results[(stage, name, n)] = {"error": "full-softmax logits > 4 GB: not run"}
+                    continue
+                results[(stage, name, n)] = r = run_child(stage, n, a.users, dense, cap)
+                unit = "targets/s" if stage == "train" else "users/s"
+                if "error" in r:
+                    print(f"{stage:9s} {name:8s} {n:>9,d} items: FAILED {r['error']} "
+                          f"(peak RSS {r.get('rss_mb', 0):.0f} MB)")  # fmt: skip
+                    continue
+                threads = 2 if stage == "train" else 1
+                roof = gemm * 1e9 * threads / 2 / r["flops_per_unit"]
+                print(
+                    f"{stage:9s} {name:8s} {n:>9,d} items: {r['seconds']:7.1f} s  "
+                    f"{r['rate']:9.1f} {unit}  peak RSS {r['rss_mb']:6.0f} MB  "
+                    f"roofline {roof:9.1f} {unit} ({r['rate'] / roof:.0%} of it)"
+                )
+    print("\nratios (largest / smallest catalogue):")
+    lo, hi = min(sizes), max(sizes)
+    for (stage, name, n), r in results.items():
+        if n != hi or "rate" not in r:
+            continue
+        base = results.get((stage, name, lo), {})
+        if "rate" in base:
+            print(f"  {stage:9s} {name:8s} rate {r['rate'] / base['rate']:.2f}x  "
+                  f"peak RSS {r['rss_mb'] / base['rss_mb']:.2f}x")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
