@@ -78,7 +78,8 @@ def run_teacher(
         n_items=split.n_items,
         n_types=2,
         **{
-            **conf.teacher.model_dump(),
+            **conf.teacher.model_dump(exclude={"softmax"}),
+            "sampled_softmax": 0,  # MovieLens-size catalogues: full softmax (softmax: auto)
             **{k: v for k, v in overrides.items() if k in model_fields},
         },
     )

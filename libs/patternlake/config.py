@@ -179,7 +179,8 @@ class TeacherModelConfig(_Strict):
     n_heads: int = Field(gt=0)
     n_layers: int = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
-    sampled_softmax: int = Field(ge=0)
+    softmax: Literal["auto", "full", "sampled"]
+    sampled_softmax: int = Field(gt=0)  # negatives when sampled (the batch's targets too)
     seen_bias: bool  # learned score shift for items already in the window
 
 
@@ -197,6 +198,7 @@ class TrainConfig(_Strict):
     patience: int = Field(gt=0)
     seed: int
     valid_users: int = Field(ge=0)
+    softmax_memory_mb: int = Field(gt=0)  # teacher.softmax auto: full softmax up to this
     threads_per_proc: int = Field(gt=0)
     window_stride: int = Field(ge=0)  # 0: max_len
     ema_decay: float = Field(ge=0, lt=1)

@@ -103,6 +103,23 @@ def training_example_counts(table: pa.Table, max_len: int, stride: int | None = 
     return -(-targets // step)
 
 
+def training_item_counts(files: list[str], n_items: int) -> np.ndarray:
+    """(n_items,) how often each item occurs in the users' training parts (validation and
+    test targets left out): the popularity a sampled softmax draws negatives from. Reads
+    the ``item_seq`` and ``valid_item`` columns only, once, on one process."""
+    table = read_table(files, ["item_seq", "valid_item"])
+    keep_n = training_lengths(table)
+    column = table.column("item_seq").combine_chunks()
+    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    row_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    position = np.arange(len(values)) - row_start
+    kept = values[position < np.repeat(keep_n, lengths)]
+    counts = np.bincount(kept[kept < n_items], minlength=n_items)
+    counts[0] = 0
+    return counts
+
+
 def window_stride(max_len: int, stride: int | None) -> int:
     """Targets per training window: ``stride`` when set (1 <= stride <= max_len), else
     ``max_len`` (windows side by side, no shared context)."""

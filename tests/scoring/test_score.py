@@ -322,3 +322,21 @@ def test_planted_chains_come_back_as_the_rule_behind_their_consequent(scored, da
         assert r.pattern.confidence == max(p.confidence for p in candidates)
         from_planted += (tuple(r.pattern.antecedent), r.pattern.consequent) in planted
     assert from_planted > 0
+
+
+def test_model_inputs_cut_histories_and_name_the_recent_events_in_spark(spark):
+    from patternlake.scoring.score import model_inputs
+
+    seqs = spark.createDataFrame(
+        [("u", [1, 2, 3, 4, 5], [1] * 5, [0] * 5), ("v", [7], [1], [0])],
+        "user_id string, item_seq array<int>, type_seq array<int>, gap_seq array<int>",
+    )
+    segments = spark.createDataFrame([("u", 3)], "user_id string, segment_id int")
+    items = spark.createDataFrame(
+        [(i, f"i{i}") for i in range(1, 8)], "item_idx int, item_id string"
+    )
+    rows = {r.user_id: r for r in model_inputs(seqs, segments, items, 3, 2).collect()}
+    assert rows["u"].item_seq == [3, 4, 5] and rows["u"].gap_seq == [0, 0, 0]
+    assert rows["u"].segment_id == 3 and rows["v"].segment_id is None
+    assert dict(rows["u"].recent_names) == {4: "i4", 5: "i5"}
+    assert rows["v"].item_seq == [7] and dict(rows["v"].recent_names) == {7: "i7"}  # shorter

@@ -7,7 +7,11 @@ already occurs in the window up to t: whether users come back to an item differs
 domains -- a film is rated once, a product viewed again before it is bought -- and the
 network learns it as one number from the training targets instead of spending attention on
 it; ``b`` starts at 0, so the feature costs nothing where it does not help). Trained with
-full-softmax cross-entropy over the whole catalogue, or a sampled softmax (uniform negatives, logQ-corrected) for large catalogues.
+full-softmax cross-entropy over the whole catalogue, or, for catalogues whose logits do not
+fit (``train_spec.softmax_choice``), a sampled softmax: the batch's own targets (in-batch
+negatives) plus ``sampled_softmax`` negatives drawn by popularity^0.75, every candidate's
+logit corrected by the log of its probability of being in the set (logQ), so the loss
+estimates the full softmax's without its bias towards popular items.
 
 Shapes: B batch, L sequence length, D model width, N catalogue size (index 0 = padding).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +43,7 @@ class TeacherConfig:
     n_layers: int
     n_gaps: int = GAP_BUCKETS
     dropout: float = 0.2
-    sampled_softmax: int = 0  # 0: full softmax; k > 0: k uniform negatives per batch
+    sampled_softmax: int = 0  # 0: full softmax; k > 0: in-batch + k popularity negatives
     seen_bias: bool = False  # a learned score shift for items already in the input window
 
     def to_dict(self) -> dict:
@@ -81,6 +86,11 @@ class SequentialTeacher(nn.Module):
         self.ln = nn.LayerNorm(c.d_model)
         if c.seen_bias:
             self.seen_weight = nn.Parameter(torch.zeros(1))
+        if c.sampled_softmax > 0:  # the sampler's distributions; set_sampling fills them
+            uniform = torch.ones(c.n_items)
+            uniform[0] = 0
+            self.register_buffer("target_p", uniform / uniform.sum(), persistent=False)
+            self.register_buffer("sample_q", uniform / uniform.sum(), persistent=False)
         for emb in (self.item_emb, self.type_emb, self.gap_emb, self.pos_emb):
             nn.init.normal_(emb.weight, std=0.02)  # GPT-style: no embedding drowns the others
         with torch.no_grad():
@@ -128,19 +138,38 @@ class SequentialTeacher(nn.Module):
         out[..., 0] = False
         return out
 
+    def set_sampling(self, counts: Any, power: float = 0.75) -> None:
+        """The sampled softmax's distributions from the training items' counts (n_items,):
+        ``target_p`` (the targets', so the in-batch negatives') and ``sample_q`` (counts **
+        ``power``: extra negatives from the long tail)."""
+        c = torch.as_tensor(counts, dtype=torch.float64, device=self.target_p.device)
+        c[0] = 0
+        p = c + 1e-3 * (c.sum() / max(1, len(c) - 1))  # an unseen item stays possible
+        q = p**power
+        p[0] = q[0] = 0
+        self.target_p.copy_((p / p.sum()).float())
+        self.sample_q.copy_((q / q.sum()).float())
+
     @staticmethod
-    def seen_candidates(
-        items: torch.Tensor, mask: torch.Tensor, cand: torch.Tensor
-    ) -> torch.Tensor:
-        """(M, C) bool: candidate c of the m-th masked position occurs in the window up to
-        that position -- ``seen(items)[mask].gather(1, cand)`` without the (B, L, N) mask
-        (sampled softmax serves catalogues too large for it)."""
+    def seen_columns(items: torch.Tensor, mask: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """(M, C) bool: candidate ``cand[c]`` ((C,) distinct ids, no padding) occurs in the
+        window up to the m-th masked position, through an item -> column lookup: no (M, C,
+        L) comparison and no (B, L, N) mask."""
         B, L = items.shape
-        b, t = torch.nonzero(mask, as_tuple=True)  # the masked positions, in mask order
-        upto = torch.arange(L, device=items.device).unsqueeze(0) <= t.unsqueeze(1)  # (M, L)
+        b, t = torch.nonzero(mask, as_tuple=True)
+        upto = torch.arange(L, device=items.device).unsqueeze(0) <= t.unsqueeze(1)
         prefix = torch.where(upto, items[b], torch.zeros((), dtype=items.dtype))  # (M, L)
-        hit = (cand.unsqueeze(2) == prefix.unsqueeze(1)).any(2)  # (M, C)
-        return hit & (cand != 0)
+        C = len(cand)
+        lookup = torch.full(
+            (int(max(int(items.max()), int(cand.max())) + 1),),
+            C,
+            dtype=torch.long,
+            device=items.device,
+        )
+        lookup[cand] = torch.arange(C, device=items.device)
+        out = torch.zeros((len(b), C + 1), dtype=torch.bool, device=items.device)
+        out.scatter_(1, lookup[prefix], True)
+        return out[:, :C]
 
     def with_seen(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         return logits + self.seen_weight * seen.to(logits.dtype)
@@ -186,14 +215,17 @@ class SequentialTeacher(nn.Module):
             if self.config.seen_bias:
                 logits = self.with_seen(logits, self.seen(items)[mask])
             return F.cross_entropy(logits, y)
-        # sampled softmax: the true item plus k shared uniform negatives, logQ-corrected
-        neg = torch.randint(1, self.config.n_items, (k,), device=h.device)
-        cand = torch.cat([y.unsqueeze(1), neg.unsqueeze(0).expand(len(y), k)], dim=1)  # (M, 1+k)
-        logits = (h.unsqueeze(1) * self.item_emb(cand)).sum(-1)  # (M, 1+k)
+        # sampled softmax: the batch's targets (in-batch negatives) and k popularity^0.75
+        # negatives, shared by every position; each candidate's logit less the log of its
+        # probability of being among them (sampled M times from target_p, k from sample_q)
+        neg = torch.multinomial(self.sample_q, k, replacement=True)
+        cand = torch.unique(torch.cat([y, neg]))  # sorted, distinct
+        logits = h @ self.item_emb(cand).T  # (M, C)
+        expected = len(y) * self.target_p[cand] + k * self.sample_q[cand]
+        logits = logits - torch.log(-torch.expm1(-expected)).clamp(-80.0, 0.0)
         if self.config.seen_bias:  # only the candidates' membership: never (B, L, N)
-            logits = self.with_seen(logits, self.seen_candidates(items, mask, cand))
-        logits[:, 1:] = logits[:, 1:].masked_fill(cand[:, 1:] == y.unsqueeze(1), float("-inf"))
-        return F.cross_entropy(logits, torch.zeros(len(y), dtype=torch.long, device=h.device))
+            logits = self.with_seen(logits, self.seen_columns(items, mask, cand))
+        return F.cross_entropy(logits, torch.searchsorted(cand, y))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

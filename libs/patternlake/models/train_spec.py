@@ -72,6 +72,30 @@ class TrainSpec:
         return cls(**{**settings, **fields})
 
 
+def per_process_batch(batch_size: int, world: int) -> int:
+    """Each process's share of the global batch (``ceil(batch_size / world)``). Measured on
+    MovieLens-100k: with ``batch_size`` per process, 2 processes made half the optimizer
+    steps of 1 at the same learning rate and stopped lower (test NDCG@10 0.0654 vs 0.0735)."""
+    return max(1, -(-batch_size // world))
+
+
+def softmax_choice(mode: str, negatives: int, positions: int, n_items: int, budget_mb: int) -> int:
+    """The teacher's ``sampled_softmax`` (0: full softmax): ``auto`` keeps the full softmax
+    while one process batch's logits -- ``positions`` x ``n_items`` floats, about three
+    times over with the softmax and its gradient -- fit in ``budget_mb``; logged."""
+    need_mb = positions * n_items * 4 * 3 / 2**20
+    full = mode == "full" or (mode == "auto" and need_mb <= budget_mb)
+    log.info(
+        "train: %s softmax (%s: one batch's logits need %.0f MB, budget %d MB, %d items)",
+        "full" if full else f"sampled ({negatives} negatives + in-batch)",
+        mode,
+        need_mb,
+        budget_mb,
+        n_items,
+    )
+    return 0 if full else negatives
+
+
 def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
     """The spec of a teacher training job: the latest ``user_sequences`` version (its files
     and vocabulary), the catalogue size of the latest ``item_index``, the teacher and train
@@ -88,6 +112,14 @@ def build_spec(lake: Lake, config: Config, backend: str) -> TrainSpec:
             {k: tuned[k] for k in ("d_model", "n_heads", "n_layers", "dropout", "max_len")}
         )
         lr, batch_size = tuned["lr"], tuned["batch_size"]
+    world = 1 if backend == "single" else t.num_proc
+    teacher["sampled_softmax"] = softmax_choice(
+        teacher.pop("softmax"),
+        teacher["sampled_softmax"],
+        positions=per_process_batch(batch_size, world) * teacher["max_len"],
+        n_items=n_items,
+        budget_mb=t.softmax_memory_mb,
+    )
     model = TeacherConfig(
         n_items=n_items,
         n_types=vocabulary.n_types,

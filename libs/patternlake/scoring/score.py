@@ -310,10 +310,7 @@ def model_inputs(
     cols = ("item_seq", "type_seq", "gap_seq")
     hist = sequences.select("user_id", *(cut(c, window) for c in cols))
     recent = (
-        hist.select(
-            "user_id",
-            F.explode(F.slice("item_seq", -max(1, explain), max(1, explain))).alias("item_idx"),
-        )
+        hist.select("user_id", F.explode(cut("item_seq", max(1, explain))).alias("item_idx"))
         .distinct()
         .join(items.select("item_idx", "item_id"), "item_idx")
         .groupBy("user_id")
