@@ -210,3 +210,142 @@ def test_decay_alarms_and_auto_retrain_replaces_the_models_through_the_gates(
     assert lake.read("model_decisions").count() > decisions_before  # every promotion gated
     rows = lake.read("drift").where("check = 'recent_ndcg@10'").collect()
     assert [r.action for r in rows] == ["retrained"]
+
+
+# ---- the statistics computed in Spark equal their in-memory statements ------------------
+
+
+def _random_events(spark, rng, users: int, events: int, items: int):
+    """user_id, item_id, event_time: skewed users (integer features with many ties)."""
+    from datetime import UTC, datetime, timedelta
+
+    user = rng.zipf(1.2, events) % users
+    item = rng.zipf(1.3, events) % items
+    day0 = datetime(2026, 1, 1, tzinfo=UTC)
+    rows = [
+        (f"u{u}", f"i{i:03d}", day0 + timedelta(hours=int(h)))
+        for u, i, h in zip(user, item, rng.integers(0, 24 * 20, events), strict=True)
+    ]
+    rows += [(f"u{u}", "i000", day0) for u in range(users)]  # every user at least once
+    return spark.createDataFrame(rows, "user_id string, item_id string, event_time timestamp")
+
+
+def _per_user(df) -> dict[str, np.ndarray]:
+    """The per-user features, collected (the monitor keeps them in Spark)."""
+    from patternlake.monitoring.monitor import USER_FEATURES
+
+    aggs = [agg().alias(name) for name, agg in USER_FEATURES.items()]
+    rows = df.groupBy("user_id").agg(*aggs).collect()
+    return {f: np.array([r[f] for r in rows], dtype=np.float64) for f in USER_FEATURES}
+
+
+def test_user_feature_bins_counted_in_spark_equal_numpy(spark):
+    from patternlake.monitoring.monitor import user_feature_counts
+
+    rng = np.random.default_rng(7)
+    ref, cur = _random_events(spark, rng, 300, 4000, 50), _random_events(spark, rng, 200, 5000, 50)
+    r, c = _per_user(ref), _per_user(cur)
+    got = user_feature_counts(ref, cur, bins=10)
+    for feature, (edges, ref_counts, cur_counts) in got.items():
+        want = transforms.quantile_edges(r[feature], 10)
+        assert edges.tolist() == want.tolist(), feature
+        assert ref_counts.tolist() == transforms.binned(r[feature], want).tolist(), feature
+        assert cur_counts.tolist() == transforms.binned(c[feature], want).tolist(), feature
+        assert ref_counts.sum() == 300 and cur_counts.sum() == 200
+        assert (ref_counts[:-1] > 0).all()  # every bin but the last holds its edge
+    assert len(got["events"][0]) >= 3  # the data do spread over several bins
+
+
+def test_category_counts_in_spark_equal_aligned_counts(spark):
+    from patternlake.monitoring.monitor import category_counts
+
+    rng = np.random.default_rng(8)
+    ref, cur = _random_events(spark, rng, 100, 3000, 80), _random_events(spark, rng, 100, 2000, 80)
+
+    def counts(df):
+        keys, n = np.unique([r.item_id for r in df.select("item_id").collect()], return_counts=True)
+        return dict(zip(keys.tolist(), n.tolist(), strict=True))
+
+    r, c = counts(ref), counts(cur)
+    for top in (None, 1, 5, 30, 1000):  # ties at the cut-off among them
+        keys, ref_counts, cur_counts = category_counts(ref, cur, "item_id", top)
+        want = transforms.aligned_counts(r, c, top)
+        assert keys == want[0], top
+        assert ref_counts.tolist() == want[1].tolist() and cur_counts.tolist() == want[2].tolist()
+    # keys only in one window; an (other) bin that is empty in both
+    a = spark.createDataFrame([("x",), ("x",), ("y",)], "item_id string")
+    b = spark.createDataFrame([("z",), ("w",), ("w",)], "item_id string")
+    keys, ra, rb = category_counts(a, b, "item_id", 2)
+    assert (keys, ra.tolist(), rb.tolist()) == (
+        ["w", "x", "y", "z", "(other)"],
+        [0, 2, 1, 0, 0],
+        [2, 0, 0, 1, 0],
+    )
+    assert transforms.aligned_counts({"x": 2, "y": 1}, {"z": 1, "w": 2}, 2)[0] == keys
+
+
+def test_half_width_from_count_and_deviation():
+    gains = np.array([1.0, 0.0, 0.5, 0.25] * 10)
+    assert transforms.half_width(40, float(np.std(gains, ddof=1)), 0.05) == pytest.approx(
+        transforms.mean_half_width(gains, 0.05)
+    )
+    assert transforms.half_width(1, None, 0.05) == transforms.mean_half_width(np.array([0.3]), 0.05)
+
+
+@pytest.mark.slow
+def test_monitor_keeps_users_and_items_in_spark_and_computes_the_same_statistics(
+    stage, tmp_path, monkeypatch
+):
+    """On a lake of 2 x 400 users and 300 items, no collect brings more than the kept items
+    (2 x top_items + 1) to the driver, and every drift value is the numpy statistic of the
+    same per-user features and item counts."""
+    from patternlake import registry
+    from patternlake.cli import main
+    from patternlake.lake.tables import batches_in_order
+    from patternlake.monitoring.monitor import USER_FEATURES, monitor
+    from tests.conftest import with_overrides
+
+    config, lake = stage
+    config = with_overrides(
+        config, mlflow={"tracking_uri": f"sqlite:///{tmp_path}/none.db"}, monitor={"top_items": 20}
+    )
+    registry.use_experiment(config)
+    _ingest_validate(main, config.lake.root, _events(11, "a-"), tmp_path / "day1.csv")
+    _ingest_validate(main, config.lake.root, _events(12, "b-"), tmp_path / "day2.csv")
+    silver = lake.read("silver_events")
+    first, last = batches_in_order(silver)
+    ref, cur = silver.where(silver._batch_id == first), silver.where(silver._batch_id == last)
+
+    frame = type(silver)
+    collect, sizes = frame.collect, []
+    monkeypatch.setattr(frame, "collect", lambda df: sizes.append(len(rows := collect(df))) or rows)
+    result = monitor(lake.spark, lake, config)
+    monkeypatch.undo()
+    assert 0 < max(sizes) <= 2 * 20 + 1, sizes
+
+    m, by = config.monitor, {c["check"]: c for c in result["checks"]}
+    r, c = _per_user(ref), _per_user(cur)
+    assert len(r["events"]) == 400 and len(c["events"]) == 400
+    for feature in USER_FEATURES:
+        edges = transforms.quantile_edges(r[feature], m.bins)
+        want = transforms.judge(
+            "psi",
+            transforms.binned(r[feature], edges),
+            transforms.binned(c[feature], edges),
+            m.psi_warn, m.psi_alarm, m.alpha, m.min_users,
+        )  # fmt: skip
+        got = by[f"user.{feature}"]
+        assert got["value"] == pytest.approx(want.value, rel=1e-12), feature
+        assert (got["n_ref"], got["n_cur"], got["status"]) == (400, 400, want.status)
+
+    def counts(df, column):
+        return {k: v for k, v in df.groupBy(column).count().collect()}
+
+    items = transforms.aligned_counts(counts(ref, "item_id"), counts(cur, "item_id"), 20)
+    assert len(items[0]) < 300  # the rest is one bin
+    want = transforms.judge("js", items[1], items[2], m.js_warn, m.js_alarm, m.alpha, m.min_rows)
+    assert by["items"]["value"] == pytest.approx(want.value, rel=1e-12)
+    assert by["items"]["status"] == want.status == "alarm"
+    types = transforms.aligned_counts(counts(ref, "event_type"), counts(cur, "event_type"))
+    want = transforms.judge("psi", types[1], types[2], m.psi_warn, m.psi_alarm, m.alpha, m.min_rows)
+    assert by["event_type_mix"]["value"] == pytest.approx(want.value, rel=1e-12)

@@ -38,6 +38,11 @@ def test_rules_carry_support_confidence_lift_and_cooccurrence(daily_lake):
     assert row.support_count >= 20 and len(row.antecedent) == len(row.antecedent_idx) >= 1
     assert patterns.filter("kind = 'cooccurrence'").count() > 0
     assert patterns.filter(F.col("confidence") < 0.3).count() == 0
+    # every rule is labelled with the item ids its idx have in item_index
+    index = {r.item_idx: r.item_id for r in lake.read("item_index").collect()}
+    for r in patterns.collect():
+        assert r.antecedent == [index[i] for i in r.antecedent_idx]
+        assert r.consequent == index[r.consequent_idx]
 
 
 @pytest.mark.slow

@@ -144,8 +144,27 @@ def test_best_rules_apply_thresholds_rank_by_lift_then_confidence_and_cap():
 
 
 def test_pattern_rows_name_the_items(spark):
-    index = spark.createDataFrame([("a", 1), ("b", 2), ("c", 3)], "item_id string, item_idx int")
-    names = item_names(index)
-    assert names == {1: "a", 2: "b", 3: "c"}
-    rows = pattern_rows(4, "sequential", [([1, 2], 3, 7, 0.5, 2.5, 0.25)], names, 28, 6, NOW)
+    index = spark.createDataFrame(
+        [("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5)], "item_id string, item_idx int"
+    )
+    rules = [([1, 2], 3, 7, 0.5, 2.5, 0.25)]
+    names = item_names(index, rules)
+    assert names == {1: "a", 2: "b", 3: "c"}  # only the items the rules mention
+    rows = pattern_rows(4, "sequential", rules, names, 28, 6, NOW)
     assert rows == [(4, "sequential", ["a", "b"], "c", [1, 2], 3, 0.25, 7, 0.5, 2.5, 28, 6, NOW)]
+    assert item_names(index, []) == {}
+
+
+def test_item_names_collect_only_the_rules_items(spark, monkeypatch):
+    """The catalogue never comes to the driver: what is collected is one row per item the
+    rules mention, however large ``item_index`` is."""
+    index = spark.range(5000).selectExpr(
+        "concat('i', id) AS item_id", "CAST(id AS int) AS item_idx"
+    )
+    collected = []
+    frame = type(index)
+    collect = frame.collect
+    monkeypatch.setattr(frame, "collect", lambda df: collected.append(collect(df)) or collected[-1])
+    rules = [([10, 20], 30, 5, 0.5, 2.0, 0.1), ([4999], 10, 5, 0.5, 2.0, 0.1)]
+    assert item_names(index, rules) == {10: "i10", 20: "i20", 30: "i30", 4999: "i4999"}
+    assert max(len(rows) for rows in collected) == 4

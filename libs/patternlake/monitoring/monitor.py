@@ -8,13 +8,22 @@ batches against the ones before. Checks (statistics in ``monitoring.transforms``
 
 * ``event_type_mix``: PSI of the event-type shares;
 * ``items``: Jensen-Shannon divergence of the item distribution (the reference's and the
-  current window's ``monitor.top_items`` items, the rest in one bin);
+  current window's ``monitor.top_items`` items, ties by item id, the rest in one bin);
 * ``user.events``, ``user.distinct_items``, ``user.active_days``: PSI of per-user features
-  computed in each window, binned at the reference's deciles;
+  computed in each window, binned at the reference's deciles: the inner edges are
+  ``percentile_approx(feature, [1/B, ..., (B-1)/B], QUANTILE_ACCURACY)`` over the
+  reference's users (B = ``monitor.bins``; each edge a reference value, rank error at most
+  users / accuracy; ties collapse), and a user's bin is the number of edges below its value
+  (bins ``(e[i-1], e[i]]``);
 * ``recent_ndcg@10``: the latest scoring run before the current window, scored against each
   user's first event of the window (their next event), vs the teacher's best validation
   NDCG@10; decay when the upper end of its confidence interval is below
   ``(1 - decay_tolerance)`` x the reference.
+
+Everything per user or per item is aggregated in Spark: the driver receives bin counts
+(features x bins), at most ``2 x monitor.top_items + 1`` item counts, the event-type counts
+and the count, mean and standard deviation of the NDCG gains (``transforms`` holds the same
+statistics over in-memory arrays).
 
 Each check reports both sample sizes, the value, the noise floor at ``alpha`` and a p-value;
 a band counts only above the noise floor, so small windows do not alarm on chance. With
@@ -54,6 +63,8 @@ USER_FEATURES = {
     "distinct_items": lambda: F.countDistinct("item_id"),
     "active_days": lambda: F.countDistinct(F.to_date("event_time")),
 }
+# percentile_approx's accuracy for the user features' bin edges (rank error <= n / this)
+QUANTILE_ACCURACY = 10_000
 
 
 def monitor(
@@ -195,35 +206,84 @@ def _categorical(
     config: Config,
 ) -> dict[str, Any]:
     m = config.monitor
-    counts = lambda df: {r[0]: int(r[1]) for r in df.groupBy(column).count().collect()}  # noqa: E731
-    _, r, c = transforms.aligned_counts(counts(ref), counts(cur), top)
+    _, r, c = category_counts(ref, cur, column, top)
     warn, alarm = (m.psi_warn, m.psi_alarm) if metric == "psi" else (m.js_warn, m.js_alarm)
     d = transforms.judge(metric, r, c, warn, alarm, m.alpha, m.min_rows)
     return _row(check, metric, d.value, alarm, d.floor, d.p_value, d.n_ref, d.n_cur, d.status)
 
 
+def category_counts(
+    ref: DataFrame, cur: DataFrame, column: str, top: int | None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``transforms.aligned_counts`` of ``column``'s values in the two windows, counted in
+    Spark. With ``top``, only the kept keys' counts and the ``(other)`` bin reach the driver
+    (at most ``2 x top + 1`` rows); without, every key's (for columns of few values)."""
+    count = lambda df, name: df.groupBy(column).agg(F.count("*").alias(name))  # noqa: E731
+    r, c = count(ref, "_ref"), count(cur, "_cur")
+    both = r.join(c, column, "full_outer").fillna(0, subset=["_ref", "_cur"])
+    if top is None:
+        named = sorted(
+            (x[0], int(x[1]), int(x[2])) for x in both.select(column, "_ref", "_cur").collect()
+        )
+    else:
+        first = lambda df, n: df.orderBy(F.desc(n), column).limit(top).select(column)  # noqa: E731
+        keep = first(r, "_ref").union(first(c, "_cur")).distinct().withColumn("_keep", F.lit(True))
+        kept = F.coalesce(F.col("_keep"), F.lit(False))
+        rows = (
+            both.join(F.broadcast(keep), column, "left")
+            .groupBy(kept.alias("kept"), F.when(kept, F.col(column)).alias("key"))
+            .agg(F.sum("_ref").alias("r"), F.sum("_cur").alias("c"), F.count("*").alias("keys"))
+            .collect()
+        )
+        named = sorted((x["key"], int(x["r"]), int(x["c"])) for x in rows if x["kept"])
+        if sum(x["keys"] for x in rows) > top:  # as aligned_counts: an (other) bin, maybe empty
+            other = [(int(x["r"]), int(x["c"])) for x in rows if not x["kept"]]
+            named.append(("(other)", *(other[0] if other else (0, 0))))
+    keys = [k for k, _, _ in named]
+    return keys, np.array([a for _, a, _ in named]), np.array([b for *_, b in named])
+
+
+def user_feature_counts(
+    ref: DataFrame, cur: DataFrame, bins: int, accuracy: int = QUANTILE_ACCURACY
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per ``USER_FEATURES`` feature: (inner bin edges, reference users per bin, current
+    users per bin), all computed in Spark as the module's docstring states; with ``accuracy``
+    at least the reference's users, equal to ``transforms.quantile_edges`` and
+    ``transforms.binned`` over the per-user values."""
+    aggs = [agg().alias(name) for name, agg in USER_FEATURES.items()]
+    r = ref.groupBy("user_id").agg(*aggs).persist()
+    c = cur.groupBy("user_id").agg(*aggs)
+    qs = [float(q) for q in np.linspace(0, 1, bins + 1)[1:-1]]
+    at = r.agg(*[F.percentile_approx(f, qs, accuracy).alias(f) for f in USER_FEATURES]).first()
+    edges = {f: np.unique(np.asarray(at[f] or [], dtype=np.float64)) for f in USER_FEATURES}
+
+    def counts(df: DataFrame) -> dict[str, np.ndarray]:
+        n_bins = {f: len(edges[f]) + 1 for f in USER_FEATURES}
+        bin_of = {
+            f: sum(((F.col(f) > float(e)).cast("int") for e in edges[f]), F.lit(0))
+            for f in USER_FEATURES
+        }
+        row = df.agg(
+            *[
+                F.count_if(bin_of[f] == b).alias(f"{f}_{b}")
+                for f in USER_FEATURES
+                for b in range(n_bins[f])
+            ]
+        ).first()
+        return {
+            f: np.array([int(row[f"{f}_{b}"]) for b in range(n_bins[f])]) for f in USER_FEATURES
+        }
+
+    ref_counts, cur_counts = counts(r), counts(c)
+    r.unpersist()
+    return {f: (edges[f], ref_counts[f], cur_counts[f]) for f in USER_FEATURES}
+
+
 def _user_features(ref: DataFrame, cur: DataFrame, config: Config) -> list[dict[str, Any]]:
     m = config.monitor
-
-    def per_user(df: DataFrame) -> dict[str, np.ndarray]:
-        aggs = [agg().alias(name) for name, agg in USER_FEATURES.items()]
-        rows = df.groupBy("user_id").agg(*aggs).select(*USER_FEATURES).collect()
-        values = np.array(rows, dtype=np.float64).reshape(-1, len(USER_FEATURES))
-        return {c: values[:, i] for i, c in enumerate(USER_FEATURES)}
-
-    r, c = per_user(ref), per_user(cur)
     out = []
-    for feature in USER_FEATURES:
-        edges = transforms.quantile_edges(r[feature], m.bins)
-        d = transforms.judge(
-            "psi",
-            transforms.binned(r[feature], edges),
-            transforms.binned(c[feature], edges),
-            m.psi_warn,
-            m.psi_alarm,
-            m.alpha,
-            m.min_users,
-        )
+    for feature, (_, r, c) in user_feature_counts(ref, cur, m.bins).items():
+        d = transforms.judge("psi", r, c, m.psi_warn, m.psi_alarm, m.alpha, m.min_users)
         out.append(
             _row(f"user.{feature}", "psi", d.value, m.psi_alarm, d.floor, d.p_value,
                  d.n_ref, d.n_cur, d.status)
@@ -280,14 +340,16 @@ def _recent_ndcg(
         first.join(top.select("user_id").distinct(), "user_id")
         .join(top, (first.user_id == top.user_id) & (first.next_item == top.item_id), "left")
         .select(F.coalesce(1.0 / F.log2(F.col("rank") + 1.0), F.lit(0.0)).alias("gain"))
-        .collect()
+        .agg(
+            F.count("*").alias("n"), F.avg("gain").alias("mean"), F.stddev_samp("gain").alias("sd")
+        )
+        .first()
     )
-    gains = np.array([r[0] for r in gains], dtype=np.float64)
-    n = len(gains)
+    n = int(gains["n"])
     if n == 0:
         return empty
-    mean = float(gains.mean())
-    half = transforms.mean_half_width(gains, m.alpha)
+    mean = float(gains["mean"])
+    half = transforms.half_width(n, gains["sd"], m.alpha)
     threshold = (1 - m.decay_tolerance) * reference
     if n < m.min_users:
         status = "too_small"

@@ -101,31 +101,38 @@ def judge(
 
 
 def quantile_edges(reference: np.ndarray, bins: int) -> np.ndarray:
-    """Inner bin edges at the reference's quantiles (ties collapse: fewer bins, never empty
-    reference bins by construction)."""
+    """Inner bin edges at the reference's ``k / bins`` quantiles, k = 1 .. bins - 1, each the
+    smallest reference value with at least that share of the reference at or below it
+    (numpy's ``inverted_cdf``: what Spark's ``percentile_approx`` returns when exact); ties
+    collapse (fewer bins). The in-memory statement of what ``monitor`` computes in Spark."""
     ref = np.asarray(reference, dtype=np.float64)
     ref = ref[np.isfinite(ref)]
     if len(ref) == 0:
         return np.array([])
-    qs = np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1])
+    qs = np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1], method="inverted_cdf")
     return np.unique(qs)
 
 
 def binned(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts of ``values`` per bin ``(edges[i - 1], edges[i]]``: a value's bin is the number
+    of edges below it, so an edge value falls in the bin it closes (every reference bin
+    but the last holds its edge, hence is never empty)."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
-    return np.bincount(np.searchsorted(edges, v, side="right"), minlength=len(edges) + 1)
+    return np.bincount(np.searchsorted(edges, v, side="left"), minlength=len(edges) + 1)
 
 
 def aligned_counts(
     ref: dict[str, int], cur: dict[str, int], top: int | None = None
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Two categorical count maps over one key order; with ``top``, the reference's ``top``
-    most frequent keys plus the current's, everything else in one ``(other)`` bin."""
+    most frequent keys plus the current's (ties by key), everything else in one ``(other)``
+    bin. The in-memory statement of ``monitor.category_counts``."""
     keys = sorted(set(ref) | set(cur))
     if top is not None and len(keys) > top:
-        keep = {k for k, _ in sorted(ref.items(), key=lambda kv: -kv[1])[:top]}
-        keep |= {k for k, _ in sorted(cur.items(), key=lambda kv: -kv[1])[:top]}
+        first = lambda kv: (-kv[1], kv[0])  # noqa: E731
+        keep = {k for k, _ in sorted(ref.items(), key=first)[:top]}
+        keep |= {k for k, _ in sorted(cur.items(), key=first)[:top]}
         other_ref = sum(v for k, v in ref.items() if k not in keep)
         other_cur = sum(v for k, v in cur.items() if k not in keep)
         keys = sorted(keep)
@@ -139,5 +146,11 @@ def mean_half_width(values: np.ndarray, alpha: float) -> float:
     """Half-width of the normal confidence interval of the mean of ``values`` at ``alpha``
     (one value: a standard deviation of 1, the widest a gain in [0, 1] can need)."""
     n = len(values)
-    sd = float(np.std(values, ddof=1)) if n > 1 else 1.0
+    return half_width(n, float(np.std(values, ddof=1)) if n > 1 else None, alpha)
+
+
+def half_width(n: int, sd: float | None, alpha: float) -> float:
+    """:func:`mean_half_width` from the count and sample standard deviation of the values
+    (``sd`` None or ``n`` < 2: a standard deviation of 1)."""
+    sd = 1.0 if n < 2 or sd is None or not math.isfinite(sd) else float(sd)
     return float(stats.norm.ppf(1 - alpha / 2)) * sd / math.sqrt(n)

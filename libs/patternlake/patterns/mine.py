@@ -61,20 +61,28 @@ def mine_patterns(spark: SparkSession, lake: Lake, config: Config) -> MineResult
         config.features.session_gap_minutes,
         config.mine.recent_events,
     ).persist()
-    names = item_names(lake.read("item_index"))
     segment_ids = sorted(r[0] for r in sessions.select("segment_id").distinct().collect())
     now = datetime.now(UTC)
-    rows: list[tuple] = []
+    found: dict[int, dict[str, list[Rule]]] = {}
     kept: dict[int, int] = {}
     counts: dict[int, int] = {}
     for sid in segment_ids:
         seg = sessions.filter(F.col("segment_id") == sid).persist()
-        found, counts[sid] = _segment_rules(seg, config.mine)
-        kept[sid] = len(found["sequential"])
-        for kind, rules in found.items():
-            rows += pattern_rows(sid, kind, rules, names, counts[sid], model_version, now)
+        found[sid], counts[sid] = _segment_rules(seg, config.mine)
+        kept[sid] = len(found[sid]["sequential"])
         seg.unpersist()
     sessions.unpersist()
+    # the names of the items the kept rules mention, looked up in Spark (not the catalogue)
+    names = item_names(
+        lake.read("item_index"),
+        [r for by_kind in found.values() for k in by_kind.values() for r in k],
+    )
+    rows = [
+        row
+        for sid, by_kind in found.items()
+        for kind, rules in by_kind.items()
+        for row in pattern_rows(sid, kind, rules, names, counts[sid], model_version, now)
+    ]
     lake.write(
         spark.createDataFrame(rows, contract("segment_patterns").ddl()),
         "segment_patterns",

@@ -15,6 +15,7 @@ the protocol's validation and test targets.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from pyspark.ml.fpm import FPGrowth, PrefixSpan
@@ -137,9 +138,18 @@ def best_rules(
     return good[:max_rules]
 
 
-def item_names(item_index: DataFrame) -> dict[int, str]:
-    """item idx -> item id of ``item_index``."""
-    return {r["item_idx"]: r["item_id"] for r in item_index.select("item_idx", "item_id").collect()}
+def item_names(item_index: DataFrame, rules: Iterable[Rule]) -> dict[int, str]:
+    """item idx -> item id of ``item_index`` for the items that ``rules`` mention: the
+    catalogue is semi-joined with those idx in Spark, so what reaches the driver is bounded
+    by the rules (segments x kinds x ``mine.max_rules_per_segment``), not the catalogue."""
+    idx = sorted({int(i) for ante, cons, *_ in rules for i in (*ante, cons)})
+    if not idx:
+        return {}
+    wanted = item_index.sparkSession.createDataFrame([(i,) for i in idx], "item_idx int")
+    named = item_index.select("item_idx", "item_id").join(
+        F.broadcast(wanted), "item_idx", "left_semi"
+    )
+    return {r["item_idx"]: r["item_id"] for r in named.collect()}
 
 
 def pattern_rows(
