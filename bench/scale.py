@@ -60,9 +60,13 @@ def gemm_rate(threads: int = 2) -> float:
 
 
 def encoder_flops(length: int = L, d: int = D, layers: int = LAYERS) -> float:
-    """Multiply-adds x 2 of one history through the encoder: QKV, output, MLP (12 L d^2)
-    and attention scores and mixing (2 L^2 d), per layer."""
-    return 2.0 * layers * (12 * length * d * d + 2 * length * length * d)
+    """FLOPs (2 x multiply-adds) of one history through the encoder up to the last
+    position's state: every layer but the last in full -- QKV, output, MLP (12 L d^2) and
+    attention (2 L^2 d) -- and the last one for the last position only (its keys and values
+    over every position, 2 L d^2; the rest for one row, 10 d^2 + 2 L d)."""
+    full = 12 * length * d * d + 2 * length * length * d
+    last = 2 * length * d * d + 10 * d * d + 2 * length * d
+    return 2.0 * ((layers - 1) * full + last)
 
 
 def _teacher(n_items: int):
@@ -199,7 +203,8 @@ def stage_train(n_items: int, n_users: int, dense: bool, sampled: int = 256) -> 
         opt.step()
     sec = time.perf_counter() - t0
     n_targets = steps * batch * (L - 1)
-    per_target = 3 * (encoder_flops() / L) + 3 * 2 * D * (n_items if dense else sampled + 1)
+    full = 2.0 * LAYERS * (12 * L * D * D + 2 * L * L * D)  # training: every position
+    per_target = 3 * full / L + 3 * 2 * D * (n_items if dense else batch * L + sampled)
     return {"seconds": sec, "rate": n_targets / sec, "flops_per_unit": per_target}
 
 

@@ -22,9 +22,11 @@ import json
 import logging
 import math
 import os
+import queue
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +128,8 @@ class _Comm:
 
     def allreduce_sum(self, value: float) -> float:
         if self.backend == "horovod":
-            return float(self.hvd.allreduce(torch.tensor([value]), op=self.hvd.Sum).item())
+            t = torch.tensor([value], dtype=torch.float64)  # sums of validation NDCG: exact
+            return float(self.hvd.allreduce(t, op=self.hvd.Sum).item())
         if self.backend == "ddp":
             t = torch.tensor([value], dtype=torch.float64)
             self.dist.all_reduce(t)
@@ -153,7 +156,10 @@ def train_worker(
     # rank 0's view of where the run stands wins (every rank then runs the same epochs)
     state = comm.broadcast_object(state)
     run.train_model = _distribute(run, state)
-    valid = validation_set(spec, run.cfg) if comm.rank == 0 else None
+    # the fixed validation sample (train.valid_users), drawn once by rank 0; every rank
+    # ranks its own share of it each epoch and the sums are all-reduced
+    valid = comm.broadcast_object(validation_set(spec, run.cfg) if comm.rank == 0 else None)
+    valid = tuple(a[comm.rank :: comm.world] for a in valid)
     samples, train_seconds, diverged = _epochs(run, state, ckpt_dir, valid, on_epoch)
 
     total_samples = comm.allreduce_sum(float(samples))
@@ -303,8 +309,8 @@ def _epochs(
         train_seconds += elapsed
         mean_loss = comm.allreduce_sum(loss_sum / max(steps, 1)) / comm.world
         evaluated = run.ema.model if run.ema is not None else run.model  # kept and registered
-        ndcg = validate_ndcg(evaluated, valid, run.cfg, run.device) if comm.rank == 0 else None
-        ndcg = comm.broadcast_object(ndcg)
+        share = validate_ndcg(evaluated, valid, run.cfg, run.device) * len(valid[0])
+        ndcg = comm.allreduce_sum(share) / max(1.0, comm.allreduce_sum(float(len(valid[0]))))
         diverged = _divergence(epoch, mean_loss, ndcg)
         if diverged:  # every rank sees the same (all-reduced, broadcast) values: all stop
             break
@@ -328,7 +334,7 @@ def _train_epoch(run: _Run, epoch: int, amp: Any) -> tuple[float, int, int]:
     spec = run.spec
     run.model.train()
     loss_sum, steps, samples = 0.0, 0, 0
-    for b, batch in enumerate(run.data.epoch(epoch)):
+    for b, batch in enumerate(prefetch(run.data.epoch(epoch))):
         if spec.max_batches_per_epoch and b >= spec.max_batches_per_epoch:
             break
         batch = batch.to(run.device)
@@ -344,6 +350,48 @@ def _train_epoch(run: _Run, epoch: int, amp: Any) -> tuple[float, int, int]:
         steps += 1
         samples += int((batch.targets > 0).sum())  # training interactions (targets)
     return loss_sum, steps, samples
+
+
+def prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """``batches`` prepared on a background thread, up to ``depth`` ahead, while the
+    training thread runs the model (Arrow decoding and numpy windowing release the GIL for
+    most of their work). An error in the producer is raised here; leaving the loop early
+    stops the producer."""
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+
+    worker = threading.Thread(target=produce, name="prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = out.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
 
 
 def _divergence(epoch: int, mean_loss: float, ndcg: float) -> str | None:

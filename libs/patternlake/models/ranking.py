@@ -88,7 +88,7 @@ class DotRanker:
         return ids if self.to_local is None else self.to_local[ids]
 
     def encode(self, x: torch.Tensor) -> DotState:
-        h = self.net.encode(self._local(x[:, 0]), x[:, 1], x[:, 2])[:, -1]
+        h = self.net.encode_last(self._local(x[:, 0]), x[:, 1], x[:, 2])
         return DotState(h, x[:, 0])
 
     def width(self, state: DotState) -> int:

@@ -113,6 +113,32 @@ class SequentialTeacher(nn.Module):
             x = block(x, mask)
         return self.ln(x)
 
+    def encode_last(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor
+    ) -> torch.Tensor:
+        """``encode(...)[:, -1]`` for inference, with the last block computed for the last
+        position only (its keys and values still come from every position): scoring,
+        explanations and evaluation need no other position's output."""
+        B, L = items.shape
+        pos = torch.arange(L, device=items.device).unsqueeze(0)
+        x = self.item_emb(items) + self.type_emb(types) + self.gap_emb(gaps) + self.pos_emb(pos)
+        x = self.drop(x)
+        causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=items.device), diagonal=1)
+        mask = causal.unsqueeze(0) | (items == 0).unsqueeze(1)
+        mask = mask & ~torch.eye(L, dtype=torch.bool, device=items.device)
+        heads = self.config.n_heads
+        for block in self.blocks[:-1]:
+            x = block(x, mask.repeat_interleave(heads, dim=0))
+        last = self.blocks[-1]
+        h = last.ln1(x)
+        q = h[:, -1:]
+        a, _ = last.attn(
+            q, h, h, attn_mask=mask[:, -1:].repeat_interleave(heads, dim=0), need_weights=False
+        )
+        y = x[:, -1:] + last.drop(a)
+        y = y + last.drop(last.mlp(last.ln2(y)))
+        return self.ln(y)[:, 0]
+
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """(…, D) -> (…, N) scores over the whole catalogue (tied output), without the seen
         term (``last_scores``, ``position_scores`` and the loss add it)."""
