@@ -72,7 +72,7 @@ def run_backend(
 
         local = spark.sparkContext.master.startswith("local")
         distributor = TorchDistributor(
-            num_processes=num_proc, local_mode=local, use_gpu=torch.cuda.is_available()
+            num_processes=num_proc, local_mode=local, use_gpu=tasks_have_gpu(spark)
         )
         return distributor.run(train_worker, payload)
     if backend == "horovodrun":
@@ -100,6 +100,25 @@ def run_backend(
                 )
             return json.loads(Path(payload["result_path"]).read_text())
     raise PatternlakeError(f"train.backend: unknown backend {backend!r}")
+
+
+def tasks_have_gpu(spark: Any) -> bool:
+    """Whether the training processes get a GPU, decided where they run, not on the driver
+    (a driver without a GPU may drive GPU executors): Spark's task GPU resource when it is
+    set (``spark.task.resource.gpu.amount``, conf/cluster.yaml), else one task asked
+    whether CUDA is there; local mode runs the tasks in this machine."""
+    amount = spark.conf.get("spark.task.resource.gpu.amount", None)
+    if amount is not None:
+        return float(amount) > 0
+    if spark.sparkContext.master.startswith("local"):
+        return torch.cuda.is_available()
+
+    def probe(_: Any) -> list[bool]:
+        import torch as t
+
+        return [t.cuda.is_available()]
+
+    return bool(spark.sparkContext.parallelize([0], 1).mapPartitions(probe).collect()[0])
 
 
 def _with_epoch_bar(spec: TrainSpec, backend: str, run: Callable[[], dict[str, Any]]) -> Any:
