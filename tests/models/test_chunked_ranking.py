@@ -159,3 +159,17 @@ def test_the_dynamic_int8_runtime_is_ranked_densely_and_still_equal():
     with torch.no_grad():
         v, i = ranking.top_k(ranker, ranker.encode(x), 5, chunk=7)
         assert torch.equal(i, ranking.dense_top_k(dyn(x), 5)[1])
+
+
+def test_every_per_user_metric_comes_with_its_95_percent_interval():
+    from patternlake.models.metrics import _metrics
+
+    ranks = np.array([0, 3, 50, 1, 12, 9, 100, 0])
+    m = _metrics(ranks, np.zeros((8, 10), dtype=np.int64), 200)
+    hits = (ranks < 10).astype(float)
+    half = 1.96 * hits.std(ddof=1) / np.sqrt(8)
+    assert m["hr@10"] == round(hits.mean(), 6)
+    assert m["hr@10_ci95_low"] == pytest.approx(hits.mean() - half, abs=1e-6)
+    assert m["hr@10_ci95_high"] == pytest.approx(hits.mean() + half, abs=1e-6)
+    for name in ("ndcg@10", "mrr@10", "ndcg@20", "hr@20"):
+        assert m[f"{name}_ci95_low"] <= m[name] <= m[f"{name}_ci95_high"]
