@@ -190,6 +190,7 @@ def scores_ranking(targets: list[int], above: int) -> torch.Tensor:
 def test_model_reports_rank_the_targets():
     targets = np.array([3, 5, 7])
     groups = np.array([1, 1, 2])
+
     def ranked(place: int):
         ranker = DenseRanker(lambda x: scores_ranking(x.tolist(), place))
         return ranker_ranks(ranker, lambda s: torch.from_numpy(targets[s]))
