@@ -15,7 +15,7 @@ own:
   (``models.metrics.evaluate_ranks`` with ``models.ranking``), as ``patternlake evaluate``
   and validation during training run them;
 * **train**: optimizer steps of the teacher (AdamW, batches of 128 windows of 50 events;
-  sampled softmax with 256 negatives, the catalogue-independent loss; full softmax too
+  sampled softmax, in-batch plus 1,024 popularity negatives (conf's default), the catalogue-independent loss; full softmax too
   where its logits fit in 4 GB).
 
 Per stage and catalogue: wall time, users/s (targets/s for training), peak RSS, and the
@@ -69,13 +69,13 @@ def encoder_flops(length: int = L, d: int = D, layers: int = LAYERS) -> float:
     return 2.0 * ((layers - 1) * full + last)
 
 
-def _teacher(n_items: int):
+def _teacher(n_items: int, sampled: int = 0):
     from patternlake.models.teacher import SequentialTeacher, TeacherConfig
 
     torch.manual_seed(0)
     c = TeacherConfig(
         n_items=n_items, n_types=6, max_len=L, d_model=D, n_heads=HEADS, n_layers=LAYERS,
-        dropout=0.0, seen_bias=True,
+        dropout=0.0, seen_bias=True, sampled_softmax=sampled,
     )  # fmt: skip
     return SequentialTeacher(c).eval()
 
@@ -177,14 +177,15 @@ def stage_evaluate(n_items: int, n_users: int, dense: bool) -> dict:
     }
 
 
-def stage_train(n_items: int, n_users: int, dense: bool, sampled: int = 256) -> dict:
+def stage_train(n_items: int, n_users: int, dense: bool, sampled: int = 1024) -> dict:
     torch.set_num_threads(2)
-    model = _teacher(n_items).train()
-    model.config.sampled_softmax = 0 if dense else sampled
+    steps, batch = 8, 128
+    model = _teacher(n_items, 0 if dense else sampled).train()
+    items = torch.from_numpy(_histories(batch * (steps + 1), n_items, seed=4))
+    if not dense:  # the popularity the product counts from the training items
+        model.set_sampling(np.bincount(items.numpy().ravel(), minlength=n_items))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(3)
-    steps, batch = 8, 128
-    items = torch.from_numpy(_histories(batch * (steps + 1), n_items, seed=4))
     t0 = None
     for step in range(steps + 1):
         if step == 1:

@@ -180,7 +180,7 @@ class TeacherModelConfig(_Strict):
     n_layers: int = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
     softmax: Literal["auto", "full", "sampled"]
-    sampled_softmax: int = Field(gt=0)  # negatives when sampled (the batch's targets too)
+    sampled_softmax: int = Field(ge=0)  # negatives when sampled; 0: always full softmax
     seen_bias: bool  # learned score shift for items already in the window
 
 

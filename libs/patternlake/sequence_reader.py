@@ -107,15 +107,19 @@ def training_item_counts(files: list[str], n_items: int) -> np.ndarray:
     """(n_items,) how often each item occurs in the users' training parts (validation and
     test targets left out): the popularity a sampled softmax draws negatives from. Reads
     the ``item_seq`` and ``valid_item`` columns only, once, on one process."""
-    table = read_table(files, ["item_seq", "valid_item"])
-    keep_n = training_lengths(table)
-    column = table.column("item_seq").combine_chunks()
-    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    row_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    position = np.arange(len(values)) - row_start
-    kept = values[position < np.repeat(keep_n, lengths)]
-    counts = np.bincount(kept[kept < n_items], minlength=n_items)
+    counts = np.zeros(n_items, dtype=np.int64)
+    for f in files:  # a file's row groups at a time: memory bounded by the largest one
+        source = pq.ParquetFile(f)
+        for g in range(source.num_row_groups):
+            table = source.read_row_group(g, columns=["item_seq", "valid_item"])
+            keep_n = training_lengths(table)
+            column = table.column("item_seq").combine_chunks()
+            lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
+            values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+            row_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+            position = np.arange(len(values)) - row_start
+            kept = values[position < np.repeat(keep_n, lengths)]
+            counts += np.bincount(kept[kept < n_items], minlength=n_items)
     counts[0] = 0
     return counts
 

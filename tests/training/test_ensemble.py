@@ -98,7 +98,7 @@ def test_train_members_trains_each_seed_on_its_own_and_validates_the_ensemble(tm
     assert isinstance(model, TeacherEnsemble) and model.members == 2
     assert [m["seed"] for m in result["members"]] == [spec.seed, spec.seed + 1]
     cfg = model.config
-    full = validation_set(type(spec)(**{**vars(spec), "valid_users": 0}), cfg)
+    full = validation_set(spec, cfg)  # the members' validation sample
     assert result["best_valid_ndcg@10"] == pytest.approx(
         validate_ndcg(model, full, cfg, torch.device("cpu")), abs=1e-12
     )

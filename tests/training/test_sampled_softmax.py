@@ -90,3 +90,33 @@ def test_a_sampled_softmax_teacher_learns_what_the_full_softmax_learns():
     sampled = _hit10(_train(128, train, n_items, 300), held_out)
     assert full > 0.5, full  # the task is learnable in this budget
     assert sampled >= full - 0.05, (sampled, full)
+
+
+def test_the_sampled_loss_is_the_logq_corrected_softmax_over_its_candidates():
+    """Negatives forced onto item 5: the candidates are the batch's targets and 5, and each
+    logit is lowered by log P(in the set) = log(1 - exp(-(M p_j + k q_j)))."""
+    torch.manual_seed(0)
+    c = TeacherConfig(
+        n_items=12, n_types=2, max_len=4, d_model=8, n_heads=2, n_layers=1,
+        dropout=0.0, sampled_softmax=3, seen_bias=False,
+    )  # fmt: skip
+    model = SequentialTeacher(c)
+    counts = np.array([0, 5, 1, 1, 1, 1, 9, 1, 1, 1, 1, 2])
+    model.set_sampling(counts)
+    model.sample_q = torch.zeros(12)
+    model.sample_q[5] = 1.0  # every negative is item 5
+    items = torch.tensor([[0, 1, 2, 3], [4, 6, 7, 8]])
+    targets = torch.tensor([[0, 2, 3, 6], [6, 7, 8, 9]])
+    got = model.loss(items, torch.ones_like(items), torch.zeros_like(items), targets)
+
+    mask = targets > 0
+    h = model.encode(items, torch.ones_like(items), torch.zeros_like(items))[mask]
+    y = targets[mask]
+    cand = torch.tensor(sorted(set(y.tolist()) | {5}))
+    expected = len(y) * model.target_p[cand] + 3 * model.sample_q[cand]
+    logits = h @ model.item_emb.weight[cand].T - torch.log(1 - torch.exp(-expected))
+    want = torch.nn.functional.cross_entropy(logits, torch.searchsorted(cand, y))
+    assert torch.allclose(got, want, atol=1e-6)
+    p = counts + 1e-3 * counts.sum() / 11
+    p[0] = 0
+    assert torch.allclose(model.target_p, torch.tensor(p / p.sum(), dtype=torch.float32))

@@ -105,7 +105,11 @@ class _Comm:
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+                # NCCL for the gradients on GPUs; Gloo for the CPU tensors of the epoch's
+                # loss and validation sums and for broadcast_object
+                dist.init_process_group(
+                    "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+                )
             self.dist = dist
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             self.local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -87,7 +87,8 @@ class RankingAccumulator:
 def _metrics(ranks: np.ndarray, top10: np.ndarray, n_items: int) -> dict[str, float]:
     out: dict[str, float] = {"users": int(len(ranks))}
     if len(ranks) == 0:
-        return out | {m: 0.0 for m in METRICS}
+        bounds = {f"{m}_ci95_{e}": 0.0 for m in METRICS[:-1] for e in ("low", "high")}
+        return out | {m: 0.0 for m in METRICS} | bounds
     per_user: dict[str, np.ndarray] = {}
     for k in (10, 20):
         hit = ranks < k
@@ -97,12 +98,12 @@ def _metrics(ranks: np.ndarray, top10: np.ndarray, n_items: int) -> dict[str, fl
     for name, values in per_user.items():
         out[name] = float(values.mean())
     out["coverage@10"] = float(len(np.unique(top10[top10 > 0])) / max(1, n_items - 1))
-    # 95% confidence interval of each per-user mean (normal approximation: with a few
-    # hundred users one user's hit moves NDCG@10 by ~0.5%)
+    # 95% confidence interval of each per-user mean (normal approximation, clipped to
+    # [0, 1]: with a few hundred users one user's hit moves NDCG@10 by ~0.5%)
     for name, values in per_user.items():
         half = 1.96 * float(values.std(ddof=1)) / np.sqrt(len(values)) if len(values) > 1 else 0.0
-        out[f"{name}_ci95_low"] = out[name] - half
-        out[f"{name}_ci95_high"] = out[name] + half
+        out[f"{name}_ci95_low"] = max(0.0, out[name] - half)
+        out[f"{name}_ci95_high"] = min(1.0, out[name] + half)
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
 
 

@@ -175,8 +175,9 @@ class DenseRanker:
     """Any callable (B, 3, L) -> (B, N) scores (a baseline, a hand-made test model, the int8
     ``dynamic`` runtime): the whole row is computed at ``encode``, so memory is (B x N)."""
 
-    def __init__(self, score: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, score: Callable[[torch.Tensor], torch.Tensor], n_items: int = 0):
         self.score = score
+        self.n_items = n_items  # when known: bounds the histories encoded at once
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x)
@@ -213,7 +214,7 @@ def ranker_for(model: Any) -> Ranker:
     if isinstance(model, Student):
         to_local = None if model.catalogue is None else model.to_local
         return DotRanker(model.net, model.n_global, to_local)
-    return DenseRanker(model)
+    return DenseRanker(model, int(getattr(model, "n_global", 0) or 0))
 
 
 def _rows(state: Any) -> int:
@@ -310,27 +311,44 @@ def target_ranks(
     NaN ranks last), and each row's top k (0 where the score is -inf), with ``exclude``'s
     past items masked except the target itself. Equals ``models.metrics`` on the dense
     matrix."""
-    t = _finite(ranker.items(state, targets.unsqueeze(1)))  # (B, 1)
+    # the target's score as ``chunk`` computes it (a matrix product) is only known in its
+    # own chunk; ``items`` (a different kernel) may differ in the last bits. So items clearly
+    # above the estimate are counted on the way, those within a tolerance of it are kept
+    # (a handful per user) and compared with the exact score at the end.
+    t = _finite(ranker.items(state, targets.unsqueeze(1)))[:, 0]  # (B,)
+    dead = ~torch.isfinite(t)  # a target scored -inf (or NaN) ranks last
+    tol = 1e-4 * (1 + t.abs())
+    t_band = torch.where(dead, float("inf"), t)
+    exact = t.clone()
     n = ranker.width(state)
     size = chunk or chunk_items(len(targets))
     above = torch.zeros(len(targets), dtype=torch.int64, device=targets.device)
+    band_rows, band_values = [], []
     best_v: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
     for lo in range(0, n, size):
         hi = min(n, lo + size)
         s = _finite(ranker.chunk(state, lo, hi))
+        mine = torch.nonzero((targets >= lo) & (targets < hi), as_tuple=True)[0]
+        exact[mine] = s[mine, targets[mine] - lo]
         if exclude is not None:
             _mask_block(s, exclude, lo, hi)
-        mine = torch.nonzero((targets >= lo) & (targets < hi), as_tuple=True)[0]
-        s[mine, targets[mine] - lo] = t[mine, 0]  # the target itself is never masked
-        above += (s >= t).sum(1)
+            s[mine, targets[mine] - lo] = exact[mine]  # the target itself is never masked
+        clear = s > (t_band + tol).unsqueeze(1)
+        above += clear.sum(1)
+        rows, cols = torch.nonzero((s >= (t_band - tol).unsqueeze(1)) & ~clear, as_tuple=True)
+        band_rows.append(rows)
+        band_values.append(s[rows, cols])
         v, i = _block_top(s, lo, min(k, hi - lo))
         if best_v is None:
             best_v, best_i = v, i
         else:
             best_v, best_i = _order(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k)
     assert best_v is not None and best_i is not None
-    return above - 1, torch.where(best_v > NEG, best_i, 0)
+    rows, values = torch.cat(band_rows), torch.cat(band_values)
+    above.index_add_(0, rows, (values >= exact[rows]).long())
+    ranks = torch.where(dead | ~torch.isfinite(exact), n - 1, above - 1)
+    return ranks, torch.where(best_v > NEG, best_i, 0)
 
 
 def delete_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -348,7 +366,9 @@ def delete_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def score_items(ranker: Ranker, x: torch.Tensor, cand: torch.Tensor, batch: int) -> torch.Tensor:
     """(B, C) scores of the candidate items for histories x (B, 3, L), encoded ``batch``
-    histories at a time."""
+    histories at a time (fewer for a dense ranker, whose encoding is a catalogue row each)."""
+    if isinstance(ranker, DenseRanker) and ranker.n_items:
+        batch = max(1, min(batch, CHUNK_BYTES // (4 * ranker.n_items)))
     parts = [
         ranker.items(ranker.encode(x[lo : lo + batch]), cand[lo : lo + batch])
         for lo in range(0, len(x), batch)

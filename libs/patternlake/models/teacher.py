@@ -66,11 +66,39 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D); ``allowed`` (B, 1, L, L) bool: query t may attend to key s."""
         h = self.ln1(x)
-        a, _ = self.attn(h, h, h, attn_mask=mask, need_weights=False)
-        x = x + self.drop(a)
+        x = x + self.drop(self.attend(h, h, allowed))
         return x + self.drop(self.mlp(self.ln2(x)))
+
+    def attend(
+        self, q_in: torch.Tensor, kv_in: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
+        """Multi-head attention with ``self.attn``'s weights through PyTorch's fused
+        ``scaled_dot_product_attention``: one (B, 1, Lq, Lk) mask broadcast over the heads
+        instead of nn.MultiheadAttention's (B x heads, Lq, Lk) copy."""
+        a = self.attn
+        B, Lq, D = q_in.shape
+        H = a.num_heads
+        w, b = a.in_proj_weight, a.in_proj_bias
+        if q_in is kv_in:
+            q, k, v = F.linear(q_in, w, b).chunk(3, dim=-1)
+        else:
+            q = F.linear(q_in, w[:D], b[:D])
+            k, v = F.linear(kv_in, w[D:], b[D:]).chunk(2, dim=-1)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(B, -1, H, D // H).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(
+            heads(q),
+            heads(k),
+            heads(v),
+            attn_mask=allowed,
+            dropout_p=a.dropout if self.training else 0.0,
+        )
+        return a.out_proj(o.transpose(1, 2).reshape(B, Lq, D))
 
 
 class SequentialTeacher(nn.Module):
@@ -86,11 +114,12 @@ class SequentialTeacher(nn.Module):
         self.ln = nn.LayerNorm(c.d_model)
         if c.seen_bias:
             self.seen_weight = nn.Parameter(torch.zeros(1))
-        if c.sampled_softmax > 0:  # the sampler's distributions; set_sampling fills them
-            uniform = torch.ones(c.n_items)
-            uniform[0] = 0
-            self.register_buffer("target_p", uniform / uniform.sum(), persistent=False)
-            self.register_buffer("sample_q", uniform / uniform.sum(), persistent=False)
+        # the sampler's distributions (set_sampling): plain tensors, not buffers, so that
+        # neither DDP's buffer broadcast nor the weight average copies them every step
+        uniform = torch.ones(c.n_items)
+        uniform[0] = 0
+        self.target_p = uniform / uniform.sum()
+        self.sample_q = self.target_p
         for emb in (self.item_emb, self.type_emb, self.gap_emb, self.pos_emb):
             nn.init.normal_(emb.weight, std=0.02)  # GPT-style: no embedding drowns the others
         with torch.no_grad():
@@ -103,15 +132,20 @@ class SequentialTeacher(nn.Module):
         pos = torch.arange(L, device=items.device).unsqueeze(0)  # (1, L)
         x = self.item_emb(items) + self.type_emb(types) + self.gap_emb(gaps) + self.pos_emb(pos)
         x = self.drop(x)
-        # True = may not attend: the future, and padding keys; every position may attend to
-        # itself, so a padding row is never fully masked (its output is never used)
-        causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=items.device), diagonal=1)
-        mask = causal.unsqueeze(0) | (items == 0).unsqueeze(1)  # (B, L, L)
-        mask = mask & ~torch.eye(L, dtype=torch.bool, device=items.device)
-        mask = mask.repeat_interleave(self.config.n_heads, dim=0)  # (B*H, L, L)
+        allowed = self._allowed(items)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, allowed)
         return self.ln(x)
+
+    @staticmethod
+    def _allowed(items: torch.Tensor) -> torch.Tensor:
+        """(B, 1, L, L) bool: position t may attend to s <= t unless s is padding; every
+        position may attend to itself, so a padding row is never fully masked (its output is
+        never used)."""
+        L = items.shape[1]
+        causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=items.device))
+        eye = torch.eye(L, dtype=torch.bool, device=items.device)
+        return ((causal & (items != 0).unsqueeze(1)) | eye).unsqueeze(1)
 
     def encode_last(
         self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor
@@ -123,19 +157,12 @@ class SequentialTeacher(nn.Module):
         pos = torch.arange(L, device=items.device).unsqueeze(0)
         x = self.item_emb(items) + self.type_emb(types) + self.gap_emb(gaps) + self.pos_emb(pos)
         x = self.drop(x)
-        causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=items.device), diagonal=1)
-        mask = causal.unsqueeze(0) | (items == 0).unsqueeze(1)
-        mask = mask & ~torch.eye(L, dtype=torch.bool, device=items.device)
-        heads = self.config.n_heads
+        allowed = self._allowed(items)
         for block in self.blocks[:-1]:
-            x = block(x, mask.repeat_interleave(heads, dim=0))
+            x = block(x, allowed)
         last = self.blocks[-1]
         h = last.ln1(x)
-        q = h[:, -1:]
-        a, _ = last.attn(
-            q, h, h, attn_mask=mask[:, -1:].repeat_interleave(heads, dim=0), need_weights=False
-        )
-        y = x[:, -1:] + last.drop(a)
+        y = x[:, -1:] + last.drop(last.attend(h[:, -1:], h, allowed[:, :, -1:]))
         y = y + last.drop(last.mlp(last.ln2(y)))
         return self.ln(y)[:, 0]
 
@@ -168,13 +195,13 @@ class SequentialTeacher(nn.Module):
         """The sampled softmax's distributions from the training items' counts (n_items,):
         ``target_p`` (the targets', so the in-batch negatives') and ``sample_q`` (counts **
         ``power``: extra negatives from the long tail)."""
-        c = torch.as_tensor(counts, dtype=torch.float64, device=self.target_p.device)
+        c = torch.as_tensor(counts, dtype=torch.float64, device=self.item_emb.weight.device)
         c[0] = 0
         p = c + 1e-3 * (c.sum() / max(1, len(c) - 1))  # an unseen item stays possible
         q = p**power
         p[0] = q[0] = 0
-        self.target_p.copy_((p / p.sum()).float())
-        self.sample_q.copy_((q / q.sum()).float())
+        self.target_p = (p / p.sum()).float()
+        self.sample_q = (q / q.sum()).float()
 
     @staticmethod
     def seen_columns(items: torch.Tensor, mask: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
@@ -244,6 +271,8 @@ class SequentialTeacher(nn.Module):
         # sampled softmax: the batch's targets (in-batch negatives) and k popularity^0.75
         # negatives, shared by every position; each candidate's logit less the log of its
         # probability of being among them (sampled M times from target_p, k from sample_q)
+        if self.sample_q.device != h.device:
+            self.target_p, self.sample_q = self.target_p.to(h.device), self.sample_q.to(h.device)
         neg = torch.multinomial(self.sample_q, k, replacement=True)
         cand = torch.unique(torch.cat([y, neg]))  # sorted, distinct
         logits = h @ self.item_emb(cand).T  # (M, C)

@@ -81,10 +81,11 @@ def per_process_batch(batch_size: int, world: int) -> int:
 
 def softmax_choice(mode: str, negatives: int, positions: int, n_items: int, budget_mb: int) -> int:
     """The teacher's ``sampled_softmax`` (0: full softmax): ``auto`` keeps the full softmax
-    while one process batch's logits -- ``positions`` x ``n_items`` floats, about three
-    times over with the softmax and its gradient -- fit in ``budget_mb``; logged."""
-    need_mb = positions * n_items * 4 * 3 / 2**20
-    full = mode == "full" or (mode == "auto" and need_mb <= budget_mb)
+    while one process batch's logits -- ``positions`` x ``n_items`` floats, about five
+    times over with the seen mask, the softmax and its gradient -- fit in ``budget_mb``;
+    ``sampled_softmax: 0`` (the setting before ``softmax`` existed) means full. Logged."""
+    need_mb = positions * n_items * 4 * 5 / 2**20
+    full = mode == "full" or negatives == 0 or (mode == "auto" and need_mb <= budget_mb)
     log.info(
         "train: %s softmax (%s: one batch's logits need %.0f MB, budget %d MB, %d items)",
         "full" if full else f"sampled ({negatives} negatives + in-batch)",

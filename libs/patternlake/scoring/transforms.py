@@ -48,7 +48,7 @@ def as_ranker(model: Any) -> ranking.Ranker:
 
 
 def _one_position(x: torch.Tensor, p: int) -> torch.Tensor:
-    mask = torch.zeros(x.shape[0], x.shape[2], dtype=torch.bool)
+    mask = torch.zeros(x.shape[0], x.shape[2], dtype=torch.bool, device=x.device)
     mask[:, p] = True
     return mask
 
@@ -81,8 +81,8 @@ def occlusion(
                 ranking.delete_positions(x[present], _one_position(x[present], L - 1 - j))
             )
             rows.append(present)
-            cols.append(torch.full((len(present),), j))
-    drops = torch.zeros((B, K, last))
+            cols.append(torch.full((len(present),), j, device=x.device))
+    drops = torch.zeros((B, K, last), device=x.device)
     if not rows:
         return drops
     r, c = torch.cat(rows), torch.cat(cols)
@@ -116,9 +116,9 @@ def deletion_curve(
     B, _, L = x.shape
     out = []
     for k in range(steps + 1):
-        mask = torch.zeros((B, L), dtype=torch.bool)
+        mask = torch.zeros((B, L), dtype=torch.bool, device=x.device)
         for j in range(k):
-            mask[torch.arange(B), L - 1 - order[:, j]] = True
+            mask[torch.arange(B, device=x.device), L - 1 - order[:, j]] = True
         deleted = ranking.delete_positions(x, mask)
         s = ranking.score_items(ranker, deleted, item.unsqueeze(1), ENCODE_BATCH).squeeze(1)
         out.append(float(torch.where(torch.isfinite(s), s, torch.zeros_like(s)).mean()))
@@ -140,12 +140,15 @@ def rule_book(rows: Iterable[dict[str, Any]]) -> dict[tuple[int, int], list[Rule
     lift, then support, then the antecedent's names): what :func:`best_rule` scans."""
     book: dict[tuple[int, int], list[tuple[tuple, Rule]]] = {}
     for r in rows:
-        if r["kind"] != "sequential":
+        if r["kind"] != "sequential" or r["consequent_idx"] is None:
             continue
         pattern = {k: r[k] for k in PATTERN_FIELDS}
-        pattern["antecedent"] = list(pattern["antecedent"])
-        key = (-r["confidence"], -r["lift"], -r["support"], list(r["antecedent"]))
-        rule = (tuple(int(i) for i in r["antecedent_idx"]), pattern)
+        pattern["antecedent"] = list(pattern["antecedent"] or [])
+        # best first, a missing measure last (as Spark's descending sort puts nulls)
+        key = tuple((r[m] is None, -(r[m] or 0.0)) for m in ("confidence", "lift", "support")) + (
+            list(r["antecedent"] or []),
+        )
+        rule = (tuple(int(i) for i in r["antecedent_idx"] or ()), pattern)
         book.setdefault((int(r["segment_id"]), int(r["consequent_idx"])), []).append((key, rule))
     return {k: [rule for _, rule in sorted(v, key=lambda t: t[0])] for k, v in book.items()}
 

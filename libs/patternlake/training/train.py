@@ -103,22 +103,20 @@ def run_backend(
 
 
 def tasks_have_gpu(spark: Any) -> bool:
-    """Whether the training processes get a GPU, decided where they run, not on the driver
-    (a driver without a GPU may drive GPU executors): Spark's task GPU resource when it is
-    set (``spark.task.resource.gpu.amount``, conf/cluster.yaml), else one task asked
-    whether CUDA is there; local mode runs the tasks in this machine."""
+    """Whether the training processes get a GPU, decided by where they run, not by the
+    driver (a driver without a GPU may drive GPU executors): on a cluster, Spark's task GPU
+    resource (``spark.task.resource.gpu.amount`` >= 1, conf/cluster.yaml), which is also
+    what places one process per GPU; in local mode, this machine."""
     amount = spark.conf.get("spark.task.resource.gpu.amount", None)
     if amount is not None:
-        return float(amount) > 0
+        return float(amount) >= 1  # one whole GPU per process (TorchDistributor's rule)
     if spark.sparkContext.master.startswith("local"):
         return torch.cuda.is_available()
-
-    def probe(_: Any) -> list[bool]:
-        import torch as t
-
-        return [t.cuda.is_available()]
-
-    return bool(spark.sparkContext.parallelize([0], 1).mapPartitions(probe).collect()[0])
+    log.warning(
+        "train: spark.task.resource.gpu.amount is not set, so the training tasks get no GPU "
+        "and train on the CPU (conf/cluster.yaml shows the GPU settings)"
+    )
+    return False
 
 
 def _with_epoch_bar(spec: TrainSpec, backend: str, run: Callable[[], dict[str, Any]]) -> Any:
@@ -210,7 +208,7 @@ def train_members(
     model = TeacherEnsemble([load_best(r) for r in results]).eval()
     cfg = model.config
     result["best_valid_ndcg@10"] = validate_ndcg(
-        model, validation_set(replace(spec, valid_users=0), cfg), cfg, torch.device("cpu")
+        model, validation_set(spec, cfg), cfg, torch.device("cpu")
     )
     result["params"] = model.num_params()
     result["samples_per_s"] = round(
