@@ -217,6 +217,12 @@ def ranker_for(model: Any) -> Ranker:
     return DenseRanker(model, int(getattr(model, "n_global", 0) or 0))
 
 
+def _count(flags: torch.Tensor) -> torch.Tensor:
+    """Per-row count of a bool block (summed as bytes: several times faster than a bool
+    sum, which widens every element to int64)."""
+    return flags.view(torch.uint8).sum(1, dtype=torch.int64)
+
+
 def _rows(state: Any) -> int:
     if isinstance(state, DotState):
         return len(state.hidden)
@@ -235,11 +241,18 @@ def _order(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tenso
 
 def _block_top(s: torch.Tensor, lo: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of one block under the tie rule (value descending, id ascending). Rows
-    where more than k items reach the k-th value (a tie across the boundary) take
+    where an item left out ties with the k-th value (a tie across the boundary) take
     everything above it, then the lowest ids equal to it."""
-    values, idx = s.topk(k, dim=1)
+    if k < s.shape[1]:
+        # one more than asked: where the (k+1)-th equals the k-th, an item tied with the
+        # k-th is left out (no pass over the block to find out)
+        values, idx = s.topk(k + 1, dim=1)
+        tied = torch.nonzero(values[:, k] == values[:, k - 1], as_tuple=True)[0]
+        values, idx = values[:, :k], idx[:, :k]
+    else:
+        values, idx = s.topk(k, dim=1)
+        tied = values.new_zeros(0, dtype=torch.long)
     kth = values[:, -1:]
-    tied = torch.nonzero((s >= kth).sum(1) > k, as_tuple=True)[0]
     if len(tied):
         sub, sub_kth = s[tied], kth[tied]
         above = values[tied] > sub_kth
@@ -323,7 +336,8 @@ def target_ranks(
     n = ranker.width(state)
     size = chunk or chunk_items(len(targets))
     above = torch.zeros(len(targets), dtype=torch.int64, device=targets.device)
-    band_rows, band_values = [], []
+    band_rows, band_values = [targets.new_zeros(0)], [t.new_zeros(0)]
+    flags = torch.empty((len(targets), size), dtype=torch.bool, device=targets.device)
     best_v: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
     for lo in range(0, n, size):
@@ -334,11 +348,19 @@ def target_ranks(
         if exclude is not None:
             _mask_block(s, exclude, lo, hi)
             s[mine, targets[mine] - lo] = exact[mine]  # the target itself is never masked
-        clear = s > (t_band + tol).unsqueeze(1)
-        above += clear.sum(1)
-        rows, cols = torch.nonzero((s >= (t_band - tol).unsqueeze(1)) & ~clear, as_tuple=True)
-        band_rows.append(rows)
-        band_values.append(s[rows, cols])
+        flags = torch.gt(s, (t_band + tol).unsqueeze(1), out=flags[:, : hi - lo])
+        clear = _count(flags)
+        near = _count(torch.ge(s, (t_band - tol).unsqueeze(1), out=flags)) - clear
+        above += clear
+        rows = torch.nonzero(near > 0, as_tuple=True)[0]  # the target's row, rare near-ties
+        if len(rows):
+            sub, ts = s[rows], t_band[rows].unsqueeze(1)
+            r, c = torch.nonzero(
+                (sub >= ts - tol[rows].unsqueeze(1)) & (sub <= ts + tol[rows].unsqueeze(1)),
+                as_tuple=True,
+            )
+            band_rows.append(rows[r])
+            band_values.append(sub[r, c])
         v, i = _block_top(s, lo, min(k, hi - lo))
         if best_v is None:
             best_v, best_i = v, i
