@@ -52,20 +52,6 @@ class RankingAccumulator:
         self.groups: list[np.ndarray] = []
         self.top10: list[np.ndarray] = []
 
-    def add(
-        self,
-        scores: torch.Tensor,
-        targets: torch.Tensor,
-        groups: np.ndarray,
-        exclude: torch.Tensor | None,
-    ) -> None:
-        s = masked_scores(scores, targets, exclude)
-        self.ranks.append(target_ranks(s, targets).cpu().numpy())
-        top = torch.topk(s, 10, dim=1)
-        # an item scored -inf (masked, or not finite) is in no one's top 10: coverage skips 0
-        self.top10.append(torch.where(top.values > float("-inf"), top.indices, 0).cpu().numpy())
-        self.groups.append(np.asarray(groups))
-
     def add_ranks(self, ranks: np.ndarray, top10: np.ndarray, groups: np.ndarray) -> None:
         """Ranks and top-10 ids already counted (``models.ranking.target_ranks``)."""
         self.ranks.append(np.asarray(ranks))
@@ -118,11 +104,14 @@ def evaluate_scorer(
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """``score(slice)`` returns (b, N) scores for those users; ``history`` (n, L) masks the
     users' past items when given."""
-    acc = RankingAccumulator(n_items)
-    for s in _slices(n_users, batch_size):
-        exclude = torch.from_numpy(history[s]) if history is not None else None
-        acc.add(score(s).float().cpu(), torch.from_numpy(targets[s]), groups[s], exclude)
-    return acc.report()
+
+    def rank(s: slice, target: torch.Tensor, exclude: torch.Tensor | None):
+        scores = masked_scores(score(s).float().cpu(), target, exclude)
+        top = torch.topk(scores, 10, dim=1)
+        # an item scored -inf (masked, or not finite) is in no one's top 10: coverage skips 0
+        return target_ranks(scores, target), torch.where(top.values > float("-inf"), top.indices, 0)
+
+    return evaluate_ranks(rank, n_users, targets, groups, n_items, batch_size, history)
 
 
 RankFn = Callable[[slice, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]

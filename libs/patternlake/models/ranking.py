@@ -265,6 +265,19 @@ def _order(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tenso
     return values.gather(1, by_value), ids.gather(1, by_value)
 
 
+def _merge(
+    best_v: torch.Tensor | None,
+    best_i: torch.Tensor | None,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running top-k merged with a block's."""
+    if best_v is None or best_i is None:
+        return v, i
+    return _order(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k)
+
+
 def _block_top(s: torch.Tensor, lo: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of one block under the tie rule (value descending, id ascending). Rows
     where an item left out ties with the k-th value (a tie across the boundary) take
@@ -316,11 +329,7 @@ def top_k(
         s = _finite(ranker.chunk(state, lo, hi))
         if exclude is not None:
             _mask_block(s, exclude, lo, hi)
-        v, i = _block_top(s, lo, min(k, hi - lo))
-        if best_v is None:
-            best_v, best_i = v, i
-        else:
-            best_v, best_i = _order(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k)
+        best_v, best_i = _merge(best_v, best_i, *_block_top(s, lo, min(k, hi - lo)), k)
     assert best_v is not None and best_i is not None
     return best_v, best_i.clamp_max(n - 1)
 
@@ -387,11 +396,7 @@ def target_ranks(
             )
             band_rows.append(rows[r])
             band_values.append(sub[r, c])
-        v, i = _block_top(s, lo, min(k, hi - lo))
-        if best_v is None:
-            best_v, best_i = v, i
-        else:
-            best_v, best_i = _order(torch.cat([best_v, v], 1), torch.cat([best_i, i], 1), k)
+        best_v, best_i = _merge(best_v, best_i, *_block_top(s, lo, min(k, hi - lo)), k)
     assert best_v is not None and best_i is not None
     rows, values = torch.cat(band_rows), torch.cat(band_values)
     above.index_add_(0, rows, (values >= exact[rows]).long())

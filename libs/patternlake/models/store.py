@@ -63,19 +63,8 @@ def dumps(tensors: dict[str, np.ndarray | torch.Tensor], metadata: dict[str, Any
     return struct.pack("<Q", len(head)) + head + b"".join(chunks)
 
 
-def metadata(data: bytes) -> dict[str, Any]:
-    """The metadata of a model file, from its header alone (no tensor is read)."""
-    if len(data) < 8:
-        raise ValueError("not a model file (too short)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if 8 + n > len(data):
-        raise ValueError("not a model file (header runs past the end)")
-    header = json.loads(data[8 : 8 + n])
-    return {k: json.loads(v) for k, v in header.get("__metadata__", {}).items()}
-
-
-def loads(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """bytes -> (tensors as numpy arrays, metadata). Raises ValueError on a damaged file."""
+def _header(data: bytes) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(tensor entries, metadata, where the tensor bytes start) of a model file."""
     if len(data) < 8:
         raise ValueError("not a model file (too short)")
     (n,) = struct.unpack("<Q", data[:8])
@@ -83,7 +72,18 @@ def loads(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         raise ValueError("not a model file (header runs past the end)")
     header = json.loads(data[8 : 8 + n])
     meta = {k: json.loads(v) for k, v in header.pop("__metadata__", {}).items()}
-    body = memoryview(data)[8 + n :]
+    return header, meta, 8 + n
+
+
+def metadata(data: bytes) -> dict[str, Any]:
+    """The metadata of a model file, from its header alone (no tensor is read)."""
+    return _header(data)[1]
+
+
+def loads(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """bytes -> (tensors as numpy arrays, metadata). Raises ValueError on a damaged file."""
+    header, meta, start_of_body = _header(data)
+    body = memoryview(data)[start_of_body:]
     out = {}
     for name, h in header.items():
         start, end = h["data_offsets"]
