@@ -199,10 +199,13 @@ Ranker = DotRanker | EnsembleRanker | DenseRanker
 
 
 def ranker_for(model: Any) -> Ranker:
-    """The chunked view of a served model; a model of unknown kind is ranked densely."""
+    """The chunked view of a served model (a ranker as it is); a model of unknown kind is
+    ranked densely."""
     from patternlake.models.student import Int8Student, Student
     from patternlake.models.teacher import SequentialTeacher, TeacherEnsemble, TeacherScorer
 
+    if isinstance(model, DotRanker | EnsembleRanker | DenseRanker):
+        return model
     if isinstance(model, TeacherScorer):
         model = model.teacher
     if isinstance(model, SequentialTeacher):

@@ -66,10 +66,17 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D); ``allowed`` (B, 1, L, L) bool: query t may attend to key s."""
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """x (B, L, D); ``allowed`` (B, 1, L, L) bool: query t may attend to key s.
+        ``last_only``: the last position's output only, (B, 1, D) (its keys and values
+        still come from every position)."""
         h = self.ln1(x)
-        x = x + self.drop(self.attend(h, h, allowed))
+        q = h
+        if last_only:
+            x, q, allowed = x[:, -1:], h[:, -1:], allowed[:, :, -1:]
+        x = x + self.drop(self.attend(q, h, allowed))
         return x + self.drop(self.mlp(self.ln2(x)))
 
     def attend(
@@ -128,13 +135,26 @@ class SequentialTeacher(nn.Module):
 
     def encode(self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
         """(B, L) left-padded inputs -> (B, L, D) hidden states (position t sees <= t)."""
-        B, L = items.shape
+        return self._encode(items, types, gaps, last_only=False)
+
+    def encode_last(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor
+    ) -> torch.Tensor:
+        """``encode(...)[:, -1]`` for inference, with the last block computed for the last
+        position only: scoring, explanations and evaluation need no other position's
+        output."""
+        return self._encode(items, types, gaps, last_only=True)[:, 0]
+
+    def _encode(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, last_only: bool
+    ) -> torch.Tensor:
+        L = items.shape[1]
         pos = torch.arange(L, device=items.device).unsqueeze(0)  # (1, L)
         x = self.item_emb(items) + self.type_emb(types) + self.gap_emb(gaps) + self.pos_emb(pos)
         x = self.drop(x)
         allowed = self._allowed(items)
-        for block in self.blocks:
-            x = block(x, allowed)
+        for k, block in enumerate(self.blocks):
+            x = block(x, allowed, last_only=last_only and k == len(self.blocks) - 1)
         return self.ln(x)
 
     @staticmethod
@@ -146,25 +166,6 @@ class SequentialTeacher(nn.Module):
         causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=items.device))
         eye = torch.eye(L, dtype=torch.bool, device=items.device)
         return ((causal & (items != 0).unsqueeze(1)) | eye).unsqueeze(1)
-
-    def encode_last(
-        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor
-    ) -> torch.Tensor:
-        """``encode(...)[:, -1]`` for inference, with the last block computed for the last
-        position only (its keys and values still come from every position): scoring,
-        explanations and evaluation need no other position's output."""
-        B, L = items.shape
-        pos = torch.arange(L, device=items.device).unsqueeze(0)
-        x = self.item_emb(items) + self.type_emb(types) + self.gap_emb(gaps) + self.pos_emb(pos)
-        x = self.drop(x)
-        allowed = self._allowed(items)
-        for block in self.blocks[:-1]:
-            x = block(x, allowed)
-        last = self.blocks[-1]
-        h = last.ln1(x)
-        y = x[:, -1:] + last.drop(last.attend(h[:, -1:], h, allowed[:, :, -1:]))
-        y = y + last.drop(last.mlp(last.ln2(y)))
-        return self.ln(y)[:, 0]
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """(…, D) -> (…, N) scores over the whole catalogue (tied output), without the seen

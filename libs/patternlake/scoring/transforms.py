@@ -39,14 +39,6 @@ def windows(
     return torch.from_numpy(out)
 
 
-def as_ranker(model: Any) -> ranking.Ranker:
-    """A Ranker as is; a served model by its chunked view; any other callable
-    ((B, 3, L) -> (B, N) scores) densely."""
-    if isinstance(model, ranking.DotRanker | ranking.EnsembleRanker | ranking.DenseRanker):
-        return model
-    return ranking.ranker_for(model)
-
-
 def _one_position(x: torch.Tensor, p: int) -> torch.Tensor:
     mask = torch.zeros(x.shape[0], x.shape[2], dtype=torch.bool, device=x.device)
     mask[:, p] = True
@@ -68,7 +60,7 @@ def occlusion(
     Only the K items are scored (each deleted history's state against their vectors), and
     the deleted histories of every position and row go through the encoder together,
     ``batch`` at a time. ``base``: the items' scores on x when the caller has them."""
-    ranker = as_ranker(model)
+    ranker = ranking.ranker_for(model)
     B, _, L = x.shape
     K = items.shape[1]
     if base is None:
@@ -112,7 +104,7 @@ def deletion_curve(
     """Mean score of ``item`` (B,) after deleting the first 0..steps positions of ``order``
     ((B, E) positions from the end, 0 = most recent) from each history: a faithful
     explanation's curve falls faster than a random order's."""
-    ranker = as_ranker(model)
+    ranker = ranking.ranker_for(model)
     B, _, L = x.shape
     out = []
     for k in range(steps + 1):
