@@ -33,6 +33,7 @@ from patternlake.errors import PatternlakeError
 from patternlake.evaluation.transforms import (
     PerSegment,
     baseline_scorers,
+    model_report,
     model_reports,
     protocol,
     scorers,
@@ -122,15 +123,43 @@ def evaluate_models(
     ``routed``: models that score each user with their segment's model ({name: {segment:
     (model, bytes on disk)}}; users of a segment without one get the teacher's scores).
     Default (with the registered teacher): the newest fp32 and int8 student of every
-    segment (``student``, ``student_int8``) and each segment's champion (``champions``)."""
+    segment (``student``, ``student_int8``) and each segment's champion (``champions``).
+
+    ``evaluate.engine``: ``spark`` (default) ranks the users in Spark tasks and aggregates
+    in Spark (:mod:`patternlake.evaluation.distributed`); ``local`` runs the same scorers
+    over the whole table in this process (small data, notebooks)."""
     started = time.monotonic()
     if models is None:
         models, data_version, item_index_version = registered_teacher(
             config, data_version, item_index_version
         )
+    ev = config.evaluate
+    run = _evaluate_local if ev.engine == "local" else _evaluate_spark
+    out = run(spark, lake, config, models, data_version, item_index_version, routed)
+    log.info(
+        "evaluate (%s): %d users, %d models (%.1fs)",
+        ev.engine,
+        out["protocol"]["users"],
+        len(out["models"]),
+        time.monotonic() - started,
+    )
+    return out
+
+
+def _evaluate_local(
+    spark: SparkSession,
+    lake: Lake,
+    config: Config,
+    models: dict[str, torch.nn.Module],
+    data_version: int | None,
+    item_index_version: int | None,
+    routed: dict[str, PerSegment] | None,
+) -> dict[str, Any]:
+    """The protocol in this process: the whole evaluated table as arrays."""
     data = _test_split(lake, config, models, data_version, item_index_version)
-    groups = segment_groups(data.users, _segment_of(lake))
-    routed, champions = _routed_models(config, routed, models, groups)
+    segment_of = _segment_of(lake)
+    groups = segment_groups(data.users, segment_of)
+    routed, champions = _routed_models(config, routed, models, sorted(set(segment_of.values())))
     baselines = baseline_scorers(data.table, data.n_items, data.max_len, data.items)
     scored = scorers(baselines, models, routed, data.stacked, groups)
     ev = config.evaluate
@@ -138,20 +167,123 @@ def evaluate_models(
     reports = model_reports(
         scored, data.target, groups, data.n_items, ev.batch_size, history, routed
     )
+    return _report(
+        config,
+        len(data.users),
+        data.n_items,
+        data.version,
+        data.item_index_version,
+        reports,
+        champions,
+    )
+
+
+def _evaluate_spark(
+    spark: SparkSession,
+    lake: Lake,
+    config: Config,
+    models: dict[str, torch.nn.Module],
+    data_version: int | None,
+    item_index_version: int | None,
+    routed: dict[str, PerSegment] | None,
+) -> dict[str, Any]:
+    """The protocol as a Spark job: per-user ranks in tasks, metrics aggregated in Spark."""
+    from pyspark import StorageLevel
+
+    from patternlake.evaluation import distributed as job
+
+    ev = config.evaluate
+    if data_version is None:
+        version = lake.version("user_sequences")
+    else:
+        version = data_version
+        pinned_sequence_files(lake, version, "evaluate")  # a clear error when it is gone
+    if item_index_version is None:
+        item_index_version = lake.version("item_index")
+    n_items = item_id_count(lake, item_index_version)
+    max_len = max([config.teacher.max_len, *(window(m) for m in models.values())])
+    sequences = lake.read("user_sequences", version=version)
+    segments = (
+        lake.read("segments").select("user_id", "segment_id") if lake.exists("segments") else None
+    )
+    segment_ids = (
+        sorted(r[0] for r in segments.select("segment_id").distinct().collect())
+        if segments is not None
+        else []
+    )
+    routed, champions = _routed_models(config, routed, models, segment_ids)
+    popularity, markov = job.baseline_tables(sequences, ev.markov_successors)
+    counts = job.counts_vector(popularity, n_items)
+    inputs = job.test_inputs(sequences, segments, markov, max_len, ev.sample_users)
+    payload = {
+        "n_items": n_items,
+        "max_len": max_len,
+        "mask_history": ev.mask_history,
+        "counts": counts,
+        "models": models,
+        "routed": routed,
+    }
+    shared = spark.sparkContext.broadcast(job.pack(payload))
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(ev.batch_size))
+
+    def rank(batches):
+        yield from job.rank_batches(batches, job.unpack(shared.value))
+
+    results = inputs.mapInArrow(rank, job.RESULT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        measured = job.aggregate(results, n_items)
+    finally:
+        results.unpersist()
+        shared.unpersist()
+    if not measured:
+        raise PatternlakeError("evaluate: no user has the 3 events the protocol needs")
+    sizes = job.baseline_sizes(markov, n_items) | {
+        name: (params, nbytes)
+        for name, (_, params, nbytes) in scorers(
+            {},
+            models,
+            routed,
+            np.zeros((0, 3, max_len), dtype=np.int64),
+            np.zeros(0, dtype=np.int64),
+        ).items()
+    }
+    order = ["popularity", "markov", *(n for n, per in routed.items() if per), *models]
+    teacher = sizes.get("teacher") if "teacher" in models else None
+    reports = {}
+    for name in order:
+        overall, per = measured[name]
+        groups = np.array([int(g) for g in per], dtype=np.int64)
+        params, nbytes = sizes[name]
+        reports[name] = model_report(
+            overall, per, params, nbytes, groups, routed.get(name), teacher
+        )
+        _log_model(name, overall)
+    n_users = next(iter(measured.values()))[0]["users"]
+    return _report(config, n_users, n_items, version, item_index_version, reports, champions)
+
+
+def _log_model(name: str, overall: dict[str, float]) -> None:
+    log.info("evaluate %s: NDCG@10 %.4f HR@10 %.4f", name, overall["ndcg@10"], overall["hr@10"])
+
+
+def _report(
+    config: Config,
+    n_users: int,
+    n_items: int,
+    version: int,
+    item_index_version: int,
+    reports: dict[str, Any],
+    champions: dict[int, str],
+) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "protocol": protocol(ev.mask_history, len(data.users), data.n_items),
-        "data_version": data.version,
-        "item_index_version": data.item_index_version,
+        "protocol": protocol(config.evaluate.mask_history, n_users, n_items)
+        | ({"sample_users": config.evaluate.sample_users} if config.evaluate.sample_users else {}),
+        "data_version": version,
+        "item_index_version": item_index_version,
         "models": reports,
     }
     if champions:
         out["champions"] = {str(g): c for g, c in champions.items()}
-    log.info(
-        "evaluate: %d users, %d models (%.1fs)",
-        len(data.users),
-        len(scored),
-        time.monotonic() - started,
-    )
     return out
 
 
@@ -205,13 +337,13 @@ def _routed_models(
     config: Config,
     routed: dict[str, PerSegment] | None,
     models: dict[str, torch.nn.Module],
-    groups: np.ndarray,
+    segments: list[int],
 ) -> tuple[dict[str, PerSegment], dict[int, str]]:
     """``routed`` when given; else, with a teacher among ``models``, the registered
-    students of the evaluated users' segments and each segment's champion; else none."""
+    students of ``segments`` and each segment's champion; else none."""
     if routed is not None or "teacher" not in models:
         return routed or {}, {}
-    return segment_students(config, sorted(set(groups.tolist())), config.compress.runtime)
+    return segment_students(config, segments, config.compress.runtime)
 
 
 def _segment_of(lake: Lake) -> dict[str, int]:

@@ -3,6 +3,8 @@ chain (item -> next item transition counts), both fitted on the training parts o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -87,28 +89,46 @@ class MarkovChain:
         return int(self.transitions.nnz)
 
     def ranker(self) -> _BaselineRanker:
-        return _BaselineRanker(self.n_items, self._block, self._items)
+        """Ranks users by their inputs' last item (its row of transition counts)."""
+        share = self.pop.counts / max(1.0, self.pop.counts.sum())
 
-    def _items(self, items: np.ndarray, cand: np.ndarray) -> np.ndarray:
-        rows = self.transitions[items[:, -1]]
-        totals = np.asarray(rows.sum(axis=1))
-        picked = np.asarray(rows[np.arange(len(cand))[:, None], cand].todense())
-        probs = np.divide(picked, totals, out=np.zeros(picked.shape), where=totals > 0)
-        return probs + self.backoff * self.pop.counts[cand] / max(1.0, self.pop.counts.sum())
+        def rows(items: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+            r = self.transitions[np.asarray(items)[:, -1]]
+            return r, np.asarray(r.sum(axis=1))
 
-    def _block(self, items: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        """Columns lo..hi of :meth:`scores`: the rows' sparse transitions sliced, never the
-        whole catalogue."""
-        rows = self.transitions[items[:, -1]]
-        totals = np.asarray(rows.sum(axis=1))
-        block = rows[:, lo:hi].toarray()
-        probs = np.divide(block, totals, out=np.zeros_like(block), where=totals > 0)
-        pop = self.pop.counts[lo:hi] / max(1.0, self.pop.counts.sum())
-        return probs + self.backoff * pop[None, :]
+        return markov_ranker(self.n_items, rows, share, self.backoff)
 
     def nbytes(self) -> int:
         t = self.transitions
         return int(t.data.nbytes + t.indices.nbytes + t.indptr.nbytes + self.pop.nbytes())
+
+
+def markov_ranker(
+    n_items: int,
+    rows: Callable[[np.ndarray], tuple[sp.csr_matrix, np.ndarray]],
+    pop_share: np.ndarray,
+    backoff: float = 1e-3,
+) -> _BaselineRanker:
+    """The Markov chain as a ranker: ``rows(state)`` gives the users' transition counts
+    (a sparse (n, N) matrix, one row per user: the successors of their last item) and each
+    row's total (n, 1), so the rows may come from the whole fitted matrix
+    (:meth:`MarkovChain.ranker`) or from each user's successor list joined in Spark (the
+    evaluation job, where a row may be cut to its most frequent successors but keeps its
+    total). Score: P(next | last) + ``backoff`` x the item's popularity share."""
+
+    def block(state: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        r, totals = rows(state)
+        dense = r[:, lo:hi].toarray()
+        probs = np.divide(dense, totals, out=np.zeros_like(dense), where=totals > 0)
+        return probs + backoff * pop_share[None, lo:hi]
+
+    def pick(state: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        r, totals = rows(state)
+        picked = np.asarray(r[np.arange(len(cand))[:, None], cand].todense())
+        probs = np.divide(picked, totals, out=np.zeros(picked.shape), where=totals > 0)
+        return probs + backoff * pop_share[cand]
+
+    return _BaselineRanker(n_items, block, pick)
 
 
 class _BaselineRanker:

@@ -70,24 +70,40 @@ class RankingAccumulator:
         return overall, per
 
 
+PER_USER = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@10")  # per-user values, averaged
+
+
 def _metrics(ranks: np.ndarray, top10: np.ndarray, n_items: int) -> dict[str, float]:
-    out: dict[str, float] = {"users": int(len(ranks))}
-    if len(ranks) == 0:
-        bounds = {f"{m}_ci95_{e}": 0.0 for m in METRICS[:-1] for e in ("low", "high")}
-        return out | {m: 0.0 for m in METRICS} | bounds
     per_user: dict[str, np.ndarray] = {}
     for k in (10, 20):
         hit = ranks < k
         per_user[f"hr@{k}"] = hit.astype(np.float64)
         per_user[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(ranks + 2), 0.0)
     per_user["mrr@10"] = np.where(ranks < 10, 1.0 / (ranks + 1), 0.0)
-    for name, values in per_user.items():
-        out[name] = float(values.mean())
-    out["coverage@10"] = float(len(np.unique(top10[top10 > 0])) / max(1, n_items - 1))
+    n = len(ranks)
+    means = {m: float(v.mean()) if n else 0.0 for m, v in per_user.items()}
+    sds = {m: float(v.std(ddof=1)) if n > 1 else 0.0 for m, v in per_user.items()}
+    covered = len(np.unique(top10[top10 > 0]))
+    return summary_metrics(n, means, sds, covered, n_items)
+
+
+def summary_metrics(
+    n: int, means: dict[str, float], sds: dict[str, float], covered: int, n_items: int
+) -> dict[str, float]:
+    """The report of ``n`` users from each per-user metric's mean and sample standard
+    deviation (``PER_USER``) and the number of distinct items in their top 10s: what a
+    Spark aggregation returns, and what :func:`_metrics` computes in one process."""
+    out: dict[str, float] = {"users": int(n)}
+    if n == 0:
+        bounds = {f"{m}_ci95_{e}": 0.0 for m in METRICS[:-1] for e in ("low", "high")}
+        return out | {m: 0.0 for m in METRICS} | bounds
+    for name in PER_USER:
+        out[name] = float(means[name])
+    out["coverage@10"] = float(covered / max(1, n_items - 1))
     # 95% confidence interval of each per-user mean (normal approximation, clipped to
     # [0, 1]: with a few hundred users one user's hit moves NDCG@10 by ~0.5%)
-    for name, values in per_user.items():
-        half = 1.96 * float(values.std(ddof=1)) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+    for name in PER_USER:
+        half = 1.96 * float(sds[name] or 0.0) / np.sqrt(n) if n > 1 else 0.0
         out[f"{name}_ci95_low"] = max(0.0, out[name] - half)
         out[f"{name}_ci95_high"] = min(1.0, out[name] + half)
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
