@@ -1,6 +1,7 @@
 """The model stages' work at catalogue scale: 20,000 vs 1,000,000 items, side by side.
 
     .venv/bin/python bench/scale.py [--items 20000,1000000] [--users 4096] [--dense]
+                                    [--index faiss] [--stages score,evaluate,train]
 
 What one Spark task of each model stage does, in-process on this machine, with the
 teacher's default shape (conf/base.yaml ``teacher``) and random weights (speed and memory
@@ -24,6 +25,14 @@ catalogue products) over this machine's GEMM rate (2 threads, a square fp32 prod
 the share of it reached. Then each ratio 1M / 20k. ``--dense`` adds the dense path that
 scoring used before (a (users x catalogue) score matrix per batch and every explanation
 pass over the whole catalogue), capped at 8 GB of address space, to show where it breaks.
+
+``--index faiss`` adds the score stage with ``score.index: faiss`` (``models.ann``: IVF-Flat,
+conf's default lists and nprobe) and prints, per catalogue, the index's build time, the
+top-10 kernel alone (encoded users, exact chunks vs the index's rescored candidates) in
+users/s, and recall@10 against exact top-10: for the random weights every other line uses
+(item vectors with no clusters: the index's worst case) and for the same teacher with its
+item table grouped into sqrt(N) topics (a centroid each plus noise as large as their
+spread), the way trained item vectors cluster.
 
 Not covered here: the Spark jobs around these functions (``run daily``, the Horovod
 launch, the Delta writes) at 1M items; ``bench/featurize.py`` measures the data path.
@@ -89,9 +98,10 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def stage_score(n_items: int, n_users: int, dense: bool) -> dict:
+def stage_score(n_items: int, n_users: int, dense: bool, index: str = "exact") -> dict:
     import pandas as pd
 
+    from patternlake.config import load_config
     from patternlake.models.teacher import teacher_bytes
     from patternlake.scoring.score import score_batches
 
@@ -102,8 +112,10 @@ def stage_score(n_items: int, n_users: int, dense: bool) -> dict:
         "runtime": "dequant", "max_len": L, "data_version": 0,
     }  # fmt: skip
     rules = {(0, int(i)): [((int(i) + 1,), {"kind": "sequential"})] for i in range(1, 200)}
+    conf = load_config(environ={}, conf_dir=ROOT / "conf").score  # base.yaml's defaults
     settings = dict(top_k=K, min_history=1, exclude_seen=False, explain_events=EXPLAIN,
-                    explain_top=3, pattern_window=20)  # fmt: skip
+                    explain_top=3, pattern_window=20, index=index,
+                    faiss_nlist=conf.faiss_nlist, faiss_nprobe=conf.faiss_nprobe)  # fmt: skip
     frames = [
         pd.DataFrame(
             {
@@ -121,12 +133,73 @@ def stage_score(n_items: int, n_users: int, dense: bool) -> dict:
     ]
     if dense:
         return _dense_score(n_items, n_users, seqs)
+    out: dict = {}
+    scanned = n_items
+    if index == "faiss":  # the worker builds its index before the first batch is timed
+        out = _faiss_index(payload, settings, seqs)
+        scanned = out["scanned"]
     t = time.perf_counter()
     rows = sum(len(f) for f in score_batches(iter(frames), "d", payload, {}, rules, settings))
     sec = time.perf_counter() - t
     assert rows == n_users * K
-    flops = (1 + EXPLAIN) * encoder_flops() + 2 * D * n_items + EXPLAIN * 2 * D * K
-    return {"seconds": sec, "rate": n_users / sec, "flops_per_unit": flops}
+    flops = (1 + EXPLAIN) * encoder_flops() + 2 * D * scanned + EXPLAIN * 2 * D * K
+    return out | {"seconds": sec, "rate": n_users / sec, "flops_per_unit": flops}
+
+
+def _top10_kernel(ranker, index, x: torch.Tensor) -> dict:
+    """Exact and index top-10 of encoded users, BATCH at a time: users/s of each, recall@10."""
+    from patternlake.models import ann, ranking
+
+    exact_s = approx_s = 0.0
+    hits = 0
+    with torch.no_grad():
+        for lo in range(0, len(x), BATCH):
+            state = ranker.encode(x[lo : lo + BATCH])
+            t = time.perf_counter()
+            _, want = ranking.top_k(ranker, state, K)
+            exact_s += time.perf_counter() - t
+            t = time.perf_counter()
+            _, got = ann.approx_top_k(index, ranker, state, K)
+            approx_s += time.perf_counter() - t
+            hits += sum(
+                len(set(a) & set(b)) for a, b in zip(got.tolist(), want.tolist(), strict=True)
+            )
+    return {"exact_rate": len(x) / exact_s, "faiss_rate": len(x) / approx_s,
+            "recall": hits / (K * len(x))}  # fmt: skip
+
+
+def _faiss_index(payload: dict, settings: dict, seqs: np.ndarray) -> dict:
+    """Build the served teacher's index as the worker does (timed), then the top-10 kernel
+    and recall@10 on the random weights and on the item table grouped into topics."""
+    from patternlake.models import ann
+    from patternlake.scoring import score
+
+    m = score.worker_models("d", payload)[score.NO_SEGMENT]
+    t = time.perf_counter()
+    index = score.item_index(m, settings)
+    out = {"build_s": time.perf_counter() - t, "nlist": index.nlist, "nprobe": index.nprobe}
+    out["scanned"] = index.nprobe * index.n_items / index.nlist + index.nlist
+    x = torch.zeros((len(seqs), 3, L), dtype=torch.int64)
+    x[:, 0] = torch.from_numpy(seqs)
+    x[:, 1] = 1
+    out["random"] = _top10_kernel(m.ranker, index, x)
+    table = m.ranker.table  # a copy of the teacher, its items grouped into sqrt(N) topics
+    n = table.shape[0]
+    g = torch.Generator().manual_seed(0)
+    topics = max(1, round(n**0.5))
+    centroids = torch.randn(topics, table.shape[1], generator=g)
+    grouped = centroids[torch.randint(0, topics, (n,), generator=g)]
+    grouped = 0.02 * (grouped + torch.randn(grouped.shape, generator=g))  # the init's scale
+    saved = table.detach().clone()
+    with torch.no_grad():
+        table.copy_(grouped)
+        table[0].zero_()
+        t = time.perf_counter()
+        topic_index = ann.ItemIndex(m.ranker, index.nlist, index.nprobe)
+        out["topics"] = {"n": topics, "build_s": time.perf_counter() - t}
+        out["topics"] |= _top10_kernel(m.ranker, topic_index, x)
+        table.copy_(saved)  # the timed run scores the random weights, as the exact line does
+    return out
 
 
 def _dense_score(n_items: int, n_users: int, seqs: np.ndarray) -> dict:
@@ -212,26 +285,45 @@ def stage_train(n_items: int, n_users: int, dense: bool, sampled: int = 1024) ->
 STAGES = {"score": stage_score, "evaluate": stage_evaluate, "train": stage_train}
 
 
-def child(stage: str, n_items: int, n_users: int, dense: bool, cap_gb: float) -> None:
+def child(stage: str, n_items: int, n_users: int, dense: bool, cap_gb: float, index: str) -> None:
     if cap_gb:
         limit = int(cap_gb * (1 << 30))
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
-        out = STAGES[stage](n_items, n_users, dense)
+        extra = {"index": index} if index != "exact" else {}
+        out = STAGES[stage](n_items, n_users, dense, **extra)
         out["rss_mb"] = _rss_mb()
     except (MemoryError, RuntimeError) as e:
         out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}", "rss_mb": _rss_mb()}
     print("RESULT " + json.dumps(out))
 
 
-def run_child(stage: str, n_items: int, n_users: int, dense: bool, cap_gb: float) -> dict:
+def run_child(
+    stage: str, n_items: int, n_users: int, dense: bool, cap_gb: float, index: str = "exact"
+) -> dict:
     cmd = [sys.executable, __file__, "--child", stage, "--items", str(n_items), "--users",
-           str(n_users), "--cap-gb", str(cap_gb)] + (["--dense"] if dense else [])  # fmt: skip
+           str(n_users), "--cap-gb", str(cap_gb), "--index", index]  # fmt: skip
+    cmd += ["--dense"] if dense else []
     run = subprocess.run(cmd, capture_output=True, text=True)
     for line in run.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     return {"error": f"exit {run.returncode}: {run.stderr.strip().splitlines()[-1:]}", "rss_mb": 0}
+
+
+def _faiss_lines(r: dict) -> str:
+    def kernel(k: dict) -> str:
+        return (f"top-10 alone {k['exact_rate']:,.0f} users/s exact, {k['faiss_rate']:,.0f} "
+                f"faiss; recall@10 vs exact {k['recall']:.3f}")  # fmt: skip
+
+    topics = r["topics"]
+    return (
+        f"{'':19s}index: IVF-Flat, {r['nlist']:,d} lists, nprobe {r['nprobe']}, built in "
+        f"{r['build_s']:.1f} s (outside the time above)\n"
+        f"{'':19s}random weights:     {kernel(r['random'])}\n"
+        f"{'':19s}items in {topics['n']:,d} topics: {kernel(topics)} "
+        f"(index built in {topics['build_s']:.1f} s)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,27 +333,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default="score,evaluate,train")
     p.add_argument("--dense", action="store_true", help="also the dense paths, capped")
     p.add_argument("--cap-gb", type=float, default=0.0)
+    p.add_argument("--index", choices=["exact", "faiss"], default="exact",
+                   help="faiss: also score through the approximate item index")  # fmt: skip
     p.add_argument("--child", default="")
     a = p.parse_args(argv)
     sizes = [int(x) for x in a.items.split(",")]
     if a.child:
-        child(a.child, sizes[0], a.users, a.dense, a.cap_gb)
+        child(a.child, sizes[0], a.users, a.dense, a.cap_gb, a.index)
         return 0
     gemm = gemm_rate()
     print(f"GEMM rate (2048^2 fp32, 2 threads): {gemm:.1f} GFLOP/s; one thread ~ half of it")
     print(f"teacher: max_len {L}, d_model {D}, {LAYERS} layers; {a.users} users; top-{K}, "
           f"{EXPLAIN} events explained\n")  # fmt: skip
     results: dict[tuple[str, str, int], dict] = {}
-    variants = [("chunked", False, 0.0)] + ([("dense", True, 8.0)] if a.dense else [])
+    variants = [("chunked", False, 0.0, "exact")]
+    variants += [("dense", True, 8.0, "exact")] if a.dense else []
+    variants += [("faiss", False, 0.0, "faiss")] if a.index == "faiss" else []
     for stage in a.stages.split(","):
-        for name, dense, cap in variants:
-            if stage == "evaluate" and dense:
+        for name, dense, cap, index in variants:
+            if (stage == "evaluate" and dense) or (stage != "score" and index != "exact"):
                 continue
             for n in sizes:
                 if stage == "train" and dense and n * 128 * L * 4 * 3 > 4 << 30:
                     results[(stage, name, n)] = {"error": "full-softmax logits > 4 GB: not run"}
                     continue
-                results[(stage, name, n)] = r = run_child(stage, n, a.users, dense, cap)
+                results[(stage, name, n)] = r = run_child(stage, n, a.users, dense, cap, index)
                 unit = "targets/s" if stage == "train" else "users/s"
                 if "error" in r:
                     print(f"{stage:9s} {name:8s} {n:>9,d} items: FAILED {r['error']} "
@@ -274,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['rate']:9.1f} {unit}  peak RSS {r['rss_mb']:6.0f} MB  "
                     f"roofline {roof:9.1f} {unit} ({r['rate'] / roof:.0%} of it)"
                 )
+                if "build_s" in r:
+                    print(_faiss_lines(r))
     print("\nratios (largest / smallest catalogue):")
     lo, hi = min(sizes), max(sizes)
     for (stage, name, n), r in results.items():

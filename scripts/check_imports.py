@@ -6,7 +6,7 @@ import sys
 MODULES = [
     "torch", "pyspark", "deltalake", "delta", "great_expectations", "mlflow", "optuna", "onnx",
     "onnxruntime", "captum", "pyarrow", "pandas", "numpy", "pydantic", "yaml", "tqdm",
-    "horovod.torch", "horovod.spark", "patternlake",
+    "horovod.torch", "horovod.spark", "faiss", "patternlake",
 ]
 
 failed = []

@@ -319,6 +319,9 @@ class ScoreConfig(_Strict):
     explain_events: int = Field(ge=0)  # most recent events occlusion looks at (0: none)
     explain_top: int = Field(gt=0)  # events kept per recommended item
     pattern_window: int = Field(gt=0)  # recent events a rule's antecedent must occur in
+    index: Literal["exact", "faiss"]  # faiss: approximate top-K (the ann extra)
+    faiss_nlist: int = Field(ge=0)  # IVF lists (0: 4 sqrt(items))
+    faiss_nprobe: int = Field(gt=0)  # lists searched per user
 
 
 class EvaluateConfig(_Strict):

@@ -8,6 +8,8 @@ chosen items only. On top of it:
 
 * :func:`top_k` -- exact top-K over item chunks, merging a running top-K; ties are broken
   by the lower item id, the same rule as :func:`dense_top_k`, so the two agree exactly;
+* :func:`candidate_top_k` -- the same rule over chosen candidates per user (what an
+  approximate item index's candidates are reranked by, ``models.ann``);
 * :func:`target_ranks` -- the evaluation protocol's rank of a held-out target (items
   scored at or above it, ties against the target) and each user's top 10, counted over
   chunks;
@@ -335,6 +337,26 @@ def top_k(
         best_v, best_i = _merge(best_v, best_i, *_block_top(s, lo, min(k, hi - lo)), k)
     assert best_v is not None and best_i is not None
     return best_v, best_i.clamp_max(n - 1)
+
+
+def candidate_top_k(
+    ranker: Ranker,
+    state: Any,
+    cand: torch.Tensor,
+    k: int,
+    exclude: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) of each row's k best items among its candidates ``cand`` ((B, C) item
+    ids, C >= k; repeats count once, 0 is padding), scored by ``ranker.items`` (seen term and
+    masks included), ties to the lower id as in :func:`top_k`; ``exclude`` as there. What an
+    approximate index's candidates are reranked by (``models.ann``)."""
+    s = _finite(ranker.items(state, cand))
+    cand, order = cand.sort(dim=1)
+    s = s.gather(1, order)
+    s[:, 1:].masked_fill_(cand[:, 1:] == cand[:, :-1], NEG)  # a repeat: its first copy stays
+    if exclude is not None:
+        s.masked_fill_(_seen_items(exclude, cand), NEG)
+    return _order(s, cand, k)
 
 
 def dense_top_k(

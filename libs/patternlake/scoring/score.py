@@ -9,9 +9,12 @@
   (``spark.sql.execution.arrow.maxRecordsPerBatch`` is set to it); per segment, one encoder
   pass per user and an exact top-K over item chunks (``models.ranking``: no (users x
   catalogue) matrix beyond one chunk of ~64 MB, whatever the catalogue); ``score.exclude_seen``
-  drops past items. Users with fewer than ``score.min_history`` known events get their
-  segment's most popular items, flagged ``fallback``; so do the last ranks of a user whose
-  student's segment catalogue has fewer than K items left to offer.
+  drops past items. With ``score.index: faiss`` a dot-product model's top-K comes from an
+  approximate item index instead (``models.ann``: IVF-Flat candidates rescored exactly),
+  built once per Python worker and model on its first batch. Users with fewer than
+  ``score.min_history`` known events get their segment's most popular items, flagged
+  ``fallback``; so do the last ranks of a user whose student's segment catalogue has fewer
+  than K items left to offer.
 * **explanation**: leave-one-out occlusion over the ``score.explain_events`` most recent
   events: each event's weight is the drop of the item's score when that event is deleted
   (the history shifted as if it never happened), normalised over the positive drops; the
@@ -48,7 +51,7 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
-from patternlake.models import ranking
+from patternlake.models import ann, ranking
 from patternlake.scoring.transforms import (
     PATTERN_FIELDS,
     Rule,
@@ -89,6 +92,8 @@ class Served:
     version: str
     max_len: int
     n_items: int
+    index: ann.ItemIndex | None = None  # score.index: faiss, built on the first batch
+    index_key: tuple[int, int] | None = None  # the (nlist, nprobe) it was built with
 
 
 _WORKER_MODELS: dict[str, dict[int, Served]] = {}
@@ -116,6 +121,40 @@ def worker_models(digest: str, payload: dict[str, Any]) -> dict[int, Served]:
         _WORKER_MODELS.clear()
         _WORKER_MODELS[digest] = _build_models(payload)
     return _WORKER_MODELS[digest]
+
+
+def item_index(m: Served, s: dict[str, Any]) -> ann.ItemIndex | None:
+    """The model's approximate item index (built on first use, rebuilt when its settings
+    change), or None where the model is not a dot product: exact top-K."""
+    if not ann.supports(m.ranker):
+        if m.index_key != (0, 0):
+            log.info("score: %s is not a dot-product model: exact top-K, not faiss", m.name)
+            m.index_key = (0, 0)
+        return None
+    key = (s["faiss_nlist"], s["faiss_nprobe"])
+    if m.index is None or m.index_key != key:
+        started = time.monotonic()
+        m.index, m.index_key = ann.ItemIndex(m.ranker, *key), key
+        log.info(
+            "score: %s: faiss IVF-Flat over %d items, %d lists, nprobe %d (%.1fs)",
+            m.name,
+            m.index.n_items,
+            m.index.nlist,
+            m.index.nprobe,
+            time.monotonic() - started,
+        )
+    return m.index
+
+
+def model_top_k(
+    m: Served, state: Any, k: int, exclude: torch.Tensor | None, s: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-K over item chunks, or with ``score.index: faiss`` (settings without the
+    key: exact) the item index's rescored candidates."""
+    index = item_index(m, s) if s.get("index", "exact") == "faiss" else None
+    if index is None:
+        return ranking.top_k(m.ranker, state, k, exclude)
+    return ann.approx_top_k(index, m.ranker, state, k, exclude)
 
 
 def _popular(
@@ -193,7 +232,7 @@ def score_batches(
                 with torch.no_grad():
                     state = m.ranker.encode(xs)
                     exclude = xs[:, 0] if s["exclude_seen"] else None
-                    values, ids = ranking.top_k(m.ranker, state, K, exclude)
+                    values, ids = model_top_k(m, state, K, exclude, s)
                     explained = None
                     if s["explain_events"] > 0:
                         base = m.ranker.items(state, ids)
@@ -348,6 +387,8 @@ def score_users(
                 f"score: {table} does not exist yet; run `patternlake run daily` first"
             )
     s = config.score.model_dump()
+    if s["index"] == "faiss":
+        ann.faiss_module()  # missing: fail here, not in every task
     scored_at = datetime.now(UTC)
     run_id = run_id or scored_at.strftime("%Y%m%dT%H%M%SZ")
     segments = lake.read("segments").select("user_id", "segment_id")
