@@ -327,9 +327,9 @@ class ScoreConfig(_Strict):
 class EvaluateConfig(_Strict):
     mask_history: bool
     batch_size: int = Field(gt=0)
-    engine: Literal["spark", "local"] = "spark"
-    sample_users: int = Field(default=0, ge=0)  # 0: every evaluable user
-    markov_successors: int = Field(default=1000, gt=0)
+    engine: Literal["spark", "local"]
+    sample_users: int = Field(ge=0)  # 0: every evaluable user
+    markov_successors: int = Field(gt=0)
 
 
 class MonitorConfig(_Strict):
