@@ -34,8 +34,9 @@ users/s, and recall@10 against exact top-10: for the random weights every other 
 item table grouped into sqrt(N) topics (a centroid each plus noise as large as their
 spread), the way trained item vectors cluster.
 
-Not covered here: the Spark jobs around these functions (``run daily``, the Horovod
-launch, the Delta writes) at 1M items; ``bench/featurize.py`` measures the data path.
+``--pipeline`` runs the CLI stages instead (``bench/scale_pipeline.py``: ``run daily``,
+``train``, ``distill``, ``compress``, ``evaluate``, ``score`` on generated data at both
+catalogue sizes, with the Spark jobs, the training launch and the Delta writes).
 """
 
 from __future__ import annotations
@@ -327,6 +328,12 @@ def _faiss_lines(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--pipeline" in argv:  # the CLI stages end to end: bench/scale_pipeline.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from scale_pipeline import main as pipeline
+
+        return pipeline([a for a in argv if a != "--pipeline"])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--items", default="20000,1000000")
     p.add_argument("--users", type=int, default=4096)
