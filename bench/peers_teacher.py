@@ -67,7 +67,7 @@ def run_teacher(
     from patternlake.models.fit import train_worker
     from patternlake.models.metrics import evaluate_scorer
     from patternlake.models.teacher import TeacherConfig
-    from patternlake.models.train_spec import TrainSpec
+    from patternlake.models.train_spec import TrainSpec, on_one_process
     from patternlake.sequence_reader import evaluation_arrays
     from patternlake.training.train import train_members
 
@@ -86,15 +86,20 @@ def run_teacher(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "part-0.parquet"
         pq.write_table(sequences_table(split), path)
-        spec = TrainSpec.from_config(
-            conf.train,
-            files=[str(path)],
-            data_version=0,
-            model=model.to_dict(),
-            backend="single",
-            valid_users=0,
-            threads=ctx.threads,
-            checkpoint_dir=str(Path(tmp) / "checkpoints"),
+        # one process trains what the default train.num_proc processes train: their global
+        # batch at their scaled learning rate
+        spec = on_one_process(
+            TrainSpec.from_config(
+                conf.train,
+                files=[str(path)],
+                data_version=0,
+                model=model.to_dict(),
+                backend="single",
+                valid_users=0,
+                threads=ctx.threads,
+                checkpoint_dir=str(Path(tmp) / "checkpoints"),
+            ),
+            conf.train.num_proc,
         )
         members = int(overrides.pop("members", conf.train.members))
         for k, v in overrides.items():

@@ -10,7 +10,8 @@ The lake (generated data with planted chains: conf's ``generate`` section, or pu
 MovieLens-100k) is built once in ``--work`` (ingest -> validate -> featurize -> segment ->
 mine, as bench/compress.py does); every variant then trains the teacher single-process on
 the same pinned ``user_sequences`` version with conf's settings plus the variant's
-``--set``-style overrides, early stopping on validation targets only (best epoch kept; with
+``--set``-style overrides (one process training what ``train.num_proc`` processes would:
+their global batch at their scaled learning rate, ``train_spec.on_one_process``), early stopping on validation targets only (best epoch kept; with
 ``train.members`` > 1 an ensemble), and is scored on the test targets: full ranking,
 nothing masked, patternlake's rank rule. Only validation should pick a variant; the test
 column is for reporting. Results: bench/results/teacher-variants-<data>.json.
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from patternlake.models.fit import train_worker
-    from patternlake.models.train_spec import build_spec
+    from patternlake.models.train_spec import build_spec, on_one_process
     from patternlake.sequence_reader import read_table
     from patternlake.training.train import train_members
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             extra = [*overrides, *([f"train.seed={seed}"] if seed is not None else [])]
             conf = work_config(work, extra)
-            spec = build_spec(lake, conf, "single")
+            spec = on_one_process(build_spec(lake, conf, "single"), conf.train.num_proc)
             spec.threads = args.threads
             # every variant from scratch in its own folder: nothing resumed from another
             spec.checkpoint_dir = str(work / "checkpoints" / f"{name}-{spec.seed}-{time.time_ns()}")

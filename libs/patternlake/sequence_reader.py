@@ -4,8 +4,10 @@ The lake layer gives the Parquet files of one table version; every worker reads 
 shard, as Arrow record batches, straight from those files:
 
 * the rows are cut into pieces (file, row group, offset, length) from the footers, and the
-  training examples of each piece are counted once (from two columns: ``item_seq``'s list
-  lengths and ``valid_item``'s validity), so every rank knows every piece's size;
+  training examples of each piece are counted once per training run, by one process (from
+  two columns: ``item_seq``'s list lengths and ``valid_item``'s validity;
+  ``example_counts``), and handed to every rank (``ExampleCounts``), so every rank knows
+  every piece's size without reading the table to plan;
 * each epoch the pieces are shuffled with ``seed + epoch`` (the same order on every rank),
   which lines all N examples up in one stream; rank r takes the ``ceil(N / world)``
   examples from position ``r * ceil(N / world)`` on, wrapping around to the start of the
@@ -250,7 +252,10 @@ def read_table(files: list[str], columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
-def plan_pieces(files: list[str], chunk_rows: int = 1024) -> list[Piece]:
+CHUNK_ROWS = 1024  # rows per piece of the sharding plan
+
+
+def plan_pieces(files: list[str], chunk_rows: int = CHUNK_ROWS) -> list[Piece]:
     pieces = []
     for path in sorted(files):
         meta = pq.ParquetFile(path).metadata
@@ -261,9 +266,45 @@ def plan_pieces(files: list[str], chunk_rows: int = 1024) -> list[Piece]:
     return pieces
 
 
+@dataclass(frozen=True)
+class ExampleCounts:
+    """The training examples of every piece of a table version's sharding plan
+    (``plan_pieces(files, chunk_rows)``, in its order) for one window (``max_len``,
+    ``stride``): counted once and handed to every rank, which then plans from the footers
+    alone. Plain values (``asdict`` / ``ExampleCounts(**d)``), so it travels in a spec."""
+
+    max_len: int
+    stride: int  # normalised: window_stride(max_len, stride)
+    chunk_rows: int
+    counts: list[int]
+
+    def fits(self, max_len: int, stride: int | None, chunk_rows: int = CHUNK_ROWS) -> bool:
+        """Whether these are the counts of that window and piece size."""
+        return (self.max_len, self.stride, self.chunk_rows) == (
+            max_len,
+            window_stride(max_len, stride),
+            chunk_rows,
+        )
+
+
+def example_counts(
+    files: list[str], max_len: int, stride: int | None = None, chunk_rows: int = CHUNK_ROWS
+) -> ExampleCounts:
+    """Counts the training examples of every piece of ``files`` (``count_examples``: the
+    ``item_seq`` and ``valid_item`` columns, one row group at a time). Training calls it
+    once per run (on the driver in ``train_spec.build_spec``, else on rank 0) and gives the
+    result to every rank's ``ShardedSequences``."""
+    step = window_stride(max_len, stride)
+    counts = count_examples(plan_pieces(files, chunk_rows), max_len, step)
+    return ExampleCounts(max_len, step, chunk_rows, counts)
+
+
 class ShardedSequences:
     """Per-rank iterator of training batches over a pinned table version: every rank yields
-    exactly ``batches_per_epoch()`` batches every epoch (see the module's docstring)."""
+    exactly ``batches_per_epoch()`` batches of ``batch_size`` examples (the last one may be
+    short) every epoch (see the module's docstring). ``counts``: the plan's example counts
+    (``example_counts``), the same object on every rank; without them this process counts
+    (tests, one-process tools)."""
 
     def __init__(
         self,
@@ -273,13 +314,22 @@ class ShardedSequences:
         max_len: int,
         batch_size: int,
         seed: int,
-        chunk_rows: int = 1024,
+        chunk_rows: int = CHUNK_ROWS,
         buffer_rows: int = 8192,
         stride: int | None = None,
+        counts: ExampleCounts | None = None,
     ):
         pieces = plan_pieces(files, chunk_rows)
         self.stride = window_stride(max_len, stride)
-        counts = count_examples(pieces, max_len, self.stride)
+        plan = counts or example_counts(files, max_len, self.stride, chunk_rows)
+        if not plan.fits(max_len, self.stride, chunk_rows) or len(plan.counts) != len(pieces):
+            raise ValueError(
+                f"example counts of {len(plan.counts)} pieces (max_len {plan.max_len}, "
+                f"stride {plan.stride}, {plan.chunk_rows} rows) do not fit a plan of "
+                f"{len(pieces)} pieces (max_len {max_len}, stride {self.stride}, "
+                f"{chunk_rows} rows)"
+            )
+        counts = plan.counts
         # pieces without a training example take no part in the stream
         self.pieces = [p for p, n in zip(pieces, counts, strict=True) if n > 0]
         self.counts = np.array([n for n in counts if n > 0], dtype=np.int64)

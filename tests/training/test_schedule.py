@@ -1,5 +1,6 @@
-"""The training schedule: warm-up then cosine decay in optimizer steps, no linear scaling of
-the learning rate by default, and the best validation epoch is what training hands back."""
+"""The training schedule: warm-up then cosine decay in optimizer steps, the learning rate
+scaled by sqrt(processes) by default, and the best validation epoch is what training hands
+back."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import pytest
 import torch
 
 from patternlake.models.fit import (
-    lr_scale,
     lr_schedule,
     train_worker,
     validate_ndcg,
     validation_set,
 )
+from patternlake.models.train_spec import TrainSpec, lr_scale, on_one_process
 from patternlake.training.train import load_best
 from tests.training import handmade
 from tests.training.test_distributed import spec_for
@@ -32,10 +33,22 @@ def test_warm_up_then_cosine_decay_to_the_floor():
     assert constant(9) == 1.0 and constant(100) == 1.0
 
 
-def test_the_learning_rate_is_not_scaled_by_workers_unless_asked():
+def test_the_learning_rate_scales_with_the_processes_as_asked():
     assert lr_scale("none", 4) == 1.0
     assert lr_scale("sqrt", 4) == 2.0
     assert lr_scale("linear", 4) == 4.0
+
+
+def test_the_default_two_processes_train_at_lr_0_001_over_128_windows(config):
+    t = config.train
+    assert (t.num_proc, t.lr_scaling) == (2, "sqrt")
+    assert t.num_proc * t.batch_size == 128  # the global batch
+    assert t.lr * lr_scale(t.lr_scaling, t.num_proc) == pytest.approx(1e-3, rel=1e-5)
+    # one process trains that run (benchmarks) at its global batch and learning rate
+    one = on_one_process(
+        TrainSpec.from_config(t, files=[], data_version=0, model={}, backend="horovod"), 2
+    )
+    assert (one.backend, one.batch_size, one.lr) == ("single", 128, pytest.approx(1e-3, rel=1e-5))
 
 
 @pytest.mark.slow

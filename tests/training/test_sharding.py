@@ -7,6 +7,7 @@ import pytest
 from patternlake.errors import PatternlakeError
 from patternlake.sequence_reader import (
     ShardedSequences,
+    example_counts,
     read_table,
     training_arrays,
     training_example_counts,
@@ -80,3 +81,14 @@ def test_fewer_examples_than_workers_still_gives_every_rank_a_step(tmp_path):
     for r in ranks:
         (batch,) = list(r.epoch(0))
         assert trained_users([batch]) == [1]
+
+
+def test_counts_handed_in_plan_like_counting_and_another_windows_are_refused(layouts):
+    files = layouts["uneven"]
+    counted = example_counts(files, MAX_LEN, stride=3)
+    given = ShardedSequences(files, 1, 2, MAX_LEN, BATCH, seed=7, stride=3, counts=counted)
+    own = ShardedSequences(files, 1, 2, MAX_LEN, BATCH, seed=7, stride=3)
+    assert given.counts.tolist() == own.counts.tolist()
+    assert given.assignment(2) == own.assignment(2)
+    with pytest.raises(ValueError, match="do not fit"):
+        ShardedSequences(files, 1, 2, MAX_LEN, BATCH, seed=7, counts=counted)  # stride 8

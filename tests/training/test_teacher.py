@@ -16,10 +16,10 @@ from tests.conftest import in_folder
 
 EPOCHS = 30
 # The daily lake here is tiny (300 users: 2-3 steps an epoch), so 30 epochs are ~60-90 steps.
-# With the default schedule (lr 1e-3, not scaled) two processes reach NDCG@10 0.463 and one
-# 0.498 against Markov's 0.456 (HR@10 0.661 vs 0.591); the old hot regime (lr 5e-3 x
-# processes) now falls to 0.283. The margins below are what the default reaches here; the
-# larger margin this test used to ask (1.05x NDCG) is open work in issue 9.
+# At the defaults two processes take 64 windows each a step at lr 0.00070711 x sqrt 2 = 0.001
+# (one process: 64 windows at 0.00070711) and reach test NDCG@10 0.499 against Markov's 0.456
+# (HR@10 0.675 vs 0.591); a hot regime (lr 5e-3 x processes) fell to 0.283. The margins below
+# are what the default reaches here; a 1.05x NDCG margin is open work in issue 9.
 
 
 def training_config(config, lake, tmp: Path):

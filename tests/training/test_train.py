@@ -9,6 +9,8 @@ from patternlake.errors import PatternlakeError
 from patternlake.evaluation.evaluate import evaluate_models
 from patternlake.lake import Lake
 from patternlake.models.fit import train_worker
+from patternlake.models.train_spec import build_spec
+from patternlake.sequence_reader import ShardedSequences, read_table, training_arrays
 from patternlake.training.train import train_teacher
 from tests.conftest import in_folder, with_overrides
 from tests.training import handmade
@@ -53,6 +55,18 @@ def registered_versions(cfg) -> list:
 
     client = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     return client.search_model_versions("name='teacher'")
+
+
+def test_the_spec_carries_the_example_counts_counted_once_on_the_driver(small_lake):
+    cfg, lake = small_lake
+    spec = build_spec(lake, cfg, "horovod")
+    counts = spec.example_counts
+    assert (counts["max_len"], counts["stride"]) == (8, 8)
+    decoded = len(training_arrays(read_table(spec.files), 8)[0])
+    assert sum(counts["counts"]) == decoded > 0
+    # what the ranks would have counted each, piece by piece
+    assert counts["counts"] == ShardedSequences(spec.files, 0, 2, 8, 32, 7).counts.tolist()
+    assert spec.batch_size == 32  # per process, as configured: not split by num_proc
 
 
 def test_a_diverged_worker_stops_and_saves_no_best_model(tmp_path):

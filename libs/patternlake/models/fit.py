@@ -3,15 +3,16 @@ one Spark task per process with ``mapPartitionsWithIndex``, or ``horovodrun``), 
 (``TorchDistributor``, on Spark barrier tasks) and a single process.
 
 Each process builds the same model from the same seed, averages gradients with the others,
-trains on windows over every user's whole training part (``sequence_reader``), follows a
-step schedule (linear warm-up, then cosine or constant; the learning rate is not scaled by
-the world size unless ``lr_scaling`` says so; ``batch_size`` is the global batch, split
-evenly across the processes, so that 1 and N processes make the same optimizer steps),
-validates NDCG@10 after every epoch (rank 0, broadcast to all so that all stop together), checkpoints to the model
-store and resumes from the last checkpoint after a crash (model, optimizer and scheduler
-state). An epoch whose mean training loss or validation NDCG@10 is not finite stops the
-run on every rank: it is neither checkpointed nor saved as best, and the result says why
-(``diverged``), so that the job raises instead of registering the model.
+trains on windows over every user's whole training part (``sequence_reader``; the plan's
+example counts come with the spec, counted once, so no rank reads the table to plan), takes
+``batch_size`` windows per process and step (a global batch of ``batch_size x world``),
+follows a step schedule (linear warm-up, then cosine or constant) at ``lr x
+lr_scale(lr_scaling, world)``, validates NDCG@10 after every epoch (rank 0, broadcast to all
+so that all stop together), checkpoints to the model store and resumes from the last
+checkpoint after a crash (model, optimizer and scheduler state). An epoch whose mean
+training loss or validation NDCG@10 is not finite stops the run on every rank: it is neither
+checkpointed nor saved as best, and the result says why (``diverged``), so that the job
+raises instead of registering the model.
 
     python -m patternlake.models.fit SPEC.json   # what `horovodrun` launches
 """
@@ -38,10 +39,12 @@ import torch
 from patternlake.models import ranking
 from patternlake.models.metrics import evaluate_ranks, ranker_ranks
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig, pick_device
-from patternlake.models.train_spec import TrainSpec, per_process_batch
+from patternlake.models.train_spec import TrainSpec, lr_scale
 from patternlake.sequence_reader import (
+    ExampleCounts,
     ShardedSequences,
     evaluation_arrays,
+    example_counts,
     read_table,
     training_item_counts,
 )
@@ -50,13 +53,6 @@ if TYPE_CHECKING:
     pass
 
 log = logging.getLogger(__name__)
-
-
-def lr_scale(rule: str, world: int) -> float:
-    """How the learning rate grows with the number of processes (each adds a batch to the
-    averaged gradient). ``none`` by default: Adam's step size barely depends on the batch
-    size, and the linear rule (x world) made 2-process training diverge-prone at 0.01."""
-    return {"none": 1.0, "sqrt": world**0.5, "linear": float(world)}[rule]
 
 
 def lr_schedule(kind: str, warmup_steps: int, total_steps: int, min_ratio: float):
@@ -226,30 +222,65 @@ def _build(spec: TrainSpec, comm: _Comm) -> _Run:
         # the sampler's popularity: counted once, by rank 0, from the item column only
         counts = training_item_counts(spec.files, cfg.n_items) if comm.rank == 0 else None
         model.set_sampling(comm.broadcast_object(counts))
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=spec.lr * lr_scale(spec.lr_scaling, comm.world),
-        weight_decay=spec.weight_decay,
-    )
+    scale = lr_scale(spec.lr_scaling, comm.world)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr * scale, weight_decay=spec.weight_decay)
     if spec.backend == "horovod":
         # wrap before loading a checkpoint: DistributedOptimizer builds a new optimizer (of
         # the same class, over the same parameter groups) with an empty state
         opt = comm.hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    stride = min(spec.window_stride, cfg.max_len) or None
     data = ShardedSequences(
         spec.files,
         comm.rank,
         comm.world,
         cfg.max_len,
-        per_process_batch(spec.batch_size, comm.world),
+        spec.batch_size,  # per process
         spec.seed,
-        stride=min(spec.window_stride, cfg.max_len) or None,
+        stride=stride,
+        counts=_example_counts(spec, cfg.max_len, stride, comm),
     )
+    if comm.rank == 0:
+        log.info(
+            "train: %d process(es) x %d windows = a global batch of %d, %d steps an epoch; "
+            "lr %g x %.4g (lr_scaling %s) = %g",
+            comm.world,
+            spec.batch_size,
+            spec.batch_size * comm.world,
+            data.batches_per_epoch(),
+            spec.lr,
+            scale,
+            spec.lr_scaling,
+            spec.lr * scale,
+        )
     total_steps = spec.epochs * _steps_per_epoch(data, spec)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_schedule(spec.schedule, spec.warmup_steps, total_steps, spec.min_lr_ratio)
     )
     ema = WeightAverage(model, spec.ema_decay) if spec.ema_decay > 0 else None
     return _Run(spec, comm, device, cfg, model, opt, sched, ema, data)
+
+
+def _example_counts(
+    spec: TrainSpec, max_len: int, stride: int | None, comm: _Comm
+) -> ExampleCounts:
+    """The plan's example counts, the same on every rank (so every rank runs the same
+    steps): the spec's when they are for this window (``build_spec`` counted them on the
+    driver), else counted by rank 0, from two columns, and broadcast."""
+    given = ExampleCounts(**spec.example_counts) if spec.example_counts else None
+    if given is not None and given.fits(max_len, stride):
+        return given
+    counts = None
+    if comm.rank == 0:
+        started = time.perf_counter()
+        counts = example_counts(spec.files, max_len, stride)
+        log.info(
+            "train: counted %d training examples for max_len %d (%s; %.1fs)",
+            sum(counts.counts),
+            max_len,
+            "the spec's are another window's" if given else "none in the spec",
+            time.perf_counter() - started,
+        )
+    return comm.broadcast_object(counts)
 
 
 def _resume(run: _Run, ckpt_dir: Path | None) -> tuple[dict[str, Any], str | None]:

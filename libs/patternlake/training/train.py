@@ -37,7 +37,7 @@ from patternlake.models.teacher import (
     TeacherScorer,
     teacher_bytes,
 )
-from patternlake.models.train_spec import TrainSpec, build_spec
+from patternlake.models.train_spec import TrainSpec, build_spec, lr_scale
 from patternlake.progress import enabled as progress_enabled
 from patternlake.progress import progress
 from patternlake.registry import TEACHER, TEACHER_ALIAS, use_experiment
@@ -234,9 +234,15 @@ def train_teacher(
     if fresh:
         shutil.rmtree(spec.checkpoint_dir, ignore_errors=True)
     log.info(
-        "train teacher: backend=%s processes=%d data=user_sequences@v%d items=%d checkpoints=%s",
+        "train teacher: backend=%s processes=%d x batch %d (global %d), lr %g x %.4g "
+        "(lr_scaling %s) data=user_sequences@v%d items=%d checkpoints=%s",
         backend,
         num_proc,
+        spec.batch_size,
+        spec.batch_size * num_proc,
+        spec.lr,
+        lr_scale(spec.lr_scaling, num_proc),
+        spec.lr_scaling,
         spec.data_version,
         spec.model["n_items"],
         spec.checkpoint_dir,
@@ -312,8 +318,11 @@ def log_to_mlflow(
                 "backend": backend,
                 "world_size": result["world"],
                 "epochs": spec.epochs,
-                "batch_size": spec.batch_size,
+                "batch_size": spec.batch_size,  # per process
+                "global_batch_size": spec.batch_size * result["world"],
                 "lr": spec.lr,
+                "lr_scaling": spec.lr_scaling,
+                "lr_scaled": spec.lr * lr_scale(spec.lr_scaling, result["world"]),
                 "warmup_steps": spec.warmup_steps,
                 "seed": spec.seed,
                 "members": len(result.get("members", [])) or 1,

@@ -62,7 +62,11 @@ def open_storage(path: str | Path) -> JournalStorage:
 
 def trial_spec(base: dict[str, Any], params: dict[str, Any], tune: TuneConfig) -> dict[str, Any]:
     """The TrainSpec (as a dict) of one trial: ``base`` (from ``build_spec``) with the trial's
-    model, learning rate and batch size, the per-trial budget, one thread, no checkpoints."""
+    model, learning rate and batch size, the per-trial budget, one thread, no checkpoints.
+    One process: the batch size is per process and the global batch at once, and the
+    learning rate is unscaled (``train.use_tuned`` reads both with ``train``'s meaning).
+    ``base``'s example counts are for conf's ``max_len``; a trial with another window
+    counts its own (``fit``)."""
     model = {**base["model"], **{k: params[k] for k in MODEL_KEYS}}
     return {
         **base,
