@@ -12,7 +12,9 @@ so that all stop together), checkpoints to the model store and resumes from the 
 checkpoint after a crash (model, optimizer and scheduler state). An epoch whose mean
 training loss or validation NDCG@10 is not finite stops the run on every rank: it is neither
 checkpointed nor saved as best, and the result says why (``diverged``), so that the job
-raises instead of registering the model.
+raises instead of registering the model. With sampled softmax the item table trains
+row-wise (``sparse_item_table``: a sparse gradient, ``optim.LazyAdamW`` and a row-wise
+weight average), so a step's cost does not grow with the catalogue.
 
     python -m patternlake.models.fit SPEC.json   # what `horovodrun` launches
 """
@@ -38,6 +40,7 @@ import torch
 
 from patternlake.models import ranking
 from patternlake.models.metrics import evaluate_ranks, ranker_ranks
+from patternlake.models.optim import LazyAdamW, WeightAverage
 from patternlake.models.teacher import SequentialTeacher, TeacherConfig, pick_device
 from patternlake.models.train_spec import TrainSpec, lr_scale
 from patternlake.sequence_reader import (
@@ -198,7 +201,7 @@ class _Run:
     device: torch.device
     cfg: TeacherConfig
     model: SequentialTeacher
-    opt: Any  # AdamW, or Horovod's DistributedOptimizer around it
+    opt: Any  # AdamW (LazyAdamW with a row-wise item table), or Horovod's wrapper around it
     sched: Any
     ema: WeightAverage | None
     data: ShardedSequences
@@ -223,7 +226,10 @@ def _build(spec: TrainSpec, comm: _Comm) -> _Run:
         counts = training_item_counts(spec.files, cfg.n_items) if comm.rank == 0 else None
         model.set_sampling(comm.broadcast_object(counts))
     scale = lr_scale(spec.lr_scaling, comm.world)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr * scale, weight_decay=spec.weight_decay)
+    sparse = sparse_item_table(cfg, spec.backend, device)
+    model.item_emb.sparse = sparse  # the item table's gradient: the rows a step touches
+    optimizer = LazyAdamW if sparse else torch.optim.AdamW
+    opt = optimizer(model.parameters(), lr=spec.lr * scale, weight_decay=spec.weight_decay)
     if spec.backend == "horovod":
         # wrap before loading a checkpoint: DistributedOptimizer builds a new optimizer (of
         # the same class, over the same parameter groups) with an empty state
@@ -256,7 +262,8 @@ def _build(spec: TrainSpec, comm: _Comm) -> _Run:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_schedule(spec.schedule, spec.warmup_steps, total_steps, spec.min_lr_ratio)
     )
-    ema = WeightAverage(model, spec.ema_decay) if spec.ema_decay > 0 else None
+    rows = (ITEM_TABLE,) if sparse else ()
+    ema = WeightAverage(model, spec.ema_decay, sparse=rows) if spec.ema_decay > 0 else None
     return _Run(spec, comm, device, cfg, model, opt, sched, ema, data)
 
 
@@ -343,6 +350,8 @@ def _epochs(
         elapsed = time.perf_counter() - started
         train_seconds += elapsed
         mean_loss = comm.allreduce_sum(loss_sum / max(steps, 1)) / comm.world
+        if run.ema is not None:
+            run.ema.sync(run.model)  # every row of a row-wise average current
         evaluated = run.ema.model if run.ema is not None else run.model  # kept and registered
         share = validate_ndcg(evaluated, valid, run.cfg, run.device) * len(valid[0])
         ndcg = comm.allreduce_sum(share) / max(1.0, comm.allreduce_sum(float(len(valid[0]))))
@@ -377,7 +386,7 @@ def _train_epoch(run: _Run, epoch: int, amp: Any) -> tuple[float, int, int]:
             loss = run.train_model(batch.items, batch.types, batch.gaps, batch.targets)
         run.opt.zero_grad()
         loss.backward()
-        run.opt.step()
+        _step(run)
         run.sched.step()
         if run.ema is not None:
             run.ema.update(run.model)
@@ -385,6 +394,37 @@ def _train_epoch(run: _Run, epoch: int, amp: Any) -> tuple[float, int, int]:
         steps += 1
         samples += int((batch.targets > 0).sum())  # training interactions (targets)
     return loss_sum, steps, samples
+
+
+ITEM_TABLE = "item_emb.weight"
+
+
+def sparse_item_table(cfg: TeacherConfig, backend: str, device: torch.device) -> bool:
+    """Whether the item table trains row-wise (sparse gradient, LazyAdamW, row-wise weight
+    average): with sampled softmax a step touches only its batch's items and candidates, so
+    a step's cost does not grow with the catalogue. Not with the full softmax (every row has
+    a gradient), and not under DDP on CUDA, whose NCCL all-reduce takes dense tensors only
+    (Horovod all-gathers sparse gradients; DDP over gloo reduces them)."""
+    if cfg.sampled_softmax <= 0:
+        return False
+    return not (backend == "ddp" and device.type == "cuda")
+
+
+def _step(run: _Run) -> None:
+    """The optimizer step; with a row-wise weight average, the rows the step will change
+    are brought up to date first, from the reduced gradient (Horovod reduces in
+    ``synchronize``, which ``step`` would otherwise call)."""
+    if run.ema is None or not run.ema.sparse:
+        run.opt.step()
+        return
+    if run.spec.backend == "horovod":
+        run.opt.synchronize()
+        run.ema.before_step(run.model)
+        with run.opt.skip_synchronize():
+            run.opt.step()
+        return
+    run.ema.before_step(run.model)
+    run.opt.step()
 
 
 def prefetch(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -469,41 +509,6 @@ def _record_epoch(
         state["best"], state["best_epoch"] = ndcg, epoch
     state["epoch"] = epoch + 1
     return improved
-
-
-class WeightAverage:
-    """An exponential moving average of a model's weights, updated after every optimizer
-    step: ``avg <- d * avg + (1 - d) * w`` with ``d = min(decay, (1 + n) / (10 + n))`` at the
-    n-th update (the warm-up keeps the first steps' random weights from lingering). Every
-    rank holds the same weights after a step (averaged gradients), so every rank's average
-    is the same; rank 0 validates it. Buffers are copied, not averaged."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        import copy
-
-        if not 0 < decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
-        self.decay = decay
-        self.updates = 0
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        self.updates += 1
-        for avg, w in zip(self.model.parameters(), model.parameters(), strict=True):
-            avg.lerp_(w.detach(), 1 - d)
-        for avg, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            avg.copy_(b)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.model.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        self.model.load_state_dict(saved["weights"])
-        self.updates = int(saved["updates"])
 
 
 def validation_set(spec: TrainSpec, cfg: TeacherConfig) -> tuple[np.ndarray, ...]:
