@@ -15,7 +15,8 @@ own:
 * **evaluate**: the evaluation protocol's target ranks and top 10 over item chunks
   (``models.metrics.evaluate_ranks`` with ``models.ranking``), as ``patternlake evaluate``
   and validation during training run them;
-* **train**: optimizer steps of the teacher (AdamW, batches of 128 windows of 50 events;
+* **train**: optimizer steps of the teacher (AdamW; LazyAdamW over a row-wise item table
+  with sampled softmax, as ``models.fit`` trains it; batches of 128 windows of 50 events;
   sampled softmax, in-batch plus 1,024 popularity negatives (conf's default), the catalogue-independent loss; full softmax too
   where its logits fit in 4 GB).
 
@@ -258,7 +259,13 @@ def stage_train(n_items: int, n_users: int, dense: bool, sampled: int = 1024) ->
     items = torch.from_numpy(_histories(batch * (steps + 1), n_items, seed=4))
     if not dense:  # the popularity the product counts from the training items
         model.set_sampling(np.bincount(items.numpy().ravel(), minlength=n_items))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # the product's choice (models.fit): a row-wise item table under sampled softmax
+    from patternlake.models.fit import sparse_item_table
+    from patternlake.models.optim import LazyAdamW
+
+    sparse = sparse_item_table(model.config, "single", torch.device("cpu"))
+    model.item_emb.sparse = sparse
+    opt = (LazyAdamW if sparse else torch.optim.AdamW)(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(3)
     t0 = None
     for step in range(steps + 1):
