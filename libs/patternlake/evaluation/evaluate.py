@@ -35,6 +35,7 @@ from patternlake.evaluation.transforms import (
     baseline_scorers,
     model_report,
     model_reports,
+    model_sizes,
     protocol,
     scorers,
     segment_groups,
@@ -193,15 +194,13 @@ def _evaluate_spark(
     from patternlake.evaluation import distributed as job
 
     ev = config.evaluate
-    if data_version is None:
-        version = lake.version("user_sequences")
-    else:
-        version = data_version
-        pinned_sequence_files(lake, version, "evaluate")  # a clear error when it is gone
-    if item_index_version is None:
-        item_index_version = lake.version("item_index")
-    n_items = item_id_count(lake, item_index_version)
-    max_len = max([config.teacher.max_len, *(window(m) for m in models.values())])
+    d = _data(lake, config, models, data_version, item_index_version)
+    version, item_index_version, n_items, max_len = (
+        d.version,
+        d.item_index_version,
+        d.n_items,
+        d.max_len,
+    )
     sequences = lake.read("user_sequences", version=version)
     segments = (
         lake.read("segments").select("user_id", "segment_id") if lake.exists("segments") else None
@@ -237,16 +236,7 @@ def _evaluate_spark(
         shared.unpersist()
     if not measured:
         raise PatternlakeError("evaluate: no user has the 3 events the protocol needs")
-    sizes = job.baseline_sizes(markov, n_items) | {
-        name: (params, nbytes)
-        for name, (_, params, nbytes) in scorers(
-            {},
-            models,
-            routed,
-            np.zeros((0, 3, max_len), dtype=np.int64),
-            np.zeros(0, dtype=np.int64),
-        ).items()
-    }
+    sizes = job.baseline_sizes(markov, n_items) | model_sizes(models, routed)
     order = ["popularity", "markov", *(n for n, per in routed.items() if per), *models]
     teacher = sizes.get("teacher") if "teacher" in models else None
     reports = {}
@@ -302,6 +292,42 @@ class EvaluationSplit:
     target: np.ndarray  # (n,) the test target
 
 
+@dataclass
+class EvaluatedData:
+    """What both engines evaluate: ``user_sequences@version`` (its files) over the items of
+    ``item_index@item_index_version``, with inputs as wide as the widest model."""
+
+    version: int
+    files: list[str]
+    item_index_version: int
+    n_items: int  # item ids, padding included
+    max_len: int
+
+
+def _data(
+    lake: Lake,
+    config: Config,
+    models: dict[str, torch.nn.Module],
+    data_version: int | None,
+    item_index_version: int | None,
+) -> EvaluatedData:
+    """The versions to evaluate (default: the latest of each); a pinned ``user_sequences``
+    version that no longer exists fails with one clear line."""
+    if data_version is None:
+        version = lake.version("user_sequences")
+        files = lake.files("user_sequences", version)
+    else:
+        version = data_version
+        files = pinned_sequence_files(lake, version, "evaluate")
+    if item_index_version is None:
+        item_index_version = lake.version("item_index")
+    # every model sees the last ``max_len`` events it was built for: the inputs are as wide
+    # as the widest model, and each model takes its own tail of them
+    max_len = max([config.teacher.max_len, *(window(m) for m in models.values())])
+    n_items = item_id_count(lake, item_index_version)
+    return EvaluatedData(version, files, item_index_version, n_items, max_len)
+
+
 def _test_split(
     lake: Lake,
     config: Config,
@@ -311,19 +337,14 @@ def _test_split(
 ) -> EvaluationSplit:
     """The test split of ``user_sequences@data_version`` (default: latest) over the items of
     ``item_index@item_index_version`` (default: latest)."""
-    if data_version is None:
-        version = lake.version("user_sequences")
-        files = lake.files("user_sequences", version)
-    else:
-        version = data_version
-        files = pinned_sequence_files(lake, version, "evaluate")
-    table = read_table(files)
-    # every model sees the last ``max_len`` events it was built for: the arrays are as wide
-    # as the widest model, and each model takes its own tail of them
-    max_len = max([config.teacher.max_len, *(window(m) for m in models.values())])
-    if item_index_version is None:
-        item_index_version = lake.version("item_index")
-    n_items = item_id_count(lake, item_index_version)
+    d = _data(lake, config, models, data_version, item_index_version)
+    version, item_index_version, n_items, max_len = (
+        d.version,
+        d.item_index_version,
+        d.n_items,
+        d.max_len,
+    )
+    table = read_table(d.files)
     users, items, types, gaps, target = evaluation_arrays(table, max_len, "test")
     if len(users) == 0:
         raise PatternlakeError("evaluate: no user has the 3 events the protocol needs")

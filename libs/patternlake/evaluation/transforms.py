@@ -89,7 +89,27 @@ def model_scorer(model: torch.nn.Module, stacked: np.ndarray) -> Scorer:
     rank = ranker_ranks(
         ranking.ranker_for(model), lambda s: torch.from_numpy(stacked[s][:, :, -w:])
     )
-    return rank, sum(p.numel() for p in model.parameters()), model_bytes(model)
+    return rank, *_model_size(model)
+
+
+def _model_size(model: torch.nn.Module) -> tuple[int, int]:
+    return sum(p.numel() for p in model.parameters()), model_bytes(model)
+
+
+def _routed_size(per_segment: PerSegment) -> tuple[int, int]:
+    """What serving every segment's model costs: their params and bytes on disk."""
+    return sum(m.num_params() for m, _ in per_segment.values()), sum(
+        b for _, b in per_segment.values()
+    )
+
+
+def model_sizes(
+    models: dict[str, torch.nn.Module], routed: dict[str, PerSegment]
+) -> dict[str, tuple[int, int]]:
+    """(params, bytes) of every scorer :func:`scorers` builds from ``models`` and
+    ``routed`` (the baselines aside), without building them."""
+    out = {name: _routed_size(per) for name, per in routed.items() if per}
+    return out | {name: _model_size(m) for name, m in models.items()}
 
 
 def routed_scorer(
@@ -127,9 +147,7 @@ def routed_scorer(
         assert top is not None
         return ranks, top
 
-    params = sum(m.num_params() for m, _ in per_segment.values())
-    nbytes = sum(b for _, b in per_segment.values())
-    return rank, params, nbytes
+    return rank, *_routed_size(per_segment)
 
 
 def scorers(
