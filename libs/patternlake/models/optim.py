@@ -137,7 +137,9 @@ class WeightAverage:
             grad = params[name].grad
             if grad is None:
                 continue
-            rows = grad.coalesce().indices()[0] if grad.is_sparse else None
+            if grad.is_sparse:  # coalesced once: the optimizer step reads the same rows
+                grad = params[name].grad = grad.coalesce()
+            rows = grad.indices()[0] if grad.is_sparse else None
             self._catch_up(name, params[name], rows)
             self._rows[name] = rows
 
