@@ -100,8 +100,11 @@ def test_a_row_with_fewer_scorable_items_than_k_ends_in_minus_infinity():
     assert torch.isinf(v[0, 1:]).all()
 
 
+@pytest.mark.parametrize("cap", [None, 3, 20])
 @pytest.mark.parametrize("name", ["teacher", "ensemble", "segment_student"])
-def test_chunked_target_ranks_equal_the_dense_protocol(name):
+def test_chunked_target_ranks_equal_the_dense_protocol(name, cap):
+    """Counted (``cap=None``) or capped (ranks past ``cap`` returned as ``cap``, from the
+    running top ``cap + 1``): equal to the dense matrix's ranks."""
     n = 151
     model = _models(n)[name]
     x = _inputs(23, n, seed=5)
@@ -111,10 +114,15 @@ def test_chunked_target_ranks_equal_the_dense_protocol(name):
     with torch.no_grad():
         dense = model(x)
         state = ranker.encode(x)
+        targets[1:4] = masked_scores(dense, targets)[1:4].argmax(1)  # rank 0: under any cap
         for exclude in (None, x[:, 0]):
             s = masked_scores(dense, targets, exclude)
-            ranks, top = ranking.target_ranks(ranker, state, targets, exclude, chunk=20)
-            assert torch.equal(ranks, dense_ranks(s, targets))
+            ranks, top = ranking.target_ranks(ranker, state, targets, exclude, chunk=20, cap=cap)
+            want_ranks = dense_ranks(s, targets)
+            if cap is not None:
+                assert (want_ranks < cap).any() and (want_ranks >= cap).any()
+                want_ranks = want_ranks.clamp_max(cap)
+            assert torch.equal(ranks, want_ranks)
             want = torch.topk(s, 10, dim=1)
             want_ids = torch.where(want.values > float("-inf"), want.indices, 0)
             # same sets of items (dense topk's tie order is unspecified)
@@ -188,5 +196,11 @@ def test_target_ranks_match_the_dense_matrix_bit_for_bit_at_catalogue_scale():
         with torch.no_grad():
             state = ranker.encode(x)
             dense = ranker.chunk(state, 0, n)
+            # half the targets among each row's 30 best: ranks below the cap occur
+            near = dense.topk(30, dim=1).indices[torch.arange(512), torch.arange(512) % 30]
+            targets = torch.where(torch.arange(512) % 2 == 0, near, targets)
             ranks, _ = ranking.target_ranks(ranker, state, targets, chunk=4096)
-        assert torch.equal(ranks, dense_ranks(masked_scores(dense, targets), targets)), d
+            capped, _ = ranking.target_ranks(ranker, state, targets, chunk=4096, cap=20)
+        want = dense_ranks(masked_scores(dense, targets), targets)
+        assert torch.equal(ranks, want), d
+        assert torch.equal(capped, want.clamp_max(20)), d

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 
 METRICS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20", "coverage@10")
+# the largest cut-off: ranks at or past it count as misses in every metric, so the chunked
+# protocol stops counting there (``models.ranking.capped_ranks``)
+RANK_CAP = 20
 
 
 def masked_scores(
@@ -154,7 +157,8 @@ def evaluate_ranks(
 
 
 def ranker_ranks(ranker: Any, inputs: Callable[[slice], Any]) -> RankFn:
-    """The rank function of a ``models.ranking`` ranker over ``inputs(users)``."""
+    """The rank function of a ``models.ranking`` ranker over ``inputs(users)``: ranks past
+    ``RANK_CAP`` are returned as ``RANK_CAP`` (a miss in every metric)."""
     from patternlake.models import ranking
 
     def rank(s: slice, targets: torch.Tensor, exclude: torch.Tensor | None):
@@ -163,7 +167,7 @@ def ranker_ranks(ranker: Any, inputs: Callable[[slice], Any]) -> RankFn:
             targets = targets.to(x.device)
             exclude = exclude.to(x.device) if exclude is not None else None
         with torch.no_grad():
-            return ranking.target_ranks(ranker, ranker.encode(x), targets, exclude)
+            return ranking.target_ranks(ranker, ranker.encode(x), targets, exclude, cap=RANK_CAP)
 
     return rank
 

@@ -17,7 +17,12 @@ chosen items only. On top of it:
   operations (explanations and their faithfulness check).
 
 Memory: a chunk holds ``batch x chunk_items`` floats; :func:`chunk_items` sizes it from a
-byte budget (default 64 MB), so the peak does not grow with the catalogue. Shapes: B users,
+byte budget (default 16 MB), so the peak does not grow with the catalogue. Speed: a chunk's
+scores are written into one reused buffer (no allocation per chunk), each block is read a
+few times while it is in cache (16 MB: the size where one thread's product of a (1,024 x 64)
+state with a 4,096-item block still runs at full rate here), and a row's block top-k is
+taken only where the block's best item beats the row's running k-th (after the first
+chunks, a few percent of rows). Shapes: B users,
 L window, D width, N catalogue (id 0 is padding, never returned).
 """
 
@@ -31,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 NEG = float("-inf")
 
 
@@ -47,6 +52,20 @@ def _finite(s: torch.Tensor) -> torch.Tensor:
     if not bool(top < float("inf")):
         s.nan_to_num_(nan=NEG, posinf=NEG, neginf=NEG)
     return s
+
+
+def _finite_rows(s: torch.Tensor) -> torch.Tensor:
+    """:func:`_finite` that also returns each row's best score (B,), from the same read."""
+    top = s.amax(1)  # NaN where a row has a NaN
+    if not bool((top < float("inf")).all()):
+        s.nan_to_num_(nan=NEG, posinf=NEG, neginf=NEG)
+        top = s.amax(1)
+    return top
+
+
+def _block(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous (rows x cols) view at the start of a flat buffer."""
+    return buf[: rows * cols].view(rows, cols)
 
 
 def _in_block(window: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,20 +115,28 @@ class DotRanker:
     def width(self, state: DotState) -> int:
         return self.n_items
 
-    def chunk(self, state: DotState, lo: int, hi: int) -> torch.Tensor:
+    def chunk(
+        self, state: DotState, lo: int, hi: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores of items lo..hi (B, hi - lo), written into ``out`` when given (a
+        contiguous block of that shape, reused across chunks; no gradient)."""
         if self.to_local is None:
-            s = state.hidden @ self.table[lo:hi].T
+            block = self.table[lo:hi]
             scored = None
         else:
             local = self.to_local[lo:hi]
-            s = state.hidden @ self.table[local].T
+            block = self.table[local]
             scored = local >= 2
+        if out is None:
+            s = state.hidden @ block.T
+        else:
+            s = torch.mm(state.hidden.detach(), block.detach().T, out=out)
         if self.seen_weight is not None:
             rows, cols = _in_block(state.window, lo, hi)
             # an item twice in the window gets the term once: both writes carry one value
             s[rows, cols] = s[rows, cols] + self.seen_weight
         if scored is not None:
-            s = s.masked_fill(~scored.unsqueeze(0), NEG)
+            s.masked_fill_(~scored.unsqueeze(0), NEG)
         if lo == 0:
             s[:, 0] = NEG
         return s
@@ -156,7 +183,9 @@ class EnsembleRanker:
     def _mean(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.logsumexp(torch.stack(parts), dim=0) - math.log(len(parts))
 
-    def chunk(self, state: EnsembleState, lo: int, hi: int) -> torch.Tensor:
+    def chunk(
+        self, state: EnsembleState, lo: int, hi: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self._mean(
             [
                 m.chunk(st, lo, hi) - z.unsqueeze(1)
@@ -187,8 +216,10 @@ class DenseRanker:
     def width(self, state: torch.Tensor) -> int:
         return state.shape[1]
 
-    def chunk(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        s = state[:, lo:hi].clone()
+    def chunk(
+        self, state: torch.Tensor, lo: int, hi: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        s = state[:, lo:hi].clone() if out is None else out.copy_(state[:, lo:hi])
         if lo == 0:
             s[:, 0] = NEG
         return s
@@ -314,6 +345,48 @@ def _block_top(s: torch.Tensor, lo: int, k: int) -> tuple[torch.Tensor, torch.Te
     return _order(values, idx + lo, k)
 
 
+def _merge_rows(
+    best: tuple[torch.Tensor, torch.Tensor] | None,
+    s: torch.Tensor,
+    top: torch.Tensor,
+    lo: int,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running top-k (values, ids) merged with block s (items lo.., each row's best
+    score ``top``). Only rows whose block best beats their running k-th can change (an
+    item equal to the k-th loses the tie: its id is higher than every earlier chunk's),
+    and in them only the items above it: those few are gathered and merged, and a block
+    top-k is taken only where a row has many (the first chunks)."""
+    kk = min(k, s.shape[1])
+    if best is None:
+        return _block_top(s, lo, kk)
+    best_v, best_i = best
+    if best_v.shape[1] < k:  # fewer than k items so far (chunks smaller than k)
+        return _merge(best_v, best_i, *_block_top(s, lo, kk), k)
+    kth = best_v[:, -1]
+    rows = torch.nonzero(top > kth, as_tuple=True)[0]
+    if not len(rows):
+        return best_v, best_i
+    every = len(rows) == len(s)
+    sub = s if every else s[rows]
+    r, c = torch.nonzero(sub > kth[rows].unsqueeze(1), as_tuple=True)  # row-major
+    counts = torch.bincount(r, minlength=len(rows))
+    width = int(counts.max())
+    if width > max(4 * k, 64):
+        v, i = _block_top(sub, lo, kk)
+    else:  # each row's items above its k-th, padded with -inf at an id past every real one
+        at = torch.arange(len(r), device=s.device) - (counts.cumsum(0) - counts)[r]
+        v = torch.full((len(rows), width), NEG, device=s.device)
+        i = torch.full((len(rows), width), torch.iinfo(torch.int64).max, device=s.device)
+        v[r, at], i[r, at] = sub[r, c], c + lo
+    v, i = _merge(best_v[rows], best_i[rows], v, i, k)
+    if every:
+        return v, i
+    best_v, best_i = best_v.clone(), best_i.clone()
+    best_v[rows], best_i[rows] = v, i
+    return best_v, best_i
+
+
 def top_k(
     ranker: Ranker,
     state: Any,
@@ -326,17 +399,19 @@ def top_k(
     never returned. A row with fewer than k scorable items ends in -inf values (callers
     drop them; their ids are meaningless)."""
     n = ranker.width(state)
-    size = chunk or chunk_items(_rows(state))
-    best_v: torch.Tensor | None = None
-    best_i: torch.Tensor | None = None
+    b = _rows(state)
+    size = chunk or chunk_items(b)
+    buf = torch.empty(b * min(size, n))
+    best: tuple[torch.Tensor, torch.Tensor] | None = None
     for lo in range(0, n, size):
         hi = min(n, lo + size)
-        s = _finite(ranker.chunk(state, lo, hi))
+        s = ranker.chunk(state, lo, hi, out=_block(buf, b, hi - lo))
+        top = _finite_rows(s)
         if exclude is not None:
-            _mask_block(s, exclude, lo, hi)
-        best_v, best_i = _merge(best_v, best_i, *_block_top(s, lo, min(k, hi - lo)), k)
-    assert best_v is not None and best_i is not None
-    return best_v, best_i.clamp_max(n - 1)
+            _mask_block(s, exclude, lo, hi)  # only lowers scores: ``top`` stays an upper bound
+        best = _merge_rows(best, s, top, lo, k)
+    assert best is not None
+    return best[0], best[1].clamp_max(n - 1)
 
 
 def candidate_top_k(
@@ -378,12 +453,19 @@ def target_ranks(
     exclude: torch.Tensor | None = None,
     k: int = 10,
     chunk: int = 0,
+    cap: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ranks, top-k ids): each target's 0-based rank among all items, counted over item
     chunks (items scored at or above the target, ties against it; a target scored -inf or
     NaN ranks last), and each row's top k (0 where the score is -inf), with ``exclude``'s
     past items masked except the target itself. Equals ``models.metrics`` on the dense
-    matrix."""
+    matrix.
+
+    ``cap``: ranks at or past ``cap`` are returned as ``cap`` (the metrics' cut-offs never
+    look further: ``metrics.RANK_CAP``), which :func:`capped_ranks` finds from a running
+    top ``cap + 1`` instead of counting every item against the target."""
+    if cap is not None:
+        return capped_ranks(ranker, state, targets, cap, exclude, k, chunk)
     # the target's score as ``chunk`` computes it (a matrix product) is only known in its
     # own chunk; ``items`` (a different kernel) may differ in the last bits. So items clearly
     # above the estimate are counted on the way, those within a tolerance of it are kept
@@ -394,15 +476,17 @@ def target_ranks(
     t_band = torch.where(dead, float("inf"), t)
     exact = t.clone()
     n = ranker.width(state)
-    size = chunk or chunk_items(len(targets))
-    above = torch.zeros(len(targets), dtype=torch.int64, device=targets.device)
+    b = len(targets)
+    size = chunk or chunk_items(b)
+    above = torch.zeros(b, dtype=torch.int64, device=targets.device)
     band_rows, band_values = [targets.new_zeros(0)], [t.new_zeros(0)]
-    buf = torch.empty((len(targets), size), device=targets.device)
-    best_v: torch.Tensor | None = None
-    best_i: torch.Tensor | None = None
+    scores = torch.empty(b * min(size, n), device=targets.device)
+    buf = torch.empty((b, min(size, n)), device=targets.device)
+    best: tuple[torch.Tensor, torch.Tensor] | None = None
     for lo in range(0, n, size):
         hi = min(n, lo + size)
-        s = _finite(ranker.chunk(state, lo, hi))
+        s = ranker.chunk(state, lo, hi, out=_block(scores, b, hi - lo))
+        top = _finite_rows(s)  # masking below only lowers scores: an upper bound
         mine = torch.nonzero((targets >= lo) & (targets < hi), as_tuple=True)[0]
         exact[mine] = s[mine, targets[mine] - lo]
         if exclude is not None:
@@ -421,12 +505,55 @@ def target_ranks(
             )
             band_rows.append(rows[r])
             band_values.append(sub[r, c])
-        best_v, best_i = _merge(best_v, best_i, *_block_top(s, lo, min(k, hi - lo)), k)
-    assert best_v is not None and best_i is not None
+        best = _merge_rows(best, s, top, lo, k)
+    assert best is not None
+    best_v, best_i = best
     rows, values = torch.cat(band_rows), torch.cat(band_values)
     above.index_add_(0, rows, (values >= exact[rows]).long())
     ranks = torch.where(dead | ~torch.isfinite(exact), n - 1, above - 1)
     return ranks, torch.where(best_v > NEG, best_i, 0)
+
+
+def capped_ranks(
+    ranker: Ranker,
+    state: Any,
+    targets: torch.Tensor,
+    cap: int,
+    exclude: torch.Tensor | None = None,
+    k: int = 10,
+    chunk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`target_ranks` with ranks past ``cap`` returned as ``cap``, from the chunks'
+    running top ``cap + 1`` (the same pass as :func:`top_k`: a block's top is taken only
+    on rows whose best item beats their running last). The target's score is read in its
+    own chunk, so it and the list's values come from one kernel and compare exactly: the
+    rank is the number of listed items scored at or above it, minus one, and when even the
+    last listed item is, at least ``cap + 1`` items are (rank ``cap``)."""
+    n = ranker.width(state)
+    b = len(targets)
+    size = chunk or chunk_items(b)
+    keep = min(max(cap + 1, k), n)
+    scores = torch.empty(b * min(size, n), device=targets.device)
+    exact = torch.full((b,), NEG, device=targets.device)
+    best: tuple[torch.Tensor, torch.Tensor] | None = None
+    for lo in range(0, n, size):
+        hi = min(n, lo + size)
+        s = ranker.chunk(state, lo, hi, out=_block(scores, b, hi - lo))
+        top = _finite_rows(s)  # masking below only lowers scores: an upper bound
+        mine = torch.nonzero((targets >= lo) & (targets < hi), as_tuple=True)[0]
+        exact[mine] = s[mine, targets[mine] - lo]
+        if exclude is not None:
+            _mask_block(s, exclude, lo, hi)
+            s[mine, targets[mine] - lo] = exact[mine]  # the target itself is never masked
+        best = _merge_rows(best, s, top, lo, keep)
+    assert best is not None
+    best_v, best_i = best
+    at_or_above = (best_v >= exact.unsqueeze(1)).sum(1)
+    ranks = (at_or_above - 1).clamp(0, cap)
+    # a target scored -inf (or NaN) ranks last
+    ranks = torch.where(exact > NEG, ranks, min(cap, n - 1))
+    top_k_ids = torch.where(best_v[:, :k] > NEG, best_i[:, :k], 0)
+    return ranks, top_k_ids
 
 
 def delete_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -86,14 +86,23 @@ class Block(nn.Module):
         ``scaled_dot_product_attention``: one (B, 1, Lq, Lk) mask broadcast over the heads
         instead of nn.MultiheadAttention's (B x heads, Lq, Lk) copy."""
         a = self.attn
-        B, Lq, D = q_in.shape
-        H = a.num_heads
+        D = q_in.shape[-1]
         w, b = a.in_proj_weight, a.in_proj_bias
         if q_in is kv_in:
             q, k, v = F.linear(q_in, w, b).chunk(3, dim=-1)
         else:
             q = F.linear(q_in, w[:D], b[:D])
             k, v = F.linear(kv_in, w[D:], b[D:]).chunk(2, dim=-1)
+        return self._attention(q, k, v, allowed)
+
+    def _attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
+        """Projected queries (B, Lq, D), keys and values (B, Lk, D) -> the attention's
+        output projection (B, Lq, D)."""
+        a = self.attn
+        B, Lq, D = q.shape
+        H = a.num_heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(B, -1, H, D // H).transpose(1, 2)
@@ -106,6 +115,41 @@ class Block(nn.Module):
             dropout_p=a.dropout if self.training else 0.0,
         )
         return a.out_proj(o.transpose(1, 2).reshape(B, Lq, D))
+
+    def forward_cached(
+        self, x: torch.Tensor, allowed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward`` (inference) that also returns this block's keys and values (B, L, D)
+        for :meth:`extend`."""
+        q, k, v = F.linear(self.ln1(x), self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(
+            3, dim=-1
+        )
+        x = x + self._attention(q, k, v, allowed)
+        return x + self.mlp(self.ln2(x)), k, v
+
+    def extend(
+        self,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        allowed: torch.Tensor,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """``forward`` (inference) of the last m positions after a cached prefix: x (B, m, D)
+        their inputs; keys and values (B, P + m, D) hold the prefix's in their first P
+        positions (:meth:`forward_cached`) and get the suffix's written into the last m (in
+        place: no copy of the prefix); ``allowed`` (B, 1, m, P + m) the suffix queries'
+        mask; with ``last_only`` the last position's output only."""
+        m = x.shape[1]
+        q, k, v = F.linear(self.ln1(x), self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(
+            3, dim=-1
+        )
+        keys[:, -m:], values[:, -m:] = k, v
+        k, v = keys, values
+        if last_only:
+            x, q, allowed = x[:, -1:], q[:, -1:], allowed[:, :, -1:]
+        x = x + self._attention(q, k, v, allowed)
+        return x + self.mlp(self.ln2(x))
 
 
 class SequentialTeacher(nn.Module):
@@ -145,13 +189,58 @@ class SequentialTeacher(nn.Module):
         output."""
         return self._encode(items, types, gaps, last_only=True)[:, 0]
 
+    def encode_deletions(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, last: int
+    ) -> torch.Tensor:
+        """(B, last, D): for j = 0..last-1, ``encode_last`` of the history with the event
+        at position L-1-j deleted (earlier events shifted right by one, later ones in place,
+        as ``ranking.delete_positions`` builds it) -- what occlusion explanations need,
+        without encoding each deleted history whole. Every deleted history starts with the
+        same prefix: the history shifted right by one (the deletion of the last event), up
+        to the deleted position. That shifted history is encoded once, keeping every
+        block's keys and values; each deletion then encodes only its j later events against
+        the cached prefix (causal attention: a position never sees later ones). Rows whose
+        position L-1-j is padding get a state that means nothing (callers skip them)."""
+        B, L = items.shape
+        last = min(last, L)
+        pos = torch.arange(L, device=items.device)
+
+        def shift(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t[:, :-1], (1, 0))
+
+        s_items = shift(items)
+        x = self._embed(s_items, shift(types), shift(gaps), pos)
+        allowed = self._allowed(s_items)
+        cache = []
+        for block in self.blocks:
+            x, k, v = block.forward_cached(x, allowed)
+            cache.append((k.contiguous(), v.contiguous()))  # overwritten per deletion
+        out = x.new_empty((B, last, x.shape[-1]))
+        out[:, 0] = self.ln(x[:, -1])
+        for j in range(1, last):
+            p = L - 1 - j  # the deleted position; the prefix is the shifted history's 0..p
+            x = self._embed(items[:, p + 1 :], types[:, p + 1 :], gaps[:, p + 1 :], pos[p + 1 :])
+            allowed = self._allowed(torch.cat([s_items[:, : p + 1], items[:, p + 1 :]], 1))
+            allowed = allowed[:, :, p + 1 :]
+            # each block's keys and values: the prefix's (0..p) are the shifted history's,
+            # and the positions after it are overwritten by each deletion's own
+            for n, (block, (k, v)) in enumerate(zip(self.blocks, cache, strict=True)):
+                x = block.extend(x, k, v, allowed, last_only=n == len(self.blocks) - 1)
+            out[:, j] = self.ln(x[:, -1])
+        return out
+
+    def _embed(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, m) inputs at positions ``pos`` (m,) -> (B, m, D) input embeddings."""
+        x = self.item_emb(items) + self.type_emb(types) + self.gap_emb(gaps)
+        return self.drop(x + self.pos_emb(pos).unsqueeze(0))
+
     def _encode(
         self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, last_only: bool
     ) -> torch.Tensor:
         L = items.shape[1]
-        pos = torch.arange(L, device=items.device).unsqueeze(0)  # (1, L)
-        x = self.item_emb(items) + self.type_emb(types) + self.gap_emb(gaps) + self.pos_emb(pos)
-        x = self.drop(x)
+        x = self._embed(items, types, gaps, torch.arange(L, device=items.device))
         allowed = self._allowed(items)
         for k, block in enumerate(self.blocks):
             x = block(x, allowed, last_only=last_only and k == len(self.blocks) - 1)

@@ -180,13 +180,13 @@ def _row(user: str, g: int, rank: int, item: int, score: float, **kw) -> dict:
 
 
 def _explanation(
-    idx: torch.Tensor, weights: torch.Tensor, window: torch.Tensor, names: dict[int, str]
+    idx: list[int], weights: list[float], window: list[int], names: dict[int, str]
 ) -> list[dict[str, Any]]:
     """One item's kept events ((E,) positions from the end, weights) as output structs;
     ``names``: the item ids of the user's recent events (joined in Spark)."""
     L = len(window)
     out = []
-    for ago, w in zip(idx.tolist(), weights.tolist(), strict=True):
+    for ago, w in zip(idx, weights, strict=True):
         if w > 0:
             item = int(window[L - 1 - ago])
             out.append(
@@ -240,12 +240,17 @@ def score_batches(
                             m.ranker, xs, ids, min(s["explain_events"], m.max_len), base
                         )
                         explained = normalise(drops, s["explain_top"])
+                # plain lists once per batch: per-row tensor indexing costs more than the rows
+                finite = torch.isfinite(values).sum(1).tolist()
+                top_ids, top_values, window = ids.tolist(), values.tolist(), xs[:, 0].tolist()
+                if explained is not None:
+                    at, weight = explained[0].tolist(), explained[1].tolist()
                 for r, b in enumerate(np.nonzero(use)[0]):
-                    n_model = int(torch.isfinite(values[r]).sum())
+                    n_model = finite[r]
                     for k in range(n_model):
-                        item = int(ids[r, k])
+                        item = top_ids[r][k]
                         expl = (
-                            _explanation(explained[0][r, k], explained[1][r, k], xs[r, 0], names[b])
+                            _explanation(at[r][k], weight[r][k], window[r], names[b])
                             if explained is not None
                             else []
                         )
@@ -255,7 +260,7 @@ def score_batches(
                                 g,
                                 k + 1,
                                 item,
-                                float(values[r, k]),
+                                top_values[r][k],
                                 pattern=best_rule(rules, g, item, recent[b]),
                                 explanation=expl,
                                 fallback=False,
@@ -264,7 +269,7 @@ def score_batches(
                             )
                         )
                     # a student's segment catalogue ran out: popularity fills the last ranks
-                    taken = {int(i) for i in ids[r, :n_model]} | seen[b]
+                    taken = set(top_ids[r][:n_model]) | seen[b]
                     for k, (item, share) in enumerate(_popular(popular, g, taken, K - n_model)):
                         pattern = best_rule(rules, g, item, recent[b])
                         rows.append(

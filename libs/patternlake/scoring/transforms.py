@@ -65,6 +65,8 @@ def occlusion(
     K = items.shape[1]
     if base is None:
         base = ranking.score_items(ranker, x, items, batch)
+    if isinstance(ranker, ranking.DotRanker):
+        return _cached_occlusion(ranker, x, items, last, base, batch)
     rows, cols, variants = [], [], []
     for j in range(last):
         present = torch.nonzero(x[:, 0, L - 1 - j] > 0).squeeze(1)
@@ -79,6 +81,44 @@ def occlusion(
         return drops
     r, c = torch.cat(rows), torch.cat(cols)
     s = ranking.score_items(ranker, torch.cat(variants), items[r], batch)
+    d = base[r] - s
+    drops[r, :, c] = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
+    return drops
+
+
+def _cached_occlusion(
+    ranker: ranking.DotRanker,
+    x: torch.Tensor,
+    items: torch.Tensor,
+    last: int,
+    base: torch.Tensor,
+    batch: int,
+) -> torch.Tensor:
+    """:func:`occlusion` for a SequentialTeacher-family network: the deleted histories'
+    states from ``encode_deletions`` (the shared shifted prefix encoded once per row, each
+    deletion's later events against it), scored against the K items with their own windows
+    (the seen term)."""
+    B, _, L = x.shape
+    last = min(last, L)
+    drops = torch.zeros((B, items.shape[1], last), device=x.device)
+    rows = max(1, batch // 8)  # histories per pass: their keys and values stay in cache
+    local = ranker._local(x[:, 0])
+    states = torch.cat(
+        [
+            ranker.net.encode_deletions(
+                local[lo : lo + rows], x[lo : lo + rows, 1], x[lo : lo + rows, 2], last
+            )
+            for lo in range(0, B, rows)
+        ]
+    )  # (B, last, D)
+    ago = torch.arange(last, device=x.device)
+    r, c = torch.nonzero(x[:, 0, L - 1 - ago] > 0, as_tuple=True)  # present positions
+    if not len(r):
+        return drops
+    deleted = torch.zeros((len(r), L), dtype=torch.bool, device=x.device)
+    deleted[torch.arange(len(r), device=x.device), L - 1 - c] = True
+    window = ranking.delete_positions(x[r][:, :1], deleted)[:, 0]
+    s = ranker.items(ranking.DotState(states[r, c], window), items[r])
     d = base[r] - s
     drops[r, :, c] = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
     return drops
