@@ -129,6 +129,18 @@ def test_chunked_target_ranks_equal_the_dense_protocol(name, cap):
             assert [sorted(r) for r in top.tolist()] == [sorted(r) for r in want_ids.tolist()]
 
 
+@pytest.mark.parametrize("cap", [None, 20])
+def test_a_baselines_float64_scores_are_ranked_in_float64(cap):
+    """Popularity and Markov score in float64: two shares that float32 would merge keep
+    their order (the target above the other is rank 0, not a tie)."""
+    scores = torch.tensor([[0.0, 1.0, 1.0 + 1e-12, 0.5, 0.2]], dtype=torch.float64)
+    ranker = ranking.DenseRanker(lambda x: scores)
+    state = ranker.encode(torch.zeros((1, 3, 1), dtype=torch.int64))
+    ranks, top = ranking.target_ranks(ranker, state, torch.tensor([2]), chunk=2, cap=cap)
+    assert ranks.tolist() == [0]
+    assert top[0, :2].tolist() == [2, 1]
+
+
 def test_candidate_scores_equal_the_full_rows():
     n = 97
     for name, model in _models(n).items():

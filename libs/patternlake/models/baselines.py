@@ -146,7 +146,10 @@ class _BaselineRanker:
     def width(self, state: np.ndarray) -> int:
         return self.n_items
 
-    def chunk(self, state: np.ndarray, lo: int, hi: int) -> torch.Tensor:
+    def chunk(
+        self, state: np.ndarray, lo: int, hi: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores of items lo..hi; ``out`` (the rankers' reused block) is not used."""
         s = torch.from_numpy(np.array(self.block(state, lo, hi), dtype=np.float32))
         if lo == 0:
             s[:, 0] = float("-inf")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -68,15 +68,35 @@ def _block(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return buf[: rows * cols].view(rows, cols)
 
 
-def _in_block(window: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+class WindowIndex:
+    """A (B, L) window's items sorted once, with their rows: the items of any id range are
+    one slice (two binary searches), instead of a pass over the window per chunk."""
+
+    def __init__(self, window: torch.Tensor):
+        ids, order = window.reshape(-1).sort()
+        self.ids, self.rows = ids, order // max(1, window.shape[1])
+
+    def block(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bounds = torch.tensor([max(lo, 1), hi], dtype=self.ids.dtype, device=self.ids.device)
+        a, b = torch.searchsorted(self.ids, bounds).tolist()
+        return self.rows[a:b], self.ids[a:b] - lo
+
+
+def _in_block(
+    window: torch.Tensor | WindowIndex, lo: int, hi: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, columns) of the window items that fall in items lo..hi (padding never): the
     (B x L) cells a seen term or a mask touches, instead of a (B x chunk) mask."""
+    if isinstance(window, WindowIndex):
+        return window.block(lo, hi)
     inside = (window >= lo) & (window < hi) & (window > 0)
     rows, pos = torch.nonzero(inside, as_tuple=True)
     return rows, window[rows, pos] - lo
 
 
-def _mask_block(s: torch.Tensor, window: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+def _mask_block(
+    s: torch.Tensor, window: torch.Tensor | WindowIndex, lo: int, hi: int
+) -> torch.Tensor:
     """s with the window's items in lo..hi set to -inf (in place)."""
     rows, cols = _in_block(window, lo, hi)
     s[rows, cols] = NEG
@@ -92,6 +112,13 @@ def _seen_items(window: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
 class DotState:
     hidden: torch.Tensor  # (B, D): the state after the last position
     window: torch.Tensor  # (B, L): global item ids of the input window
+    _index: WindowIndex | None = field(default=None, repr=False)
+
+    def index(self) -> WindowIndex:
+        """The window's items sorted (built on the first chunk, kept for the others)."""
+        if self._index is None:
+            self._index = WindowIndex(self.window)
+        return self._index
 
 
 class DotRanker:
@@ -132,7 +159,7 @@ class DotRanker:
         else:
             s = torch.mm(state.hidden.detach(), block.detach().T, out=out)
         if self.seen_weight is not None:
-            rows, cols = _in_block(state.window, lo, hi)
+            rows, cols = _in_block(state.index(), lo, hi)
             # an item twice in the window gets the term once: both writes carry one value
             s[rows, cols] = s[rows, cols] + self.seen_weight
         if scored is not None:
@@ -148,6 +175,28 @@ class DotRanker:
             s = s + self.seen_weight * _seen_items(state.window, cand).to(s.dtype)
         bad = (cand == 0) if self.to_local is None else (local < 2)
         return s.masked_fill(bad, NEG)
+
+
+    def items_after_deletion(
+        self,
+        hidden: torch.Tensor,
+        window: torch.Tensor,
+        cand: torch.Tensor,
+        deleted: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, E, K): :meth:`items` of each row's K candidates ``cand`` (B, K) for E states
+        per row (B, E, D) whose histories are the row's ``window`` (B, L) less one event,
+        ``deleted`` (B, E) its item id: the seen term counts the window's other occurrences.
+        One batched product per row's K item vectors (no (B x E x K x D) gather)."""
+        local = self._local(cand)
+        s = torch.bmm(hidden, self.table[local].transpose(1, 2))
+        if self.seen_weight is not None:
+            count = (cand.unsqueeze(2) == window.unsqueeze(1)).sum(2)  # (B, K) occurrences
+            left = count.unsqueeze(1) - (deleted.unsqueeze(2) == cand.unsqueeze(1)).long()
+            seen = (left > 0) & (cand > 0).unsqueeze(1)
+            s = s + self.seen_weight * seen.to(s.dtype)
+        bad = (cand == 0) if self.to_local is None else (local < 2)
+        return s.masked_fill(bad.unsqueeze(1), NEG)
 
 
 @dataclass
@@ -219,7 +268,7 @@ class DenseRanker:
     def chunk(
         self, state: torch.Tensor, lo: int, hi: int, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        s = state[:, lo:hi].clone() if out is None else out.copy_(state[:, lo:hi])
+        s = state[:, lo:hi].clone()  # in the state's dtype (a baseline's float64): no ``out``
         if lo == 0:
             s[:, 0] = NEG
         return s
@@ -402,13 +451,14 @@ def top_k(
     b = _rows(state)
     size = chunk or chunk_items(b)
     buf = torch.empty(b * min(size, n))
+    masked = WindowIndex(exclude) if exclude is not None else None
     best: tuple[torch.Tensor, torch.Tensor] | None = None
     for lo in range(0, n, size):
         hi = min(n, lo + size)
         s = ranker.chunk(state, lo, hi, out=_block(buf, b, hi - lo))
         top = _finite_rows(s)
-        if exclude is not None:
-            _mask_block(s, exclude, lo, hi)  # only lowers scores: ``top`` stays an upper bound
+        if masked is not None:
+            _mask_block(s, masked, lo, hi)  # only lowers scores: ``top`` stays an upper bound
         best = _merge_rows(best, s, top, lo, k)
     assert best is not None
     return best[0], best[1].clamp_max(n - 1)
@@ -534,19 +584,22 @@ def capped_ranks(
     size = chunk or chunk_items(b)
     keep = min(max(cap + 1, k), n)
     scores = torch.empty(b * min(size, n), device=targets.device)
-    exact = torch.full((b,), NEG, device=targets.device)
+    masked = WindowIndex(exclude) if exclude is not None else None
+    exact: torch.Tensor | None = None
     best: tuple[torch.Tensor, torch.Tensor] | None = None
     for lo in range(0, n, size):
         hi = min(n, lo + size)
         s = ranker.chunk(state, lo, hi, out=_block(scores, b, hi - lo))
+        if exact is None:  # the scores' dtype (a baseline's float64 stays float64)
+            exact = torch.full((b,), NEG, dtype=s.dtype, device=s.device)
         top = _finite_rows(s)  # masking below only lowers scores: an upper bound
         mine = torch.nonzero((targets >= lo) & (targets < hi), as_tuple=True)[0]
         exact[mine] = s[mine, targets[mine] - lo]
-        if exclude is not None:
-            _mask_block(s, exclude, lo, hi)
+        if masked is not None:
+            _mask_block(s, masked, lo, hi)
             s[mine, targets[mine] - lo] = exact[mine]  # the target itself is never masked
         best = _merge_rows(best, s, top, lo, keep)
-    assert best is not None
+    assert best is not None and exact is not None
     best_v, best_i = best
     at_or_above = (best_v >= exact.unsqueeze(1)).sum(1)
     ranks = (at_or_above - 1).clamp(0, cap)

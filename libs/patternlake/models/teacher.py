@@ -117,13 +117,15 @@ class Block(nn.Module):
         return a.out_proj(o.transpose(1, 2).reshape(B, Lq, D))
 
     def forward_cached(
-        self, x: torch.Tensor, allowed: torch.Tensor
+        self, x: torch.Tensor, allowed: torch.Tensor, last_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``forward`` (inference) that also returns this block's keys and values (B, L, D)
-        for :meth:`extend`."""
+        for :meth:`extend` (every position's, also with ``last_only``)."""
         q, k, v = F.linear(self.ln1(x), self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(
             3, dim=-1
         )
+        if last_only:
+            x, q, allowed = x[:, -1:], q[:, -1:], allowed[:, :, -1:]
         x = x + self._attention(q, k, v, allowed)
         return x + self.mlp(self.ln2(x)), k, v
 
@@ -212,8 +214,10 @@ class SequentialTeacher(nn.Module):
         x = self._embed(s_items, shift(types), shift(gaps), pos)
         allowed = self._allowed(s_items)
         cache = []
-        for block in self.blocks:
-            x, k, v = block.forward_cached(x, allowed)
+        for n, block in enumerate(self.blocks):
+            # the last block's keys and values come from its input: its output is needed at
+            # the last position only (the deletion of the last event)
+            x, k, v = block.forward_cached(x, allowed, last_only=n == len(self.blocks) - 1)
             cache.append((k.contiguous(), v.contiguous()))  # overwritten per deletion
         out = x.new_empty((B, last, x.shape[-1]))
         out[:, 0] = self.ln(x[:, -1])

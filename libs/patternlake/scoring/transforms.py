@@ -100,7 +100,6 @@ def _cached_occlusion(
     (the seen term)."""
     B, _, L = x.shape
     last = min(last, L)
-    drops = torch.zeros((B, items.shape[1], last), device=x.device)
     rows = max(1, batch // 8)  # histories per pass: their keys and values stay in cache
     local = ranker._local(x[:, 0])
     states = torch.cat(
@@ -111,17 +110,11 @@ def _cached_occlusion(
             for lo in range(0, B, rows)
         ]
     )  # (B, last, D)
-    ago = torch.arange(last, device=x.device)
-    r, c = torch.nonzero(x[:, 0, L - 1 - ago] > 0, as_tuple=True)  # present positions
-    if not len(r):
-        return drops
-    deleted = torch.zeros((len(r), L), dtype=torch.bool, device=x.device)
-    deleted[torch.arange(len(r), device=x.device), L - 1 - c] = True
-    window = ranking.delete_positions(x[r][:, :1], deleted)[:, 0]
-    s = ranker.items(ranking.DotState(states[r, c], window), items[r])
-    d = base[r] - s
-    drops[r, :, c] = torch.where(torch.isfinite(d), d, torch.zeros_like(d))
-    return drops
+    deleted = x[:, 0, L - 1 - torch.arange(last, device=x.device)]  # (B, last); 0: padding
+    s = ranker.items_after_deletion(states, x[:, 0], items, deleted)  # (B, last, K)
+    d = base.unsqueeze(1) - s
+    d = torch.where(torch.isfinite(d) & (deleted > 0).unsqueeze(2), d, torch.zeros_like(d))
+    return d.transpose(1, 2).contiguous()  # (B, K, last)
 
 
 def normalise(drops: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
