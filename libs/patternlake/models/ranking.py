@@ -176,7 +176,6 @@ class DotRanker:
         bad = (cand == 0) if self.to_local is None else (local < 2)
         return s.masked_fill(bad, NEG)
 
-
     def items_after_deletion(
         self,
         hidden: torch.Tensor,
