@@ -88,3 +88,28 @@ def test_a_user_sample_is_the_same_users_every_time_and_about_the_size_asked(spa
     assert report["protocol"]["users"] == len(first)
     assert report["protocol"]["sample_users"] == total // 4
     assert report["models"]["teacher"]["overall"]["users"] == len(first)
+
+
+@pytest.mark.slow
+def test_the_ranking_task_raises_no_warning(spark, trained_lake):
+    """The task's Arrow columns are read-only buffers: turning them into tensors must not
+    warn (a Python worker's warning reaches the user's terminal on every batch)."""
+    import warnings
+
+    import numpy as np
+
+    from patternlake.evaluation import distributed as job
+
+    cfg, lake, *_ = trained_lake
+    sequences = lake.read("user_sequences")
+    popularity, markov = job.baseline_tables(sequences, 10)
+    n_items = int(sequences.selectExpr("max(array_max(item_seq))").first()[0]) + 2
+    counts = job.counts_vector(popularity, n_items)
+    inputs = job.test_inputs(sequences, None, markov, 50).limit(40).toArrow()
+    payload = {"n_items": n_items, "max_len": 50, "mask_history": True, "counts": counts,
+               "models": {}, "routed": {}}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = list(job.rank_batches(iter(inputs.to_batches()), payload))
+    ranks = np.concatenate([b.column("rank").to_numpy() for b in out])
+    assert len(ranks) == 2 * inputs.num_rows and (ranks >= 0).all()

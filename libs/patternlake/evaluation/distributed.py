@@ -227,7 +227,8 @@ def rank_batches(
             continue
         stacked = np.stack([pad_left(batch.column(c), L) for c in INPUTS], axis=1)
         items = stacked[:, 0]
-        targets = torch.from_numpy(batch.column("target").to_numpy(zero_copy_only=False))
+        # a copy: Arrow's buffer is read-only, which torch.from_numpy warns about
+        targets = torch.tensor(batch.column("target").to_numpy(zero_copy_only=False))
         groups = batch.column("segment_id").to_numpy(zero_copy_only=False).astype(np.int64)
         base = batch_baselines(batch, job["counts"], n_items, items)
         scored = scorers(base, job["models"], job["routed"], stacked, groups)
