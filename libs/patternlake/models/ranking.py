@@ -495,6 +495,23 @@ def dense_top_k(
     return s.gather(1, order), order
 
 
+def _read_targets(
+    s: torch.Tensor,
+    targets: torch.Tensor,
+    lo: int,
+    hi: int,
+    exact: torch.Tensor,
+    masked: WindowIndex | None,
+) -> None:
+    """The scores of the targets in items lo..hi read from block s into ``exact``, then the
+    window's items (``masked``) masked in s, the target itself never (in place)."""
+    mine = torch.nonzero((targets >= lo) & (targets < hi), as_tuple=True)[0]
+    exact[mine] = s[mine, targets[mine] - lo]
+    if masked is not None:
+        _mask_block(s, masked, lo, hi)
+        s[mine, targets[mine] - lo] = exact[mine]
+
+
 def target_ranks(
     ranker: Ranker,
     state: Any,
@@ -531,16 +548,13 @@ def target_ranks(
     band_rows, band_values = [targets.new_zeros(0)], [t.new_zeros(0)]
     scores = torch.empty(b * min(size, n), device=targets.device)
     buf = torch.empty((b, min(size, n)), device=targets.device)
+    masked = WindowIndex(exclude) if exclude is not None else None
     best: tuple[torch.Tensor, torch.Tensor] | None = None
     for lo in range(0, n, size):
         hi = min(n, lo + size)
         s = ranker.chunk(state, lo, hi, out=_block(scores, b, hi - lo))
         top = _finite_rows(s)  # masking below only lowers scores: an upper bound
-        mine = torch.nonzero((targets >= lo) & (targets < hi), as_tuple=True)[0]
-        exact[mine] = s[mine, targets[mine] - lo]
-        if exclude is not None:
-            _mask_block(s, exclude, lo, hi)
-            s[mine, targets[mine] - lo] = exact[mine]  # the target itself is never masked
+        _read_targets(s, targets, lo, hi, exact, masked)
         buf = buf[:, : hi - lo]
         clear = _count_above(s, (t_band + tol).unsqueeze(1), buf)
         near = _count_at_least(s, (t_band - tol).unsqueeze(1), buf) - clear
@@ -592,11 +606,7 @@ def capped_ranks(
         if exact is None:  # the scores' dtype (a baseline's float64 stays float64)
             exact = torch.full((b,), NEG, dtype=s.dtype, device=s.device)
         top = _finite_rows(s)  # masking below only lowers scores: an upper bound
-        mine = torch.nonzero((targets >= lo) & (targets < hi), as_tuple=True)[0]
-        exact[mine] = s[mine, targets[mine] - lo]
-        if masked is not None:
-            _mask_block(s, masked, lo, hi)
-            s[mine, targets[mine] - lo] = exact[mine]  # the target itself is never masked
+        _read_targets(s, targets, lo, hi, exact, masked)
         best = _merge_rows(best, s, top, lo, keep)
     assert best is not None and exact is not None
     best_v, best_i = best
