@@ -195,13 +195,8 @@ def _evaluate_spark(
 
     ev = config.evaluate
     d = _data(lake, config, models, data_version, item_index_version)
-    version, item_index_version, n_items, max_len = (
-        d.version,
-        d.item_index_version,
-        d.n_items,
-        d.max_len,
-    )
-    sequences = lake.read("user_sequences", version=version)
+    n_items = d.n_items
+    sequences = lake.read("user_sequences", version=d.version)
     segments = (
         lake.read("segments").select("user_id", "segment_id") if lake.exists("segments") else None
     )
@@ -213,10 +208,10 @@ def _evaluate_spark(
     routed, champions = _routed_models(config, routed, models, segment_ids)
     popularity, markov = job.baseline_tables(sequences, ev.markov_successors)
     counts = job.counts_vector(popularity, n_items)
-    inputs = job.test_inputs(sequences, segments, markov, max_len, ev.sample_users)
+    inputs = job.test_inputs(sequences, segments, markov, d.max_len, ev.sample_users)
     payload = {
         "n_items": n_items,
-        "max_len": max_len,
+        "max_len": d.max_len,
         "mask_history": ev.mask_history,
         "counts": counts,
         "models": models,
@@ -249,7 +244,7 @@ def _evaluate_spark(
         )
         _log_model(name, overall)
     n_users = next(iter(measured.values()))[0]["users"]
-    return _report(config, n_users, n_items, version, item_index_version, reports, champions)
+    return _report(config, n_users, n_items, d.version, d.item_index_version, reports, champions)
 
 
 def _log_model(name: str, overall: dict[str, float]) -> None:
@@ -338,19 +333,13 @@ def _test_split(
     """The test split of ``user_sequences@data_version`` (default: latest) over the items of
     ``item_index@item_index_version`` (default: latest)."""
     d = _data(lake, config, models, data_version, item_index_version)
-    version, item_index_version, n_items, max_len = (
-        d.version,
-        d.item_index_version,
-        d.n_items,
-        d.max_len,
-    )
     table = read_table(d.files)
-    users, items, types, gaps, target = evaluation_arrays(table, max_len, "test")
+    users, items, types, gaps, target = evaluation_arrays(table, d.max_len, "test")
     if len(users) == 0:
         raise PatternlakeError("evaluate: no user has the 3 events the protocol needs")
     stacked = np.stack([items, types, gaps], axis=1)
     return EvaluationSplit(
-        version, item_index_version, table, n_items, max_len, users, items, stacked, target
+        d.version, d.item_index_version, table, d.n_items, d.max_len, users, items, stacked, target
     )
 
 

@@ -77,28 +77,16 @@ class WindowIndex:
         self.ids, self.rows = ids, order // max(1, window.shape[1])
 
     def block(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, columns) of the window items that fall in items lo..hi (padding never):
+        the (B x L) cells a seen term or a mask touches, instead of a (B x chunk) mask."""
         bounds = torch.tensor([max(lo, 1), hi], dtype=self.ids.dtype, device=self.ids.device)
         a, b = torch.searchsorted(self.ids, bounds).tolist()
         return self.rows[a:b], self.ids[a:b] - lo
 
 
-def _in_block(
-    window: torch.Tensor | WindowIndex, lo: int, hi: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns) of the window items that fall in items lo..hi (padding never): the
-    (B x L) cells a seen term or a mask touches, instead of a (B x chunk) mask."""
-    if isinstance(window, WindowIndex):
-        return window.block(lo, hi)
-    inside = (window >= lo) & (window < hi) & (window > 0)
-    rows, pos = torch.nonzero(inside, as_tuple=True)
-    return rows, window[rows, pos] - lo
-
-
-def _mask_block(
-    s: torch.Tensor, window: torch.Tensor | WindowIndex, lo: int, hi: int
-) -> torch.Tensor:
+def _mask_block(s: torch.Tensor, window: WindowIndex, lo: int, hi: int) -> torch.Tensor:
     """s with the window's items in lo..hi set to -inf (in place)."""
-    rows, cols = _in_block(window, lo, hi)
+    rows, cols = window.block(lo, hi)
     s[rows, cols] = NEG
     return s
 
@@ -159,7 +147,7 @@ class DotRanker:
         else:
             s = torch.mm(state.hidden.detach(), block.detach().T, out=out)
         if self.seen_weight is not None:
-            rows, cols = _in_block(state.index(), lo, hi)
+            rows, cols = state.index().block(lo, hi)
             # an item twice in the window gets the term once: both writes carry one value
             s[rows, cols] = s[rows, cols] + self.seen_weight
         if scored is not None:
