@@ -1,8 +1,8 @@
 # Databricks notebook source
 # MAGIC %md
 # MAGIC # Teacher and students: quality and compression trade-offs
-# MAGIC The registered teacher's training curve (MLflow), each segment's student and int8 student
-# MAGIC next to the teacher on the segment's validation users (`ops/model_report`), and every
+# MAGIC The registered teacher's training curve (MLflow), the shared student and its int8 form
+# MAGIC next to the teacher on the gate users, pooled and per segment (`ops/model_report`), and every
 # MAGIC promotion decision (`ops/model_decisions`). Locally:
 # MAGIC `.venv/bin/python notebooks/02_models_and_compression.py` (after `patternlake run train`).
 
@@ -34,7 +34,7 @@ for m in curve:
 
 # COMMAND ----------
 
-# MAGIC %md ## Per segment: size and quality of teacher, student and int8 student
+# MAGIC %md ## The shared student (segment -1: every gate user, pooled) and each segment's harm guard
 
 # COMMAND ----------
 
@@ -50,6 +50,8 @@ spark.createDataFrame(rows).select(
     "teacher_ndcg_at_10",
     "student_ndcg_at_10",
     "int8_ndcg_at_10",
+    "student_ratio_lower_90",
+    "student_ratio_upper_90",
     "champion",
 ).orderBy("segment_id").show(truncate=False)
 

@@ -129,7 +129,7 @@ def daily_lake(spark, config, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_lake(spark, config, daily_lake, tmp_path_factory):
     """The daily lake with a registered teacher (single process, 12 epochs), a deliberately
-    weak round of students (refused by the gate), then real students, compressed:
+    weak shared student (refused by the gate), then a real one, compressed:
     (config, lake, teacher result, weak distill, weak champions, distill, compress)."""
     from patternlake import registry
     from patternlake.students.compress import compress
@@ -140,16 +140,17 @@ def trained_lake(spark, config, daily_lake, tmp_path_factory):
     cfg = in_folder(
         config,
         tmp_path_factory.mktemp("students"),
-        train={"epochs": 12, "patience": 4},
-        students={"epochs": 40, "patience": 6},
-        compress={"sparsity": [0.5, 0.3], "finetune_epochs": 2},
+        train={"epochs": 12, "patience": 4, "backend": "single"},
+        students={"epochs": 30, "patience": 5},
+        compress={"sparsity": [0.5, 0.0]},
     )
     cfg = cfg.model_copy(update={"lake": cfg.lake.model_copy(update={"root": lake.root})})
     teacher = train_teacher(spark, lake, cfg, "single")
     # a deliberately weak student first: one epoch at a learning rate that cannot move it
     weak_cfg = with_overrides(cfg, students={"epochs": 1, "lr": 1e-7, "d_model": [8]})
     weak = distill(spark, lake, weak_cfg)
-    weak_champions = {g: registry.champion_version(cfg, g) for g in weak["segments"]}
+    segments = [r[0] for r in lake.read("segments").select("segment_id").distinct().collect()]
+    weak_champions = {g: registry.champion_version(cfg, g) for g in segments}
     good = distill(spark, lake, cfg)
     packed = compress(spark, lake, cfg)
     return cfg, lake, teacher, weak, weak_champions, good, packed

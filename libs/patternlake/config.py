@@ -256,49 +256,35 @@ class TuneConfig(_Strict):
     space: TuneSpaceConfig
 
 
-class StudentSpaceConfig(_Strict):
-    """The per-segment search space (widths come from students.d_model)."""
-
-    catalogue_share: list[float] = Field(min_length=1)
-    n_layers: tuple[int, int]
-    dropout: tuple[float, float]
-    lr: tuple[float, float]  # sampled log-uniformly
-
-
 class StudentsConfig(_Strict):
-    """`distill`: one student per segment, distilled from the teacher."""
+    """`distill`: one shared student for every user, distilled from the teacher's stored
+    top-K by the teacher's training function, gated on users its training never chose on."""
 
-    max_param_ratio: float = Field(gt=0, le=1)  # of the teacher's parameters, embeddings counted
-    catalogue_share: float = Field(gt=0, le=1)  # 1: whole catalogue; <1: the segment's top items
-    loss: Literal["kl", "topk"]
+    max_bytes_ratio: float = Field(gt=0, le=1)  # served (int8) file <= this x the fp32 teacher's
+    top_k: int = Field(gt=0)  # teacher items (and logits) stored per training target
     temperature: float = Field(gt=0)
     alpha: float = Field(ge=0, le=1)  # weight of the teacher's soft targets
-    top_k: int = Field(gt=0)
     d_model: list[int] = Field(min_length=1)  # widths tried, the widest within the budget wins
     n_layers: int = Field(gt=0)
     n_heads: int = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
     epochs: int = Field(gt=0)
     patience: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    lr: float = Field(gt=0)
+    batch_size: int = Field(gt=0)  # per process, as train.batch_size
+    lr: float = Field(gt=0)  # of one process, as train.lr
     seed: int
-    gate: float = Field(gt=0, le=1)  # promoted if NDCG@10 >= gate x the teacher's (validation)
-    min_users: int = Field(ge=0)  # fewer validation users: the segment keeps the teacher
-    parallel: int = Field(ge=0)  # Spark tasks at once (0: one per segment)
-    cache_mb: int = Field(ge=0)  # teacher logits kept per task (fp16) instead of recomputed
-    search_trials: int = Field(ge=0)  # > 0: an Optuna study per segment picks the architecture
-    search_epochs: int = Field(gt=0)  # epochs per search trial
-    prune_after: int = Field(gt=0)  # a trial below the median after this many epochs is pruned
-    space: StudentSpaceConfig
+    gate: float = Field(gt=0, le=1)  # promoted if the ratio's 90% lower bound >= gate
+    harm_floor: float = Field(gt=0, le=1)  # a segment falls back if its 90% upper bound < this
+    resamples: int = Field(ge=100)  # paired bootstrap resamples of the gate users
+    min_users: int = Field(ge=0)  # fewer gate users: not promoted
 
 
 class CompressConfig(_Strict):
-    """`compress`: magnitude pruning with fine-tuning, then int8, per student."""
+    """`compress`: magnitude pruning, then int8, of the shared student."""
 
     sparsity: list[float] = Field(min_length=1)  # tried highest first; the first that passes
-    finetune_epochs: int = Field(ge=0)
-    gate: float = Field(gt=0, le=1)  # int8 promoted if NDCG@10 >= gate x the fp32 student's
+    min_overlap: float = Field(gt=0, le=1)  # int8: mean top-10 overlap with its fp32 model
+    gate: float = Field(gt=0, le=1)  # int8: the ratio's 90% lower bound vs fp32 >= gate
     runtime: Literal["dequant", "dynamic"]  # how an int8 file runs (see students/model.py)
 
     @field_validator("sparsity")

@@ -14,15 +14,20 @@ def _pct(a: float | None, b: float | None) -> float | None:
 
 
 def report_rows(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Latest distill and compress decision per segment -> report rows (pure)."""
+    """Latest distill and compress decision per segment -> report rows (pure). Segment -1 is
+    the shared student's pooled gate over every gate user; a segment's row is its harm guard
+    (its gate users only). ``student_ratio_*``: the one-sided 90% bounds of student /
+    teacher NDCG@10 (paired bootstrap)."""
     latest: dict[tuple[int, str], dict[str, Any]] = {}
     for d in sorted(decisions, key=lambda d: d["decided_at"]):
         latest[(d["segment_id"], d["stage"])] = d
+    shared = latest.get((-1, "distill"))
+    shared_details = json.loads(shared["details"]) if shared else {}
+    shared_co = latest.get((-1, "compress"))
+    tried = json.loads(shared_co["details"]).get("tried", []) if shared_co else []
     rows = []
     for g in sorted({k[0] for k in latest}):
         di, co = latest.get((g, "distill")), latest.get((g, "compress"))
-        dd = json.loads(di["details"]) if di else {}
-        cd = json.loads(co["details"]) if co else {}
         teacher = di["reference_ndcg_at_10"] if di else None
         student = di["model_ndcg_at_10"] if di else None
         int8 = co["model_ndcg_at_10"] if co else None
@@ -31,20 +36,19 @@ def report_rows(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "segment_id": g,
                 "valid_users": (di or co)["valid_users"],
-                "teacher_params": dd.get("teacher_params"),
-                "student_params": dd.get("params"),
-                "fp32_bytes": dd.get("bytes"),
-                "int8_bytes": cd.get("int8_bytes"),
-                "sparsity": cd.get("sparsity_reached"),
+                "teacher_params": shared_details.get("teacher_params"),
+                "student_params": di.get("params") if di else None,
+                "fp32_bytes": di.get("bytes") if di else None,
+                "int8_bytes": co.get("bytes") if co else None,
+                "sparsity": tried[-1]["sparsity"] if tried else None,
                 "teacher_ndcg_at_10": teacher,
                 "student_ndcg_at_10": student,
                 "int8_ndcg_at_10": int8,
                 "student_retention_pct": _pct(student, teacher),
-                "int8_retention_pct": _pct(int8, co["reference_ndcg_at_10"] if co else None),
-                "teacher_ms_per_1000": dd.get("teacher_ms_per_1000_users"),
-                "student_ms_per_1000": dd.get("ms_per_1000_users"),
-                "int8_ms_per_1000": cd.get("int8_ms_per_1000_users"),
+                "int8_retention_pct": _pct(int8, student),
                 "champion": champion,
+                "student_ratio_lower_90": di.get("ratio_lower_90") if di else None,
+                "student_ratio_upper_90": di.get("ratio_upper_90") if di else None,
             }
         )
     return rows

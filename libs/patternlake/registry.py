@@ -276,22 +276,36 @@ def _teacher(config: Config) -> Any | None:
 def segment_students(
     config: Config, segments: list[int], runtime: str = "dequant"
 ) -> tuple[dict[str, dict[int, tuple[torch.nn.Module, int]]], dict[int, str]]:
-    """For the current teacher: the newest fp32 and int8 student of each segment
-    ({"student": {g: (model, bytes)}, "student_int8": {...}}) and each segment's champion
-    ("student v3", "student-int8 v5" or "teacher")."""
+    """For the current teacher: the newest shared fp32 and int8 student, as every segment's
+    model ({"student": {g: (model, bytes)}, "student_int8": {...}}: one model object for all
+    segments), the served fleet ({"fleet": {g: (champion, bytes)}}: segments the teacher
+    serves are left out) and each segment's champion ("student v3", "student-int8 v5" or
+    "teacher")."""
     version = teacher_version(config)
-    found: dict[str, dict[int, tuple[torch.nn.Module, int]]] = {"student": {}, "student_int8": {}}
+    found: dict[str, dict[int, tuple[torch.nn.Module, int]]] = {
+        "student": {},
+        "student_int8": {},
+        "fleet": {},
+    }
     champions: dict[int, str] = {}
     if version is None:
         return found, champions
+    loaded: dict[str, tuple[torch.nn.Module, int]] = {}
+
+    def load(v: Any) -> tuple[torch.nn.Module, int]:
+        if v.version not in loaded:
+            path = version_file(config, STUDENT, v.version)
+            loaded[v.version] = (from_bytes(path.read_bytes(), runtime), path.stat().st_size)
+        return loaded[v.version]
+
     for variant, key in (("fp32", "student"), ("int8", "student_int8")):
-        for v in student_versions(config, variant=variant, teacher_version=version):
-            g = int(v.tags["segment"])
-            if g in segments and g not in found[key]:
-                path = version_file(config, STUDENT, v.version)
-                found[key][g] = (from_bytes(path.read_bytes(), runtime), path.stat().st_size)
+        newest = student_versions(config, variant=variant, shared="true", teacher_version=version)
+        if newest:
+            found[key] = {g: load(newest[0]) for g in segments}
     for g, mv in current_champions(config, segments, version).items():
         champions[g] = "teacher" if mv is None else f"{champion_name(mv)} v{mv.version}"
+        if mv is not None:
+            found["fleet"][g] = load(mv)
     return found, champions
 
 

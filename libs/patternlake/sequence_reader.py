@@ -39,6 +39,9 @@ import torch
 from patternlake.errors import PatternlakeError
 
 COLUMNS = ["user_id", "item_seq", "type_seq", "gap_seq", "valid_item", "test_item"]
+# a distillation table (``students.topk``): the sequences plus, per user, the teacher's K best
+# items and their logits at every training target, targets in order, K values each
+SOFT_COLUMNS = ["topk_items", "topk_logits"]
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,23 @@ class Batch:
     types: torch.Tensor
     gaps: torch.Tensor
     targets: torch.Tensor  # (B, L) next items (training) or (B,) one target (evaluation)
+    # distillation: the teacher's K best items (B, L, K) and their logits (-inf: none) at
+    # every target position (``soft_arrays``); None when training on the targets alone
+    soft_items: torch.Tensor | None = None
+    soft_logits: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
             *(
-                t.to(device, non_blocking=True)
-                for t in (self.items, self.types, self.gaps, self.targets)
+                None if t is None else t.to(device, non_blocking=True)
+                for t in (
+                    self.items,
+                    self.types,
+                    self.gaps,
+                    self.targets,
+                    self.soft_items,
+                    self.soft_logits,
+                )
             )
         )
 
@@ -216,6 +230,47 @@ def training_arrays(
     return items_in, types_in, gaps_in, targets
 
 
+def soft_arrays(
+    table: pa.Table, max_len: int, k: int, stride: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The stored teacher top-K of a distillation table laid out like ``training_arrays``'
+    targets: (windows, max_len, k) int32 items and float16 logits; positions without a
+    target hold item 0 and logit -inf. Per row, ``topk_items`` / ``topk_logits`` hold k
+    values for each training target in order (the row's training events but its first)."""
+    context, target_start, end = _window_bounds(table, max_len, stride)
+    column = table.column("item_seq")
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    offsets = offsets - offsets[0]
+    n_targets = np.maximum(training_lengths(table) - 1, 0)
+    first_target = np.cumsum(n_targets) - n_targets  # the row's first target among all
+    soft_items = _flat(table, "topk_items")
+    soft_logits = table.column("topk_logits")
+    if isinstance(soft_logits, pa.ChunkedArray):
+        soft_logits = soft_logits.combine_chunks()
+    logits = soft_logits.flatten().to_numpy(zero_copy_only=False).astype(np.float16)
+    if len(soft_items) != int(n_targets.sum()) * k or len(logits) != len(soft_items):
+        raise PatternlakeError(
+            f"distillation table: {len(soft_items)} stored teacher values for "
+            f"{int(n_targets.sum())} training targets x k={k}; it was written for another "
+            "user_sequences version or k (rerun `patternlake distill`)"
+        )
+    row = np.searchsorted(offsets, target_start, side="right") - 1
+    cols = np.arange(max_len)
+    n = len(end)
+    first_col = max_len - (end - target_start)  # the window's first target column
+    has = cols[None, :] >= first_col[:, None]
+    position = target_start[:, None] + (cols[None, :] - first_col[:, None])  # flat item index
+    target_no = first_target[row][:, None] + position - offsets[row][:, None] - 1
+    items_out = np.zeros((n, max_len, k), dtype=np.int32)
+    logits_out = np.full((n, max_len, k), -np.inf, dtype=np.float16)
+    idx = target_no[has][:, None] * k + np.arange(k)[None, :]
+    items_out[has] = soft_items[idx]
+    logits_out[has] = logits[idx]
+    return items_out, logits_out
+
+
 def evaluation_arrays(table: pa.Table, max_len: int, split: str) -> tuple[np.ndarray, ...]:
     """(user_ids, items, types, gaps, target) for evaluable users: ``valid`` predicts the
     validation target from the training part, ``test`` the test target from everything
@@ -318,7 +373,10 @@ class ShardedSequences:
         buffer_rows: int = 8192,
         stride: int | None = None,
         counts: ExampleCounts | None = None,
+        soft_k: int = 0,
     ):
+        """``soft_k`` > 0: ``files`` are a distillation table and every batch carries the
+        teacher's stored top ``soft_k`` (``soft_arrays``)."""
         pieces = plan_pieces(files, chunk_rows)
         self.stride = window_stride(max_len, stride)
         plan = counts or example_counts(files, max_len, self.stride, chunk_rows)
@@ -342,6 +400,9 @@ class ShardedSequences:
             )
         self.rank, self.world = rank, world
         self.max_len, self.batch_size, self.seed = max_len, batch_size, seed
+        self.soft_k = soft_k
+        if soft_k:  # a window's soft targets are max_len x k values: a smaller buffer
+            buffer_rows = min(buffer_rows, max(2048, batch_size))
         self.buffer_rows = max(buffer_rows, batch_size)
 
     @property
@@ -383,6 +444,8 @@ class ShardedSequences:
         buffered = 0
         for piece, (first, end) in self._read(self.assignment(epoch)):
             arrays = training_arrays(piece, self.max_len, self.stride)
+            if self.soft_k:
+                arrays = (*arrays, *soft_arrays(piece, self.max_len, self.soft_k, self.stride))
             buffer.append(tuple(a[first:end] for a in arrays))
             buffered += end - first
             if buffered < self.buffer_rows:
@@ -401,20 +464,29 @@ class ShardedSequences:
         n_full = len(perm) // self.batch_size
         for b in range(n_full):
             s = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            yield Batch(*(torch.from_numpy(a[s]) for a in cat))
+            yield _batch([a[s] for a in cat])
         tail = n_full * self.batch_size
         if tail < len(perm):
             if keep_tail:
                 buffer.append(tuple(a[tail:] for a in cat))
             else:
-                yield Batch(*(torch.from_numpy(a[tail:]) for a in cat))
+                yield _batch([a[tail:] for a in cat])
 
     def _read(
         self, ranges: list[tuple[Piece, int, int]]
     ) -> Iterator[tuple[pa.Table, tuple[int, int]]]:
-        groups = _RowGroups(COLUMNS[1:])
+        groups = _RowGroups(COLUMNS[1:] + (SOFT_COLUMNS if self.soft_k else []))
         for p, first, end in ranges:
             yield groups.slice(p), (first, end)
+
+
+def _batch(arrays: list[np.ndarray]) -> Batch:
+    """A batch from the windows' arrays: inputs and targets int64, soft targets as stored
+    (int32 ids, float16 logits) widened here, on the prefetch thread."""
+    out = [torch.from_numpy(a) for a in arrays[:4]]
+    if len(arrays) > 4:
+        out += [torch.from_numpy(arrays[4].astype(np.int64)), torch.from_numpy(arrays[5]).float()]
+    return Batch(*out)
 
 
 def count_examples(pieces: list[Piece], max_len: int, stride: int | None = None) -> list[int]:

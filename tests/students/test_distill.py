@@ -1,18 +1,22 @@
 """distill -> compress -> evaluate -> models on the generated daily lake, with a real
-teacher (single process, a few epochs), real Spark tasks and a real MLflow registry."""
+teacher (single process, a few epochs), the teacher's top-K stored by a real Spark job, the
+shared student trained by the teacher's training function and a real MLflow registry."""
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from patternlake import registry
-from patternlake.models.student import count_params, from_bytes, quantized_bytes
-from patternlake.models.teacher import TeacherConfig
-from patternlake.students.segment_training import SegmentData, segment_table
+from patternlake.models.student import Student, quantized_bytes
+from patternlake.sequence_reader import read_table
+from patternlake.students.distill import SHARED
+from patternlake.students.topk import TABLE, topk_columns
 
 
 @pytest.fixture(scope="module")
@@ -20,52 +24,84 @@ def students(trained_lake):
     return trained_lake
 
 
-@pytest.mark.slow
-def test_a_weak_student_is_refused_and_the_segment_keeps_the_teacher(students):
-    cfg, lake, _, weak, weak_champions, _, _ = students
-    for g, r in weak["segments"].items():
-        assert r["promoted"] is False and r["champion"] == "teacher", (g, r)
-        assert weak_champions[g] is None  # no champion alias: the teacher serves
-    rows = lake.read("model_decisions").where("stage = 'distill'").collect()
-    refused = [
+def _decisions(lake, stage: str, version: str) -> list:
+    return [
         r
-        for r in rows
-        if r.registered_version in {s["registered_version"] for s in weak["segments"].values()}
+        for r in lake.read("model_decisions").where(f"stage = '{stage}'").collect()
+        if r.registered_version == version
     ]
-    assert refused and all(not r.promoted and r.champion == "teacher" for r in refused)
-    assert all(r.model_ndcg_at_10 < cfg.students.gate * r.reference_ndcg_at_10 for r in refused)
 
 
 @pytest.mark.slow
-def test_students_train_in_parallel_spark_tasks_one_per_segment(students, capsys):
+def test_a_weak_student_is_refused_and_every_segment_keeps_the_teacher(students):
+    cfg, lake, _, weak, weak_champions, _, _ = students
+    assert weak["shared"]["promoted"] is False and weak["shared"]["champion"] == "teacher"
+    assert weak_champions and all(v is None for v in weak_champions.values())
+    rows = _decisions(lake, "distill", weak["registered_version"])
+    pooled = [r for r in rows if r.segment_id == SHARED]
+    assert len(pooled) == 1 and not pooled[0].promoted
+    assert pooled[0].ratio_lower_90 < cfg.students.gate  # the interval is recorded
+    assert pooled[0].ratio_lower_90 <= pooled[0].ratio <= pooled[0].ratio_upper_90
+    assert all(not r.promoted and r.champion == "teacher" for r in rows)
+
+
+@pytest.mark.slow
+def test_the_shared_student_trains_with_the_training_function_within_the_byte_budget(students):
     cfg, lake, teacher, _, _, good, _ = students
-    segs = sorted(r[0] for r in lake.read("segments").select("segment_id").distinct().collect())
-    assert sorted(good["segments"]) == segs and len(segs) >= 3
-    spans = [(r["task_started"], r["task_finished"], r["pid"]) for r in good["segments"].values()]
-    overlapping = any(
-        a[0] < b[1] and b[0] < a[1] and a[2] != b[2]
-        for i, a in enumerate(spans)
-        for b in spans[i + 1 :]
+    d = good["shared"]
+    assert d["backend"] == "single" and d["world"] == 1 and d["epochs_run"] >= 1
+    assert (
+        d["int8_bytes"]
+        <= d["budget_bytes"]
+        == int(cfg.students.max_bytes_ratio * d["teacher_bytes"])
     )
-    assert overlapping, spans  # two segments trained at the same time, in two Python workers
-    with capsys.disabled():
-        for g, r in sorted(good["segments"].items()):
-            print(
-                f"\nsegment {g}: student {r['params']} params vs teacher {r['teacher_params']}; "
-                f"validation NDCG@10 {r['best_valid_ndcg@10']:.4f} vs teacher "
-                f"{r['teacher_valid_ndcg@10']:.4f} -> {r['champion']}"
-            )
+    mv = registry.client(cfg).get_model_version(registry.STUDENT, good["registered_version"])
+    assert mv.tags["shared"] == "true" and mv.tags["variant"] == "fp32"
+    path = registry.version_file(cfg, registry.STUDENT, good["registered_version"])
+    assert int(mv.tags["bytes"]) == path.stat().st_size == d["fp32_bytes"]  # bytes on disk
+    # one decision row for every user pooled, one per segment (its harm guard)
+    rows = _decisions(lake, "distill", good["registered_version"])
+    segments = {r[0] for r in lake.read("segments").select("segment_id").distinct().collect()}
+    assert {r.segment_id for r in rows} <= segments | {SHARED} and SHARED in {
+        r.segment_id for r in rows
+    }
+    for r in rows:
+        champion = registry.champion_version(cfg, r.segment_id) if r.segment_id >= 0 else None
+        if r.segment_id >= 0:
+            assert (champion is not None) == r.promoted
+            if r.promoted:
+                assert str(champion.version) == good["registered_version"]
 
 
 @pytest.mark.slow
-def test_every_student_is_within_the_size_budget(students):
-    cfg, _, teacher, _, _, good, _ = students
-    budget = cfg.students.max_param_ratio * teacher["params"]
-    for r in good["segments"].values():
-        assert r["params"] <= budget
-        assert r["params"] == count_params(TeacherConfig(**r["config"]))
-        mv = registry.client(cfg).get_model_version(registry.STUDENT, r["registered_version"])
-        assert int(mv.tags["params"]) == r["params"] and mv.tags["variant"] == "fp32"
+def test_the_stored_teacher_logits_equal_recomputed_ones(students):
+    cfg, lake, _, _, _, good, _ = students
+    teacher, tags = registry.load_teacher(cfg)
+    stored = read_table(
+        lake.files(TABLE),
+        [
+            "user_id",
+            "item_seq",
+            "type_seq",
+            "gap_seq",
+            "valid_item",
+            "test_item",
+            "topk_items",
+            "topk_logits",
+            "teacher_version",
+            "k",
+        ],
+    )
+    assert set(stored.column("teacher_version").to_pylist()) == {tags["version"]}
+    sample = stored.slice(0, 64)
+    ids, logits = topk_columns(teacher, sample, cfg.students.top_k, None)
+    assert ids.equals(sample.column("topk_items").combine_chunks().cast(ids.type))
+    a = np.asarray(logits.flatten(), dtype=np.float32)
+    b = np.asarray(sample.column("topk_logits").combine_chunks().flatten(), dtype=np.float32)
+    assert np.allclose(a, b, atol=1e-5)
+    sequences = read_table(lake.files("user_sequences", int(tags["data.version"])))
+    assert stored.num_rows == sequences.num_rows
+    assert isinstance(ids, pa.ListArray)
 
 
 @pytest.mark.slow
@@ -78,59 +114,45 @@ def test_loading_from_the_registry_never_unpickles(students, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
-    for r in list(good["segments"].values()) + list(packed["segments"].values()):
-        path = registry.version_file(cfg, registry.STUDENT, r["registered_version"])
+    for version in (good["registered_version"], packed["registered_version"]):
+        path = registry.version_file(cfg, registry.STUDENT, version)
         assert not path.read_bytes().startswith((b"PK", b"\x80"))  # not torch.save / pickle
-        model = registry.load_student(cfg, r["registered_version"])
-        assert isinstance(model, torch.nn.Module)
+        assert isinstance(registry.load_student(cfg, version), torch.nn.Module)
     teacher, tags = registry.load_teacher(cfg)
     assert teacher.num_params() > 0 and "data.version" in tags
 
 
 @pytest.mark.slow
-def test_int8_round_trip_keeps_the_top10_of_a_distilled_student(students):
-    cfg, lake, teacher, _, _, good, _ = students
-    tags = registry.load_teacher(cfg)[1]
-    files = lake.files("user_sequences", int(tags["data.version"]))
-    agree = []
-    for g, r in good["segments"].items():
-        fp32 = registry.load_student(cfg, r["registered_version"])
-        int8 = from_bytes(quantized_bytes(fp32))
-        data = SegmentData(segment_table(files, lake.files("segments"), g), fp32.config.max_len)
-        with torch.no_grad():
-            a = fp32(data.valid).topk(10).indices.sort().values
-            b = int8(data.valid).topk(10).indices.sort().values
-        agree.append((a == b).all(1).float().numpy())
-    share = float(np.concatenate(agree).mean())
-    assert share >= 0.95, share
-
-
-@pytest.mark.slow
-def test_compress_gates_int8_against_its_fp32_student_and_shrinks_it(students):
+def test_compress_judges_int8_by_fidelity_and_moves_only_fp32_champions(students):
     cfg, lake, _, _, _, good, packed = students
+    shared = packed["shared"]
+    fp32_bytes = good["shared"]["fp32_bytes"]
+    for tried in shared["tried"]:  # int8 alone: > 3x; with half the weights pruned: >= 4x
+        assert fp32_bytes / tried["int8_bytes"] > 3, tried
+        if tried["sparsity"] >= 0.5:
+            assert fp32_bytes / tried["int8_bytes"] >= 4, tried
+        assert 0 <= tried["top10_overlap"] <= 1 and tried["inputs"] > 0
+        assert tried["passed"] == (
+            tried["top10_overlap"] >= cfg.compress.min_overlap
+            and tried["interval"]["lower"] >= cfg.compress.gate
+        )
+    assert shared["promoted"] == shared["tried"][-1]["passed"]
+    if len(shared["tried"]) > 1:
+        assert not shared["tried"][0]["passed"]  # the first that passes wins
     for g, r in packed["segments"].items():
-        for tried in r["tried"]:  # int8 alone: > 3x; with half the weights pruned: >= 4x
-            assert r["fp32_bytes"] / tried["int8_bytes"] > 3, tried
-            if tried["sparsity"] >= 0.5:
-                assert r["fp32_bytes"] / tried["int8_bytes"] >= 4, tried
-                assert tried["sparsity_reached"] >= 0.49, tried
-        passed = r["int8_valid_ndcg@10"] >= cfg.compress.gate * r["fp32_valid_ndcg@10"]
-        fp32_champion = good["segments"][g]["promoted"]
-        assert r["promoted"] == (passed and fp32_champion)
         champion = registry.champion_version(cfg, g)
+        fp32_served = good["segments"][g]["promoted"]
         if r["promoted"]:
-            assert str(champion.version) == r["registered_version"]
-            assert champion.tags["variant"] == "int8"
-        elif fp32_champion:
-            assert str(champion.version) == good["segments"][g]["registered_version"]
+            assert shared["promoted"] and fp32_served
+            assert str(champion.version) == packed["registered_version"]
+        elif fp32_served:
+            assert str(champion.version) == good["registered_version"]
         else:
             assert champion is None
-    rows = lake.read("model_decisions").where("stage = 'compress'").count()
-    assert rows == len(packed["segments"])
 
 
 @pytest.mark.slow
-def test_evaluate_reports_students_int8_and_champions(spark, students):
+def test_evaluate_reports_the_served_fleet_counting_a_shared_file_once(spark, students):
     from patternlake.evaluation.evaluate import evaluate_models
     from patternlake.students.models_report import model_report
 
@@ -139,49 +161,25 @@ def test_evaluate_reports_students_int8_and_champions(spark, students):
     for name in ("teacher", "student", "student_int8"):
         m = out["models"][name]
         assert 0 < m["overall"]["ndcg@10"] <= 1 and m["params"] > 0 and m["bytes"] > 0
-    evaluated = out["models"]["student"]["segments"]
-    for g, r in good["segments"].items():
-        if str(g) in evaluated:  # (a segment whose users all have < 3 events is not evaluated)
-            assert evaluated[str(g)]["params"] == r["params"]
+    # every segment is served by the one shared file: its bytes once, not once per segment
+    assert out["models"]["student"]["bytes"] == good["shared"]["fp32_bytes"]
+    assert out["models"]["student_int8"]["bytes"] == packed["shared"]["bytes"]
     assert set(out["champions"]) == {str(g) for g in good["segments"]}
+    if any(r["promoted"] for r in good["segments"].values()):
+        assert "fleet" in out["models"]
     rows = model_report(lake, cfg)
-    assert [r["segment_id"] for r in rows] == sorted(good["segments"])
+    assert rows[0]["segment_id"] == SHARED
+    assert [r["segment_id"] for r in rows[1:]] == sorted(good["segments"])
     assert lake.read("model_report").count() == len(rows)
-    for r in rows:
-        assert r["int8_bytes"] < r["fp32_bytes"] and r["student_params"] < r["teacher_params"]
+    assert rows[0]["int8_bytes"] < rows[0]["fp32_bytes"]
+    assert rows[0]["student_params"] < rows[0]["teacher_params"]
+    assert rows[0]["student_ratio_lower_90"] <= rows[0]["student_ratio_upper_90"]
+    assert json.loads(json.dumps(rows, default=str))
 
 
 @pytest.mark.slow
-def test_a_small_search_picks_a_student_within_the_budget(students):
-    """students.search_trials > 0: an Optuna study (tuning's Pareto and pruning code) in the
-    segment's task; the chosen trial is within the budget and is what gets trained."""
-    from patternlake.models.teacher import teacher_bytes
-    from patternlake.students.segment_training import distill_segment
-
-    cfg, lake, _, _, _, good, _ = students
-    teacher, tags = registry.load_teacher(cfg)
-    g = max(good["segments"], key=lambda k: good["segments"][k]["users"])
-    budget = int(cfg.students.max_param_ratio * teacher.num_params())
-    settings = {
-        **cfg.students.model_dump(),
-        "search_trials": 4,
-        "search_epochs": 2,
-        "epochs": 2,
-        "d_model": [32, 16, 8],
-    }
-    job = {
-        "segment": g,
-        "files": lake.files("user_sequences", int(tags["data.version"])),
-        "segment_files": lake.files("segments"),
-        "settings": settings,
-        "budget": budget,
-    }
-    r = distill_segment(job, teacher_bytes(teacher))
-    trials = r["search"]["trials"]
-    assert len(trials) == 4
-    over = [t for t in trials if t["params"] > budget]
-    assert all(t["state"] == "PRUNED" for t in over)
-    chosen = r["search"]["chosen"]
-    assert chosen is not None and chosen["params"] <= budget and chosen["state"] == "COMPLETE"
-    assert r["params"] == chosen["params"] and r["config"]["d_model"] == chosen["d_model"]
-    assert r["config"]["n_layers"] == chosen["n_layers"]
+def test_the_served_int8_file_is_the_one_the_budget_counted(students):
+    cfg, _, _, _, _, good, _ = students
+    fp32 = registry.load_student(cfg, good["registered_version"])
+    assert isinstance(fp32, Student) and fp32.catalogue is None
+    assert len(quantized_bytes(fp32)) <= good["shared"]["budget_bytes"]

@@ -97,10 +97,10 @@ def _model_size(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _routed_size(per_segment: PerSegment) -> tuple[int, int]:
-    """What serving every segment's model costs: their params and bytes on disk."""
-    return sum(m.num_params() for m, _ in per_segment.values()), sum(
-        b for _, b in per_segment.values()
-    )
+    """What serving every segment's model costs: their params and bytes on disk, a model
+    that several segments share (the shared student) counted once."""
+    unique = {id(m): (m, b) for m, b in per_segment.values()}
+    return sum(m.num_params() for m, _ in unique.values()), sum(b for _, b in unique.values())
 
 
 def model_sizes(

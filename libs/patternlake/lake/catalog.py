@@ -213,6 +213,18 @@ CONTRACTS: dict[str, Contract] = _catalog(
             "each user's last features.max_history events and the evaluation split",
         ),
         _contract(
+            "teacher_topk",
+            "distill",
+            "user_id string NOT NULL, n_events int NOT NULL, item_seq array<int> NOT NULL, "
+            "type_seq array<int> NOT NULL, gap_seq array<int> NOT NULL, "
+            "time_seq array<bigint> NOT NULL, valid_item int, test_item int, "
+            "last_event_time timestamp, topk_items array<int> NOT NULL, "
+            "topk_logits array<float> NOT NULL, teacher_version string NOT NULL, "
+            "data_version bigint NOT NULL, k int NOT NULL, stride int NOT NULL",
+            "user_sequences of the version a teacher was trained on, with the teacher's k best "
+            "items and logits at every training target (what the shared student distils from)",
+        ),
+        _contract(
             "user_features",
             "featurize",
             "user_id string NOT NULL, n_events int NOT NULL, n_items int, "
@@ -303,7 +315,8 @@ CONTRACTS: dict[str, Contract] = _catalog(
             "model string, variant string, registered_version string, params bigint, "
             "bytes bigint, valid_users bigint, reference string, reference_ndcg_at_10 double, "
             "model_ndcg_at_10 double, ratio double, threshold double, "
-            "promoted boolean NOT NULL, champion string NOT NULL, reason string, details string",
+            "promoted boolean NOT NULL, champion string NOT NULL, reason string, details string, "
+            "ratio_lower_90 double, ratio_upper_90 double",
             "every promotion decision of the students' and compression gates, with its numbers",
         ),
         _contract(
@@ -314,7 +327,8 @@ CONTRACTS: dict[str, Contract] = _catalog(
             "sparsity double, teacher_ndcg_at_10 double, student_ndcg_at_10 double, "
             "int8_ndcg_at_10 double, student_retention_pct double, int8_retention_pct double, "
             "teacher_ms_per_1000 double, student_ms_per_1000 double, int8_ms_per_1000 double, "
-            "champion string NOT NULL",
+            "champion string NOT NULL, student_ratio_lower_90 double, "
+            "student_ratio_upper_90 double",
             "`patternlake models`: one row per segment and report",
         ),
         _contract(

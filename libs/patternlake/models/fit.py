@@ -29,6 +29,7 @@ import queue
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -221,6 +222,8 @@ def _build(spec: TrainSpec, comm: _Comm) -> _Run:
 
     cfg = TeacherConfig(**spec.model)
     model = SequentialTeacher(cfg).to(device)
+    if spec.distill:
+        model.distill = (float(spec.distill["alpha"]), float(spec.distill["temperature"]))
     if cfg.sampled_softmax > 0:
         # the sampler's popularity: counted once, by rank 0, from the item column only
         counts = training_item_counts(spec.files, cfg.n_items) if comm.rank == 0 else None
@@ -244,6 +247,7 @@ def _build(spec: TrainSpec, comm: _Comm) -> _Run:
         spec.seed,
         stride=stride,
         counts=_example_counts(spec, cfg.max_len, stride, comm),
+        soft_k=int(spec.distill["k"]) if spec.distill else 0,
     )
     if comm.rank == 0:
         log.info(
@@ -383,7 +387,14 @@ def _train_epoch(run: _Run, epoch: int, amp: Any) -> tuple[float, int, int]:
             break
         batch = batch.to(run.device)
         with amp:  # forward() is the training loss (so DDP's hooks see it)
-            loss = run.train_model(batch.items, batch.types, batch.gaps, batch.targets)
+            loss = run.train_model(
+                batch.items,
+                batch.types,
+                batch.gaps,
+                batch.targets,
+                batch.soft_items,
+                batch.soft_logits,
+            )
         run.opt.zero_grad()
         loss.backward()
         _step(run)
@@ -511,10 +522,20 @@ def _record_epoch(
     return improved
 
 
+def split_of(users: np.ndarray) -> np.ndarray:
+    """Each user id's part (0 or 1), fixed by a hash of the id: a student's training stops on
+    the validation targets of part 0 ("tune") and its gates judge part 1 ("gate"), so no
+    choice is judged on the users it was made on."""
+    return np.fromiter((zlib.crc32(str(u).encode()) & 1 for u in users), np.int64, len(users))
+
+
 def validation_set(spec: TrainSpec, cfg: TeacherConfig) -> tuple[np.ndarray, ...]:
     users, items, types, gaps, target = evaluation_arrays(
         read_table(spec.files), cfg.max_len, "valid"
     )
+    if spec.valid_part:
+        keep = split_of(users) == {"tune": 0, "gate": 1}[spec.valid_part]
+        users, items, types, gaps, target = (a[keep] for a in (users, items, types, gaps, target))
     if 0 < spec.valid_users < len(users):
         pick = np.random.default_rng(spec.seed).choice(len(users), spec.valid_users, replace=False)
         items, types, gaps, target = items[pick], types[pick], gaps[pick], target[pick]

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from patternlake.models import store
@@ -253,33 +252,3 @@ class Int8Student(nn.Module):
         if self.catalogue is not None:
             s[:, OOV] = float("-inf")
         return self.shell.to_global_scores(s)
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    alpha: float,
-    top_k: int = 0,
-) -> torch.Tensor:
-    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, true next item).
-
-    Logits: (M, n) over the same items (-inf where not scored); targets: (M,) column ids.
-    ``top_k > 0``: the KL term is taken over the teacher's top-K items of each row only (both
-    distributions renormalised over them), the cheaper form for large catalogues."""
-    t = temperature
-    ce = F.cross_entropy(student_logits, targets)
-    if alpha <= 0:
-        return ce
-    if 0 < top_k < teacher_logits.shape[-1]:
-        idx = teacher_logits.topk(top_k, dim=-1).indices
-        teacher_logits = teacher_logits.gather(-1, idx)
-        student_logits = student_logits.gather(-1, idx)
-    finite = torch.isfinite(teacher_logits)
-    s_log = F.log_softmax(student_logits / t, dim=-1)
-    t_prob = F.softmax(teacher_logits / t, dim=-1)
-    t_log = torch.where(finite, torch.log(t_prob.clamp_min(1e-12)), torch.zeros_like(t_prob))
-    s_log = torch.where(finite, s_log, torch.zeros_like(s_log))
-    kl = (t_prob * (t_log - s_log)).sum(-1).mean()
-    return alpha * t * t * kl + (1 - alpha) * ce

@@ -167,6 +167,7 @@ class SequentialTeacher(nn.Module):
         self.ln = nn.LayerNorm(c.d_model)
         if c.seen_bias:
             self.seen_weight = nn.Parameter(torch.zeros(1))
+        self.distill = (0.0, 1.0)  # (alpha, temperature) of distill_loss, set by training
         # the sampler's distributions (set_sampling): plain tensors, not buffers, so that
         # neither DDP's buffer broadcast nor the weight average copies them every step
         uniform = torch.ones(c.n_items)
@@ -344,10 +345,57 @@ class SequentialTeacher(nn.Module):
         return 1
 
     def forward(
-        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, targets: torch.Tensor
+        self,
+        items: torch.Tensor,
+        types: torch.Tensor,
+        gaps: torch.Tensor,
+        targets: torch.Tensor,
+        soft_items: torch.Tensor | None = None,
+        soft_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The training loss (forward() so that DDP's gradient hooks run)."""
-        return self.loss(items, types, gaps, targets)
+        """The training loss (forward() so that DDP's gradient hooks run); with a teacher's
+        stored top-K (``soft_items``, ``soft_logits``: (B, L, K)), the distillation loss."""
+        if soft_items is None:
+            return self.loss(items, types, gaps, targets)
+        return self.distill_loss(items, types, gaps, targets, soft_items, soft_logits)
+
+    def distill_loss(
+        self,
+        items: torch.Tensor,
+        types: torch.Tensor,
+        gaps: torch.Tensor,
+        targets: torch.Tensor,
+        soft_items: torch.Tensor,
+        soft_logits: torch.Tensor,
+    ) -> torch.Tensor:
+        """``alpha x T^2 x KL(teacher_T || self_T)`` over the teacher's K best items of each
+        target position (both distributions renormalised over them; the teacher's logits
+        stored, ``students.topk``) ``+ (1 - alpha) x`` the next-item loss (``loss``: full or
+        sampled softmax). Only K item vectors per position: no (positions x catalogue)
+        matrix for the distillation term. ``distill`` (alpha, temperature) is set on the
+        model by the training function."""
+        alpha, t = self.distill
+        h = self.encode(items, types, gaps)
+        mask = targets > 0
+        ce = self._next_item_loss(h, items, mask, targets[mask])
+        if alpha <= 0:
+            return ce
+        hm, si, sl = h[mask], soft_items[mask], soft_logits[mask].float()  # (M, D), (M, K)
+        s = torch.bmm(self.item_emb(si), hm.unsqueeze(2)).squeeze(2)  # (M, K)
+        if self.config.seen_bias:
+            b, pos = torch.nonzero(mask, as_tuple=True)
+            L = items.shape[1]
+            upto = torch.arange(L, device=items.device).unsqueeze(0) <= pos.unsqueeze(1)
+            prefix = torch.where(upto, items[b], torch.zeros((), dtype=items.dtype))  # (M, L)
+            seen = (si.unsqueeze(2) == prefix.unsqueeze(1)).any(2) & (si > 0)
+            s = self.with_seen(s, seen)
+        stored = torch.isfinite(sl)
+        t_prob = F.softmax(sl / t, dim=-1)
+        t_log = torch.where(stored, torch.log(t_prob.clamp_min(1e-12)), torch.zeros_like(sl))
+        s_log = F.log_softmax((s / t).masked_fill(~stored, float("-inf")), dim=-1)
+        s_log = torch.where(stored, s_log, torch.zeros_like(s_log))
+        kl = (t_prob * (t_log - s_log)).sum(-1).mean()
+        return alpha * t * t * kl + (1 - alpha) * ce
 
     def loss(
         self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, targets: torch.Tensor
@@ -355,7 +403,14 @@ class SequentialTeacher(nn.Module):
         """Next-item cross-entropy at every non-padded position. targets: (B, L), 0 = ignore."""
         h = self.encode(items, types, gaps)  # (B, L, D)
         mask = targets > 0
-        h, y = h[mask], targets[mask]  # (M, D), (M,)
+        return self._next_item_loss(h, items, mask, targets[mask])
+
+    def _next_item_loss(
+        self, h: torch.Tensor, items: torch.Tensor, mask: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-entropy of the ``mask``-ed positions' states (of ``h``, (B, L, D)) against
+        their next items ``y`` (M,): full or sampled softmax (``sampled_softmax``)."""
+        h = h[mask]  # (M, D)
         k = self.config.sampled_softmax
         if k <= 0:
             logits = self.scores(h)  # (M, N): the seen mask is as large as the logits

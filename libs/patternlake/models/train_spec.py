@@ -52,6 +52,12 @@ class TrainSpec:
     # sequence_reader.ExampleCounts of files for the model's window, counted once on the
     # driver (build_spec); None, or another window's: rank 0 counts and broadcasts
     example_counts: dict[str, Any] | None = None
+    # a student's distillation (``students.distill``): {"k", "alpha", "temperature"}; files
+    # are then a distillation table (``sequence_reader.SOFT_COLUMNS``); None: the teacher
+    distill: dict[str, Any] | None = None
+    # whose validation targets stop training: "" every user's (the sample of valid_users);
+    # "tune" the users of ``split_of`` part 0 only, so that a gate can judge the others
+    valid_part: str = ""
 
     @classmethod
     def from_config(cls, train: Any, **fields: Any) -> TrainSpec:

@@ -111,8 +111,12 @@ def _build_models(payload: dict[str, Any]) -> dict[int, Served]:
 
     teacher = teacher_from_bytes(payload["teacher"]).eval()
     models = {NO_SEGMENT: _served(teacher, "teacher", payload["teacher_version"])}
-    for g, (name, version, blob) in payload["students"].items():
-        models[int(g)] = _served(from_bytes(blob, payload["runtime"]), name, version)
+    built: dict[str, Served] = {}  # the shared student: one model, one index, every segment
+    for g, (name, version) in payload["students"].items():
+        if version not in built:
+            model = from_bytes(payload["files"][version], payload["runtime"])
+            built[version] = _served(model, name, version)
+        models[int(g)] = built[version]
     return models
 
 
@@ -286,24 +290,27 @@ def champion_payload(config: Config, segments: list[int]) -> tuple[dict[str, Any
     from patternlake import registry
 
     teacher, tags = registry.teacher_file(config)
-    students, served = {}, {}
+    students, served, blobs = {}, {}, {}
     for g, mv in registry.current_champions(config, segments, tags["version"]).items():
         if mv is None:
             served[g] = f"teacher v{tags['version']}"
             continue
         name = registry.champion_name(mv)
-        blob = registry.version_file(config, registry.STUDENT, mv.version).read_bytes()
-        students[g] = (name, str(mv.version), blob)
+        if str(mv.version) not in blobs:  # a version several segments share: fetched once
+            path = registry.version_file(config, registry.STUDENT, mv.version)
+            blobs[str(mv.version)] = path.read_bytes()
+        students[g] = (name, str(mv.version))
         served[g] = f"{name} v{mv.version}"
     from patternlake.models.store import metadata
 
-    files = [teacher, *(blob for _, _, blob in students.values())]
+    files = [teacher, *blobs.values()]
     payload = {
         "teacher": teacher,
         # the longest window any served model reads: histories are cut to it in Spark
         "max_len": max(int(metadata(f)["config"]["max_len"]) for f in files),
         "teacher_version": tags["version"],
         "students": students,
+        "files": blobs,
         "runtime": config.compress.runtime,
         "data_version": int(tags.get("data.version", -1)),
     }
@@ -399,9 +406,7 @@ def score_users(
     segments = lake.read("segments").select("user_id", "segment_id")
     seg_ids = sorted(r[0] for r in segments.select("segment_id").distinct().collect())
     payload, served = champion_payload(config, seg_ids)
-    digest = hashlib.sha1(
-        payload["teacher"] + b"".join(b for _, _, b in payload["students"].values())
-    ).hexdigest()
+    digest = hashlib.sha1(payload["teacher"] + b"".join(payload["files"].values())).hexdigest()
     sequences = lake.read("user_sequences")
     item_index = lake.read("item_index").select("item_idx", "item_id")
     popular = segment_popularity(sequences.join(segments, "user_id", "left"), s["top_k"])

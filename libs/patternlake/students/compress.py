@@ -1,34 +1,58 @@
-"""compress: each segment's latest fp32 student -> pruned, fine-tuned, int8 student.
+"""compress: the newest shared fp32 student of the current teacher -> a pruned int8 student.
 
-One Spark task per segment (``students.segment_training.compress_segment``): magnitude pruning of every
-large tensor at each ``compress.sparsity`` (highest first) with ``finetune_epochs`` of
-distillation under the mask, then int8 packing (sparse tensors keep only their non-zero
-values and a bitmask). The first sparsity whose int8 model keeps ``compress.gate`` of the
-fp32 student's validation NDCG@10 wins. The int8 student is registered; it becomes the
-segment's champion only if it passes that gate *and* the fp32 student was the champion
-(passed the gate against the teacher), so a segment never ends up with a model that has
-not passed every gate on its way.
+Magnitude pruning of every large tensor at each ``compress.sparsity`` (highest first), then
+int8 packing (per-row scales; sparse tensors keep only their non-zero values and a
+bitmask). A candidate passes when it is faithful to the fp32 model it compresses:
+
+* its top 10 overlaps the fp32 model's by at least ``compress.min_overlap`` on average, and
+  the correlation of their scores is reported, over *every* user's validation input;
+* pooled non-inferiority: the 90% lower bound of its NDCG@10 over the fp32 model's (paired
+  bootstrap, the "gate" users) is at least ``compress.gate``.
+
+The first sparsity that passes wins. The int8 student is registered; it becomes a segment's
+champion only where the fp32 student is the champion now and the segment's harm guard
+against the teacher passes, so a segment never ends up with a model that has not passed
+every gate on its way.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
+import torch
 from pyspark.sql import SparkSession
 
 from patternlake import registry
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
-from patternlake.students.distill import pinned_files, run_tasks
-from patternlake.students.promotion import Candidate, Verdict, judge_segments
-from patternlake.students.segment_training import compress_segment
-from patternlake.students.transforms import gate, summary_row
+from patternlake.models.student import from_bytes, large_tensors, quantized_bytes
+from patternlake.models.teacher import TeacherScorer, teacher_from_bytes
+from patternlake.students import gates
+from patternlake.students.distill import SHARED, GateUsers, pinned_files, segment_guards
+from patternlake.students.promotion import Candidate, Verdict, write_decisions
+from patternlake.students.transforms import magnitude_masks
 
 log = logging.getLogger(__name__)
+
+
+def prune(model: Any, sparsity: float) -> Any:
+    """A copy of ``model`` with the ``sparsity`` share of each large tensor's smallest
+    weights set to zero."""
+    pruned = copy.deepcopy(model)
+    if sparsity > 0:
+        state = dict(pruned.named_parameters())
+        masks = magnitude_masks({k: state[k] for k in large_tensors(pruned)}, sparsity)
+        with torch.no_grad():
+            for k, m in masks.items():
+                state[k].mul_(m)
+    return pruned
 
 
 def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
@@ -36,141 +60,162 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     registry.require_store(config, "compress")
     teacher_data, tags = registry.teacher_file(config)
     files, data_version = pinned_files(lake, tags, "compress")
-    students = {}
-    for v in registry.student_versions(config, variant="fp32", teacher_version=tags["version"]):
-        students.setdefault(int(v.tags["segment"]), v)  # newest per segment
-    if not students:
+    found = registry.student_versions(
+        config, variant="fp32", shared="true", teacher_version=tags["version"]
+    )
+    if not found:
         raise PatternlakeError(
-            f"compress: no fp32 student of teacher v{tags['version']} yet; run `patternlake "
-            "distill` first"
+            f"compress: no shared fp32 student of teacher v{tags['version']} yet; run "
+            "`patternlake distill` first"
         )
-    c = config.compress
-    settings = {
-        **config.students.model_dump(),
-        "sparsity": c.sparsity,
-        "finetune_epochs": c.finetune_epochs,
-        "gate_int8": c.gate,
-    }
-    jobs, blobs = [], []
-    for g, v in sorted(students.items()):
-        jobs.append(
+    fp32_version = found[0]
+    fp32 = from_bytes(
+        registry.version_file(config, registry.STUDENT, fp32_version.version).read_bytes()
+    )
+    c, s = config.compress, config.students
+    judged = GateUsers(spark, lake, files, fp32.config.max_len)
+    fp32_ndcg = judged.ndcg(fp32)
+    every_user = judged.every_x
+    tried, chosen = [], None
+    for sparsity in sorted(c.sparsity, reverse=True):
+        packed = quantized_bytes(
+            prune(fp32, sparsity), segment=SHARED, shared=True, sparsity=sparsity
+        )
+        int8 = from_bytes(packed, c.runtime)
+        faithful = gates.fidelity(int8, fp32, every_user)
+        int8_ndcg = judged.ndcg(int8)
+        pooled = gates.promotion(
+            gates.paired_bootstrap(int8_ndcg, fp32_ndcg, s.resamples, s.seed), c.gate, s.min_users
+        )
+        ok = faithful["top10_overlap"] >= c.min_overlap and pooled.passed
+        reason = (
+            f"top-10 overlap {faithful['top10_overlap']:.3f} "
+            f"{'>=' if faithful['top10_overlap'] >= c.min_overlap else '<'} {c.min_overlap:g} "
+            f"(score correlation {faithful['score_correlation']:.4f}, {faithful['inputs']} "
+            f"users); {pooled.reason}"
+        )
+        tried.append(
             {
-                "segment": g,
-                "files": files,
-                "segment_files": lake.files("segments"),
-                "settings": settings,
-                "student_index": len(blobs),
+                "sparsity": sparsity,
+                "int8_bytes": len(packed),
+                **faithful,
+                "interval": pooled.interval.as_dict(),
+                "passed": ok,
             }
         )
-        blobs.append(registry.version_file(config, registry.STUDENT, v.version).read_bytes())
-
-    def task(job: dict[str, Any], teacher_data: bytes, *student_data: bytes) -> dict[str, Any]:
-        return compress_segment(job, teacher_data, student_data[job["student_index"]])
-
-    log.info("compress: %d students as Spark tasks, sparsity tried %s", len(jobs), c.sparsity)
-    results = run_tasks(spark, task, jobs, [teacher_data, *blobs], config.students.parallel)
-    out = judge_segments(
-        lake,
-        config,
-        "compress",
-        results,
-        lambda result: judge_int8(
-            config, result, students[result["segment"]], tags["version"], data_version
-        ),
-        tags["version"],
-    )
-    out["seconds"] = round(time.monotonic() - started, 1)
-    log.info("compress: %d students in %.1fs", len(results), out["seconds"])
-    return out
-
-
-def judge_int8(
-    config: Config, result: dict[str, Any], fp32: Any, teacher_version: str, data_version: int
-) -> Verdict:
-    """Register one segment's pruned int8 student, gate it against its fp32 model and make it
-    the champion when it passes and that fp32 model is the champion now."""
-    c = config.compress
-    segment = result["segment"]
-    params = int(fp32.tags.get("params", 0))
+        chosen = (sparsity, packed, int8, int8_ndcg, pooled, ok, reason)
+        if ok:
+            break
+    assert chosen is not None
+    sparsity, packed, int8, int8_ndcg, pooled, ok, reason = chosen
     version = Candidate(
-        segment=segment,
+        segment=SHARED,
         variant="int8",
-        model=result["model"],
+        model=packed,
         run_tags={
             "data.version": data_version,
-            "teacher.version": teacher_version,
-            "fp32.version": fp32.version,
+            "teacher.version": tags["version"],
+            "fp32.version": fp32_version.version,
         },
-        run_params={
-            "sparsity": result["sparsity"],
-            "finetune_epochs": c.finetune_epochs,
-            "runtime": c.runtime,
-        },
+        run_params={"sparsity": sparsity, "runtime": c.runtime},
         run_metrics={
-            "int8_valid_ndcg_at_10": result["int8_valid_ndcg@10"],
-            "fp32_valid_ndcg_at_10": result["fp32_valid_ndcg@10"],
-            "sparsity_reached": result["sparsity_reached"],
-            "int8_bytes": result["int8_bytes"],
-            "fp32_bytes": result["fp32_bytes"],
-            "int8_ms_per_1000_users": result["int8_ms_per_1000_users"],
+            "top10_overlap": tried[-1]["top10_overlap"],
+            "score_correlation": tried[-1]["score_correlation"],
+            "ratio_vs_fp32": pooled.interval.ratio,
+            "ratio_lower_90": pooled.interval.lower,
+            "int8_bytes": len(packed),
+            "fp32_bytes": int(fp32_version.tags.get("bytes", 0)),
         },
         version_tags={
-            "params": params,
-            "bytes": result["int8_bytes"],
-            "valid_ndcg_at_10": round(result["int8_valid_ndcg@10"], 6),
-            "sparsity": result["sparsity_reached"],
-            "fp32_version": fp32.version,
-            "teacher_version": teacher_version,
+            "shared": "true",
+            "params": int(fp32_version.tags.get("params", 0)),
+            "bytes": len(packed),
+            "valid_ndcg_at_10": round(pooled.interval.candidate, 6),
+            "sparsity": sparsity,
+            "fp32_version": fp32_version.version,
+            "teacher_version": tags["version"],
             "data_version": data_version,
         },
-        texts={"tried.json": json.dumps(result["tried"], indent=1)},
+        texts={"tried.json": json.dumps(tried, indent=1)},
     ).register(config)
-    decision = gate(
-        result["int8_valid_ndcg@10"],
-        result["fp32_valid_ndcg@10"],
-        c.gate,
-        result["valid_users"],
-        config.students.min_users,
-    )
-    current = registry.champion_version(config, segment)
-    fp32_is_champion = current is not None and str(current.version) == str(fp32.version)
-    promoted = decision.passed and fp32_is_champion
-    reason = decision.reason
-    if not fp32_is_champion:
-        reason += "; not promoted: its fp32 student is not the champion"
-    if promoted:
-        registry.set_champion(config, segment, version)
-        champion = f"student-int8 v{version}"
-    else:
-        champion = "teacher" if current is None else f"student v{current.version}"
+    teacher_ndcg = judged.ndcg(TeacherScorer(teacher_from_bytes(teacher_data)))
+    params = int(fp32_version.tags.get("params", 0))
+    verdicts = [
+        Verdict(
+            stage="compress",
+            segment=SHARED,
+            variant="int8",
+            valid_users=pooled.interval.users,
+            reference=f"student v{fp32_version.version}",
+            reference_ndcg=pooled.interval.reference,
+            threshold=c.gate,
+            promoted=ok,
+            champion=f"student-int8 v{version}" if ok else f"student v{fp32_version.version}",
+            reason=reason,
+            details={
+                "tried": tried,
+                "bytes": len(packed),
+                "fp32_bytes": int(fp32_version.tags.get("bytes", 0)),
+                "teacher_bytes": len(teacher_data),
+            },
+            registered_version=version,
+            params=params,
+            bytes=len(packed),
+            model_ndcg=pooled.interval.candidate,
+            ratio=pooled.interval.ratio,
+            lower=pooled.interval.lower,
+            upper=pooled.interval.upper,
+        )
+    ]
+    for g, guard in segment_guards(config, judged, int8_ndcg, teacher_ndcg).items():
+        current = registry.champion_version(config, g)
+        was_fp32 = current is not None and str(current.version) == str(fp32_version.version)
+        serve = ok and was_fp32 and guard.passed
+        if serve:
+            registry.set_champion(config, g, version)
+        champion = (
+            f"student-int8 v{version}"
+            if serve
+            else (
+                "teacher"
+                if current is None
+                else f"{registry.champion_name(current)} v{current.version}"
+            )
+        )
+        verdict = Verdict.of_guard(
+            "compress",
+            g,
+            "int8",
+            guard,
+            serve,
+            champion,
+            "teacher",
+            s.harm_floor,
+            ok,
+            version,
+            params,
+            len(packed),
+        )
+        if ok and not was_fp32:
+            verdict = replace(
+                verdict, reason=verdict.reason + "; its fp32 student does not serve it"
+            )
+        verdicts.append(verdict)
+    write_decisions(lake, verdicts, datetime.now(UTC))
+    out = {
+        "shared": verdicts[0].summary() | {"interval": pooled.interval.as_dict()},
+        "segments": {v.segment: v.summary() for v in verdicts[1:]},
+        "teacher_version": tags["version"],
+        "registered_version": version,
+        "seconds": round(time.monotonic() - started, 1),
+    }
     log.info(
-        "compress segment %d: sparsity %.2f, %d -> %d bytes (%.1fx), validation NDCG@10 "
-        "%.4f vs fp32 %.4f: %s -> champion %s",
-        segment,
-        result["sparsity_reached"],
-        result["fp32_bytes"],
-        result["int8_bytes"],
-        result["fp32_bytes"] / max(result["int8_bytes"], 1),
-        result["int8_valid_ndcg@10"],
-        result["fp32_valid_ndcg@10"],
-        "promoted" if promoted else "not promoted",
-        champion,
+        "compress: int8 student v%s (sparsity %.2f, %d -> %d bytes): %s -> %s",
+        version,
+        sparsity,
+        int(fp32_version.tags.get("bytes", 0)),
+        len(packed),
+        reason,
+        "promoted" if ok else "not promoted",
     )
-    return Verdict(
-        stage="compress",
-        segment=segment,
-        variant="int8",
-        valid_users=result["valid_users"],
-        reference=f"student v{fp32.version}",
-        reference_ndcg=result["fp32_valid_ndcg@10"],
-        threshold=c.gate,
-        promoted=promoted,
-        champion=champion,
-        reason=reason,
-        details=summary_row(result) | {"tried": result["tried"]},
-        registered_version=version,
-        params=params,
-        bytes=result["int8_bytes"],
-        model_ndcg=result["int8_valid_ndcg@10"],
-        ratio=decision.ratio,
-    )
+    return out

@@ -1,32 +1,60 @@
-"""distill: the registered teacher + ``user_sequences`` + ``segments`` -> one student per
-segment, registered, gated and recorded in ``model_decisions``.
+"""distill: the registered teacher + ``user_sequences`` -> one shared student for every user,
+registered, gated and recorded in ``model_decisions``.
 
-The students train in parallel as Spark tasks, one per segment (``students.segment_training``): the
-teacher's weights go out as a broadcast variable, the model bytes come back with the
-task's numbers. The data is the ``user_sequences`` version the teacher was trained on.
-A student whose validation NDCG@10 on its segment's users is below ``students.gate`` x the
-teacher's on the same users is registered but not promoted: the segment keeps the teacher.
+1. **The teacher's top-K, stored once** (``students.topk``): a Spark batch inference job
+   over the ``user_sequences`` version the teacher was trained on writes ``teacher_topk``
+   (the sequences plus the teacher's ``students.top_k`` best items and logits at every
+   training target). A rerun for the same teacher and data reuses it.
+2. **One student, trained like the teacher**: the widest ``students.d_model`` whose served
+   int8 file fits ``students.max_bytes_ratio`` of the fp32 teacher's file, over the whole
+   catalogue with the teacher's window and seen term, trained on every user by the
+   teacher's training function and backend (``train.backend``, ``train.num_proc``: Horovod,
+   DDP or one process) on ``alpha x T^2 x KL`` over the stored top-K plus ``(1 - alpha)
+   x`` the next-item loss. Early stopping on the validation targets of the "tune" half of
+   the users (``fit.split_of``).
+3. **Gates on the other half**: the pooled gate is a paired bootstrap of per-user NDCG@10,
+   student against teacher, over the "gate" half's validation targets: promoted when the
+   ratio's 90% lower bound is at least ``students.gate``. Per segment only a harm guard:
+   the segment goes back to the teacher when its ratio's 90% upper bound is under
+   ``students.harm_floor``. Every decision, with its interval, goes to ``model_decisions``;
+   each segment's champion alias points at the shared student or is removed (the teacher
+   serves).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 from pyspark.sql import SparkSession
 
 from patternlake import registry
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
-from patternlake.models.teacher import teacher_from_bytes
+from patternlake.models.backends import load_best, run_backend
+from patternlake.models.fit import split_of
+from patternlake.models.student import Student
+from patternlake.models.teacher import TeacherScorer, teacher_from_bytes
+from patternlake.models.train_spec import TrainSpec, counted_examples
+from patternlake.sequence_reader import evaluation_arrays, read_table
 from patternlake.sequence_schema import pinned_sequence_files
-from patternlake.students.promotion import Candidate, Verdict, judge_segments
-from patternlake.students.segment_training import distill_segment
-from patternlake.students.transforms import gate, summary_row
+from patternlake.students import gates
+from patternlake.students.promotion import Candidate, Verdict, write_decisions
+from patternlake.students.topk import TABLE, store_teacher_topk
+from patternlake.students.transforms import student_config
 
 log = logging.getLogger(__name__)
+
+SHARED = -1  # the segment id of decisions and versions about every user
 
 
 def pinned_files(lake: Lake, tags: dict[str, str], stage: str) -> tuple[list[str], int]:
@@ -38,30 +66,69 @@ def pinned_files(lake: Lake, tags: dict[str, str], stage: str) -> tuple[list[str
     return pinned_sequence_files(lake, version, stage), version
 
 
-def segment_ids(lake: Lake) -> list[int]:
-    return sorted(r[0] for r in lake.read("segments").select("segment_id").distinct().collect())
+class GateUsers:
+    """The "gate" half's validation inputs and each user's segment: what the gates of distill
+    and compress judge on (and every user's validation input, for int8 fidelity)."""
+
+    def __init__(self, spark: SparkSession, lake: Lake, files: list[str], max_len: int):
+        users, items, types, gaps, target = evaluation_arrays(read_table(files), max_len, "valid")
+        keep = split_of(users) == 1
+        self.every_x = np.stack([items, types, gaps], axis=1)  # every user's (fidelity)
+        self.users = users[keep]
+        self.x = self.every_x[keep]
+        self.target = target[keep]
+        self.segment = np.full(len(self.users), SHARED, dtype=np.int64)
+        if lake.exists("segments") and len(self.users):
+            wanted = spark.createDataFrame(pd.DataFrame({"user_id": self.users.astype(str)}))
+            found = (
+                wanted.join(lake.read("segments").select("user_id", "segment_id"), "user_id")
+                .toPandas()
+                .set_index("user_id")["segment_id"]
+            )
+            self.segment = (
+                pd.Series(self.users.astype(str)).map(found).fillna(SHARED).to_numpy(np.int64)
+            )
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def ndcg(self, model: Any) -> np.ndarray:
+        ranks, _ = gates.ranks_and_top10(model, self.x, self.target)
+        return gates.per_user_ndcg(ranks)
 
 
-def run_tasks(
-    spark: SparkSession, fn: Any, jobs: list[dict[str, Any]], shared: list[bytes], parallel: int
-) -> list[dict[str, Any]]:
-    """``fn(job, *shared)`` for every job, one Spark task each (``parallel`` at once, 0: all);
-    ``shared`` travel as broadcast variables."""
-    sc = spark.sparkContext
-    values = [sc.broadcast(b) for b in shared]
-    rdd = sc.parallelize(jobs, len(jobs))
-    if parallel and parallel < len(jobs):
-        rdd = rdd.coalesce(parallel)  # fewer tasks, each running several segments in turn
-
-    def run(part):
-        for job in part:
-            yield fn(job, *(v.value for v in values))
-
-    try:
-        return rdd.mapPartitions(run).collect()
-    finally:
-        for v in values:
-            v.unpersist()
+def student_spec(
+    config: Config, files: list[str], data_version: int, model: dict[str, Any], backend: str
+) -> TrainSpec:
+    """The shared student's training job: the teacher's training settings (``train``) with the
+    student's own epochs, batch, learning rate and seed, its distillation, and early stopping
+    on the "tune" half; checkpoints per (data, model, settings, world) as the teacher's."""
+    s, t = config.students, config.train
+    spec = TrainSpec.from_config(
+        t,
+        files=files,
+        data_version=data_version,
+        model=model,
+        backend="horovod" if backend == "horovodrun" else backend,
+        epochs=s.epochs,
+        patience=s.patience,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=s.seed,
+        valid_users=0,
+        valid_part="tune",
+        ema_decay=0.0,
+        distill={"k": s.top_k, "alpha": s.alpha, "temperature": s.temperature},
+        example_counts=counted_examples(files, model["max_len"], t.window_stride, data_version),
+    )
+    key = {k: v for k, v in asdict(spec).items() if k not in ("files", "example_counts")}
+    key["files"] = sorted(Path(f).name for f in files)
+    key["num_proc"] = 1 if backend == "single" else t.num_proc
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    spec.checkpoint_dir = str(
+        Path(config.models.root).resolve() / "student" / "checkpoints" / digest
+    )
+    return spec
 
 
 def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
@@ -69,128 +136,183 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     registry.require_store(config, "distill")
     teacher_data, tags = registry.teacher_file(config)
     teacher = teacher_from_bytes(teacher_data)
+    tc = teacher.config
     files, data_version = pinned_files(lake, tags, "distill")
-    segs = segment_ids(lake)
-    if not segs:
-        raise PatternlakeError("distill: segments is empty; run `patternlake segment` first")
-    s = config.students
-    settings = {**s.model_dump(), "sparsity": [], "finetune_epochs": 0}
-    budget = int(s.max_param_ratio * teacher.num_params())
-    jobs = [
-        {
-            "segment": g,
-            "files": files,
-            "segment_files": lake.files("segments"),
-            "settings": settings,
-            "budget": budget,
-        }
-        for g in segs
-    ]
+    s, t = config.students, config.train
+    stride = min(t.window_stride, tc.max_len) or tc.max_len
+    budget = int(s.max_bytes_ratio * len(teacher_data))
+    chosen = student_config(tc, budget, s.d_model, s.n_layers, s.n_heads, s.dropout)
+    if chosen is None:
+        raise PatternlakeError(
+            f"distill: no student of widths {s.d_model} (n_layers {s.n_layers}, n_heads "
+            f"{s.n_heads}) fits {budget:,} bytes = students.max_bytes_ratio {s.max_bytes_ratio} "
+            f"x the teacher's {len(teacher_data):,}; allow more bytes or narrower widths"
+        )
+    cfg, int8_bytes = chosen
+    topk_version, topk = store_teacher_topk(
+        spark, lake, teacher_data, tags["version"], data_version, s.top_k, stride
+    )
+    backend = t.backend
+    num_proc = 1 if backend == "single" else t.num_proc
+    spec = student_spec(
+        config, lake.files(TABLE, topk_version), data_version, cfg.to_dict(), backend
+    )
     log.info(
-        "distill: %d segments as Spark tasks, teacher v%s (%d params, budget %d), data "
-        "user_sequences@v%d",
-        len(segs),
-        tags["version"],
-        teacher.num_params(),
-        budget,
-        data_version,
+        "distill: shared student d_model %d x %d layers (int8 file %s bytes <= %s = %.2f x the "
+        "teacher's), %s x %d processes, from %s v%d",
+        cfg.d_model,
+        cfg.n_layers,
+        f"{int8_bytes:,}",
+        f"{budget:,}",
+        s.max_bytes_ratio,
+        backend,
+        num_proc,
+        TABLE,
+        topk_version,
     )
-    results = run_tasks(spark, distill_segment, jobs, [teacher_data], s.parallel)
-    out = judge_segments(
-        lake,
-        config,
-        "distill",
-        results,
-        lambda result: judge_student(config, result, tags["version"], data_version, budget),
-        tags["version"],
+    trained = time.monotonic()
+    result = run_backend(spark, spec, backend, num_proc)
+    if result.get("diverged") or result["best_epoch"] < 0:
+        raise PatternlakeError(
+            f"distill: the student did not train ({result.get('diverged') or 'no epoch'}); "
+            "nothing was registered"
+        )
+    train_s = round(time.monotonic() - trained, 1)
+    student = Student(cfg, tc.n_items, None)
+    student.net.load_state_dict(load_best(result).state_dict())
+    student.eval()
+    model = student.to_bytes(segment=SHARED, shared=True)
+
+    judged = GateUsers(spark, lake, files, tc.max_len)
+    teacher_ndcg = judged.ndcg(TeacherScorer(teacher))
+    student_ndcg = judged.ndcg(student)
+    pooled = gates.promotion(
+        gates.paired_bootstrap(student_ndcg, teacher_ndcg, s.resamples, s.seed),
+        s.gate,
+        s.min_users,
     )
-    out["seconds"] = round(time.monotonic() - started, 1)
-    log.info("distill: %d students in %.1fs", len(results), out["seconds"])
-    return out
-
-
-def judge_student(
-    config: Config, result: dict[str, Any], teacher_version: str, data_version: int, budget: int
-) -> Verdict:
-    """Register one segment's student, gate it against the teacher on the segment's
-    validation users and make it the segment's champion when it passes (else the teacher
-    serves the segment)."""
-    s = config.students
-    segment = result["segment"]
-    verdict = {
-        "stage": "distill",
-        "segment": segment,
-        "variant": "fp32",
-        "valid_users": result["valid_users"],
-        "reference": "teacher",
-        "reference_ndcg": result["teacher_valid_ndcg@10"],
-        "threshold": s.gate,
-        "details": summary_row(result),
+    numbers = {
+        "d_model": cfg.d_model,
+        "n_layers": cfg.n_layers,
+        "params": student.num_params(),
+        "teacher_params": teacher.num_params(),
+        "fp32_bytes": len(model),
+        "int8_bytes": int8_bytes,
+        "teacher_bytes": len(teacher_data),
+        "budget_bytes": budget,
+        "best_epoch": result["best_epoch"],
+        "epochs_run": len(result["history"]),
+        "tune_valid_ndcg@10": result["best_valid_ndcg@10"],
+        "samples_per_s": result["samples_per_s"],
+        "backend": result["backend"],
+        "world": result["world"],
+        "train_s": train_s,
+        "teacher_topk": topk,
     }
-    if "error" in result:
-        registry.set_champion(config, segment, None)
-        log.warning("distill segment %d: %s; the teacher serves it", segment, result["error"])
-        return Verdict(**verdict, promoted=False, champion="teacher", reason=result["error"])
-    candidate = Candidate(
-        segment=segment,
+    version = Candidate(
+        segment=SHARED,
         variant="fp32",
-        model=result["model"],
-        run_tags={"data.version": data_version, "teacher.version": teacher_version},
-        run_params={f"model.{k}": v for k, v in result["config"].items()}
+        model=model,
+        run_tags={"data.version": data_version, "teacher.version": tags["version"]},
+        run_params={f"model.{k}": v for k, v in cfg.to_dict().items()}
         | {
-            "loss": s.loss,
             "temperature": s.temperature,
             "alpha": s.alpha,
-            "catalogue_share": s.catalogue_share,
-            "budget": budget,
+            "top_k": s.top_k,
+            "budget_bytes": budget,
+            "backend": backend,
+            "num_proc": num_proc,
         },
         run_metrics={
-            "best_valid_ndcg_at_10": result["best_valid_ndcg@10"],
-            "teacher_valid_ndcg_at_10": result["teacher_valid_ndcg@10"],
-            "params": result["params"],
-            "bytes": result["bytes"],
-            "ms_per_1000_users": result["ms_per_1000_users"],
+            "tune_valid_ndcg_at_10": result["best_valid_ndcg@10"],
+            "gate_valid_ndcg_at_10": pooled.interval.candidate,
+            "teacher_gate_valid_ndcg_at_10": pooled.interval.reference,
+            "ratio": pooled.interval.ratio,
+            "ratio_lower_90": pooled.interval.lower,
+            "params": student.num_params(),
+            "bytes": len(model),
         },
         version_tags={
-            "params": result["params"],
-            "bytes": result["bytes"],
-            "valid_ndcg_at_10": round(result["best_valid_ndcg@10"], 6),
-            "teacher_version": teacher_version,
+            "shared": "true",
+            "params": student.num_params(),
+            "bytes": len(model),
+            "valid_ndcg_at_10": round(pooled.interval.candidate, 6),
+            "teacher_version": tags["version"],
             "data_version": data_version,
         },
         history=tuple(result["history"]),
-    )
-    version = candidate.register(config)
-    decision = gate(
-        result["best_valid_ndcg@10"],
-        result["teacher_valid_ndcg@10"],
-        s.gate,
-        result["valid_users"],
-        s.min_users,
-    )
-    registry.set_champion(config, segment, version if decision.passed else None)
-    champion = f"student v{version}" if decision.passed else "teacher"
+    ).register(config)
+    verdicts = [
+        Verdict(
+            stage="distill",
+            segment=SHARED,
+            variant="fp32",
+            valid_users=pooled.interval.users,
+            reference="teacher",
+            reference_ndcg=pooled.interval.reference,
+            threshold=s.gate,
+            promoted=pooled.passed,
+            champion=f"student v{version}" if pooled.passed else "teacher",
+            reason=pooled.reason,
+            details=numbers,
+            registered_version=version,
+            params=student.num_params(),
+            bytes=len(model),
+            model_ndcg=pooled.interval.candidate,
+            ratio=pooled.interval.ratio,
+            lower=pooled.interval.lower,
+            upper=pooled.interval.upper,
+        )
+    ]
+    for g, guard in segment_guards(config, judged, student_ndcg, teacher_ndcg).items():
+        serve = pooled.passed and guard.passed
+        registry.set_champion(config, g, version if serve else None)
+        verdicts.append(
+            Verdict.of_guard(
+                "distill",
+                g,
+                "fp32",
+                guard,
+                serve,
+                f"student v{version}" if serve else "teacher",
+                "teacher",
+                s.harm_floor,
+                pooled.passed,
+                version,
+                student.num_params(),
+                len(model),
+            )
+        )
+    registry.use_experiment(config)
+    write_decisions(lake, verdicts, datetime.now(UTC))
+    out = {
+        "shared": verdicts[0].summary() | {"interval": pooled.interval.as_dict()},
+        "segments": {v.segment: v.summary() for v in verdicts[1:]},
+        "teacher_version": tags["version"],
+        "registered_version": version,
+        "seconds": round(time.monotonic() - started, 1),
+    }
     log.info(
-        "distill segment %d: %d users, student %d params (teacher %d), validation NDCG@10 "
-        "%.4f vs teacher %.4f (%.0f%%): %s -> champion %s",
-        segment,
-        result["users"],
-        result["params"],
-        result["teacher_params"],
-        result["best_valid_ndcg@10"],
-        result["teacher_valid_ndcg@10"],
-        100 * (decision.ratio or 0),
-        "promoted" if decision.passed else "not promoted",
-        champion,
+        "distill: shared student v%s, NDCG@10 vs teacher on %d gate users %s: %s",
+        version,
+        len(judged),
+        pooled.interval.text(),
+        "promoted" if pooled.passed else "not promoted (the teacher serves)",
     )
-    return Verdict(
-        **verdict,
-        promoted=decision.passed,
-        champion=champion,
-        reason=decision.reason,
-        registered_version=version,
-        params=result["params"],
-        bytes=result["bytes"],
-        model_ndcg=result["best_valid_ndcg@10"],
-        ratio=decision.ratio,
-    )
+    return out
+
+
+def segment_guards(
+    config: Config, judged: GateUsers, model_ndcg: np.ndarray, reference_ndcg: np.ndarray
+) -> dict[int, gates.Decision]:
+    """Per segment of the gate users: the harm guard of the model against its reference on
+    that segment's users (users without a segment are served by the teacher anyway)."""
+    s = config.students
+    out = {}
+    for g in sorted({int(x) for x in judged.segment} - {SHARED}):
+        mine = judged.segment == g
+        out[g] = gates.harm(
+            gates.paired_bootstrap(model_ndcg[mine], reference_ndcg[mine], s.resamples, s.seed),
+            s.harm_floor,
+        )
+    return out

@@ -1,5 +1,6 @@
-"""`patternlake models`: one row per segment from the latest ``model_decisions`` of the
-current teacher (validation numbers, as the gates saw them), written to ``model_report``."""
+"""`patternlake models`: one row per segment from the latest ``model_decisions`` (segment -1:
+the shared student's pooled gate; validation numbers on the gate users, as the gates saw
+them, with the 90% bounds of student / teacher), written to ``model_report``."""
 
 from __future__ import annotations
 
@@ -25,10 +26,9 @@ COLUMNS = [
     ("student_ndcg_at_10", "ndcg_stud", 10, ".4f"),
     ("int8_ndcg_at_10", "ndcg_int8", 10, ".4f"),
     ("student_retention_pct", "stud/teach%", 11, ".1f"),
+    ("student_ratio_lower_90", "low90", 6, ".3f"),
+    ("student_ratio_upper_90", "up90", 6, ".3f"),
     ("int8_retention_pct", "int8/stud%", 10, ".1f"),
-    ("teacher_ms_per_1000", "ms_teach", 9, ".1f"),
-    ("student_ms_per_1000", "ms_stud", 8, ".1f"),
-    ("int8_ms_per_1000", "ms_int8", 8, ".1f"),
     ("champion", "champion", 18, "s"),
 ]
 
@@ -46,5 +46,6 @@ def model_report(lake: Lake, config: Config) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
     table = contract("model_report")
     data = [tuple(now if c == "reported_at" else r.get(c) for c in table.names) for r in rows]
-    lake.write(lake.spark.createDataFrame(data, table.ddl()), "model_report", "append")
+    df = lake.spark.createDataFrame(data, table.ddl())
+    lake.write(df, "model_report", "append", merge_schema=True)
     return rows

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from patternlake import registry
 from patternlake.config import Config
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
-from patternlake.progress import progress
 
 
 @dataclass(frozen=True)
@@ -35,11 +33,8 @@ class Candidate:
 
     @property
     def run_name(self) -> str:
-        return (
-            f"student-{self.segment}"
-            if self.variant == "fp32"
-            else (f"student-{self.variant}-{self.segment}")
-        )
+        scope = "shared" if self.segment < 0 else str(self.segment)
+        return f"student-{scope}" if self.variant == "fp32" else f"student-{self.variant}-{scope}"
 
     def register(self, config: Config) -> str:
         """One MLflow run (tags, parameters, per-epoch and final metrics, the model file)
@@ -90,6 +85,49 @@ class Verdict:
     bytes: int | None = None
     model_ndcg: float | None = None
     ratio: float | None = None
+    lower: float | None = None  # the ratio's one-sided 90% bounds (students.gates)
+    upper: float | None = None
+
+    @classmethod
+    def of_guard(
+        cls,
+        stage: str,
+        segment: int,
+        variant: str,
+        guard: Any,
+        serve: bool,
+        champion: str,
+        reference: str,
+        floor: float,
+        pooled_passed: bool,
+        version: str,
+        params: int,
+        nbytes: int,
+    ) -> Verdict:
+        """A segment's row: the harm guard (``gates.harm``) of a model the pooled gate
+        judged, and who serves the segment now."""
+        i = guard.interval
+        reason = guard.reason if pooled_passed else "the pooled gate did not pass; " + guard.reason
+        return cls(
+            stage=stage,
+            segment=segment,
+            variant=variant,
+            valid_users=i.users,
+            reference=reference,
+            reference_ndcg=i.reference,
+            threshold=floor,
+            promoted=serve,
+            champion=champion,
+            reason=reason,
+            details={"harm_guard": i.as_dict()},
+            registered_version=version,
+            params=params,
+            bytes=nbytes,
+            model_ndcg=i.candidate,
+            ratio=i.ratio,
+            lower=i.lower,
+            upper=i.upper,
+        )
 
     def row(self, decided_at: datetime) -> dict[str, Any]:
         """Its ``model_decisions`` row."""
@@ -112,6 +150,8 @@ class Verdict:
             "champion": self.champion,
             "reason": self.reason,
             "details": json.dumps(self.details),
+            "ratio_lower_90": self.lower,
+            "ratio_upper_90": self.upper,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -122,31 +162,11 @@ class Verdict:
         return out | {"champion": self.champion}
 
 
-def judge_segments(
-    lake: Lake,
-    config: Config,
-    stage: str,
-    results: list[dict[str, Any]],
-    judge: Callable[[dict[str, Any]], Verdict],
-    teacher_version: str,
-) -> dict[str, Any]:
-    """Each segment's task result judged in segment order (``judge``: register, gate, move the
-    champion), the verdicts appended to ``model_decisions``; the stage's result."""
-    registry.use_experiment(config)
-    decided_at = datetime.now(UTC)
-    ordered = sorted(results, key=lambda r: r["segment"])
-    verdicts = [judge(r) for r in progress(ordered, desc=f"{stage}: register", unit="segment")]
-    write_decisions(lake, verdicts, decided_at)
-    return {
-        "segments": {v.segment: v.summary() for v in verdicts},
-        "teacher_version": teacher_version,
-    }
-
-
 def write_decisions(lake: Lake, verdicts: list[Verdict], decided_at: datetime) -> None:
     table = contract("model_decisions")
     rows = [v.row(decided_at) for v in verdicts]
     df = lake.spark.createDataFrame(
         [tuple(r.get(c) for c in table.names) for r in rows], table.ddl()
     )
-    lake.write(df, "model_decisions", "append")
+    # merge_schema: a lake whose model_decisions predates the interval columns gains them
+    lake.write(df, "model_decisions", "append", merge_schema=True)

@@ -10,10 +10,11 @@ STAGES = (
         "patternlake.students.distill:distill",
         SPARK_LAKE_CONFIG,
         inputs=("user_sequences", "segments", "model:teacher"),
-        outputs=("model:student", "model_decisions"),
+        outputs=("teacher_topk", "model:student", "model_decisions"),
         section="students",
-        help="one student per segment from the registered teacher (parallel Spark tasks), "
-        "gated against the teacher and registered in MLflow",
+        help="one shared student for every user, distilled from the registered teacher's "
+        "stored top-K by the teacher's training backend, gated against the teacher (paired "
+        "bootstrap) and registered in MLflow",
     ),
     Stage(
         "compress",
@@ -22,7 +23,6 @@ STAGES = (
         inputs=("user_sequences", "segments", "model:student"),
         outputs=("model:student", "model_decisions"),
         section="compress",
-        help="prune, fine-tune and int8-quantize each segment's student, gated against "
-        "its fp32 model",
+        help="prune and int8-quantize the shared student, gated by its fidelity to its fp32 model",
     ),
 )

@@ -1,59 +1,40 @@
-"""Pure pieces of the student stages (no Spark, no files): the segment catalogue, the
-student size under the parameter budget, magnitude pruning masks, and the promotion gates."""
+"""Pure pieces of the student stages (no Spark, no files): the student's size under the byte
+budget and magnitude pruning masks (the gates are ``students.gates``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 
-from patternlake.models.student import count_params
+from patternlake.models.student import Student, quantized_bytes
 from patternlake.models.teacher import TeacherConfig
-
-
-def segment_catalogue(targets: np.ndarray, share: float) -> np.ndarray | None:
-    """The fewest items (most frequent first, ties by id) that cover ``share`` of the
-    segment's training targets; None for share >= 1 (the whole catalogue)."""
-    if share >= 1:
-        return None
-    t = targets[targets > 0]
-    if len(t) == 0:
-        return np.zeros(0, dtype=np.int64)
-    ids, counts = np.unique(t, return_counts=True)
-    order = np.lexsort((ids, -counts))
-    covered = np.cumsum(counts[order]) / counts.sum()
-    n = int(np.searchsorted(covered, share, side="left")) + 1
-    return np.sort(ids[order[:n]]).astype(np.int64)
 
 
 def student_config(
     teacher: TeacherConfig,
-    budget: int,
+    budget_bytes: int,
     widths: list[int],
     n_layers: int,
     n_heads: int,
     dropout: float,
-    catalogue: np.ndarray | None,
-) -> TeacherConfig | None:
-    """The widest student (first of ``widths``, widest first) whose parameters, embeddings
-    counted, are within ``budget``; None if even the narrowest does not fit."""
-    n_items = teacher.n_items if catalogue is None else len(catalogue) + 2
+) -> tuple[TeacherConfig, int] | None:
+    """The widest student over the whole catalogue (first of ``widths``, widest first) whose
+    served file -- int8 rows with per-row scales (``quantized_bytes``) -- is within
+    ``budget_bytes``, and that file's size; None if even the narrowest does not fit. The
+    size is measured on initial weights (the int8 values compress a little; trained ones
+    within about 1% of it: ``compress`` checks the trained file against the budget again).
+    The student keeps the teacher's window, vocabularies, softmax and seen term."""
     for d in sorted(widths, reverse=True):
         if d % n_heads:
             continue
-        c = replace(
-            teacher,
-            n_items=n_items,
-            d_model=d,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            dropout=dropout,
-            sampled_softmax=0,
-        )
-        if count_params(c) <= budget:
-            return c
+        c = replace(teacher, d_model=d, n_layers=n_layers, n_heads=n_heads, dropout=dropout)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            size = len(quantized_bytes(Student(c, teacher.n_items, None)))
+        if size <= budget_bytes:
+            return c, size
     return None
 
 
@@ -70,26 +51,6 @@ def magnitude_masks(tensors: dict[str, torch.Tensor], sparsity: float) -> dict[s
             m[torch.topk(flat, keep, sorted=False).indices] = True
         masks[name] = m.view_as(w)
     return masks
-
-
-@dataclass(frozen=True)
-class Gate:
-    passed: bool
-    ratio: float | None
-    reason: str
-
-
-def gate(candidate: float, reference: float, threshold: float, users: int, min_users: int) -> Gate:
-    """A candidate's validation NDCG@10 against its reference's on the same users: promoted
-    if ``candidate >= threshold * reference`` and there are enough users to tell."""
-    ratio = candidate / reference if reference > 0 else (1.0 if candidate >= reference else 0.0)
-    if users < min_users:
-        return Gate(False, ratio, f"{users} validation users < min_users {min_users}")
-    if not np.isfinite(candidate):
-        return Gate(False, None, "the candidate's NDCG@10 is not finite")
-    if candidate >= threshold * reference:
-        return Gate(True, ratio, f"{candidate:.4f} >= {threshold:g} x {reference:.4f}")
-    return Gate(False, ratio, f"{candidate:.4f} < {threshold:g} x {reference:.4f}")
 
 
 def summary_row(result: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,173 @@
+"""The students' gates, decided on per-user numbers so that noise cannot pass them.
+
+* :func:`paired_bootstrap` -- the ratio of a candidate's mean per-user NDCG@10 to its
+  reference's on the same users, with a one-sided interval from resampling the *users*
+  (each resample keeps a user's two values together, so what the two models share -- an
+  easy or hard user -- cancels out);
+* :func:`promotion` -- non-inferiority: promoted only when the interval's lower bound clears
+  the threshold (a point estimate above it on a few hundred users is not enough);
+* :func:`harm` -- a per-segment guard: the segment falls back to the reference only when the
+  candidate is *significantly* below ``floor`` x the reference there (the upper bound under
+  it), so a small segment's noise neither promotes nor demotes on its own;
+* :func:`fidelity` -- an int8 model against its fp32 model on every validation input: the
+  mean overlap of their top 10s and the correlation of their scores on those items.
+
+Everything here is plain numpy/torch on arrays the stages compute (no Spark, no files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from patternlake.models import ranking
+from patternlake.models.metrics import RANK_CAP
+
+LEVEL = 0.90  # one-sided: the lower (upper) bound is the 10th (90th) percentile
+
+
+def per_user_ndcg(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """NDCG@k of one held-out target per user from its 0-based rank."""
+    r = np.asarray(ranks, dtype=np.float64)
+    return np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
+
+
+@torch.no_grad()
+def ranks_and_top10(
+    model: torch.nn.Module, x: np.ndarray, target: np.ndarray, batch: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's target rank (capped at ``RANK_CAP``) and top-10 ids under ``model``,
+    counted over item chunks; ``x`` (n, 3, L) inputs."""
+    model.eval()
+    ranker = ranking.ranker_for(model)
+    ranks, tops = [], []
+    for s in range(0, len(target), batch):
+        xb = torch.from_numpy(np.ascontiguousarray(x[s : s + batch]))
+        r, top = ranking.target_ranks(
+            ranker, ranker.encode(xb), torch.from_numpy(target[s : s + batch]), cap=RANK_CAP
+        )
+        ranks.append(r.numpy())
+        tops.append(top.numpy())
+    if not ranks:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 10), dtype=np.int64)
+    return np.concatenate(ranks), np.concatenate(tops)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A candidate's mean over its reference's mean on the same users."""
+
+    users: int
+    candidate: float  # mean per-user value
+    reference: float
+    ratio: float  # candidate / reference
+    lower: float  # the ratio's one-sided LEVEL lower bound
+    upper: float  # ... and upper bound
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    def text(self) -> str:
+        return (
+            f"{self.ratio:.3f}x (90% bounds {self.lower:.3f}-{self.upper:.3f}, "
+            f"{self.users} users: {self.candidate:.4f} vs {self.reference:.4f})"
+        )
+
+
+def _ratio(c: float, r: float) -> float:
+    if r > 0:
+        return c / r
+    return 1.0 if c >= r else 0.0
+
+
+def paired_bootstrap(
+    candidate: np.ndarray, reference: np.ndarray, resamples: int = 2000, seed: int = 0
+) -> Interval:
+    """The ratio of means and its one-sided 90% bounds from ``resamples`` resamples of the
+    users (paired: a user's two values stay together)."""
+    c = np.asarray(candidate, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if c.shape != r.shape:
+        raise ValueError("paired values: one candidate and one reference value per user")
+    n = len(c)
+    point = _ratio(float(c.mean()) if n else 0.0, float(r.mean()) if n else 0.0)
+    if n == 0:
+        return Interval(0, 0.0, 0.0, point, 0.0, float("inf"))
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(resamples)
+    per = max(1, min(resamples, 20_000_000 // n))  # resamples per draw: bounded memory
+    for start in range(0, resamples, per):
+        m = min(per, resamples - start)
+        idx = rng.integers(0, n, size=(m, n))
+        cs, rs = c[idx].sum(1), r[idx].sum(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios[start : start + m] = np.where(rs > 0, cs / rs, np.where(cs >= rs, 1.0, 0.0))
+    lo, hi = np.quantile(ratios, [1 - LEVEL, LEVEL])
+    return Interval(n, float(c.mean()), float(r.mean()), point, float(lo), float(hi))
+
+
+@dataclass(frozen=True)
+class Decision:
+    passed: bool
+    interval: Interval
+    reason: str
+
+
+def promotion(interval: Interval, threshold: float, min_users: int) -> Decision:
+    """Non-inferiority: the ratio's 90% lower bound at or above ``threshold``."""
+    if interval.users < min_users:
+        return Decision(False, interval, f"{interval.users} gate users < min_users {min_users}")
+    if not np.isfinite(interval.candidate):
+        return Decision(False, interval, "the candidate's NDCG@10 is not finite")
+    ok = interval.lower >= threshold
+    sign = ">=" if ok else "<"
+    return Decision(
+        ok, interval, f"lower bound {interval.lower:.3f} {sign} {threshold:g}: {interval.text()}"
+    )
+
+
+def harm(interval: Interval, floor: float) -> Decision:
+    """``passed`` False (fall back) when the candidate is significantly below ``floor`` x
+    the reference: the ratio's 90% upper bound under ``floor``."""
+    bad = interval.users > 0 and interval.upper < floor
+    sign = "<" if bad else ">="
+    return Decision(
+        not bad, interval, f"upper bound {interval.upper:.3f} {sign} {floor:g}: {interval.text()}"
+    )
+
+
+@torch.no_grad()
+def fidelity(
+    model: torch.nn.Module, reference: torch.nn.Module, x: np.ndarray, batch: int = 512
+) -> dict[str, float]:
+    """``model`` (int8) against ``reference`` (its fp32 model) on inputs ``x`` (n, 3, L):
+    the mean share of the reference's top 10 that ``model`` also ranks in its top 10, and the
+    correlation of the two models' scores on the reference's top 10 (each user's scores
+    centred on their mean, so that a shift common to a user's items does not count)."""
+    model.eval()
+    reference.eval()
+    a, b = ranking.ranker_for(model), ranking.ranker_for(reference)
+    overlap, xs, ys = [], [], []
+    for s in range(0, len(x), batch):
+        xb = torch.from_numpy(np.ascontiguousarray(x[s : s + batch]))
+        sa, sb = a.encode(xb), b.encode(xb)
+        _, top_a = ranking.top_k(a, sa, 10)
+        _, top_b = ranking.top_k(b, sb, 10)
+        overlap.append((top_a.unsqueeze(2) == top_b.unsqueeze(1)).any(2).float().mean(1))
+        va, vb = a.items(sa, top_b), b.items(sb, top_b)
+        xs.append(va - va.mean(1, keepdim=True))
+        ys.append(vb - vb.mean(1, keepdim=True))
+    if not overlap:
+        return {"top10_overlap": 1.0, "score_correlation": 1.0, "inputs": 0}
+    u, v = torch.cat(xs).flatten().double(), torch.cat(ys).flatten().double()
+    finite = torch.isfinite(u) & torch.isfinite(v)
+    u, v = u[finite], v[finite]
+    denom = float(u.norm() * v.norm())
+    return {
+        "top10_overlap": float(torch.cat(overlap).mean()),
+        "score_correlation": float((u @ v) / denom) if denom > 0 else 1.0,
+        "inputs": len(x),
+    }
