@@ -134,7 +134,6 @@ def one_catalogue(
     caps = [
         "--set", f"train.epochs={epochs}",
         "--set", f"students.epochs={epochs}",
-        "--set", f"compress.finetune_epochs={min(epochs, 1)}",
     ]  # fmt: skip
     plan = [
         ("run daily", cli(work, *caps, "run", "daily", "--input", str(data / "events"))),

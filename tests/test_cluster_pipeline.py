@@ -41,7 +41,7 @@ def test_all_pipeline_on_a_cluster_and_featurize_survives_a_killed_worker(
 
     # 1. everything, one spark-submit: ingest ... Horovod x2 teacher ... students ... score
     small = [
-        "--set", "train.epochs=2", "--set", "students.epochs=2", "--set", "compress.finetune_epochs=1",
+        "--set", "train.epochs=2", "--set", "students.epochs=2",
         "--set", "compress.sparsity=[0.5]", "--set", "score.explain_events=3",
     ]  # fmt: skip
     out = spark_submit(url, env, "run_pipeline.py", "all", *common("a"), *small, "--input", events)

@@ -147,7 +147,7 @@ def _next_day(spark, trained_lake, tmp_path, hit: bool):
         score={"explain_events": 0},
         train={"epochs": 2, "patience": 1, "backend": "single"},
         students={"epochs": 2, "patience": 1},
-        compress={"sparsity": [0.5], "finetune_epochs": 1},
+        compress={"sparsity": [0.5]},
     )
     score_users(spark, lake, cfg, "served")
     served = lake.read("user_patterns").where("run_id = 'served'")

@@ -25,7 +25,15 @@ import pyarrow as pa
 import torch
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, FloatType, IntegerType, LongType, StringType
+from pyspark.sql.types import (
+    ArrayType,
+    FloatType,
+    IntegerType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+)
 
 from patternlake.lake import Lake
 from patternlake.models import ranking
@@ -153,13 +161,16 @@ def store_teacher_topk(
         )
         return found, {"reused": True, "version": found}
     sequences = lake.read("user_sequences", version=data_version)
-    schema = (
-        sequences.schema.add("topk_items", ArrayType(IntegerType(), False), False)
-        .add("topk_logits", ArrayType(FloatType(), False), False)
-        .add("teacher_version", StringType(), False)
-        .add("data_version", LongType(), False)
-        .add("k", IntegerType(), False)
-        .add("stride", IntegerType(), False)
+    schema = StructType(
+        [
+            *sequences.schema.fields,
+            StructField("topk_items", ArrayType(IntegerType()), False),
+            StructField("topk_logits", ArrayType(FloatType()), False),
+            StructField("teacher_version", StringType(), False),
+            StructField("data_version", LongType(), False),
+            StructField("k", IntegerType(), False),
+            StructField("stride", IntegerType(), False),
+        ]
     )
     shared = spark.sparkContext.broadcast(teacher_data)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(rows_per_batch))
