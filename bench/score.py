@@ -157,8 +157,9 @@ def main(argv=None) -> int:
     fp32, int8 = {-1: scorer}, {-1: scorer}
     for g in set(groups.tolist()):
         for variant, store in (("fp32", fp32), ("int8", int8)):
+            # the shared student serves every segment (docs/students.md)
             v = registry.student_versions(
-                config, variant=variant, segment=g, teacher_version=tags["version"]
+                config, variant=variant, shared="true", teacher_version=tags["version"]
             )
             if v:
                 blob = registry.version_file(config, "student", v[0].version).read_bytes()

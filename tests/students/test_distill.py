@@ -195,3 +195,25 @@ def test_the_served_int8_file_is_the_one_the_budget_counted(students):
     fp32 = registry.load_student(cfg, good["registered_version"])
     assert isinstance(fp32, Student) and fp32.catalogue is None
     assert len(quantized_bytes(fp32)) <= good["shared"]["budget_bytes"]
+
+
+@pytest.mark.slow
+def test_the_student_distils_under_ddp_like_the_teacher(spark, students, tmp_path):
+    """train.backend ddp: the shared student trains in two TorchDistributor processes, from
+    the stored top-K the first distill wrote (reused, not recomputed)."""
+    from patternlake.students.distill import distill
+    from tests.conftest import copy_trained_lake
+
+    cfg, lake, _ = copy_trained_lake(
+        students,
+        tmp_path,
+        train={"backend": "ddp", "num_proc": 2},
+        students={"epochs": 1},
+    )
+    before = lake.version(TABLE)
+    out = distill(spark, lake, cfg)
+    assert out["shared"]["backend"] == "ddp" and out["shared"]["world"] == 2
+    assert out["shared"]["teacher_topk"]["reused"] and lake.version(TABLE) == before
+    assert registry.student_versions(cfg, shared="true", variant="fp32")[0].version == (
+        out["registered_version"]
+    )

@@ -62,6 +62,19 @@ def test_the_harm_guard_falls_back_only_when_significantly_below_the_floor():
     assert not gates.harm(gates.paired_bootstrap(teacher * 0.5, teacher), 0.8).passed
     assert gates.harm(gates.paired_bootstrap(teacher * 0.95, teacher), 0.8).passed
     assert gates.harm(gates.paired_bootstrap(np.zeros(0), np.zeros(0)), 0.8).passed
+    # a small segment whose 90% upper bound is just under the floor: with 8 segments judged
+    # at once its bound is taken at 98.75% (Bonferroni), which a bad draw does not cross
+    assert gates.harm_level(8) == pytest.approx(0.9875) and gates.harm_level(1) == 0.9
+    small = teacher[:40]
+    rng = np.random.default_rng(6)
+    mixed = np.where(rng.random(40) < 0.3, 0.0, small) + np.where(rng.random(40) < 0.1, 0.5, 0)
+    plain = gates.paired_bootstrap(mixed, small, 2000, 0)
+    wide = gates.paired_bootstrap(mixed, small, 2000, 0, wide_level=gates.harm_level(8))
+    assert wide.upper == plain.upper < wide.wide_upper
+    floor = (plain.upper + wide.wide_upper) / 2
+    assert not gates.harm(plain, floor).passed  # at 90%: back to the teacher
+    assert gates.harm(wide, floor).passed  # corrected for 8 segments: not significant
+    assert gates.harm(plain, floor, min_users=50).passed  # too few users for a verdict
 
 
 def _inputs(n_items: int, n: int = 64, L: int = 12, seed: int = 0) -> np.ndarray:

@@ -201,6 +201,17 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
                 verdict, reason=verdict.reason + "; its fp32 student does not serve it"
             )
         verdicts.append(verdict)
+    if not any(v.promoted for v in verdicts[1:]):  # the pooled row says who serves now
+        fp32_serves = any(
+            str(getattr(registry.champion_version(config, g), "version", ""))
+            == fp32_version.version
+            for g in {v.segment for v in verdicts[1:]}
+        )
+        verdicts[0] = replace(
+            verdicts[0],
+            champion=f"student v{fp32_version.version}" if fp32_serves else "teacher",
+            reason=verdicts[0].reason + ("" if ok else "; int8 not promoted"),
+        )
     write_decisions(lake, verdicts, datetime.now(UTC))
     out = {
         "shared": verdicts[0].summary() | {"interval": pooled.interval.as_dict()},

@@ -306,13 +306,16 @@ def segment_guards(
     config: Config, judged: GateUsers, model_ndcg: np.ndarray, reference_ndcg: np.ndarray
 ) -> dict[int, gates.Decision]:
     """Per segment of the gate users: the harm guard of the model against its reference on
-    that segment's users (users without a segment are served by the teacher anyway)."""
+    that segment's users, its upper bound at ``gates.harm_level`` of the number of segments
+    (users without a segment are served by the teacher anyway)."""
     s = config.students
     out = {}
-    for g in sorted({int(x) for x in judged.segment} - {SHARED}):
+    segments = sorted({int(x) for x in judged.segment} - {SHARED})
+    level = gates.harm_level(len(segments))
+    for g in segments:
         mine = judged.segment == g
-        out[g] = gates.harm(
-            gates.paired_bootstrap(model_ndcg[mine], reference_ndcg[mine], s.resamples, s.seed),
-            s.harm_floor,
+        interval = gates.paired_bootstrap(
+            model_ndcg[mine], reference_ndcg[mine], s.resamples, s.seed, wide_level=level
         )
+        out[g] = gates.harm(interval, s.harm_floor, s.min_users)
     return out

@@ -8,7 +8,8 @@
   the threshold (a point estimate above it on a few hundred users is not enough);
 * :func:`harm` -- a per-segment guard: the segment falls back to the reference only when the
   candidate is *significantly* below ``floor`` x the reference there (the upper bound under
-  it), so a small segment's noise neither promotes nor demotes on its own;
+  it, at a level corrected for the number of segments, :func:`harm_level`), so a small
+  segment's noise neither promotes nor demotes on its own;
 * :func:`fidelity` -- an int8 model against its fp32 model on every validation input: the
   mean overlap of their top 10s and the correlation of their scores on those items.
 
@@ -66,6 +67,7 @@ class Interval:
     ratio: float  # candidate / reference
     lower: float  # the ratio's one-sided LEVEL lower bound
     upper: float  # ... and upper bound
+    wide_upper: float | None = None  # an upper bound at a higher level (``harm``'s), if asked
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -84,10 +86,15 @@ def _ratio(c: float, r: float) -> float:
 
 
 def paired_bootstrap(
-    candidate: np.ndarray, reference: np.ndarray, resamples: int = 2000, seed: int = 0
+    candidate: np.ndarray,
+    reference: np.ndarray,
+    resamples: int = 2000,
+    seed: int = 0,
+    wide_level: float | None = None,
 ) -> Interval:
     """The ratio of means and its one-sided 90% bounds from ``resamples`` resamples of the
-    users (paired: a user's two values stay together)."""
+    users (paired: a user's two values stay together); ``wide_level``: also the upper bound
+    at that level (``wide_upper``)."""
     c = np.asarray(candidate, dtype=np.float64)
     r = np.asarray(reference, dtype=np.float64)
     if c.shape != r.shape:
@@ -95,7 +102,7 @@ def paired_bootstrap(
     n = len(c)
     point = _ratio(float(c.mean()) if n else 0.0, float(r.mean()) if n else 0.0)
     if n == 0:
-        return Interval(0, 0.0, 0.0, point, 0.0, float("inf"))
+        return Interval(0, 0.0, 0.0, point, 0.0, float("inf"), float("inf"))
     rng = np.random.default_rng(seed)
     ratios = np.empty(resamples)
     per = max(1, min(resamples, 20_000_000 // n))  # resamples per draw: bounded memory
@@ -106,7 +113,8 @@ def paired_bootstrap(
         with np.errstate(divide="ignore", invalid="ignore"):
             ratios[start : start + m] = np.where(rs > 0, cs / rs, np.where(cs >= rs, 1.0, 0.0))
     lo, hi = np.quantile(ratios, [1 - LEVEL, LEVEL])
-    return Interval(n, float(c.mean()), float(r.mean()), point, float(lo), float(hi))
+    wide = float(np.quantile(ratios, wide_level)) if wide_level is not None else None
+    return Interval(n, float(c.mean()), float(r.mean()), point, float(lo), float(hi), wide)
 
 
 @dataclass(frozen=True)
@@ -129,13 +137,27 @@ def promotion(interval: Interval, threshold: float, min_users: int) -> Decision:
     )
 
 
-def harm(interval: Interval, floor: float) -> Decision:
+def harm_level(segments: int) -> float:
+    """The one-sided level of each segment's harm guard: 90% over all the segments together
+    (Bonferroni), so that with many segments one small segment's bad draw does not send it
+    back to the teacher by chance."""
+    return 1 - (1 - LEVEL) / max(1, segments)
+
+
+def harm(interval: Interval, floor: float, min_users: int = 0) -> Decision:
     """``passed`` False (fall back) when the candidate is significantly below ``floor`` x
-    the reference: the ratio's 90% upper bound under ``floor``."""
-    bad = interval.users > 0 and interval.upper < floor
+    the reference: the ratio's upper bound (``wide_upper`` when computed, see
+    :func:`harm_level`; else the 90% one) under ``floor``. Fewer than ``min_users`` users:
+    no verdict of its own (passed)."""
+    upper = interval.wide_upper if interval.wide_upper is not None else interval.upper
+    if interval.users < min_users:
+        return Decision(
+            True, interval, f"{interval.users} gate users < min_users {min_users}: no guard"
+        )
+    bad = interval.users > 0 and upper < floor
     sign = "<" if bad else ">="
     return Decision(
-        not bad, interval, f"upper bound {interval.upper:.3f} {sign} {floor:g}: {interval.text()}"
+        not bad, interval, f"upper bound {upper:.3f} {sign} {floor:g}: {interval.text()}"
     )
 
 
