@@ -147,6 +147,7 @@ def test_compress_judges_int8_by_fidelity_and_moves_only_fp32_champions(students
         assert tried["passed"] == (
             tried["top10_overlap"] >= cfg.compress.min_overlap
             and tried["interval"]["lower"] >= cfg.compress.gate
+            and tried["int8_bytes"] <= good["shared"]["budget_bytes"]
         )
     assert shared["promoted"] == shared["tried"][-1]["passed"]
     if len(shared["tried"]) > 1:

@@ -7,7 +7,9 @@ bitmask). A candidate passes when it is faithful to the fp32 model it compresses
 * its top 10 overlaps the fp32 model's by at least ``compress.min_overlap`` on average, and
   the correlation of their scores is reported, over *every* user's validation input;
 * pooled non-inferiority: the 90% lower bound of its NDCG@10 over the fp32 model's (paired
-  bootstrap, the "gate" users) is at least ``compress.gate``.
+  bootstrap, the "gate" users) is at least ``compress.gate``;
+* its file is within the byte budget (``students.max_bytes_ratio`` of the fp32 teacher's
+  file; distill sized the student on initial weights, trained ones compress a little less).
 
 The first sparsity that passes wins. The int8 student is registered; it becomes a segment's
 champion only where the fp32 student is the champion now and the segment's harm guard
@@ -76,6 +78,7 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     judged = GateUsers(spark, lake, files, fp32.config.max_len)
     fp32_ndcg = judged.ndcg(fp32)
     every_user = judged.every_x
+    budget = int(s.max_bytes_ratio * len(teacher_data))  # the trained file, checked again
     tried, chosen = [], None
     for sparsity in sorted(c.sparsity, reverse=True):
         packed = quantized_bytes(
@@ -87,8 +90,10 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
         pooled = gates.promotion(
             gates.paired_bootstrap(int8_ndcg, fp32_ndcg, s.resamples, s.seed), c.gate, s.min_users
         )
-        ok = faithful["top10_overlap"] >= c.min_overlap and pooled.passed
+        fits = len(packed) <= budget
+        ok = faithful["top10_overlap"] >= c.min_overlap and pooled.passed and fits
         reason = (
+            f"{len(packed):,} bytes {'<=' if fits else '>'} the budget {budget:,}; "
             f"top-10 overlap {faithful['top10_overlap']:.3f} "
             f"{'>=' if faithful['top10_overlap'] >= c.min_overlap else '<'} {c.min_overlap:g} "
             f"(score correlation {faithful['score_correlation']:.4f}, {faithful['inputs']} "
