@@ -115,7 +115,7 @@ def student_spec(
         batch_size=s.batch_size,
         lr=s.lr,
         seed=s.seed,
-        valid_users=0,
+        valid_users=t.valid_users,  # a fixed sample of the tune half, as the teacher's
         valid_part="tune",
         ema_decay=0.0,
         distill={"k": s.top_k, "alpha": s.alpha, "temperature": s.temperature},
