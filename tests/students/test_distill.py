@@ -215,6 +215,7 @@ def test_the_student_distils_under_ddp_like_the_teacher(spark, students, tmp_pat
     out = distill(spark, lake, cfg)
     assert out["shared"]["backend"] == "ddp" and out["shared"]["world"] == 2
     assert out["shared"]["teacher_topk"]["reused"] and lake.version(TABLE) == before
-    assert registry.student_versions(cfg, shared="true", variant="fp32")[0].version == (
-        out["registered_version"]
+    assert (
+        registry.student_versions(cfg, shared="true", variant="fp32")[0].version
+        == (out["registered_version"])
     )
