@@ -24,7 +24,6 @@ import json
 import logging
 import time
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -38,7 +37,7 @@ from patternlake.models.student import from_bytes, large_tensors, quantized_byte
 from patternlake.models.teacher import TeacherScorer, teacher_from_bytes
 from patternlake.students import gates
 from patternlake.students.distill import SHARED, GateUsers, pinned_files, segment_guards
-from patternlake.students.promotion import Candidate, Verdict, write_decisions
+from patternlake.students.promotion import Candidate, Verdict, record
 from patternlake.students.transforms import magnitude_masks
 
 log = logging.getLogger(__name__)
@@ -146,13 +145,12 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     teacher_ndcg = judged.ndcg(TeacherScorer(teacher_from_bytes(teacher_data)))
     params = int(fp32_version.tags.get("params", 0))
     verdicts = [
-        Verdict(
-            stage="compress",
-            segment=SHARED,
-            variant="int8",
-            valid_users=pooled.interval.users,
+        Verdict.of_interval(
+            "compress",
+            SHARED,
+            "int8",
+            pooled.interval,
             reference=f"student v{fp32_version.version}",
-            reference_ndcg=pooled.interval.reference,
             threshold=c.gate,
             promoted=ok,
             champion=f"student-int8 v{version}" if ok else f"student v{fp32_version.version}",
@@ -163,13 +161,9 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
                 "fp32_bytes": int(fp32_version.tags.get("bytes", 0)),
                 "teacher_bytes": len(teacher_data),
             },
-            registered_version=version,
+            version=version,
             params=params,
-            bytes=len(packed),
-            model_ndcg=pooled.interval.candidate,
-            ratio=pooled.interval.ratio,
-            lower=pooled.interval.lower,
-            upper=pooled.interval.upper,
+            nbytes=len(packed),
         )
     ]
     for g, guard in segment_guards(config, judged, int8_ndcg, teacher_ndcg).items():
@@ -217,14 +211,7 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
             champion=f"student v{fp32_version.version}" if fp32_serves else "teacher",
             reason=verdicts[0].reason + ("" if ok else "; int8 not promoted"),
         )
-    write_decisions(lake, verdicts, datetime.now(UTC))
-    out = {
-        "shared": verdicts[0].summary() | {"interval": pooled.interval.as_dict()},
-        "segments": {v.segment: v.summary() for v in verdicts[1:]},
-        "teacher_version": tags["version"],
-        "registered_version": version,
-        "seconds": round(time.monotonic() - started, 1),
-    }
+    out = record(lake, verdicts, tags["version"], started)
     log.info(
         "compress: int8 student v%s (sparsity %.2f, %d -> %d bytes): %s -> %s",
         version,

@@ -28,7 +28,6 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ from patternlake.models.train_spec import TrainSpec, counted_examples
 from patternlake.sequence_reader import evaluation_arrays, read_table
 from patternlake.sequence_schema import pinned_sequence_files
 from patternlake.students import gates
-from patternlake.students.promotion import Candidate, Verdict, write_decisions
+from patternlake.students.promotion import Candidate, Verdict, record
 from patternlake.students.topk import TABLE, store_teacher_topk
 from patternlake.students.transforms import student_config
 
@@ -243,25 +242,20 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
         history=tuple(result["history"]),
     ).register(config)
     verdicts = [
-        Verdict(
-            stage="distill",
-            segment=SHARED,
-            variant="fp32",
-            valid_users=pooled.interval.users,
+        Verdict.of_interval(
+            "distill",
+            SHARED,
+            "fp32",
+            pooled.interval,
             reference="teacher",
-            reference_ndcg=pooled.interval.reference,
             threshold=s.gate,
             promoted=pooled.passed,
             champion=f"student v{version}" if pooled.passed else "teacher",
             reason=pooled.reason,
             details=numbers,
-            registered_version=version,
+            version=version,
             params=student.num_params(),
-            bytes=len(model),
-            model_ndcg=pooled.interval.candidate,
-            ratio=pooled.interval.ratio,
-            lower=pooled.interval.lower,
-            upper=pooled.interval.upper,
+            nbytes=len(model),
         )
     ]
     for g, guard in segment_guards(config, judged, student_ndcg, teacher_ndcg).items():
@@ -283,15 +277,7 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
                 len(model),
             )
         )
-    registry.use_experiment(config)
-    write_decisions(lake, verdicts, datetime.now(UTC))
-    out = {
-        "shared": verdicts[0].summary() | {"interval": pooled.interval.as_dict()},
-        "segments": {v.segment: v.summary() for v in verdicts[1:]},
-        "teacher_version": tags["version"],
-        "registered_version": version,
-        "seconds": round(time.monotonic() - started, 1),
-    }
+    out = record(lake, verdicts, tags["version"], started)
     log.info(
         "distill: shared student v%s, NDCG@10 vs teacher on %d gate users %s: %s",
         version,

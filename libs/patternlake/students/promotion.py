@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,46 @@ class Verdict:
     upper: float | None = None
 
     @classmethod
+    def of_interval(
+        cls,
+        stage: str,
+        segment: int,
+        variant: str,
+        interval: Any,
+        *,
+        reference: str,
+        threshold: float,
+        promoted: bool,
+        champion: str,
+        reason: str,
+        details: dict[str, Any],
+        version: str,
+        params: int,
+        nbytes: int,
+    ) -> Verdict:
+        """A row whose numbers are a ``gates.Interval`` of the model against ``reference``."""
+        return cls(
+            stage=stage,
+            segment=segment,
+            variant=variant,
+            valid_users=interval.users,
+            reference=reference,
+            reference_ndcg=interval.reference,
+            threshold=threshold,
+            promoted=promoted,
+            champion=champion,
+            reason=reason,
+            details=details,
+            registered_version=version,
+            params=params,
+            bytes=nbytes,
+            model_ndcg=interval.candidate,
+            ratio=interval.ratio,
+            lower=interval.lower,
+            upper=interval.upper,
+        )
+
+    @classmethod
     def of_guard(
         cls,
         stage: str,
@@ -106,27 +147,21 @@ class Verdict:
     ) -> Verdict:
         """A segment's row: the harm guard (``gates.harm``) of a model the pooled gate
         judged, and who serves the segment now."""
-        i = guard.interval
         reason = guard.reason if pooled_passed else "the pooled gate did not pass; " + guard.reason
-        return cls(
-            stage=stage,
-            segment=segment,
-            variant=variant,
-            valid_users=i.users,
+        return cls.of_interval(
+            stage,
+            segment,
+            variant,
+            guard.interval,
             reference=reference,
-            reference_ndcg=i.reference,
             threshold=floor,
             promoted=serve,
             champion=champion,
             reason=reason,
-            details={"harm_guard": i.as_dict()},
-            registered_version=version,
+            details={"harm_guard": guard.interval.as_dict()},
+            version=version,
             params=params,
-            bytes=nbytes,
-            model_ndcg=i.candidate,
-            ratio=i.ratio,
-            lower=i.lower,
-            upper=i.upper,
+            nbytes=nbytes,
         )
 
     def row(self, decided_at: datetime) -> dict[str, Any]:
@@ -170,3 +205,20 @@ def write_decisions(lake: Lake, verdicts: list[Verdict], decided_at: datetime) -
     )
     # merge_schema: a lake whose model_decisions predates the interval columns gains them
     lake.write(df, "model_decisions", "append", merge_schema=True)
+
+
+def record(
+    lake: Lake, verdicts: list[Verdict], teacher_version: str, started: float
+) -> dict[str, Any]:
+    """Appends the verdicts (the pooled one first, then one per segment) to
+    ``model_decisions``; the stage's result (printed by the CLI, kept in ops/runs)."""
+    write_decisions(lake, verdicts, datetime.now(UTC))
+    pooled = verdicts[0]
+    return {
+        "shared": pooled.summary()
+        | {"ratio": pooled.ratio, "lower": pooled.lower, "upper": pooled.upper},
+        "segments": {v.segment: v.summary() for v in verdicts[1:]},
+        "teacher_version": teacher_version,
+        "registered_version": pooled.registered_version,
+        "seconds": round(time.monotonic() - started, 1),
+    }
