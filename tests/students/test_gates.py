@@ -177,3 +177,55 @@ def test_the_distillation_loss_reads_only_the_stored_top_k():
         same = float(model(items, types, gaps, targets, soft_items, own))
         other = float(model(items, types, gaps, targets, soft_items, soft_logits))
     assert same == pytest.approx(0, abs=1e-5) and other > 0.01
+
+
+def test_a_gate_on_users_the_reference_never_ranks_is_refused():
+    zeros = np.zeros(300)
+    interval = gates.paired_bootstrap(zeros, zeros)
+    assert interval.ratio == 1.0  # 0 / 0 reads as a tie...
+    decision = gates.promotion(interval, 0.9, 20)
+    assert not decision.passed and "nothing to judge" in decision.reason  # ...but is no win
+
+
+def test_every_segment_gets_a_verdict_even_without_gate_users():
+    """A segment whose users are all in the tune half (or not evaluable) still has its
+    champion alias decided by the pooled gate: no verdict of its own, never a stale alias."""
+    from types import SimpleNamespace
+
+    from patternlake.config import load_config
+    from patternlake.students.distill import SHARED, segment_guards
+
+    config = load_config("local", [])
+    judged = SimpleNamespace(
+        segment=np.array([1] * 30 + [2] * 30 + [SHARED] * 5), segment_ids=[0, 1, 2, 3]
+    )
+    teacher = _hits(65, 0.3, 7)
+    guards = segment_guards(config, judged, teacher.copy(), teacher)
+    assert sorted(guards) == [0, 1, 2, 3]
+    assert all(g.passed for g in guards.values())
+    assert guards[0].interval.users == 0 and "no guard" in guards[0].reason
+
+
+def test_the_distillation_loss_counts_the_seen_term_of_each_position_prefix():
+    torch.manual_seed(1)
+    c = TeacherConfig(
+        n_items=30, n_types=3, max_len=8, d_model=16, n_heads=2, n_layers=1, seen_bias=True
+    )
+    model = SequentialTeacher(c).eval()
+    with torch.no_grad():
+        model.seen_weight.fill_(1.5)
+    items = torch.randint(1, 30, (5, 8))
+    types = gaps = torch.ones_like(items)
+    targets = torch.randint(1, 30, (5, 8))
+    soft_items = torch.randint(1, 30, (5, 8, 7))
+    soft_items[..., :3] = items.unsqueeze(2)  # items of the window: seen up to some positions
+    soft_logits = torch.randn(5, 8, 7)
+    model.distill = (1.0, 1.0)
+    with torch.no_grad():
+        got = model(items, types, gaps, targets, soft_items, soft_logits)
+        mask = targets > 0
+        dense = model.position_scores(items, types, gaps, mask)  # the seen term, densely
+        student = dense.gather(1, soft_items[mask])
+        t = torch.softmax(soft_logits[mask], -1)
+        kl = (t * (t.log() - torch.log_softmax(student, -1))).sum(-1).mean()
+    assert torch.allclose(got, kl, atol=1e-5)

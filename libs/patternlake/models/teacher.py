@@ -387,7 +387,10 @@ class SequentialTeacher(nn.Module):
             L = items.shape[1]
             upto = torch.arange(L, device=items.device).unsqueeze(0) <= pos.unsqueeze(1)
             prefix = torch.where(upto, items[b], torch.zeros((), dtype=items.dtype))  # (M, L)
-            seen = (si.unsqueeze(2) == prefix.unsqueeze(1)).any(2) & (si > 0)
+            # membership by binary search in each sorted prefix: (M, K), never (M, K, L)
+            ordered = prefix.sort(dim=1).values
+            at = torch.searchsorted(ordered, si).clamp_max(L - 1)
+            seen = (ordered.gather(1, at) == si) & (si > 0)
             s = self.with_seen(s, seen)
         stored = torch.isfinite(sl)
         t_prob = F.softmax(sl / t, dim=-1)

@@ -34,6 +34,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -286,6 +287,16 @@ def score_batches(
         yield pd.DataFrame(rows, columns=SCORED_COLUMNS)
 
 
+def payload_digest(payload: dict[str, Any]) -> str:
+    """What a Python worker's built models are cached under: the model files and which
+    segment gets which (one shared file can serve a changing set of segments)."""
+    return hashlib.sha1(
+        payload["teacher"]
+        + b"".join(payload["files"].values())
+        + json.dumps(payload["students"], sort_keys=True).encode()
+    ).hexdigest()
+
+
 def champion_payload(config: Config, segments: list[int]) -> tuple[dict[str, Any], dict[int, str]]:
     from patternlake import registry
 
@@ -406,7 +417,7 @@ def score_users(
     segments = lake.read("segments").select("user_id", "segment_id")
     seg_ids = sorted(r[0] for r in segments.select("segment_id").distinct().collect())
     payload, served = champion_payload(config, seg_ids)
-    digest = hashlib.sha1(payload["teacher"] + b"".join(payload["files"].values())).hexdigest()
+    digest = payload_digest(payload)
     sequences = lake.read("user_sequences")
     item_index = lake.read("item_index").select("item_idx", "item_id")
     popular = segment_popularity(sequences.join(segments, "user_id", "left"), s["top_k"])

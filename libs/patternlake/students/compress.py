@@ -208,8 +208,10 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
         )
         verdicts[0] = replace(
             verdicts[0],
+            promoted=False,
             champion=f"student v{fp32_version.version}" if fp32_serves else "teacher",
-            reason=verdicts[0].reason + ("" if ok else "; int8 not promoted"),
+            reason=verdicts[0].reason
+            + ("; no segment is served by its fp32 student" if ok else "; int8 not promoted"),
         )
     out = record(lake, verdicts, tags["version"], started)
     log.info(

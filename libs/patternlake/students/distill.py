@@ -77,6 +77,12 @@ class GateUsers:
         self.x = self.every_x[keep]
         self.target = target[keep]
         self.segment = np.full(len(self.users), SHARED, dtype=np.int64)
+        # every segment of the table, with gate users or not: each one's alias is decided
+        self.segment_ids: list[int] = []
+        if lake.exists("segments"):
+            self.segment_ids = sorted(
+                int(r[0]) for r in lake.read("segments").select("segment_id").distinct().collect()
+            )
         if lake.exists("segments") and len(self.users):
             wanted = spark.createDataFrame(pd.DataFrame({"user_id": self.users.astype(str)}))
             found = (
@@ -296,7 +302,8 @@ def segment_guards(
     (users without a segment are served by the teacher anyway)."""
     s = config.students
     out = {}
-    segments = sorted({int(x) for x in judged.segment} - {SHARED})
+    # a segment without gate users gets no verdict of its own (the pooled gate decides)
+    segments = sorted(({int(x) for x in judged.segment} | set(judged.segment_ids)) - {SHARED})
     level = gates.harm_level(len(segments))
     for g in segments:
         mine = judged.segment == g

@@ -130,6 +130,10 @@ def promotion(interval: Interval, threshold: float, min_users: int) -> Decision:
         return Decision(False, interval, f"{interval.users} gate users < min_users {min_users}")
     if not np.isfinite(interval.candidate):
         return Decision(False, interval, "the candidate's NDCG@10 is not finite")
+    if interval.reference <= 0:  # 0 / 0 would read as a ratio of 1
+        return Decision(
+            False, interval, "the reference ranks no gate target in its top 10: nothing to judge"
+        )
     ok = interval.lower >= threshold
     sign = ">=" if ok else "<"
     return Decision(
