@@ -215,7 +215,34 @@ def test_the_student_distils_under_ddp_like_the_teacher(spark, students, tmp_pat
     out = distill(spark, lake, cfg)
     assert out["shared"]["backend"] == "ddp" and out["shared"]["world"] == 2
     assert out["shared"]["teacher_topk"]["reused"] and lake.version(TABLE) == before
-    assert (
-        registry.student_versions(cfg, shared="true", variant="fp32")[0].version
-        == (out["registered_version"])
-    )
+    newest = registry.student_versions(cfg, shared="true", variant="fp32")[0]
+    assert str(newest.version) == out["registered_version"]
+
+
+@pytest.mark.slow
+def test_compress_again_replaces_the_int8_of_the_same_student_and_a_refusal_keeps_it(
+    spark, students, tmp_path
+):
+    """A second compress of the same fp32 student may replace its earlier int8 form (same
+    lineage); one that fails its gates leaves every alias as it was and says so."""
+    from patternlake.students.compress import compress
+    from tests.conftest import copy_trained_lake, with_overrides
+
+    cfg, lake, _ = copy_trained_lake(students, tmp_path)
+    segments = sorted(students[5]["segments"])
+    before = {g: registry.champion_version(cfg, g) for g in segments}
+    strict = with_overrides(cfg, compress={"min_overlap": 1.0, "gate": 1.0, "sparsity": [0.9]})
+    refused = compress(spark, lake, strict)
+    assert not refused["shared"]["promoted"]
+    after = {g: registry.champion_version(cfg, g) for g in segments}
+    assert {g: getattr(v, "version", None) for g, v in after.items()} == {
+        g: getattr(v, "version", None) for g, v in before.items()
+    }
+    served = {r["champion"] for r in refused["segments"].values()}
+    assert refused["shared"]["champion"] in served
+    again = compress(spark, lake, cfg)
+    if again["shared"]["promoted"]:
+        for g, v in before.items():
+            if v is not None and v.tags.get("variant") == "int8":
+                now = registry.champion_version(cfg, g)
+                assert str(now.version) == again["registered_version"]

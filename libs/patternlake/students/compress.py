@@ -168,7 +168,11 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     ]
     for g, guard in segment_guards(config, judged, int8_ndcg, teacher_ndcg).items():
         current = registry.champion_version(config, g)
-        was_fp32 = current is not None and str(current.version) == str(fp32_version.version)
+        # served by this fp32 student now, or by an earlier int8 form of it (a rerun)
+        was_fp32 = current is not None and str(fp32_version.version) in (
+            str(current.version),
+            current.tags.get("fp32_version"),
+        )
         serve = ok and was_fp32 and guard.passed
         if serve:
             registry.set_champion(config, g, version)
@@ -201,15 +205,11 @@ def compress(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
             )
         verdicts.append(verdict)
     if not any(v.promoted for v in verdicts[1:]):  # the pooled row says who serves now
-        fp32_serves = any(
-            str(getattr(registry.champion_version(config, g), "version", ""))
-            == fp32_version.version
-            for g in {v.segment for v in verdicts[1:]}
-        )
+        served = [v.champion for v in verdicts[1:]] or ["teacher"]
         verdicts[0] = replace(
             verdicts[0],
             promoted=False,
-            champion=f"student v{fp32_version.version}" if fp32_serves else "teacher",
+            champion=max(set(served), key=served.count),
             reason=verdicts[0].reason
             + ("; no segment is served by its fp32 student" if ok else "; int8 not promoted"),
         )

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from pyspark.sql import SparkSession
 
 from patternlake import registry
@@ -84,15 +83,11 @@ class GateUsers:
                 int(r[0]) for r in lake.read("segments").select("segment_id").distinct().collect()
             )
         if lake.exists("segments") and len(self.users):
-            wanted = spark.createDataFrame(pd.DataFrame({"user_id": self.users.astype(str)}))
-            found = (
-                wanted.join(lake.read("segments").select("user_id", "segment_id"), "user_id")
-                .toPandas()
-                .set_index("user_id")["segment_id"]
-            )
-            self.segment = (
-                pd.Series(self.users.astype(str)).map(found).fillna(SHARED).to_numpy(np.int64)
-            )
+            ids = [str(u) for u in self.users]
+            wanted = spark.createDataFrame([(u,) for u in ids], "user_id string")
+            joined = wanted.join(lake.read("segments").select("user_id", "segment_id"), "user_id")
+            found = {r.user_id: int(r.segment_id) for r in joined.collect()}
+            self.segment = np.array([found.get(u, SHARED) for u in ids], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.target)
