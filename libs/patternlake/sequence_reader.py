@@ -159,9 +159,9 @@ def first_training_items(table: pa.Table) -> np.ndarray:
 
 def _window_bounds(
     table: pa.Table, max_len: int, stride: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(context start, target start, end) of every window as flat positions in the rows'
-    values, in row order and, within a row, oldest window first. Windows are cut from the
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row, context start, target start, end) of every window: the row it belongs to and
+    flat positions in the rows' values, in row order and, within a row, oldest window first. Windows are cut from the
     end of the training part backwards, ``stride`` targets apart: window k's targets are
     ``[end - stride, end)`` and its inputs reach back ``max_len`` events, so with a stride
     below ``max_len`` every target after the first window sees at least
@@ -169,11 +169,7 @@ def _window_bounds(
     still belongs to exactly one window. The oldest window may be short."""
     step = window_stride(max_len, stride)
     counts = training_example_counts(table, max_len, step)
-    column = table.column("item_seq")
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    offsets = offsets - offsets[0]
+    offsets = _offsets(table)
     lengths = training_lengths(table)
     row = np.repeat(np.arange(len(counts)), counts)
     # k: 0 for a row's oldest window ... counts - 1 for its newest
@@ -184,7 +180,16 @@ def _window_bounds(
     first = offsets[row] + 1  # a user's first event is never a target
     context = np.maximum(end - max_len, first)
     target_start = np.maximum(end - step, first)
-    return context, target_start, end
+    return row, context, target_start, end
+
+
+def _offsets(table: pa.Table) -> np.ndarray:
+    """Where each row's events start in the rows' flat ``item_seq`` values (n + 1,)."""
+    column = table.column("item_seq")
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    return offsets - offsets[0]
 
 
 def _gather(values: np.ndarray, start: np.ndarray, end: np.ndarray, width: int) -> np.ndarray:
@@ -217,7 +222,7 @@ def training_arrays(
     (target 0, ignored by the loss). A window's inputs are the events just before its
     targets. Rows with fewer than 2 training events give nothing. Examples follow the
     rows' order (the sharding plan relies on it)."""
-    context, target_start, end = _window_bounds(table, max_len, stride)
+    _, context, target_start, end = _window_bounds(table, max_len, stride)
     items = _flat(table, "item_seq")
     targets = _gather(items, context, end, max_len)
     # context positions are inputs only: the first (end - target_start) columns from the
@@ -237,12 +242,8 @@ def soft_arrays(
     targets: (windows, max_len, k) int32 items and float16 logits; positions without a
     target hold item 0 and logit -inf. Per row, ``topk_items`` / ``topk_logits`` hold k
     values for each training target in order (the row's training events but its first)."""
-    context, target_start, end = _window_bounds(table, max_len, stride)
-    column = table.column("item_seq")
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    offsets = offsets - offsets[0]
+    row, _, target_start, end = _window_bounds(table, max_len, stride)
+    offsets = _offsets(table)
     n_targets = np.maximum(training_lengths(table) - 1, 0)
     first_target = np.cumsum(n_targets) - n_targets  # the row's first target among all
     soft_items = _flat(table, "topk_items")
@@ -256,7 +257,6 @@ def soft_arrays(
             f"{int(n_targets.sum())} training targets x k={k}; it was written for another "
             "user_sequences version or k (rerun `patternlake distill`)"
         )
-    row = np.searchsorted(offsets, target_start, side="right") - 1
     cols = np.arange(max_len)
     n = len(end)
     first_col = max_len - (end - target_start)  # the window's first target column

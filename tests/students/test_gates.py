@@ -119,18 +119,30 @@ def _sequences(n_users: int, n_items: int, seed: int = 0) -> pa.Table:
     )
 
 
+def _seen_teacher(n_items: int, max_len: int, weight: float, seed: int) -> SequentialTeacher:
+    """A small teacher with the seen term at ``weight`` (eval mode)."""
+    torch.manual_seed(seed)
+    c = TeacherConfig(
+        n_items=n_items,
+        n_types=3,
+        max_len=max_len,
+        d_model=16,
+        n_heads=2,
+        n_layers=1,
+        seen_bias=True,
+    )
+    model = SequentialTeacher(c).eval()
+    with torch.no_grad():
+        model.seen_weight.fill_(weight)
+    return model
+
+
 @pytest.mark.parametrize("stride", [None, 4])
 def test_the_stored_top_k_lines_up_with_every_training_target(stride):
     """Stored per user (k values per training target, in order) and read back per window:
     position t of a window gets the teacher's top-k of that window's input up to t, which is
     what the student sees there. Checked against the teacher run on the windows directly."""
-    torch.manual_seed(0)
-    c = TeacherConfig(
-        n_items=60, n_types=3, max_len=10, d_model=16, n_heads=2, n_layers=1, seen_bias=True
-    )
-    teacher = SequentialTeacher(c).eval()
-    with torch.no_grad():
-        teacher.seen_weight.fill_(0.7)
+    teacher = _seen_teacher(60, 10, 0.7, seed=0)
     table = _sequences(30, 60)
     ids, logits = topk_columns(teacher, table, 5, stride)
     table = table.append_column("topk_items", ids).append_column("topk_logits", logits)
@@ -207,13 +219,7 @@ def test_every_segment_gets_a_verdict_even_without_gate_users():
 
 
 def test_the_distillation_loss_counts_the_seen_term_of_each_position_prefix():
-    torch.manual_seed(1)
-    c = TeacherConfig(
-        n_items=30, n_types=3, max_len=8, d_model=16, n_heads=2, n_layers=1, seen_bias=True
-    )
-    model = SequentialTeacher(c).eval()
-    with torch.no_grad():
-        model.seen_weight.fill_(1.5)
+    model = _seen_teacher(30, 8, 1.5, seed=1)
     items = torch.randint(1, 30, (5, 8))
     types = gaps = torch.ones_like(items)
     targets = torch.randint(1, 30, (5, 8))

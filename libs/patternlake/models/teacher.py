@@ -299,14 +299,20 @@ class SequentialTeacher(nn.Module):
         self.sample_q = (q / q.sum()).float()
 
     @staticmethod
+    def prefixes(items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(M, L): for each ``mask``-ed position t of (B, L) inputs, in mask order, the row's
+        items up to t (0 after it): what the seen term of that position looks at."""
+        L = items.shape[1]
+        b, t = torch.nonzero(mask, as_tuple=True)
+        upto = torch.arange(L, device=items.device).unsqueeze(0) <= t.unsqueeze(1)
+        return torch.where(upto, items[b], torch.zeros((), dtype=items.dtype))
+
+    @staticmethod
     def seen_columns(items: torch.Tensor, mask: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """(M, C) bool: candidate ``cand[c]`` ((C,) distinct ids, no padding) occurs in the
         window up to the m-th masked position, through an item -> column lookup: no (M, C,
         L) comparison and no (B, L, N) mask."""
-        B, L = items.shape
-        b, t = torch.nonzero(mask, as_tuple=True)
-        upto = torch.arange(L, device=items.device).unsqueeze(0) <= t.unsqueeze(1)
-        prefix = torch.where(upto, items[b], torch.zeros((), dtype=items.dtype))  # (M, L)
+        prefix = SequentialTeacher.prefixes(items, mask)  # (M, L)
         C = len(cand)
         lookup = torch.full(
             (int(max(int(items.max()), int(cand.max())) + 1),),
@@ -315,7 +321,7 @@ class SequentialTeacher(nn.Module):
             device=items.device,
         )
         lookup[cand] = torch.arange(C, device=items.device)
-        out = torch.zeros((len(b), C + 1), dtype=torch.bool, device=items.device)
+        out = torch.zeros((len(prefix), C + 1), dtype=torch.bool, device=items.device)
         out.scatter_(1, lookup[prefix], True)
         return out[:, :C]
 
@@ -383,13 +389,9 @@ class SequentialTeacher(nn.Module):
         hm, si, sl = h[mask], soft_items[mask], soft_logits[mask].float()  # (M, D), (M, K)
         s = torch.bmm(self.item_emb(si), hm.unsqueeze(2)).squeeze(2)  # (M, K)
         if self.config.seen_bias:
-            b, pos = torch.nonzero(mask, as_tuple=True)
-            L = items.shape[1]
-            upto = torch.arange(L, device=items.device).unsqueeze(0) <= pos.unsqueeze(1)
-            prefix = torch.where(upto, items[b], torch.zeros((), dtype=items.dtype))  # (M, L)
             # membership by binary search in each sorted prefix: (M, K), never (M, K, L)
-            ordered = prefix.sort(dim=1).values
-            at = torch.searchsorted(ordered, si).clamp_max(L - 1)
+            ordered = self.prefixes(items, mask).sort(dim=1).values
+            at = torch.searchsorted(ordered, si).clamp_max(items.shape[1] - 1)
             seen = (ordered.gather(1, at) == si) & (si > 0)
             s = self.with_seen(s, seen)
         stored = torch.isfinite(sl)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from patternlake.models import ranking
-from patternlake.models.metrics import RANK_CAP
+from patternlake.models.metrics import ranker_ranks
 
 LEVEL = 0.90  # one-sided: the lower (upper) bound is the 10th (90th) percentile
 
@@ -36,24 +36,21 @@ def per_user_ndcg(ranks: np.ndarray, k: int = 10) -> np.ndarray:
     return np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0)
 
 
-@torch.no_grad()
 def ranks_and_top10(
     model: torch.nn.Module, x: np.ndarray, target: np.ndarray, batch: int = 512
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each user's target rank (capped at ``RANK_CAP``) and top-10 ids under ``model``,
-    counted over item chunks; ``x`` (n, 3, L) inputs."""
+    """Each user's target rank (capped at ``metrics.RANK_CAP``) and top-10 ids under ``model``,
+    counted over item chunks (``metrics.ranker_ranks``); ``x`` (n, 3, L) inputs."""
     model.eval()
-    ranker = ranking.ranker_for(model)
-    ranks, tops = [], []
-    for s in range(0, len(target), batch):
-        xb = torch.from_numpy(np.ascontiguousarray(x[s : s + batch]))
-        r, top = ranking.target_ranks(
-            ranker, ranker.encode(xb), torch.from_numpy(target[s : s + batch]), cap=RANK_CAP
-        )
+    rank = ranker_ranks(
+        ranking.ranker_for(model), lambda s: torch.from_numpy(np.ascontiguousarray(x[s]))
+    )
+    ranks, tops = [np.zeros(0, dtype=np.int64)], [np.zeros((0, 10), dtype=np.int64)]
+    for start in range(0, len(target), batch):
+        s = slice(start, start + batch)
+        r, top = rank(s, torch.from_numpy(target[s]), None)
         ranks.append(r.numpy())
         tops.append(top.numpy())
-    if not ranks:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 10), dtype=np.int64)
     return np.concatenate(ranks), np.concatenate(tops)
 
 

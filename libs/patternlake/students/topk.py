@@ -63,12 +63,9 @@ def position_topk(
             continue
         if isinstance(teacher, SequentialTeacher):
             h = teacher.encode(it, ty, ga)[mask]  # (M, D)
-            b, pos = torch.nonzero(mask, as_tuple=True)
-            L = it.shape[1]
-            upto = torch.arange(L).unsqueeze(0) <= pos.unsqueeze(1)
-            prefix = torch.where(upto, it[b], torch.zeros((), dtype=it.dtype))  # seen so far
+            state = ranking.DotState(h, teacher.prefixes(it, mask))  # the seen term's window
             ranker = ranking.DotRanker(teacher, teacher.config.n_items)
-            v, i = ranking.top_k(ranker, ranking.DotState(h, prefix), k)
+            v, i = ranking.top_k(ranker, state, k)
         else:  # an ensemble: mean log-probabilities, densely, in bounded blocks of windows
             per = max(1, ROWS_BYTES // (4 * teacher.config.n_items * it.shape[1]))
             parts = []
