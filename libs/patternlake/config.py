@@ -279,6 +279,20 @@ class StudentsConfig(_Strict):
     min_users: int = Field(ge=0)  # fewer gate users: not promoted
 
 
+class HeadsConfig(_Strict):
+    """`heads`: per segment, a head on the shared student, kept where it beats it."""
+
+    item_bias: bool  # a learned score per item
+    adapter_rank: int = Field(ge=0)  # low-rank residual adapter after the final norm (0: none)
+    epochs: int = Field(gt=0)
+    patience: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(gt=0)  # windows per step
+    valid_users: int = Field(gt=0)  # the segment's "tune" users early stopping reads, at most
+    max_users: int = Field(gt=0)  # a segment's users a head trains on, at most (hash-drawn)
+    gate: float = Field(gt=0)  # kept if the 90% lower bound of head / shared NDCG@10 >= this
+
+
 class CompressConfig(_Strict):
     """`compress`: magnitude pruning, then int8, of the shared student."""
 
@@ -364,6 +378,7 @@ class Config(_Strict):
     tune: TuneConfig
     students: StudentsConfig
     compress: CompressConfig
+    heads: HeadsConfig
     score: ScoreConfig
     evaluate: EvaluateConfig
     monitor: MonitorConfig

@@ -31,6 +31,7 @@ import torch
 
 from patternlake.config import Config
 from patternlake.errors import PatternlakeError, RegistryError
+from patternlake.models.store import metadata
 from patternlake.models.student import from_bytes
 from patternlake.models.teacher import SequentialTeacher, teacher_from_bytes
 
@@ -212,7 +213,15 @@ def version_file(config: Config, name: str, version: str) -> Path:
 
 
 def load_student(config: Config, version: str, runtime: str = "dequant") -> torch.nn.Module:
-    return from_bytes(version_file(config, STUDENT, version).read_bytes(), runtime)
+    return from_bytes(*student_files(config, version), runtime=runtime)
+
+
+def student_files(config: Config, version: str) -> tuple[bytes, bytes | None]:
+    """A student version's file, and for a segment head the file of the shared student it
+    runs on (else None)."""
+    data = version_file(config, STUDENT, version).read_bytes()
+    base = metadata(data).get("base")
+    return data, None if base is None else version_file(config, STUDENT, base).read_bytes()
 
 
 def student_versions(config: Config, **tags: Any) -> list[Any]:
@@ -293,9 +302,16 @@ def segment_students(
     loaded: dict[str, tuple[torch.nn.Module, int]] = {}
 
     def load(v: Any) -> tuple[torch.nn.Module, int]:
+        """The version's model and its file's bytes; a head also records the shared file it
+        runs on (``shared_file``: version, bytes), which a fleet counts once."""
         if v.version not in loaded:
-            path = version_file(config, STUDENT, v.version)
-            loaded[v.version] = (from_bytes(path.read_bytes(), runtime), path.stat().st_size)
+            data, base = student_files(config, v.version)
+            model = from_bytes(data, runtime, base=base)
+            model.file_version = str(v.version)
+            if base is not None:
+                base_params = int(metadata(base)["params"])
+                model.shared_file = (str(metadata(data)["base"]), len(base), base_params)
+            loaded[v.version] = (model, len(data))
         return loaded[v.version]
 
     for variant, key in (("fp32", "student"), ("int8", "student_int8")):
@@ -324,5 +340,6 @@ def current_champions(
 
 
 def champion_name(mv: Any) -> str:
-    """``student`` or ``student-int8``, the model name a champion version serves under."""
-    return "student-int8" if mv.tags.get("variant") == "int8" else "student"
+    """``student``, ``student-int8`` or ``student-head``: the name a champion serves under."""
+    variant = mv.tags.get("variant")
+    return {"int8": "student-int8", "head": "student-head"}.get(variant, "student")

@@ -11,7 +11,13 @@ from patternlake.models import ranking
 from patternlake.models.metrics import masked_scores
 from patternlake.models.metrics import target_ranks as dense_ranks
 from patternlake.models.store import loads
-from patternlake.models.student import Int8Student, Student, quantized_bytes, student_from_arrays
+from patternlake.models.student import (
+    Int8Student,
+    Student,
+    quantized_bytes,
+    student_from_arrays,
+    with_head,
+)
 from patternlake.models.teacher import (
     SequentialTeacher,
     TeacherConfig,
@@ -49,17 +55,23 @@ def _models(n: int) -> dict[str, torch.nn.Module]:
     seg = Student(_config(len(catalogue) + 2), n, catalogue).eval()
     whole = Student(_config(n, d_model=4, n_heads=1), n, None).eval()
     int8 = student_from_arrays(*loads(quantized_bytes(seg)), "dequant")
+    head = with_head(seg, item_bias=True, adapter_rank=2)  # a segment head: bias and adapter
+    with torch.no_grad():
+        head.net.item_bias.normal_(0, 30, generator=torch.Generator().manual_seed(3))
+        head.net.adapter[1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
     return {
         "teacher": TeacherScorer(_net(n)).eval(),
         "ensemble": TeacherScorer(TeacherEnsemble([_net(n, 1), _net(n, 2)])).eval(),
         "segment_student": seg,
         "whole_student": whole,
         "int8_student": int8,
+        "headed_student": head,
     }
 
 
 @pytest.mark.parametrize(
-    "name", ["teacher", "ensemble", "segment_student", "whole_student", "int8_student"]
+    "name",
+    ["teacher", "ensemble", "segment_student", "whole_student", "int8_student", "headed_student"],
 )
 def test_chunked_top_k_equals_dense_top_k_for_every_served_model(name):
     n = 203
@@ -101,7 +113,7 @@ def test_a_row_with_fewer_scorable_items_than_k_ends_in_minus_infinity():
 
 
 @pytest.mark.parametrize("cap", [None, 3, 20])
-@pytest.mark.parametrize("name", ["teacher", "ensemble", "segment_student"])
+@pytest.mark.parametrize("name", ["teacher", "ensemble", "segment_student", "headed_student"])
 def test_chunked_target_ranks_equal_the_dense_protocol(name, cap):
     """Counted (``cap=None``) or capped (ranks past ``cap`` returned as ``cap``, from the
     running top ``cap + 1``): equal to the dense matrix's ranks."""

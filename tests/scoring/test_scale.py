@@ -94,7 +94,13 @@ def test_cached_prefix_explanations_equal_encoding_every_deleted_history():
     x[:, 0, 5] = x[:, 0, 9]  # an item twice in the window: the seen term after a deletion
     for b in range(0, 23, 3):
         x[b, :, : b % 12] = 0
-    for model in (_teacher(n, seed=2), student):
+    from patternlake.models.student import with_head
+
+    head = with_head(student, item_bias=True, adapter_rank=3)
+    with torch.no_grad():
+        head.net.item_bias.normal_()
+        head.net.adapter[1].weight.normal_(0, 0.3)
+    for model in (_teacher(n, seed=2), student, head):
         ranker = ranking.ranker_for(model)
         assert isinstance(ranker, ranking.DotRanker)
         generic = ranking.DenseRanker(model, n)

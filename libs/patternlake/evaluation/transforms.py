@@ -98,9 +98,19 @@ def _model_size(model: torch.nn.Module) -> tuple[int, int]:
 
 def _routed_size(per_segment: PerSegment) -> tuple[int, int]:
     """What serving every segment's model costs: their params and bytes on disk, a model
-    that several segments share (the shared student) counted once."""
-    unique = {id(m): (m, b) for m, b in per_segment.values()}
-    return sum(m.num_params() for m, _ in unique.values()), sum(b for _, b in unique.values())
+    that several segments share (the shared student) counted once, and so is the shared
+    file a segment head runs on (``shared_file``: version, bytes, params)."""
+    files: dict[Any, tuple[int, int]] = {}
+    for m, b in per_segment.values():
+        key = getattr(m, "file_version", None) or id(m)
+        shared = getattr(m, "shared_file", None)
+        if shared is None:
+            files[key] = (m.num_params(), b)
+        else:
+            version, shared_bytes, shared_params = shared
+            files[key] = (m.num_params() - shared_params, b)
+            files[version] = (shared_params, shared_bytes)
+    return sum(p for p, _ in files.values()), sum(b for _, b in files.values())
 
 
 def model_sizes(

@@ -310,7 +310,7 @@ CONTRACTS: dict[str, Contract] = _catalog(
         ),
         _contract(
             "model_decisions",
-            ("distill", "compress"),
+            ("distill", "compress", "heads"),
             "decided_at timestamp NOT NULL, stage string NOT NULL, segment_id int NOT NULL, "
             "model string, variant string, registered_version string, params bigint, "
             "bytes bigint, valid_users bigint, reference string, reference_ndcg_at_10 double, "

@@ -84,6 +84,11 @@ class ItemIndex:
         else:
             ids = torch.nonzero(ranker.to_local.cpu() >= 2).squeeze(1)
             vectors = table[ranker.to_local.cpu()[ids]]
+        self.biased = ranker.bias is not None
+        if self.biased:  # h . e + b = [h, 1] . [e, b]: one inner product still
+            bias = ranker.bias.detach().float().cpu()
+            local = ids if ranker.to_local is None else ranker.to_local.cpu()[ids]
+            vectors = torch.cat([vectors, bias[local].unsqueeze(1)], 1)
         self.n_items, width = vectors.shape
         if self.n_items == 0:
             raise ValueError("an item index needs at least one scorable item")
@@ -111,7 +116,10 @@ class ItemIndex:
     def search(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
         """(B, n) global ids of each row's n largest ``h . e`` among the ``nprobe`` best
         lists, best first; 0 (padding) where those lists hold fewer than n items."""
-        q = np.ascontiguousarray(hidden.detach().float().cpu().numpy())
+        q = hidden.detach().float().cpu()
+        if self.biased:
+            q = torch.cat([q, torch.ones(len(q), 1)], 1)
+        q = np.ascontiguousarray(q.numpy())
         self._threads()
         _, labels = self.index.search(q, n)
         return torch.from_numpy(labels).clamp_min_(0).to(hidden.device)

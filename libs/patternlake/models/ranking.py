@@ -119,6 +119,7 @@ class DotRanker:
         self.to_local = to_local
         self.table = net.item_emb.weight
         self.seen_weight = net.seen_weight if net.config.seen_bias else None
+        self.bias = net.item_bias if getattr(net.config, "item_bias", False) else None
 
     def _local(self, ids: torch.Tensor) -> torch.Tensor:
         return ids if self.to_local is None else self.to_local[ids]
@@ -137,15 +138,19 @@ class DotRanker:
         contiguous block of that shape, reused across chunks; no gradient)."""
         if self.to_local is None:
             block = self.table[lo:hi]
+            bias = None if self.bias is None else self.bias[lo:hi]
             scored = None
         else:
             local = self.to_local[lo:hi]
             block = self.table[local]
+            bias = None if self.bias is None else self.bias[local]
             scored = local >= 2
         if out is None:
             s = state.hidden @ block.T
         else:
             s = torch.mm(state.hidden.detach(), block.detach().T, out=out)
+        if bias is not None:
+            s += bias.detach()
         if self.seen_weight is not None:
             rows, cols = state.index().block(lo, hi)
             # an item twice in the window gets the term once: both writes carry one value
@@ -159,6 +164,8 @@ class DotRanker:
     def items(self, state: DotState, cand: torch.Tensor) -> torch.Tensor:
         local = self._local(cand)
         s = (state.hidden.unsqueeze(1) * self.table[local]).sum(-1)
+        if self.bias is not None:
+            s = s + self.bias[local]
         if self.seen_weight is not None:
             s = s + self.seen_weight * _seen_items(state.window, cand).to(s.dtype)
         bad = (cand == 0) if self.to_local is None else (local < 2)
@@ -177,6 +184,8 @@ class DotRanker:
         One batched product per row's K item vectors (no (B x E x K x D) gather)."""
         local = self._local(cand)
         s = torch.bmm(hidden, self.table[local].transpose(1, 2))
+        if self.bias is not None:
+            s = s + self.bias[local].unsqueeze(1)
         if self.seen_weight is not None:
             count = (cand.unsqueeze(2) == window.unsqueeze(1)).sum(2)  # (B, K) occurrences
             left = count.unsqueeze(1) - (deleted.unsqueeze(2) == cand.unsqueeze(1)).long()

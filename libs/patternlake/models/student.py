@@ -35,7 +35,8 @@ def count_params(config: TeacherConfig) -> int:
     d, L = config.d_model, config.n_layers
     emb = (config.n_items + config.n_types + config.n_gaps + config.max_len) * d
     block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
-    return emb + L * block + 2 * d + int(config.seen_bias)
+    head = config.n_items * int(config.item_bias) + 2 * d * config.adapter_rank
+    return emb + L * block + 2 * d + int(config.seen_bias) + head
 
 
 class Student(nn.Module):
@@ -145,8 +146,68 @@ def student_from_arrays(
     return model.eval()
 
 
-def from_bytes(data: bytes, runtime: str = "dequant") -> nn.Module:
-    return student_from_arrays(*store.loads(data), runtime)
+def from_bytes(data: bytes, runtime: str = "dequant", base: bytes | None = None) -> nn.Module:
+    """A model file -> its model; a segment head's file (kind ``student_head``) needs the
+    file of the shared student it specialises, ``base``."""
+    tensors, meta = store.loads(data)
+    if meta.get("kind") != "student_head":
+        return student_from_arrays(tensors, meta, runtime)
+    if base is None:
+        raise ValueError(f"a segment head needs its base student's file (v{meta.get('base')})")
+    return apply_head(from_bytes(base), tensors, meta)  # the head runs on dequantized weights
+
+
+# -- segment heads ---------------------------------------------------------------------------
+
+HEAD_PARTS = ("net.ln.", "net.item_bias", "net.adapter.")  # what a head trains and stores
+
+
+def is_head_tensor(name: str) -> bool:
+    return name.startswith(HEAD_PARTS)
+
+
+def with_head(base: nn.Module, item_bias: bool, adapter_rank: int) -> Student:
+    """A new fp32 student with ``base``'s weights (an int8 base: its dequantized weights) and
+    a head: an item bias (zeros), an adapter (rank ``adapter_rank``; the identity) and the
+    base's final norm, so it scores exactly as the base until the head is trained."""
+    shell = base.shell if isinstance(base, Int8Student) else base
+    if not isinstance(shell, Student):
+        raise TypeError(f"a head specialises a student, not {type(base).__name__}")
+    config = TeacherConfig(
+        **{**shell.config.to_dict(), "item_bias": item_bias, "adapter_rank": adapter_rank}
+    )
+    out = Student(config, shell.n_global, shell.catalogue)
+    state = {k: v for k, v in shell.state_dict().items() if not k.startswith(HEAD_PARTS[1:])}
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    if unexpected or not all(is_head_tensor(k) for k in missing):
+        raise ValueError(f"head over a different network: {unexpected or missing}")
+    return out.eval()
+
+
+def head_params(model: Student) -> list[nn.Parameter]:
+    return [p for name, p in model.named_parameters() if is_head_tensor(name)]
+
+
+def head_bytes(model: Student, base_version: str, **extra: Any) -> bytes:
+    """A segment head's file: only the head's tensors (final norm, item bias, adapter),
+    naming the shared student version whose other weights it runs on."""
+    tensors = {k: v for k, v in model.state_dict().items() if is_head_tensor(k)}
+    meta = model.metadata(**extra)
+    meta.update(
+        kind="student_head",
+        base=str(base_version),
+        head_params=sum(int(v.numel()) for v in tensors.values()),
+    )
+    return store.dumps(tensors, meta)
+
+
+def apply_head(base: nn.Module, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Student:
+    config = TeacherConfig(**meta["config"])
+    model = with_head(base, config.item_bias, config.adapter_rank)
+    state = model.state_dict()
+    state.update({k: torch.from_numpy(v) for k, v in tensors.items()})
+    model.load_state_dict(state)
+    return model.eval()
 
 
 # -- int8 -------------------------------------------------------------------------------------

@@ -45,6 +45,10 @@ class TeacherConfig:
     dropout: float = 0.2
     sampled_softmax: int = 0  # 0: full softmax; k > 0: in-batch + k popularity negatives
     seen_bias: bool = False  # a learned score shift for items already in the input window
+    # a segment head's parts (``students.heads``): a learned score per item, and a low-rank
+    # residual adapter after the final norm (rank; 0: none)
+    item_bias: bool = False
+    adapter_rank: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -167,6 +171,14 @@ class SequentialTeacher(nn.Module):
         self.ln = nn.LayerNorm(c.d_model)
         if c.seen_bias:
             self.seen_weight = nn.Parameter(torch.zeros(1))
+        if c.item_bias:
+            self.item_bias = nn.Parameter(torch.zeros(c.n_items))
+        if c.adapter_rank:
+            self.adapter = nn.Sequential(
+                nn.Linear(c.d_model, c.adapter_rank, bias=False),
+                nn.Linear(c.adapter_rank, c.d_model, bias=False),
+            )
+            nn.init.zeros_(self.adapter[1].weight)  # starts as the identity
         self.distill = (0.0, 1.0)  # (alpha, temperature) of distill_loss, set by training
         # the sampler's distributions (set_sampling): plain tensors, not buffers, so that
         # neither DDP's buffer broadcast nor the weight average copies them every step
@@ -221,7 +233,7 @@ class SequentialTeacher(nn.Module):
             x, k, v = block.forward_cached(x, allowed, last_only=n == len(self.blocks) - 1)
             cache.append((k.contiguous(), v.contiguous()))  # overwritten per deletion
         out = x.new_empty((B, last, x.shape[-1]))
-        out[:, 0] = self.ln(x[:, -1])
+        out[:, 0] = self.final(x[:, -1])
         for j in range(1, last):
             p = L - 1 - j  # the deleted position; the prefix is the shifted history's 0..p
             x = self._embed(items[:, p + 1 :], types[:, p + 1 :], gaps[:, p + 1 :], pos[p + 1 :])
@@ -231,7 +243,7 @@ class SequentialTeacher(nn.Module):
             # and the positions after it are overwritten by each deletion's own
             for n, (block, (k, v)) in enumerate(zip(self.blocks, cache, strict=True)):
                 x = block.extend(x, k, v, allowed, last_only=n == len(self.blocks) - 1)
-            out[:, j] = self.ln(x[:, -1])
+            out[:, j] = self.final(x[:, -1])
         return out
 
     def _embed(
@@ -241,15 +253,32 @@ class SequentialTeacher(nn.Module):
         x = self.item_emb(items) + self.type_emb(types) + self.gap_emb(gaps)
         return self.drop(x + self.pos_emb(pos).unsqueeze(0))
 
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        """The last blocks' output (…, D) -> the hidden state: the final norm, then the
+        adapter's residual where the model has one."""
+        h = self.ln(x)
+        return h + self.adapter(h) if self.config.adapter_rank else h
+
+    def encode_body(
+        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor
+    ) -> torch.Tensor:
+        """``encode`` before :meth:`final`: what a segment head trains on (the body frozen)."""
+        return self._encode(items, types, gaps, last_only=False, final=False)
+
     def _encode(
-        self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, last_only: bool
+        self,
+        items: torch.Tensor,
+        types: torch.Tensor,
+        gaps: torch.Tensor,
+        last_only: bool,
+        final: bool = True,
     ) -> torch.Tensor:
         L = items.shape[1]
         x = self._embed(items, types, gaps, torch.arange(L, device=items.device))
         allowed = self._allowed(items)
         for k, block in enumerate(self.blocks):
             x = block(x, allowed, last_only=last_only and k == len(self.blocks) - 1)
-        return self.ln(x)
+        return self.final(x) if final else x
 
     @staticmethod
     def _allowed(items: torch.Tensor) -> torch.Tensor:
@@ -263,8 +292,10 @@ class SequentialTeacher(nn.Module):
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """(…, D) -> (…, N) scores over the whole catalogue (tied output), without the seen
-        term (``last_scores``, ``position_scores`` and the loss add it)."""
-        return hidden @ self.item_emb.weight.T
+        term (``last_scores``, ``position_scores`` and the loss add it); with the item bias
+        of a segment head."""
+        s = hidden @ self.item_emb.weight.T
+        return s + self.item_bias if self.config.item_bias else s
 
     @staticmethod
     def window(items: torch.Tensor, n_items: int) -> torch.Tensor:
@@ -380,14 +411,31 @@ class SequentialTeacher(nn.Module):
         sampled softmax). Only K item vectors per position: no (positions x catalogue)
         matrix for the distillation term. ``distill`` (alpha, temperature) is set on the
         model by the training function."""
-        alpha, t = self.distill
-        h = self.encode(items, types, gaps)
         mask = targets > 0
-        ce = self._next_item_loss(h, items, mask, targets[mask])
+        h = self.encode(items, types, gaps)[mask]
+        return self.masked_distill_loss(
+            h, items, mask, targets[mask], soft_items[mask], soft_logits[mask]
+        )
+
+    def masked_distill_loss(
+        self,
+        h: torch.Tensor,
+        items: torch.Tensor,
+        mask: torch.Tensor,
+        y: torch.Tensor,
+        soft_items: torch.Tensor,
+        soft_logits: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`distill_loss` from the hidden states (M, D) of the ``mask``-ed positions of
+        (B, L) inputs ``items``: their next items ``y`` (M,) and stored top-K (M, K)."""
+        alpha, t = self.distill
+        ce = self._next_item_loss(h, items, mask, y)
         if alpha <= 0:
             return ce
-        hm, si, sl = h[mask], soft_items[mask], soft_logits[mask].float()  # (M, D), (M, K)
-        s = torch.bmm(self.item_emb(si), hm.unsqueeze(2)).squeeze(2)  # (M, K)
+        si, sl = soft_items, soft_logits.float()
+        s = torch.bmm(self.item_emb(si), h.unsqueeze(2)).squeeze(2)  # (M, K)
+        if self.config.item_bias:
+            s = s + self.item_bias[si]
         if self.config.seen_bias:
             # membership by binary search in each sorted prefix: (M, K), never (M, K, L)
             ordered = self.prefixes(items, mask).sort(dim=1).values
@@ -406,16 +454,16 @@ class SequentialTeacher(nn.Module):
         self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
         """Next-item cross-entropy at every non-padded position. targets: (B, L), 0 = ignore."""
-        h = self.encode(items, types, gaps)  # (B, L, D)
         mask = targets > 0
+        h = self.encode(items, types, gaps)[mask]  # (M, D)
         return self._next_item_loss(h, items, mask, targets[mask])
 
     def _next_item_loss(
         self, h: torch.Tensor, items: torch.Tensor, mask: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
-        """Cross-entropy of the ``mask``-ed positions' states (of ``h``, (B, L, D)) against
-        their next items ``y`` (M,): full or sampled softmax (``sampled_softmax``)."""
-        h = h[mask]  # (M, D)
+        """Cross-entropy of the ``mask``-ed positions' states ``h`` (M, D) of (B, L) inputs
+        ``items`` against their next items ``y`` (M,): full or sampled softmax
+        (``sampled_softmax``)."""
         k = self.config.sampled_softmax
         if k <= 0:
             logits = self.scores(h)  # (M, N): the seen mask is as large as the logits
@@ -430,6 +478,8 @@ class SequentialTeacher(nn.Module):
         neg = torch.multinomial(self.sample_q, k, replacement=True)
         cand = torch.unique(torch.cat([y, neg]))  # sorted, distinct
         logits = h @ self.item_emb(cand).T  # (M, C)
+        if self.config.item_bias:
+            logits = logits + self.item_bias[cand]
         expected = len(y) * self.target_p[cand] + k * self.sample_q[cand]
         logits = logits - torch.log(-torch.expm1(-expected)).clamp(-80.0, 0.0)
         if self.config.seen_bias:  # only the candidates' membership: never (B, L, N)

@@ -53,6 +53,7 @@ from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.lake.catalog import contract
 from patternlake.models import ann, ranking
+from patternlake.models.store import metadata
 from patternlake.scoring.transforms import (
     PATTERN_FIELDS,
     Rule,
@@ -113,9 +114,13 @@ def _build_models(payload: dict[str, Any]) -> dict[int, Served]:
     teacher = teacher_from_bytes(payload["teacher"]).eval()
     models = {NO_SEGMENT: _served(teacher, "teacher", payload["teacher_version"])}
     built: dict[str, Served] = {}  # the shared student: one model, one index, every segment
+    files = payload.get("files", {})
     for g, (name, version) in payload["students"].items():
         if version not in built:
-            model = from_bytes(payload["files"][version], payload["runtime"])
+            base = payload.get("bases", {}).get(version)  # a segment head's shared student
+            model = from_bytes(
+                files[version], payload["runtime"], base=None if base is None else files[base]
+            )
             built[version] = _served(model, name, version)
         models[int(g)] = built[version]
     return models
@@ -293,7 +298,7 @@ def payload_digest(payload: dict[str, Any]) -> str:
     return hashlib.sha1(
         payload["teacher"]
         + b"".join(payload["files"].values())
-        + json.dumps(payload["students"], sort_keys=True).encode()
+        + json.dumps([payload["students"], payload.get("bases", {})], sort_keys=True).encode()
     ).hexdigest()
 
 
@@ -301,19 +306,21 @@ def champion_payload(config: Config, segments: list[int]) -> tuple[dict[str, Any
     from patternlake import registry
 
     teacher, tags = registry.teacher_file(config)
-    students, served, blobs = {}, {}, {}
+    students, served, blobs, bases = {}, {}, {}, {}
     for g, mv in registry.current_champions(config, segments, tags["version"]).items():
         if mv is None:
             served[g] = f"teacher v{tags['version']}"
             continue
         name = registry.champion_name(mv)
-        if str(mv.version) not in blobs:  # a version several segments share: fetched once
-            path = registry.version_file(config, registry.STUDENT, mv.version)
-            blobs[str(mv.version)] = path.read_bytes()
-        students[g] = (name, str(mv.version))
+        version = str(mv.version)
+        if version not in blobs:  # a version several segments share: fetched once
+            data, base = registry.student_files(config, version)
+            blobs[version] = data
+            if base is not None:  # a segment head: the shared file it runs on, once
+                bases[version] = str(metadata(data)["base"])
+                blobs.setdefault(bases[version], base)
+        students[g] = (name, version)
         served[g] = f"{name} v{mv.version}"
-    from patternlake.models.store import metadata
-
     files = [teacher, *blobs.values()]
     payload = {
         "teacher": teacher,
@@ -322,6 +329,7 @@ def champion_payload(config: Config, segments: list[int]) -> tuple[dict[str, Any
         "teacher_version": tags["version"],
         "students": students,
         "files": blobs,
+        "bases": bases,
         "runtime": config.compress.runtime,
         "data_version": int(tags.get("data.version", -1)),
     }

@@ -92,8 +92,12 @@ class GateUsers:
     def __len__(self) -> int:
         return len(self.target)
 
-    def ndcg(self, model: Any) -> np.ndarray:
-        ranks, _ = gates.ranks_and_top10(model, self.x, self.target)
+    def ndcg(self, model: Any, rows: np.ndarray | None = None) -> np.ndarray:
+        """Per gate user (of ``rows``, a mask, when given) NDCG@10 of ``model``."""
+        if rows is None:
+            ranks, _ = gates.ranks_and_top10(model, self.x, self.target)
+        else:
+            ranks, _ = gates.ranks_and_top10(model, self.x[rows], self.target[rows])
         return gates.per_user_ndcg(ranks)
 
 

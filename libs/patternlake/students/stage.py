@@ -25,4 +25,15 @@ STAGES = (
         section="compress",
         help="prune and int8-quantize the shared student, gated by its fidelity to its fp32 model",
     ),
+    Stage(
+        "heads",
+        "patternlake.students.heads:heads",
+        SPARK_LAKE_CONFIG,
+        inputs=("user_sequences", "segments", "model:student"),
+        outputs=("teacher_topk", "model:student", "model_decisions"),
+        section="heads",
+        help="per segment, a small head on the shared student (item bias, final norm, "
+        "low-rank adapter) trained as parallel Spark tasks, kept only where a paired test "
+        "on the segment's held-out users says it beats the shared student",
+    ),
 )
