@@ -5,7 +5,7 @@
 
 In a work folder (default ~/.cache/patternlake/bench-compress/<data>) it builds the lake
 once (ingest -> validate -> featurize -> segment -> mine), trains the teacher once
-(``--backend``, single process by default), then runs ``distill`` and ``compress`` with
+(``--backend``, single process by default), then runs ``distill``, ``compress`` and ``heads`` with
 conf's settings (``--set students.x=...`` to change them) and prints:
 
 * the ``patternlake models`` table (validation numbers on the gate users, with the 90%
@@ -100,6 +100,7 @@ def fleet_test(lake, config, resamples: int = 2000) -> dict:
     int8 teacher; top-10 users/s of the teacher and of the fleet's models, same run."""
     from patternlake import registry
     from patternlake.models import ranking
+    from patternlake.models.store import metadata
     from patternlake.models.student import Student, from_bytes, quantized_bytes
     from patternlake.models.teacher import TeacherScorer, teacher_bytes
     from patternlake.sequence_reader import evaluation_arrays, read_table
@@ -119,15 +120,21 @@ def fleet_test(lake, config, resamples: int = 2000) -> dict:
     groups = np.array([seg_of.get(u, -1) for u in users])
     segments = sorted({int(g) for g in groups} - {-1})
     champions = registry.current_champions(config, segments, tags["version"])
-    files, served = {}, {}
+    files, served, bases, names = {}, {}, {}, {}
     for g, mv in champions.items():
         if mv is not None:
-            if mv.version not in files:
-                files[mv.version] = registry.version_file(
-                    config, "student", mv.version
-                ).read_bytes()
-            served[g] = mv.version
-    models = {v: from_bytes(b, config.compress.runtime) for v, b in files.items()}
+            v = str(mv.version)
+            if v not in files:
+                data, base = registry.student_files(config, v)
+                files[v] = data
+                if base is not None:  # a segment head: its shared file, counted once
+                    bases[v] = str(metadata(data)["base"])
+                    files.setdefault(bases[v], base)
+            served[g], names[g] = v, f"{registry.champion_name(mv)} v{v}"
+    models = {
+        v: from_bytes(files[v], config.compress.runtime, base=files.get(bases.get(v, "")))
+        for v in sorted(set(served.values()))
+    }
     t_ndcg = gates.per_user_ndcg(gates.ranks_and_top10(TeacherScorer(teacher), x, target)[0])
     f_ndcg = t_ndcg.copy()
     for v, m in models.items():
@@ -144,9 +151,12 @@ def fleet_test(lake, config, resamples: int = 2000) -> dict:
     }
     for g in segments:
         mine = groups == g
-        nbytes = len(files[served[g]]) if g in served else t_bytes
+        # what the segment needs to score: its file, and a head's shared file too
+        nbytes = t_bytes
+        if g in served:
+            nbytes = len(files[served[g]]) + len(files.get(bases.get(served[g], ""), b""))
         out["segments"][g] = {
-            "served_by": f"student v{served[g]}" if g in served else "teacher",
+            "served_by": names.get(g, "teacher"),
             "bytes": nbytes,
             "bytes_vs_teacher": round(nbytes / t_bytes, 4),
             **gates.paired_bootstrap(f_ndcg[mine], t_ndcg[mine], resamples).as_dict(),
@@ -166,7 +176,7 @@ def fleet_test(lake, config, resamples: int = 2000) -> dict:
 
     out["users_per_s"] = {"teacher": users_per_s(TeacherScorer(teacher))}
     for v, m in models.items():
-        out["users_per_s"][f"student v{v}"] = users_per_s(m)
+        out["users_per_s"][f"{'student-head' if v in bases else 'student'} v{v}"] = users_per_s(m)
     return out
 
 
@@ -208,10 +218,12 @@ def main(argv=None) -> int:
     from patternlake.evaluation.evaluate import evaluate_models
     from patternlake.students.compress import compress
     from patternlake.students.distill import distill
+    from patternlake.students.heads import heads
     from patternlake.students.models_report import COLUMNS, model_report
 
     report["distill"] = step("distill", lambda: distill(spark, lake, config))
     report["compress"] = step("compress", lambda: compress(spark, lake, config))
+    report["heads"] = step("heads", lambda: heads(spark, lake, config))
     rows = model_report(lake, config)
     report["models"] = rows
     ev = step("evaluate", lambda: evaluate_models(spark, lake, config))

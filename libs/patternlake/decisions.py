@@ -1,4 +1,4 @@
-"""Reading ``model_decisions`` (what ``distill`` and ``compress`` decided per segment: one
+"""Reading ``model_decisions`` (what ``distill``, ``compress`` and ``heads`` decided per segment: one
 row per gate, with the sizes and timings in ``details`` JSON): the latest decision of each
 stage per segment as one report row. Shared by ``patternlake models`` (``model_report``)
 and ``patternlake report``. Pure."""
@@ -17,7 +17,8 @@ def report_rows(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Latest distill and compress decision per segment -> report rows (pure). Segment -1 is
     the shared student's pooled gate over every gate user; a segment's row is its harm guard
     (its gate users only). ``student_ratio_*``: the one-sided 90% bounds of student /
-    teacher NDCG@10 (paired bootstrap)."""
+    teacher NDCG@10 (paired bootstrap); ``head_*``: the segment head's file and its ratio to
+    the shared student it specialises (with the 90% lower bound its gate reads)."""
     latest: dict[tuple[int, str], dict[str, Any]] = {}
     for d in sorted(decisions, key=lambda d: d["decided_at"]):
         latest[(d["segment_id"], d["stage"])] = d
@@ -28,10 +29,13 @@ def report_rows(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for g in sorted({k[0] for k in latest}):
         di, co = latest.get((g, "distill")), latest.get((g, "compress"))
+        he = latest.get((g, "heads")) if g >= 0 else None
         teacher = di["reference_ndcg_at_10"] if di else None
         student = di["model_ndcg_at_10"] if di else None
         int8 = co["model_ndcg_at_10"] if co else None
-        champion = (co or di)["champion"]
+        # who serves: the newest decision (a distill after heads resets every alias)
+        newest = max((d for d in (di, co, he) if d), key=lambda d: d["decided_at"])
+        champion = newest["champion"]
         rows.append(
             {
                 "segment_id": g,
@@ -49,6 +53,9 @@ def report_rows(decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "champion": champion,
                 "student_ratio_lower_90": di.get("ratio_lower_90") if di else None,
                 "student_ratio_upper_90": di.get("ratio_upper_90") if di else None,
+                "head_bytes": he.get("bytes") if he else None,
+                "head_ratio": he.get("ratio") if he else None,
+                "head_ratio_lower_90": he.get("ratio_lower_90") if he else None,
             }
         )
     return rows

@@ -213,7 +213,8 @@ def version_file(config: Config, name: str, version: str) -> Path:
 
 
 def load_student(config: Config, version: str, runtime: str = "dequant") -> torch.nn.Module:
-    return from_bytes(*student_files(config, version), runtime=runtime)
+    data, base = student_files(config, version)
+    return from_bytes(data, runtime, base=base)
 
 
 def student_files(config: Config, version: str) -> tuple[bytes, bytes | None]:

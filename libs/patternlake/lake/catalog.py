@@ -328,7 +328,8 @@ CONTRACTS: dict[str, Contract] = _catalog(
             "int8_ndcg_at_10 double, student_retention_pct double, int8_retention_pct double, "
             "teacher_ms_per_1000 double, student_ms_per_1000 double, int8_ms_per_1000 double, "
             "champion string NOT NULL, student_ratio_lower_90 double, "
-            "student_ratio_upper_90 double",
+            "student_ratio_upper_90 double, head_bytes bigint, head_ratio double, "
+            "head_ratio_lower_90 double",
             "`patternlake models`: one row per segment and report",
         ),
         _contract(

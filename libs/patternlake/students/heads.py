@@ -53,9 +53,23 @@ from patternlake.students.topk import TABLE, store_teacher_topk
 
 log = logging.getLogger(__name__)
 
-RESULT = (
-    "segment_id long, head binary, best_epoch int, epochs int, base_ndcg double, "
-    "tune_ndcg double, tune_users int, users int, targets long, seconds double"
+RESULT = pa.schema(
+    [
+        ("segment_id", pa.int64()),
+        ("head", pa.binary()),
+        ("best_epoch", pa.int64()),
+        ("epochs", pa.int64()),
+        ("base_ndcg", pa.float64()),
+        ("tune_ndcg", pa.float64()),
+        ("tune_users", pa.int64()),
+        ("users", pa.int64()),
+        ("targets", pa.int64()),
+        ("seconds", pa.float64()),
+    ]
+)
+RESULT_DDL = (
+    "segment_id bigint, head binary, best_epoch bigint, epochs bigint, base_ndcg double, "
+    "tune_ndcg double, tune_users bigint, users bigint, targets bigint, seconds double"
 )
 
 
@@ -191,10 +205,10 @@ def heads(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
         g = int(key[0].as_py())
         base = from_bytes(blob[owner[g]])
         out = fit_head(base, table, common | {"segment": g, "base_version": owner[g]})
-        return pa.Table.from_pylist([{"segment_id": g, **out}])
+        return pa.Table.from_pylist([{"segment_id": g, **out}], schema=RESULT)
 
     try:
-        trained = frame.groupBy("segment_id").applyInArrow(run, RESULT).collect()
+        trained = frame.groupBy("segment_id").applyInArrow(run, RESULT_DDL).collect()
     finally:
         shared.unpersist()
     judged = GateUsers(spark, lake, files, max_len)
@@ -216,7 +230,7 @@ def _segment_rows(lake: Lake, version: int, segments: list[int], max_users: int)
     seg = seg.where(F.col("segment_id").isin(segments))
     frame = lake.read(TABLE, version=version).join(seg, "user_id")
     counts = {r.segment_id: r["count"] for r in seg.groupBy("segment_id").count().collect()}
-    share = (F.xxhash64("user_id") & F.lit(0xFFFFFF)) / F.lit(float(1 << 24))
+    share = F.pmod(F.xxhash64("user_id"), F.lit(1 << 24)) / F.lit(float(1 << 24))
     keep = F.lit(False)
     for g, n in counts.items():
         keep = keep | ((F.col("segment_id") == g) & (share < F.lit(min(1.0, max_users / n))))
@@ -237,18 +251,23 @@ def _judge(
     g = int(row.segment_id)
     base_version = str(base_mv.version)
     base = from_bytes(blobs[base_version], config.compress.runtime)
-    head = from_bytes(row.head, config.compress.runtime, base=blobs[base_version])
+    data = bytes(row.head)
+    head = from_bytes(data, config.compress.runtime, base=blobs[base_version])
     mine = judged.segment == g
     interval = gates.paired_bootstrap(
         judged.ndcg(head, mine), judged.ndcg(base, mine), s.resamples, s.seed
     )
     decision = gates.promotion(interval, h.gate, s.min_users)
+    if row.best_epoch == 0:  # the head is the shared student: nothing to keep
+        decision = gates.Decision(
+            False, interval, "no epoch beat the shared student on the segment's tune users"
+        )
     base_name = f"{registry.champion_name(base_mv)} v{base_version}"
     params = int(head.num_params()) - int(base.num_params())
     version = Candidate(
         segment=g,
         variant="head",
-        model=row.head,
+        model=data,
         run_tags={
             "data.version": tags.get("data.version", ""),
             "teacher.version": tags["version"],
@@ -266,13 +285,13 @@ def _judge(
             "gate_valid_ndcg_at_10": interval.candidate,
             "ratio": interval.ratio,
             "ratio_lower_90": interval.lower,
-            "bytes": len(row.head),
+            "bytes": len(data),
         },
         version_tags={
             "shared": "false",
             "base_version": base_version,
             "params": params,
-            "bytes": len(row.head),
+            "bytes": len(data),
             "valid_ndcg_at_10": round(interval.candidate, 6),
             "teacher_version": tags["version"],
             "data_version": tags.get("data.version", ""),
@@ -300,12 +319,12 @@ def _judge(
             "users": row.users,
             "targets": row.targets,
             "seconds": row.seconds,
-            "bytes": len(row.head),
+            "bytes": len(data),
             "base_bytes": len(blobs[base_version]),
         },
         version=version,
         params=params,
-        nbytes=len(row.head),
+        nbytes=len(data),
     )
 
 

@@ -29,6 +29,8 @@ COLUMNS = [
     ("student_ratio_lower_90", "low90", 6, ".3f"),
     ("student_ratio_upper_90", "up90", 6, ".3f"),
     ("int8_retention_pct", "int8/stud%", 10, ".1f"),
+    ("head_ratio", "head/stud", 9, ".3f"),
+    ("head_ratio_lower_90", "low90", 6, ".3f"),
     ("champion", "champion", 18, "s"),
 ]
 
