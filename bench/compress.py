@@ -149,6 +149,14 @@ def fleet_test(lake, config, resamples: int = 2000) -> dict:
         "overall": gates.paired_bootstrap(f_ndcg, t_ndcg, resamples).as_dict(),
         "segments": {},
     }
+    base_ndcg = {}  # a head's segment: its shared student on the same test users
+    for v, b in bases.items():
+        base = from_bytes(files[b], config.compress.runtime)
+        mine = np.isin(groups, [g for g, sv in served.items() if sv == v])
+        base_ndcg[v] = (
+            mine,
+            gates.per_user_ndcg(gates.ranks_and_top10(base, x[mine], target[mine])[0]),
+        )
     for g in segments:
         mine = groups == g
         # what the segment needs to score: its file, and a head's shared file too
@@ -161,6 +169,12 @@ def fleet_test(lake, config, resamples: int = 2000) -> dict:
             "bytes_vs_teacher": round(nbytes / t_bytes, 4),
             **gates.paired_bootstrap(f_ndcg[mine], t_ndcg[mine], resamples).as_dict(),
         }
+        if g in served and served[g] in base_ndcg:  # head / its shared student, test users
+            rows, shared = base_ndcg[served[g]]
+            own = groups[rows] == g
+            out["segments"][g]["head_vs_shared"] = gates.paired_bootstrap(
+                f_ndcg[mine], shared[own], resamples
+            ).as_dict()
 
     def users_per_s(model) -> float:
         r = ranking.ranker_for(model)
@@ -264,6 +278,12 @@ def main(argv=None) -> int:
             f"{r['upper']:.3f}), {r['users']} users, {r['bytes']:,} bytes "
             f"({r['bytes_vs_teacher']:.3f} of the teacher)"
         )
+        if "head_vs_shared" in r:
+            h = r["head_vs_shared"]
+            print(
+                f"    head / its shared student: {h['ratio']:.3f} ({h['lower']:.3f}-"
+                f"{h['upper']:.3f})"
+            )
     print(
         f"bytes: fp32 teacher {test['teacher_bytes']:,}, int8 teacher "
         f"{test['int8_teacher_bytes'] or 0:,}, fleet {test['fleet_bytes']:,} "

@@ -8,8 +8,8 @@ version it runs on, so a fleet ships the shared model once and a few kilobytes p
 (``models.student.head_bytes``).
 
 1. **Which segments.** Those whose champion is the current teacher's shared student (fp32
-   or int8: the head is trained on, and gated against, the weights that serve). A segment
-   the teacher serves gets no head.
+   or int8: the head is trained on, and gated against, the weights that serve), or a head
+   on it. A segment the teacher serves gets no head.
 2. **Training, one Spark task per segment** (``groupBy(segment_id).applyInArrow``): the
    segment's rows of ``teacher_topk`` (its users' sequences and the teacher's stored top-K
    at every training target; at most ``heads.max_users`` users, drawn by a hash of the
@@ -22,8 +22,9 @@ version it runs on, so a fleet ships the shared model once and a few kilobytes p
    shared student it specialises, over the segment's "gate" half (users the head's
    training never chose on). Kept when the ratio's 90% lower bound is at least
    ``heads.gate`` (1.0: it beats the shared student, not only matches it); then the
-   segment's champion alias points at the head. Every head is registered and every
-   verdict recorded in ``model_decisions`` (stage ``heads``).
+   segment's champion alias points at the head, else at the shared student (a rerun
+   decides every segment's head again). Every head is registered and every verdict
+   recorded in ``model_decisions`` (stage ``heads``).
 """
 
 from __future__ import annotations
@@ -179,10 +180,7 @@ def heads(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     segment_ids = sorted(
         int(r[0]) for r in lake.read("segments").select("segment_id").distinct().collect()
     )
-    champions = registry.current_champions(config, segment_ids, tags["version"])
-    bases = {
-        g: mv for g, mv in champions.items() if mv is not None and mv.tags.get("shared") == "true"
-    }
+    bases = shared_bases(config, segment_ids, tags["version"])
     if not bases:
         log.info("heads: no segment is served by a shared student (the teacher serves): no heads")
         return {"segments": {}, "teacher_version": tags["version"], "heads": 0}
@@ -216,11 +214,26 @@ def heads(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     for row in sorted(trained, key=lambda r: r.segment_id):
         verdicts.append(_judge(config, judged, row, bases[row.segment_id], blobs, tags))
     for g in sorted(set(bases) - {r.segment_id for r in trained}):
-        verdicts.append(_no_users(g, bases[g]))
+        verdicts.append(_no_users(config, g, bases[g]))
     out = record(lake, verdicts, tags["version"], started)
     kept = sum(v.promoted for v in verdicts[1:])
     log.info("heads: %d of %d segments keep a head", kept, len(bases))
     return out | {"heads": kept}
+
+
+def shared_bases(config: Config, segments: list[int], teacher_version: str) -> dict[int, Any]:
+    """segment -> the ModelVersion of the shared student that serves it: its champion, or
+    the base of the head that serves it (a rerun decides every head again); segments the
+    teacher serves are left out."""
+    out = {}
+    for g, mv in registry.current_champions(config, segments, teacher_version).items():
+        if mv is not None and mv.tags.get("variant") == "head":
+            mv = registry.client(config).get_model_version(
+                registry.STUDENT, mv.tags["base_version"]
+            )
+        if mv is not None and mv.tags.get("shared") == "true":
+            out[g] = mv
+    return out
 
 
 def _segment_rows(lake: Lake, version: int, segments: list[int], max_users: int):
@@ -297,8 +310,9 @@ def _judge(
             "data_version": tags.get("data.version", ""),
         },
     ).register(config)
-    if decision.passed:
-        registry.set_champion(config, g, version)
+    # kept: the head serves; else the shared student it was judged against (an earlier
+    # head of this segment is dropped: every run decides again)
+    registry.set_champion(config, g, version if decision.passed else base_version)
     return Verdict.of_interval(
         "heads",
         g,
@@ -346,7 +360,8 @@ def _pooled_row(bases: dict[int, Any], trained: list[Any]) -> Verdict:
     )
 
 
-def _no_users(g: int, base_mv: Any) -> Verdict:
+def _no_users(config: Config, g: int, base_mv: Any) -> Verdict:
+    registry.set_champion(config, g, str(base_mv.version))
     name = f"{registry.champion_name(base_mv)} v{base_mv.version}"
     return Verdict(
         stage="heads",
