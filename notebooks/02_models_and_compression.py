@@ -1,12 +1,15 @@
 # Databricks notebook source
 # MAGIC %md
 # MAGIC # Teacher and students: quality and compression trade-offs
-# MAGIC The registered teacher's training curve (MLflow), the shared student and its int8 form
-# MAGIC next to the teacher on the gate users, pooled and per segment (`ops/model_report`), and every
+# MAGIC The registered teacher's training curve (MLflow), the shared student, its int8 form and
+# MAGIC the segment heads next to the teacher on the gate users, pooled and per segment
+# MAGIC (`ops/model_report`), and every
 # MAGIC promotion decision (`ops/model_decisions`). Locally:
 # MAGIC `.venv/bin/python notebooks/02_models_and_compression.py` (after `patternlake run train`).
 
 # COMMAND ----------
+
+from pyspark.sql import functions as F
 
 from patternlake import registry
 from patternlake.config import load_config
@@ -34,12 +37,15 @@ for m in curve:
 
 # COMMAND ----------
 
-# MAGIC %md ## The shared student (segment -1: every gate user, pooled) and each segment's harm guard
+# MAGIC %md ## The shared student (segment -1: every gate user, pooled), each segment's harm guard
+# MAGIC and its head (head / shared student on the segment's gate users)
 
 # COMMAND ----------
 
-rows = model_report(lake, config)
-spark.createDataFrame(rows).select(
+model_report(lake, config)  # appends this report to ops/model_report
+report = lake.read("model_report")
+latest = report.agg(F.max("reported_at")).first()[0]
+report.where(F.col("reported_at") == latest).select(
     "segment_id",
     "valid_users",
     "teacher_params",
@@ -52,6 +58,9 @@ spark.createDataFrame(rows).select(
     "int8_ndcg_at_10",
     "student_ratio_lower_90",
     "student_ratio_upper_90",
+    "head_bytes",
+    "head_ratio",
+    "head_ratio_lower_90",
     "champion",
 ).orderBy("segment_id").show(truncate=False)
 

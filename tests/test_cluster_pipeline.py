@@ -50,7 +50,7 @@ def test_all_pipeline_on_a_cluster_and_featurize_survives_a_killed_worker(
     runs = lake_a.read("runs").orderBy("position").collect()
     assert [r.step for r in runs] == [
         "ingest", "validate", "featurize", "segment", "mine", "train", "distill",
-        "compress", "evaluate", "score",
+        "compress", "heads", "evaluate", "score",
     ]  # fmt: skip
     assert {r.status for r in runs} == {"succeeded"}
     assert lake_a.read("user_patterns").select("user_id").distinct().count() == 300

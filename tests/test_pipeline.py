@@ -118,6 +118,7 @@ def test_dependencies_follow_what_steps_read_and_write():
     assert set(deps["mine"]) == {"featurize", "segment"}
     assert "train" in deps["distill"] and "segment" in deps["distill"]
     assert "compress" in deps["score"] and "mine" in deps["score"]  # the newest champions
+    assert "heads" in deps["score"] and "compress" in deps["heads"]
     assert deps["segment"] == ["featurize"]
 
 

@@ -64,6 +64,7 @@ def test_read_only_commands_refuse_a_missing_store(spark, config, tmp_path, caps
     from patternlake.scoring.score import score_users
     from patternlake.students.compress import compress
     from patternlake.students.distill import distill
+    from patternlake.students.heads import heads
 
     uri = f"sqlite:///{tmp_path}/typo.db"
     cfg = _at(config, uri, tmp_path)
@@ -77,6 +78,7 @@ def test_read_only_commands_refuse_a_missing_store(spark, config, tmp_path, caps
         ("score", lambda: score_users(spark, lake, cfg)),
         ("distill", lambda: distill(spark, lake, cfg)),
         ("compress", lambda: compress(spark, lake, cfg)),
+        ("heads", lambda: heads(spark, lake, cfg)),
         ("evaluate", lambda: evaluate_models(spark, lake, cfg)),
         ("monitor", lambda: _teacher(cfg)),
     ):

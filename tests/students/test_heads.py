@@ -10,7 +10,7 @@ import torch
 
 from patternlake import registry
 from patternlake.models.student import from_bytes, head_params, is_head_tensor, with_head
-from patternlake.sequence_reader import read_table
+from patternlake.sequence_reader import COLUMNS, SOFT_COLUMNS, read_table
 from patternlake.students.heads import fit_head, heads, settings
 from patternlake.students.topk import TABLE
 from tests.conftest import copy_trained_lake, with_overrides
@@ -88,6 +88,12 @@ def test_a_kept_head_serves_its_segment_and_the_fleet_counts_the_shared_file_onc
     }
     for g, name in names:
         assert name == ("student-head" if g in kept else "student")
+    # a rerun decides every segment again, against the shared student under its head
+    still = with_overrides(cfg, heads={"lr": 1e-12, "epochs": 2, "patience": 1})
+    again = heads(lake.spark, lake, still)
+    assert set(again["segments"]) == set(out["segments"]) and again["heads"] == 0
+    for g in segments:
+        assert str(registry.champion_version(cfg, g).version) == good["registered_version"]
 
 
 @pytest.mark.slow
@@ -99,7 +105,7 @@ def test_a_head_learns_what_its_base_misses_and_changes_nothing_else(served):
     base = registry.load_student(cfg, good["registered_version"])
     with torch.no_grad():
         base.net.item_emb.weight.mul_(1e-3)
-    table = read_table(lake.files(TABLE, lake.version(TABLE)))
+    table = read_table(lake.files(TABLE, lake.version(TABLE)), COLUMNS + SOFT_COLUMNS)
     s = settings(cfg, cfg.train.window_stride) | {"segment": 0, "base_version": "1"}
     out = fit_head(base, table, s | {"epochs": 8, "patience": 8, "valid_users": 10_000})
     assert out["tune_users"] > 20 and out["targets"] > 0
