@@ -7,8 +7,8 @@ large catalogue, side by side in one run.
 (also ``bench/scale.py --pipeline ...``). Per catalogue size, in a fresh lake under a
 temporary folder: ``patternlake generate`` (not timed as a stage), then the commands a user
 runs -- ``run daily --input`` (ingest, validate, featurize, segment, mine; score is skipped
-before a teacher exists), ``train`` (the teacher, ``--epochs`` epochs at most), ``distill``
-and ``compress`` (``--epochs`` each: the rest of ``run train`` but its evaluation),
+before a teacher exists), ``train`` (the teacher, ``--epochs`` epochs at most), ``distill``,
+``compress`` and ``heads`` (``--epochs`` each: the rest of ``run train`` but its evaluation),
 ``evaluate --json`` and ``score`` -- each its own process on local Spark (``local[2]``).
 
 Printed per stage and catalogue: wall time; peak RSS of the driver's Python process, of the
@@ -18,8 +18,8 @@ over every process), evaluation users/s (evaluated users over the command's wall
 scoring users/s (users scored, explanations and rules included, over the command's wall
 time). Then each ratio large / small. A stage that fails is recorded with its exit code
 and last error line; after a failed ``run daily`` or ``train`` the catalogue's later stages
-are not run (after a failed ``distill`` or ``compress``, ``score`` serves the teacher).
-``--skip distill,compress`` leaves the students out.
+are not run (after a failed ``distill``, ``compress`` or ``heads``, ``score`` serves what
+the registry says). ``--skip distill,compress,heads`` leaves the students out.
 """
 
 from __future__ import annotations
@@ -134,12 +134,14 @@ def one_catalogue(
     caps = [
         "--set", f"train.epochs={epochs}",
         "--set", f"students.epochs={epochs}",
+        "--set", f"heads.epochs={epochs}",
     ]  # fmt: skip
     plan = [
         ("run daily", cli(work, *caps, "run", "daily", "--input", str(data / "events"))),
         ("train", cli(work, *caps, "train")),
         ("distill", cli(work, *caps, "distill")),
         ("compress", cli(work, *caps, "compress")),
+        ("heads", cli(work, *caps, "heads")),
         ("evaluate", cli(work, *caps, "evaluate", "--json")),
         ("score", cli(work, *caps, "score")),
     ]
@@ -178,7 +180,7 @@ def _rates(stages: dict, users: int) -> None:
 
 def table(results: dict[int, dict]) -> str:
     sizes = sorted(results)
-    names = [n for n in ("run daily", "train", "distill", "compress", "evaluate", "score")]
+    names = ["run daily", "train", "distill", "compress", "heads", "evaluate", "score"]
     lines = [
         f"{'stage':10s} {'items':>10s} {'wall s':>8s} {'rate':>18s} {'driver MB':>10s} "
         f"{'JVM MB':>8s} {'worker MB':>10s}  status"

@@ -256,6 +256,26 @@ class TuneConfig(_Strict):
     space: TuneSpaceConfig
 
 
+class StudentSearchConfig(_Strict):
+    """`students.search`: Optuna over depth, item-table scheme, learning rate and alpha; the
+    width follows from the byte budget; judged on the "tune" half only."""
+
+    trials: int = Field(ge=0)  # 0: no search
+    epochs: int = Field(gt=0)
+    patience: int = Field(gt=0)
+    n_layers: list[int] = Field(min_length=1)
+    item_share: list[float] = Field(min_length=1)
+    lr: tuple[float, float]
+    alpha: tuple[float, float]
+
+    @field_validator("item_share")
+    @classmethod
+    def _shares(cls, v: list[float]) -> list[float]:
+        if not all(0 <= x < 1 for x in v):
+            raise ValueError("each item_share must be in [0, 1)")
+        return v
+
+
 class StudentsConfig(_Strict):
     """`distill`: one shared student for every user, distilled from the teacher's stored
     top-K by the teacher's training function, gated on users its training never chose on."""
@@ -266,6 +286,8 @@ class StudentsConfig(_Strict):
     alpha: float = Field(ge=0, le=1)  # weight of the teacher's soft targets
     d_model: list[int] = Field(min_length=1)  # widths tried, the widest within the budget wins
     n_layers: int = Field(gt=0)
+    item_share: float = Field(ge=0, lt=1)  # low-rank item table: rank = share x width (0: full)
+    search: StudentSearchConfig
     n_heads: int = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
     epochs: int = Field(gt=0)

@@ -40,6 +40,8 @@ def test_spark_evaluation_equals_the_one_process_evaluation(spark, trained_lake,
         for engine in ("local", "spark")
     }
     local, distributed = reports["local"], reports["spark"]
+    for report in (local, distributed):  # timed: each engine its own, every model's > 0
+        assert all(m.pop("users_per_s") > 0 for m in report["models"].values())
     assert {"teacher", "student", "student_int8", "popularity", "markov"} <= set(local["models"])
     assert list(distributed["models"]) == list(local["models"])  # same order
     _same(distributed, local)

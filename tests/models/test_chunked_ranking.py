@@ -59,6 +59,10 @@ def _models(n: int) -> dict[str, torch.nn.Module]:
     with torch.no_grad():
         head.net.item_bias.normal_(0, 30, generator=torch.Generator().manual_seed(3))
         head.net.adapter[1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(5)
+    lowrank = Student(_config(n, d_model=8, item_rank=3), n, None).eval()  # a low-rank table
+    with torch.no_grad():
+        lowrank.net.item_emb.weight.mul_(20)
     return {
         "teacher": TeacherScorer(_net(n)).eval(),
         "ensemble": TeacherScorer(TeacherEnsemble([_net(n, 1), _net(n, 2)])).eval(),
@@ -66,12 +70,21 @@ def _models(n: int) -> dict[str, torch.nn.Module]:
         "whole_student": whole,
         "int8_student": int8,
         "headed_student": head,
+        "lowrank_student": lowrank,
     }
 
 
 @pytest.mark.parametrize(
     "name",
-    ["teacher", "ensemble", "segment_student", "whole_student", "int8_student", "headed_student"],
+    [
+        "teacher",
+        "ensemble",
+        "segment_student",
+        "whole_student",
+        "int8_student",
+        "headed_student",
+        "lowrank_student",
+    ],
 )
 def test_chunked_top_k_equals_dense_top_k_for_every_served_model(name):
     n = 203
@@ -113,7 +126,9 @@ def test_a_row_with_fewer_scorable_items_than_k_ends_in_minus_infinity():
 
 
 @pytest.mark.parametrize("cap", [None, 3, 20])
-@pytest.mark.parametrize("name", ["teacher", "ensemble", "segment_student", "headed_student"])
+@pytest.mark.parametrize(
+    "name", ["teacher", "ensemble", "segment_student", "headed_student", "lowrank_student"]
+)
 def test_chunked_target_ranks_equal_the_dense_protocol(name, cap):
     """Counted (``cap=None``) or capped (ranks past ``cap`` returned as ``cap``, from the
     running top ``cap + 1``): equal to the dense matrix's ranks."""

@@ -246,3 +246,31 @@ def test_compress_again_replaces_the_int8_of_the_same_student_and_a_refusal_keep
             if v is not None and v.tags.get("variant") == "int8":
                 now = registry.champion_version(cfg, g)
                 assert str(now.version) == again["registered_version"]
+
+
+@pytest.mark.slow
+def test_the_search_spends_the_byte_budget_on_tune_users_and_trains_its_choice(students, tmp_path):
+    from patternlake.students.distill import distill
+    from tests.conftest import copy_trained_lake, with_overrides
+
+    cfg, lake, _ = copy_trained_lake(students, tmp_path)
+    search = cfg.students.search.model_copy(
+        update={"trials": 2, "epochs": 2, "patience": 2, "n_layers": [1], "item_share": [0.0, 0.5]}
+    )
+    cfg = with_overrides(cfg, students={"search": search})
+    d = distill(lake.spark, lake, cfg)["shared"]
+    trials = d["search"]
+    assert len(trials) == 2 and sum(t["chosen"] for t in trials) == 1
+    done = [t for t in trials if t["fits"]]
+    assert done and all(t["int8_bytes"] <= d["budget_bytes"] for t in done)
+    chosen = next(t for t in trials if t["chosen"])
+    assert chosen["tune_valid_ndcg@10"] == max(t["tune_valid_ndcg@10"] for t in done)
+    assert (d["n_layers"], d["item_rank"], d["lr"], d["alpha"]) == (
+        chosen["n_layers"],
+        chosen["item_rank"],
+        chosen["lr"],
+        chosen["alpha"],
+    )
+    served = registry.load_student(cfg, d["registered_version"])
+    assert served.config.item_rank == chosen["item_rank"]
+    assert d["int8_bytes"] <= d["budget_bytes"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from patternlake.models.student import Student, from_bytes, quantized_bytes
-from patternlake.models.teacher import SequentialTeacher, TeacherConfig
+from patternlake.models.teacher import SequentialTeacher, TeacherConfig, TeacherEnsemble
 from patternlake.sequence_reader import soft_arrays, training_arrays
 from patternlake.students import gates
 from patternlake.students.topk import topk_columns
@@ -137,12 +137,14 @@ def _seen_teacher(n_items: int, max_len: int, weight: float, seed: int) -> Seque
     return model
 
 
-@pytest.mark.parametrize("stride", [None, 4])
-def test_the_stored_top_k_lines_up_with_every_training_target(stride):
+@pytest.mark.parametrize("stride,members", [(None, 1), (4, 1), (4, 2)])
+def test_the_stored_top_k_lines_up_with_every_training_target(stride, members):
     """Stored per user (k values per training target, in order) and read back per window:
     position t of a window gets the teacher's top-k of that window's input up to t, which is
-    what the student sees there. Checked against the teacher run on the windows directly."""
-    teacher = _seen_teacher(60, 10, 0.7, seed=0)
+    what the student sees there. Checked against the teacher run on the windows directly
+    (an ensemble's mean log-probabilities too, found over item chunks as well)."""
+    nets = [_seen_teacher(60, 10, 0.7, seed=s) for s in range(members)]
+    teacher = nets[0] if members == 1 else TeacherEnsemble(nets).eval()
     table = _sequences(30, 60)
     ids, logits = topk_columns(teacher, table, 5, stride)
     table = table.append_column("topk_items", ids).append_column("topk_logits", logits)

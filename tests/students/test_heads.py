@@ -77,6 +77,9 @@ def test_a_kept_head_serves_its_segment_and_the_fleet_counts_the_shared_file_onc
     report = evaluate_models(lake.spark, lake, cfg)
     fleet = report["models"]["fleet"]
     assert fleet["bytes"] == base_bytes + sum(head_bytes.values())
+    for g, nbytes in head_bytes.items():  # what the segment needs: its head and the base
+        assert fleet["segments"][str(g)]["bytes"] == nbytes + base_bytes
+    assert fleet["users_per_s"] > 0
     assert {report["champions"][str(g)] for g in kept} == {
         f"student-head v{kept[g]['registered_version']}" for g in kept
     }

@@ -29,9 +29,13 @@ def _inputs(n_global: int, n: int = 64, L: int = 10, seed: int = 0) -> torch.Ten
     return torch.stack([items, types, gaps], dim=1)
 
 
-@pytest.mark.parametrize("d,layers,heads", [(8, 1, 1), (16, 2, 2), (64, 2, 2)])
-def test_count_params_matches_the_built_model(d, layers, heads):
-    c = TeacherConfig(n_items=301, n_types=7, max_len=20, d_model=d, n_layers=layers, n_heads=heads)
+@pytest.mark.parametrize(
+    "d,layers,heads,rank,head",
+    [(8, 1, 1, 0, 0), (16, 2, 2, 0, 0), (64, 2, 2, 16, 0), (16, 1, 2, 4, 3)],
+)
+def test_count_params_matches_the_built_model(d, layers, heads, rank, head):
+    c = TeacherConfig(n_items=301, n_types=7, max_len=20, d_model=d, n_layers=layers, n_heads=heads,
+                      item_rank=rank, item_bias=head > 0, adapter_rank=head)  # fmt: skip
     assert count_params(c) == Student(c, 301, None).num_params()
 
 
@@ -80,6 +84,26 @@ def test_student_config_is_the_widest_whose_int8_file_fits_the_byte_budget():
     assert len(quantized_bytes(Student(wider, 1001, None))) > budget
     assert (c.max_len, c.n_types, c.seen_bias) == (t.max_len, t.n_types, t.seen_bias)
     assert student_config(t, 100, [8], 1, 1, 0.1) is None
+    # a low-rank item table spends the bytes it saves on a wider encoder, within the budget
+    low, low_size = student_config(t, budget, [64, 48, 32, 24, 16, 8], 1, 2, 0.1, item_share=0.25)
+    assert low_size <= budget and low.d_model > c.d_model
+    assert low.item_rank == round(low.d_model * 0.25)
+    net = Student(low, 1001, None).net
+    assert tuple(net.item_emb.weight.shape) == (1001, low.item_rank)
+
+
+def test_a_low_rank_item_table_ties_input_and_output_through_one_projection():
+    t = TeacherConfig(n_items=50, n_types=3, max_len=6, d_model=8, n_layers=1, n_heads=2,
+                      item_rank=3, seen_bias=True)  # fmt: skip
+    torch.manual_seed(0)
+    s = Student(t, 50, None).eval()
+    x = _inputs(50, 5, L=6)
+    with torch.no_grad():
+        h = s.net.ln(s.net.encode_body(x[:, 0], x[:, 1], x[:, 2])[:, -1])  # (B, D)
+        full_table = s.net.item_proj(s.net.item_emb.weight)  # (N, D): each item's input vector
+        want = h @ full_table.T + s.net.seen_weight * s.net.window(x[:, 0], 50)
+        got = s(x)
+    assert torch.allclose(got[:, 1:], want[:, 1:], atol=1e-5)
 
 
 def test_a_catalogue_student_scores_only_its_items_in_global_ids():

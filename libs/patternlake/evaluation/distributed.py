@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,7 +46,7 @@ from patternlake.models.metrics import PER_USER, ranker_ranks, summary_metrics
 from patternlake.sequence_reader import pad_left
 
 INPUTS = ("item_seq", "type_seq", "gap_seq")
-RESULT_SCHEMA = "model string, segment_id int, rank bigint, top10 array<bigint>"
+RESULT_SCHEMA = "model string, segment_id int, rank bigint, top10 array<bigint>, seconds double"
 
 
 def training_part(df: DataFrame) -> DataFrame:
@@ -235,15 +236,25 @@ def rank_batches(
         exclude = torch.from_numpy(items) if job["mask_history"] else None
         whole = slice(0, batch.num_rows)
         for name, (rank, _, _) in scored.items():
+            started = time.perf_counter()
             ranks, top = rank(whole, targets, exclude)
+            each = (time.perf_counter() - started) / batch.num_rows  # the batch's time, per user
             yield pa.RecordBatch.from_pydict(
                 {
                     "model": pa.array([name] * batch.num_rows, pa.string()),
                     "segment_id": pa.array(groups, pa.int32()),
                     "rank": pa.array(ranks.cpu().numpy().astype(np.int64)),
                     "top10": pa.array(list(top.cpu().numpy().astype(np.int64))),
+                    "seconds": pa.array(np.full(batch.num_rows, each)),
                 }
             )
+
+
+def users_per_s(results: DataFrame) -> dict[str, float]:
+    """model -> users ranked per second of one task's thread (target rank and top 10 over
+    the catalogue; the time of each batch spread over its users)."""
+    rows = results.groupBy("model").agg(F.count(F.lit(1)).alias("n"), F.sum("seconds").alias("s"))
+    return {r.model: round(r.n / r.s, 1) if r.s else float("inf") for r in rows.collect()}
 
 
 def per_user_metrics(results: DataFrame) -> DataFrame:

@@ -226,6 +226,7 @@ def _evaluate_spark(
     results = inputs.mapInArrow(rank, job.RESULT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         measured = job.aggregate(results, n_items)
+        speed = job.users_per_s(results)
     finally:
         results.unpersist()
         shared.unpersist()
@@ -241,7 +242,7 @@ def _evaluate_spark(
         params, nbytes = sizes[name]
         reports[name] = model_report(
             overall, per, params, nbytes, groups, routed.get(name), teacher
-        )
+        ) | {"users_per_s": speed[name]}
         _log_model(name, overall)
     n_users = next(iter(measured.values()))[0]["users"]
     return _report(config, n_users, n_items, d.version, d.item_index_version, reports, champions)

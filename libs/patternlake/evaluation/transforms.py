@@ -212,7 +212,9 @@ def model_report(
         found = routed.get(int(g)) if g.lstrip("-").isdigit() else None
         if found is None:  # served by the teacher
             return teacher
-        return found[0].num_params(), found[1]
+        model, own = found
+        shared = getattr(model, "shared_file", None)  # a head's segment needs its base too
+        return model.num_params(), own + (shared[1] if shared else 0)
 
     report: dict[str, Any] = {
         "params": int(params),
@@ -246,6 +248,8 @@ def model_reports(
         )
         teacher = scored["teacher"][1:] if "teacher" in scored else None
         out[name] = model_report(overall, per, params, nbytes, groups, routed.get(name), teacher)
+        seconds = time.monotonic() - t
+        out[name]["users_per_s"] = round(len(target) / seconds, 1) if seconds > 0 else float("inf")
         log.info(
             "evaluate %s: NDCG@10 %.4f HR@10 %.4f (%.1fs)",
             name,

@@ -211,11 +211,18 @@ class EnsembleRanker:
         self.chunk_size = chunk
 
     def encode(self, x: torch.Tensor) -> EnsembleState:
-        states = [m.encode(x) for m in self.members]
-        size = self.chunk_size or chunk_items(len(x))
+        return self.of_states([m.encode(x) for m in self.members])
+
+    def of_states(self, states: list[DotState]) -> EnsembleState:
+        """The ensemble's state from its members' (each member's normaliser summed over the
+        item chunks): also for states that are not a window's last position (the top-K of
+        every training position, ``students.topk``)."""
+        rows = len(states[0].hidden)
+        device = states[0].hidden.device
+        size = self.chunk_size or chunk_items(rows)
         log_z = []
         for m, st in zip(self.members, states, strict=True):
-            z = torch.full((len(x),), NEG, device=x.device)
+            z = torch.full((rows,), NEG, device=device)
             for lo in range(0, self.n_items, size):
                 block = m.chunk(st, lo, min(self.n_items, lo + size))
                 z = torch.logaddexp(z, torch.logsumexp(block, dim=1))

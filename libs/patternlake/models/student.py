@@ -32,8 +32,9 @@ OOV = 1  # local id of an item outside a student's catalogue
 def count_params(config: TeacherConfig) -> int:
     """Parameters of a SequentialTeacher-family model of this configuration (embeddings
     counted), without building it."""
-    d, L = config.d_model, config.n_layers
-    emb = (config.n_items + config.n_types + config.n_gaps + config.max_len) * d
+    d, L, r = config.d_model, config.n_layers, config.item_rank
+    items = config.n_items * r + r * d if r else config.n_items * d
+    emb = items + (config.n_types + config.n_gaps + config.max_len) * d
     block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
     head = config.n_items * int(config.item_bias) + 2 * d * config.adapter_rank
     return emb + L * block + 2 * d + int(config.seen_bias) + head

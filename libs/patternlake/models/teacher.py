@@ -49,6 +49,10 @@ class TeacherConfig:
     # residual adapter after the final norm (rank; 0: none)
     item_bias: bool = False
     adapter_rank: int = 0
+    # a low-rank item table (rank; 0: a full one): items are (n_items x r) vectors, mapped to
+    # the model's width by one shared (r x D) matrix on the way in, and the hidden state
+    # mapped to r dimensions on the way out (the tied output in the item table's space)
+    item_rank: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,7 +166,9 @@ class SequentialTeacher(nn.Module):
     def __init__(self, c: TeacherConfig):
         super().__init__()
         self.config = c
-        self.item_emb = nn.Embedding(c.n_items, c.d_model, padding_idx=0)
+        self.item_emb = nn.Embedding(c.n_items, c.item_rank or c.d_model, padding_idx=0)
+        if c.item_rank:
+            self.item_proj = nn.Linear(c.item_rank, c.d_model, bias=False)
         self.type_emb = nn.Embedding(c.n_types, c.d_model, padding_idx=0)
         self.gap_emb = nn.Embedding(c.n_gaps, c.d_model)
         self.pos_emb = nn.Embedding(c.max_len, c.d_model)
@@ -250,14 +256,23 @@ class SequentialTeacher(nn.Module):
         self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor, pos: torch.Tensor
     ) -> torch.Tensor:
         """(B, m) inputs at positions ``pos`` (m,) -> (B, m, D) input embeddings."""
-        x = self.item_emb(items) + self.type_emb(types) + self.gap_emb(gaps)
+        x = self.item_input(items) + self.type_emb(types) + self.gap_emb(gaps)
         return self.drop(x + self.pos_emb(pos).unsqueeze(0))
 
+    def item_input(self, items: torch.Tensor) -> torch.Tensor:
+        """Items' input embeddings (…, D): the item table's rows, through the shared
+        projection of a low-rank table."""
+        e = self.item_emb(items)
+        return self.item_proj(e) if self.config.item_rank else e
+
     def final(self, x: torch.Tensor) -> torch.Tensor:
-        """The last blocks' output (…, D) -> the hidden state: the final norm, then the
-        adapter's residual where the model has one."""
+        """The last blocks' output (…, D) -> the hidden state that scores items against the
+        item table: the final norm, the adapter's residual where the model has one, and for
+        a low-rank table the map to its r dimensions (``h . W e_j = (h W) . e_j``)."""
         h = self.ln(x)
-        return h + self.adapter(h) if self.config.adapter_rank else h
+        if self.config.adapter_rank:
+            h = h + self.adapter(h)
+        return h @ self.item_proj.weight if self.config.item_rank else h
 
     def encode_body(
         self, items: torch.Tensor, types: torch.Tensor, gaps: torch.Tensor

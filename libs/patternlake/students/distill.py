@@ -145,22 +145,26 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     s, t = config.students, config.train
     stride = min(t.window_stride, tc.max_len) or tc.max_len
     budget = int(s.max_bytes_ratio * len(teacher_data))
-    chosen = student_config(tc, budget, s.d_model, s.n_layers, s.n_heads, s.dropout)
-    if chosen is None:
-        raise PatternlakeError(
-            f"distill: no student of widths {s.d_model} (n_layers {s.n_layers}, n_heads "
-            f"{s.n_heads}) fits {budget:,} bytes = students.max_bytes_ratio {s.max_bytes_ratio} "
-            f"x the teacher's {len(teacher_data):,}; allow more bytes or narrower widths"
-        )
-    cfg, int8_bytes = chosen
     topk_version, topk = store_teacher_topk(
         spark, lake, teacher_data, tags["version"], data_version, s.top_k, stride
     )
+    topk_files = lake.files(TABLE, topk_version)
     backend = t.backend
     num_proc = 1 if backend == "single" else t.num_proc
-    spec = student_spec(
-        config, lake.files(TABLE, topk_version), data_version, cfg.to_dict(), backend
-    )
+    searched: list[dict[str, Any]] = []
+    if s.search.trials:
+        s, searched = search(spark, config, tc, budget, topk_files, data_version)
+        config = config.model_copy(update={"students": s})
+    chosen = student_config(tc, budget, s.d_model, s.n_layers, s.n_heads, s.dropout, s.item_share)
+    if chosen is None:
+        raise PatternlakeError(
+            f"distill: no student of widths {s.d_model} (n_layers {s.n_layers}, n_heads "
+            f"{s.n_heads}, item_share {s.item_share}) fits {budget:,} bytes = "
+            f"students.max_bytes_ratio {s.max_bytes_ratio} x the teacher's "
+            f"{len(teacher_data):,}; allow more bytes or narrower widths"
+        )
+    cfg, int8_bytes = chosen
+    spec = student_spec(config, topk_files, data_version, cfg.to_dict(), backend)
     log.info(
         "distill: shared student d_model %d x %d layers (int8 file %s bytes <= %s = %.2f x the "
         "teacher's), %s x %d processes, from %s v%d",
@@ -198,6 +202,9 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
     numbers = {
         "d_model": cfg.d_model,
         "n_layers": cfg.n_layers,
+        "item_rank": cfg.item_rank,
+        "lr": s.lr,
+        "alpha": s.alpha,
         "params": student.num_params(),
         "teacher_params": teacher.num_params(),
         "fp32_bytes": len(model),
@@ -213,6 +220,8 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
         "train_s": train_s,
         "teacher_topk": topk,
     }
+    if searched:
+        numbers["search"] = searched
     version = Candidate(
         segment=SHARED,
         variant="fp32",
@@ -245,6 +254,7 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
             "data_version": data_version,
         },
         history=tuple(result["history"]),
+        texts={"search.json": json.dumps(searched, indent=1)} if searched else {},
     ).register(config)
     verdicts = [
         Verdict.of_interval(
@@ -291,6 +301,90 @@ def distill(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
         "promoted" if pooled.passed else "not promoted (the teacher serves)",
     )
     return out
+
+
+def search(
+    spark: SparkSession,
+    config: Config,
+    teacher: Any,
+    budget: int,
+    files: list[str],
+    data_version: int,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """How to spend the byte budget, searched: ``students.search.trials`` Optuna (TPE)
+    trials over depth, the item table's scheme (full or low-rank, ``item_share``), learning
+    rate and alpha; each trial's width is the widest of ``students.d_model`` within the
+    budget for its depth and scheme, it trains by the student's own training job (``epochs``
+    / ``patience`` of the search) and scores its best validation NDCG@10 on the "tune" half
+    (never the gate half). Returns the students settings with the best trial's choices and
+    every trial."""
+    import optuna
+
+    s, q = config.students, config.students.search
+    backend = config.train.backend
+    num_proc = 1 if backend == "single" else config.train.num_proc
+    rows: list[dict[str, Any]] = []
+
+    def objective(trial: Any) -> float:
+        tried = s.model_copy(
+            update={
+                "n_layers": trial.suggest_categorical("n_layers", q.n_layers),
+                "item_share": trial.suggest_categorical("item_share", q.item_share),
+                "lr": trial.suggest_float("lr", *q.lr, log=True),
+                "alpha": trial.suggest_float("alpha", *q.alpha),
+            }
+        )
+        row: dict[str, Any] = {"trial": trial.number, **trial.params}
+        chosen = student_config(
+            teacher, budget, s.d_model, tried.n_layers, s.n_heads, s.dropout, tried.item_share
+        )
+        if chosen is None:
+            rows.append(row | {"fits": False})
+            raise optuna.TrialPruned(f"no width fits {budget:,} bytes")
+        cfg, nbytes = chosen
+        started = time.monotonic()
+        run = config.model_copy(
+            update={
+                "students": tried.model_copy(update={"epochs": q.epochs, "patience": q.patience})
+            }
+        )
+        spec = student_spec(run, files, data_version, cfg.to_dict(), backend)
+        result = run_backend(spark, spec, backend, num_proc)
+        trained = not result.get("diverged") and result["best_epoch"] >= 0
+        value = float(result["best_valid_ndcg@10"]) if trained else 0.0
+        rows.append(
+            row
+            | {
+                "fits": True,
+                "d_model": cfg.d_model,
+                "item_rank": cfg.item_rank,
+                "int8_bytes": nbytes,
+                "tune_valid_ndcg@10": round(value, 6),
+                "best_epoch": result["best_epoch"],
+                "seconds": round(time.monotonic() - started, 1),
+            }
+        )
+        log.info("distill: search trial %d %s -> tune NDCG@10 %.4f", trial.number, rows[-1], value)
+        return value
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=s.seed)
+    )
+    study.optimize(objective, n_trials=q.trials)
+    done = [r for r in rows if r.get("fits")]
+    if not done:
+        raise PatternlakeError(
+            f"distill: no searched student fits {budget:,} bytes (students.search: n_layers "
+            f"{q.n_layers}, item_share {q.item_share}); allow more bytes or narrower widths"
+        )
+    best = study.best_trial.params
+    for r in rows:
+        r["chosen"] = r["trial"] == study.best_trial.number
+    log.info("distill: search chose %s of %d trials", best, len(rows))
+    return s.model_copy(
+        update={k: best[k] for k in ("n_layers", "item_share", "lr", "alpha")}
+    ), rows
 
 
 def segment_guards(

@@ -4,8 +4,8 @@ A batch inference job over the pinned ``user_sequences`` version: every Spark ta
 teacher (a broadcast model file), cuts its users' training parts into the training windows
 (``sequence_reader.training_arrays``, the windows the student trains on) and keeps, at every
 training target, the teacher's K best items and their logits (the seen term included),
-found over item chunks (``models.ranking.top_k``: no (positions x catalogue) matrix for a
-single teacher; an ensemble's mean log-probabilities take row chunks bounded in bytes).
+found over item chunks (``models.ranking.top_k``: no (positions x catalogue) matrix, for
+one teacher or an ensemble's mean log-probabilities).
 The rows go to the lake table ``teacher_topk``: the sequences as they are, plus
 ``topk_items`` / ``topk_logits`` (K values per training target, targets in order) and the
 teacher and data versions they belong to. The student's training reads that table like
@@ -43,7 +43,6 @@ from patternlake.sequence_reader import training_arrays, training_lengths
 log = logging.getLogger(__name__)
 
 TABLE = "teacher_topk"
-ROWS_BYTES = 64 << 20  # an ensemble's dense (positions x catalogue) block
 
 
 @torch.no_grad()
@@ -61,22 +60,16 @@ def position_topk(
         mask = tg > 0
         if not bool(mask.any()):
             continue
-        if isinstance(teacher, SequentialTeacher):
-            h = teacher.encode(it, ty, ga)[mask]  # (M, D)
-            state = ranking.DotState(h, teacher.prefixes(it, mask))  # the seen term's window
-            ranker = ranking.DotRanker(teacher, teacher.config.n_items)
-            v, i = ranking.top_k(ranker, state, k)
-        else:  # an ensemble: mean log-probabilities, densely, in bounded blocks of windows
-            per = max(1, ROWS_BYTES // (4 * teacher.config.n_items * it.shape[1]))
-            parts = []
-            for r in range(0, len(it), per):
-                m = mask[r : r + per]
-                if bool(m.any()):
-                    sc = teacher.position_scores(
-                        it[r : r + per], ty[r : r + per], ga[r : r + per], m
-                    )
-                    parts.append(ranking.dense_top_k(sc, k))
-            v, i = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        nets = [teacher] if isinstance(teacher, SequentialTeacher) else list(teacher.nets)
+        window = SequentialTeacher.prefixes(it, mask)
+        # each target position's state and its window up to there (the seen term's)
+        states = [ranking.DotState(net.encode(it, ty, ga)[mask], window) for net in nets]
+        rankers = [ranking.DotRanker(net, net.config.n_items) for net in nets]
+        if len(nets) == 1:
+            v, i = ranking.top_k(rankers[0], states[0], k)
+        else:  # an ensemble's mean log-probabilities, over item chunks as well
+            ensemble = ranking.EnsembleRanker(rankers)
+            v, i = ranking.top_k(ensemble, ensemble.of_states(states), k)
         i = torch.where(torch.isfinite(v), i, torch.zeros_like(i))
         out_i.append(i.to(torch.int32).numpy())
         out_v.append(v.float().numpy())

@@ -19,17 +19,23 @@ def student_config(
     n_layers: int,
     n_heads: int,
     dropout: float,
+    item_share: float = 0.0,
 ) -> tuple[TeacherConfig, int] | None:
     """The widest student over the whole catalogue (first of ``widths``, widest first) whose
     served file -- int8 rows with per-row scales (``quantized_bytes``) -- is within
     ``budget_bytes``, and that file's size; None if even the narrowest does not fit. The
     size is measured on initial weights (the int8 values compress a little; a trained file
     was 2% larger on MovieLens-100k: ``compress`` checks it against the budget again).
-    The student keeps the teacher's window, vocabularies, softmax and seen term."""
+    The student keeps the teacher's window, vocabularies, softmax and seen term.
+    ``item_share`` > 0: a low-rank item table of rank ``item_share`` x the width (the bytes
+    it saves go to a wider encoder)."""
     for d in sorted(widths, reverse=True):
         if d % n_heads:
             continue
-        c = replace(teacher, d_model=d, n_layers=n_layers, n_heads=n_heads, dropout=dropout)
+        rank = max(1, round(d * item_share)) if item_share > 0 else 0
+        c = replace(
+            teacher, d_model=d, n_layers=n_layers, n_heads=n_heads, dropout=dropout, item_rank=rank
+        )
         with torch.random.fork_rng():
             torch.manual_seed(0)
             size = len(quantized_bytes(Student(c, teacher.n_items, None)))
