@@ -33,7 +33,7 @@ STAGES = (
         outputs=("teacher_topk", "model:student", "model_decisions"),
         section="heads",
         help="per segment, a small head on the shared student (item bias, final norm, "
-        "low-rank adapter) trained as parallel Spark tasks, kept only where a paired test "
+        "an adapter of small rank) trained as parallel Spark tasks, kept only where a paired test "
         "on the segment's held-out users says it beats the shared student",
     ),
 )
