@@ -29,7 +29,6 @@ version it runs on, so a fleet ships the shared model once and a few kilobytes p
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Any
@@ -45,7 +44,13 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.models.fit import split_of
-from patternlake.models.student import from_bytes, head_bytes, head_params, with_head
+from patternlake.models.student import (
+    from_bytes,
+    head_bytes,
+    head_params,
+    is_head_tensor,
+    with_head,
+)
 from patternlake.sequence_reader import evaluation_arrays, soft_arrays, training_arrays
 from patternlake.students import gates
 from patternlake.students.distill import SHARED, GateUsers, pinned_files
@@ -120,8 +125,12 @@ def fit_head(base: torch.nn.Module, table: pa.Table, s: dict[str, Any]) -> dict[
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=s["lr"])
+
+    def head_state() -> dict[str, torch.Tensor]:  # the head's tensors only: the body is frozen
+        return {k: v.clone() for k, v in model.state_dict().items() if is_head_tensor(k)}
+
     base_ndcg = best = _ndcg(model, vx, vtarget)
-    best_state, best_epoch, epochs = copy.deepcopy(model.state_dict()), 0, 0
+    best_state, best_epoch, epochs = head_state(), 0, 0
     for epoch in range(1, s["epochs"] + 1):
         net.train()
         for b in rng.permutation(len(batches)):
@@ -133,10 +142,10 @@ def fit_head(base: torch.nn.Module, table: pa.Table, s: dict[str, Any]) -> dict[
         epochs = epoch
         score = _ndcg(model, vx, vtarget)
         if score > best:
-            best, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
+            best, best_epoch, best_state = score, epoch, head_state()
         elif epoch - best_epoch >= s["patience"]:
             break
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state, strict=False)
     model.eval()
     return {
         "head": head_bytes(model, s["base_version"], segment=s["segment"]),
