@@ -225,6 +225,15 @@ def student_files(config: Config, version: str) -> tuple[bytes, bytes | None]:
     return data, None if base is None else version_file(config, STUDENT, base).read_bytes()
 
 
+def student_version(config: Config, version: str) -> Any | None:
+    """The ModelVersion ``version`` of ``student``, or None where it is gone."""
+    return _read(
+        config,
+        f"looking up {STUDENT} v{version}",
+        lambda: client(config).get_model_version(STUDENT, version),
+    )
+
+
 def student_versions(config: Config, **tags: Any) -> list[Any]:
     """Versions of ``student`` whose tags match, newest first."""
     found = _read(
@@ -301,17 +310,24 @@ def segment_students(
     if version is None:
         return found, champions
     loaded: dict[str, tuple[torch.nn.Module, int]] = {}
+    bases: dict[str, torch.nn.Module] = {}  # a head's shared student, built once for all heads
 
     def load(v: Any) -> tuple[torch.nn.Module, int]:
         """The version's model and its file's bytes; a head also records the shared file it
         runs on (``shared_file``: version, bytes), which a fleet counts once."""
         if v.version not in loaded:
             data, base = student_files(config, v.version)
-            model = from_bytes(data, runtime, base=base)
+            model_base = None
+            if base is not None:
+                base_version = str(metadata(data)["base"])
+                if base_version not in bases:
+                    bases[base_version] = from_bytes(base)
+                model_base = bases[base_version]
+            model = from_bytes(data, runtime, base=model_base)
             model.file_version = str(v.version)
             if base is not None:
                 base_params = int(metadata(base)["params"])
-                model.shared_file = (str(metadata(data)["base"]), len(base), base_params)
+                model.shared_file = (base_version, len(base), base_params)
             loaded[v.version] = (model, len(data))
         return loaded[v.version]
 

@@ -254,7 +254,7 @@ def users_per_s(results: DataFrame) -> dict[str, float]:
     """model -> users ranked per second of one task's thread (target rank and top 10 over
     the catalogue; the time of each batch spread over its users)."""
     rows = results.groupBy("model").agg(F.count(F.lit(1)).alias("n"), F.sum("seconds").alias("s"))
-    return {r.model: round(r.n / r.s, 1) if r.s else float("inf") for r in rows.collect()}
+    return {r.model: round(r.n / r.s, 1) if r.s else None for r in rows.collect()}
 
 
 def per_user_metrics(results: DataFrame) -> DataFrame:

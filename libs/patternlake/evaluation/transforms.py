@@ -249,7 +249,7 @@ def model_reports(
         teacher = scored["teacher"][1:] if "teacher" in scored else None
         out[name] = model_report(overall, per, params, nbytes, groups, routed.get(name), teacher)
         seconds = time.monotonic() - t
-        out[name]["users_per_s"] = round(len(target) / seconds, 1) if seconds > 0 else float("inf")
+        out[name]["users_per_s"] = round(len(target) / seconds, 1) if seconds > 0 else None
         log.info(
             "evaluate %s: NDCG@10 %.4f HR@10 %.4f (%.1fs)",
             name,

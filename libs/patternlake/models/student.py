@@ -147,15 +147,20 @@ def student_from_arrays(
     return model.eval()
 
 
-def from_bytes(data: bytes, runtime: str = "dequant", base: bytes | None = None) -> nn.Module:
+def from_bytes(
+    data: bytes, runtime: str = "dequant", base: bytes | nn.Module | None = None
+) -> nn.Module:
     """A model file -> its model; a segment head's file (kind ``student_head``) needs the
-    file of the shared student it specialises, ``base``."""
+    shared student it specialises, ``base``: its file, or the model built from it once for
+    several heads (dequantized: a head always runs on fp32 kernels, whatever ``runtime``)."""
     tensors, meta = store.loads(data)
     if meta.get("kind") != "student_head":
         return student_from_arrays(tensors, meta, runtime)
     if base is None:
         raise ValueError(f"a segment head needs its base student's file (v{meta.get('base')})")
-    return apply_head(from_bytes(base), tensors, meta)  # the head runs on dequantized weights
+    if not isinstance(base, nn.Module):
+        base = from_bytes(base)
+    return apply_head(base, tensors, meta)
 
 
 # -- segment heads ---------------------------------------------------------------------------
@@ -168,9 +173,11 @@ def is_head_tensor(name: str) -> bool:
 
 
 def with_head(base: nn.Module, item_bias: bool, adapter_rank: int) -> Student:
-    """A new fp32 student with ``base``'s weights (an int8 base: its dequantized weights) and
-    a head: an item bias (zeros), an adapter (rank ``adapter_rank``; the identity) and the
-    base's final norm, so it scores exactly as the base until the head is trained."""
+    """A new fp32 student on ``base``'s weights (an int8 base: its dequantized weights) with a
+    head: an item bias (zeros), an adapter (rank ``adapter_rank``; the identity) and a copy
+    of the base's final norm, so it scores exactly as the base until the head is trained.
+    Every other tensor *is* the base's (shared storage, not a copy): the heads of one shared
+    student hold its body and item table once."""
     shell = base.shell if isinstance(base, Int8Student) else base
     if not isinstance(shell, Student):
         raise TypeError(f"a head specialises a student, not {type(base).__name__}")
@@ -178,10 +185,19 @@ def with_head(base: nn.Module, item_bias: bool, adapter_rank: int) -> Student:
         **{**shell.config.to_dict(), "item_bias": item_bias, "adapter_rank": adapter_rank}
     )
     out = Student(config, shell.n_global, shell.catalogue)
-    state = {k: v for k, v in shell.state_dict().items() if not k.startswith(HEAD_PARTS[1:])}
-    missing, unexpected = out.load_state_dict(state, strict=False)
-    if unexpected or not all(is_head_tensor(k) for k in missing):
-        raise ValueError(f"head over a different network: {unexpected or missing}")
+    theirs = {k: v for k, v in shell.named_parameters() if not k.startswith(HEAD_PARTS[1:])}
+    mine = dict(out.named_parameters())
+    extra = [k for k in mine if k not in theirs and not is_head_tensor(k)]
+    if extra or set(theirs) - set(mine):
+        raise ValueError(f"head over a different network: {extra or set(theirs) - set(mine)}")
+    with torch.no_grad():
+        for name, p in mine.items():
+            if name not in theirs:
+                continue
+            if is_head_tensor(name):  # the final norm: the head's own copy
+                p.copy_(theirs[name])
+            else:
+                p.data = theirs[name].data
     return out.eval()
 
 
@@ -205,9 +221,12 @@ def head_bytes(model: Student, base_version: str, **extra: Any) -> bytes:
 def apply_head(base: nn.Module, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Student:
     config = TeacherConfig(**meta["config"])
     model = with_head(base, config.item_bias, config.adapter_rank)
-    state = model.state_dict()
-    state.update({k: torch.from_numpy(v) for k, v in tensors.items()})
-    model.load_state_dict(state)
+    own = dict(model.named_parameters())
+    if set(tensors) != {k for k in own if is_head_tensor(k)}:
+        raise ValueError(f"a head file with tensors {sorted(tensors)} does not fit this base")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(torch.from_numpy(v))
     return model.eval()
 
 

@@ -115,12 +115,13 @@ def _build_models(payload: dict[str, Any]) -> dict[int, Served]:
     models = {NO_SEGMENT: _served(teacher, "teacher", payload["teacher_version"])}
     built: dict[str, Served] = {}  # the shared student: one model, one index, every segment
     files = payload.get("files", {})
+    bases: dict[str, torch.nn.Module] = {}  # a segment head's shared student, built once
     for g, (name, version) in payload["students"].items():
         if version not in built:
-            base = payload.get("bases", {}).get(version)  # a segment head's shared student
-            model = from_bytes(
-                files[version], payload["runtime"], base=None if base is None else files[base]
-            )
+            base = payload.get("bases", {}).get(version)
+            if base is not None and base not in bases:
+                bases[base] = from_bytes(files[base])
+            model = from_bytes(files[version], payload["runtime"], base=bases.get(base))
             built[version] = _served(model, name, version)
         models[int(g)] = built[version]
     return models

@@ -44,6 +44,7 @@ from patternlake.config import Config
 from patternlake.errors import PatternlakeError
 from patternlake.lake import Lake
 from patternlake.models.fit import split_of
+from patternlake.models.store import metadata
 from patternlake.models.student import (
     from_bytes,
     head_bytes,
@@ -93,6 +94,8 @@ def fit_head(base: torch.nn.Module, table: pa.Table, s: dict[str, Any]) -> dict[
     torch.manual_seed(s["seed"])
     rng = np.random.default_rng(s["seed"])
     model = with_head(base, s["item_bias"], s["adapter_rank"])
+    if model.catalogue is not None:
+        raise ValueError("a head specialises a whole-catalogue (shared) student")
     net = model.net
     net.distill = (s["alpha"], s["temperature"])
     L = model.config.max_len
@@ -237,9 +240,7 @@ def shared_bases(config: Config, segments: list[int], teacher_version: str) -> d
     out = {}
     for g, mv in registry.current_champions(config, segments, teacher_version).items():
         if mv is not None and mv.tags.get("variant") == "head":
-            mv = registry.client(config).get_model_version(
-                registry.STUDENT, mv.tags["base_version"]
-            )
+            mv = registry.student_version(config, mv.tags["base_version"])
         if mv is not None and mv.tags.get("shared") == "true":
             out[g] = mv
     return out
@@ -285,7 +286,7 @@ def _judge(
             False, interval, "no epoch beat the shared student on the segment's tune users"
         )
     base_name = f"{registry.champion_name(base_mv)} v{base_version}"
-    params = int(head.num_params()) - int(base.num_params())
+    params = int(metadata(data)["head_params"])
     version = Candidate(
         segment=g,
         variant="head",
