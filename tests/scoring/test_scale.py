@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import torch
 
@@ -100,7 +101,10 @@ def test_cached_prefix_explanations_equal_encoding_every_deleted_history():
     with torch.no_grad():
         head.net.item_bias.normal_()
         head.net.adapter[1].weight.normal_(0, 0.3)
-    for model in (_teacher(n, seed=2), student, head):
+    low = Student(replace(c, item_rank=5), n, catalogue).eval()  # a low-rank item table
+    with torch.no_grad():
+        low.net.seen_weight.fill_(0.3)
+    for model in (_teacher(n, seed=2), student, head, low):
         ranker = ranking.ranker_for(model)
         assert isinstance(ranker, ranking.DotRanker)
         generic = ranking.DenseRanker(model, n)

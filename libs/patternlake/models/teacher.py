@@ -238,8 +238,9 @@ class SequentialTeacher(nn.Module):
             # the last position only (the deletion of the last event)
             x, k, v = block.forward_cached(x, allowed, last_only=n == len(self.blocks) - 1)
             cache.append((k.contiguous(), v.contiguous()))  # overwritten per deletion
-        out = x.new_empty((B, last, x.shape[-1]))
-        out[:, 0] = self.final(x[:, -1])
+        first = self.final(x[:, -1])  # the state's width: D, or r for a low-rank item table
+        out = first.new_empty((B, last, first.shape[-1]))
+        out[:, 0] = first
         for j in range(1, last):
             p = L - 1 - j  # the deleted position; the prefix is the shifted history's 0..p
             x = self._embed(items[:, p + 1 :], types[:, p + 1 :], gaps[:, p + 1 :], pos[p + 1 :])
