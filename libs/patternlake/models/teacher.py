@@ -58,6 +58,11 @@ class TeacherConfig:
         return asdict(self)
 
 
+# fields only students set (a segment head; the search's item-table scheme): the teacher
+# section of conf has none of them
+STUDENT_FIELDS = ("item_bias", "adapter_rank", "item_rank")
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: causal self-attention then a position-wise MLP."""
 
