@@ -115,9 +115,9 @@ def test_a_head_learns_what_its_base_misses_and_changes_nothing_else(served):
     L = base.config.max_len
     stride = min(cfg.train.window_stride, L) or L  # as the stored top-K was cut
     s = settings(cfg, stride) | {"segment": 0, "base_version": "1"}
-    out = fit_head(base, table, s | {"epochs": 8, "patience": 8, "lr": 0.01, "valid_users": 10_000})
+    out = fit_head(base, table, s | {"epochs": 4, "patience": 4, "valid_users": 10_000})
     assert out["tune_users"] > 20 and out["targets"] > 0
-    assert out["best_epoch"] > 0 and out["tune_ndcg"] > out["base_ndcg"] + 0.02, out
+    assert out["best_epoch"] > 0 and out["tune_ndcg"] > out["base_ndcg"] + 0.05, out
     for name, value in base.state_dict().items():  # training touched no tensor of the base
         assert torch.equal(value, before[name]), name
     tensors, _ = loads(out["head"])  # the file holds the head only
