@@ -214,7 +214,7 @@ CONTRACTS: dict[str, Contract] = _catalog(
         ),
         _contract(
             "teacher_topk",
-            "distill",
+            ("distill", "heads"),
             "user_id string NOT NULL, n_events int NOT NULL, item_seq array<int> NOT NULL, "
             "type_seq array<int> NOT NULL, gap_seq array<int> NOT NULL, "
             "time_seq array<bigint> NOT NULL, valid_item int, test_item int, "
