@@ -84,11 +84,10 @@ def test_a_kept_head_serves_its_segment_and_the_fleet_counts_the_shared_file_onc
         f"student-head v{kept[g]['registered_version']}" for g in kept
     }
     # score serves the head where it was kept, the shared student elsewhere
-    score_users(lake.spark, lake, cfg)
-    names = {
-        (r.segment_id, r.model_name)
-        for r in lake.read("user_patterns").where("fallback = false").collect()
-    }
+    run = score_users(lake.spark, lake, cfg)["run_id"]
+    rows = lake.read("user_patterns").where(f"fallback = false AND run_id = '{run}'")
+    names = {(r.segment_id, r.model_name) for r in rows.collect()}  # this run's rows only
+    assert names
     for g, name in names:
         assert name == ("student-head" if g in kept else "student")
     # a rerun decides every segment again, against the shared student under its head
