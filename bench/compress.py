@@ -100,9 +100,9 @@ def fleet_test(lake, config, resamples: int = 2000) -> dict:
     int8 teacher; top-10 users/s of the teacher and of the fleet's models, same run."""
     from patternlake import registry
     from patternlake.models import ranking
-    from patternlake.models.store import metadata
     from patternlake.models.student import Student, from_bytes, quantized_bytes
     from patternlake.models.teacher import TeacherScorer, teacher_bytes
+    from patternlake.scoring.score import champion_payload
     from patternlake.sequence_reader import evaluation_arrays, read_table
     from patternlake.students import gates
 
@@ -119,18 +119,11 @@ def fleet_test(lake, config, resamples: int = 2000) -> dict:
     seg_of = dict(lake.read("segments").select("user_id", "segment_id").toPandas().values)
     groups = np.array([seg_of.get(u, -1) for u in users])
     segments = sorted({int(g) for g in groups} - {-1})
-    champions = registry.current_champions(config, segments, tags["version"])
-    files, served, bases, names = {}, {}, {}, {}
-    for g, mv in champions.items():
-        if mv is not None:
-            v = str(mv.version)
-            if v not in files:
-                data, base = registry.student_files(config, v)
-                files[v] = data
-                if base is not None:  # a segment head: its shared file, counted once
-                    bases[v] = str(metadata(data)["base"])
-                    files.setdefault(bases[v], base)
-            served[g], names[g] = v, f"{registry.champion_name(mv)} v{v}"
+    # what score serves: each segment's champion, every file once (a head's shared file too)
+    payload, _ = champion_payload(config, segments)
+    files, bases = payload["files"], payload["bases"]
+    served = {g: v for g, (_, v) in payload["students"].items()}
+    names = {g: f"{n} v{v}" for g, (n, v) in payload["students"].items()}
     models = {
         v: from_bytes(files[v], config.compress.runtime, base=files.get(bases.get(v, "")))
         for v in sorted(set(served.values()))
