@@ -120,12 +120,20 @@ def run_stage(cmd: list[str], log: Path) -> dict:
 
 
 def one_catalogue(
-    work: Path, items: int, users: int, events: int, epochs: int, skip: set[str]
+    work: Path,
+    items: int,
+    users: int,
+    events: int,
+    epochs: int,
+    skip: set[str],
+    zipf: float | None = None,
 ) -> dict:
     data = work / "data"
+    popularity = ["--set", f"generate.zipf_exponent={zipf}"] if zipf else []
     gen = run_stage(
-        [PY, "-m", "patternlake.cli", "generate", "--out", str(data), "--users", str(users),
-         "--items", str(items), "--events", str(events), "--format", "parquet"],
+        [PY, "-m", "patternlake.cli", *popularity, "generate", "--out", str(data),
+         "--users", str(users), "--items", str(items), "--events", str(events),
+         "--format", "parquet"],
         work / "generate.log",
     )  # fmt: skip
     stages = {"generate": gen}
@@ -151,12 +159,27 @@ def one_catalogue(
         print(f"  {items:,} items: {name} ...", flush=True)
         r = run_stage(cmd, work / f"{name.replace(' ', '_')}.log")
         stages[name] = r
+        if name == "train" and r["rc"] == 0:
+            r |= trained_catalogue(r.get("json") or {})
         if r["rc"] != 0:
             print(f"    failed (rc {r['rc']}): {r.get('error')}", flush=True)
             if name in ("run daily", "train"):  # the stages after need their output
                 break
     _rates(stages, users)
     return stages
+
+
+def trained_catalogue(train: dict) -> dict:
+    """The teacher's item count and loss, read from its best checkpoint: the model's catalogue
+    is the items that have events, which at few events per item is well below the generated
+    catalogue (Zipf popularity leaves the tail unseen)."""
+    path = train.get("best_path")
+    if not path or not Path(path).exists():
+        return {}
+    import torch
+
+    config = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["config"]
+    return {"model_items": config["n_items"], "sampled_softmax": config.get("sampled_softmax")}
 
 
 def _rates(stages: dict, users: int) -> None:
@@ -197,6 +220,14 @@ def table(results: dict[int, dict]) -> str:
                 f"{name:10s} {n:>10,d} {r['wall_s']:8.1f} {rate:>18s} {r['driver_mb']:10.0f} "
                 f"{r['jvm_mb']:8.0f} {r['worker_mb']:10.0f}  {status}"
             )
+    for n in sizes:
+        train = results[n].get("train") or {}
+        if "model_items" in train:
+            loss = "sampled softmax" if train.get("sampled_softmax") else "full softmax"
+            lines.append(
+                f"catalogue {n:,}: the teacher ranks {train['model_items']:,} items (those "
+                f"with events), {loss}"
+            )
     if len(sizes) == 2:
         small, large = (results[n] for n in sizes)
         lines.append(f"\nratios {sizes[1]:,} / {sizes[0]:,} items:")
@@ -224,18 +255,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="")
     p.add_argument("--keep", action="store_true", help="keep the lakes (printed)")
     p.add_argument("--skip", default="", help="stages not to run, e.g. distill,compress")
+    p.add_argument(
+        "--zipf",
+        type=float,
+        default=None,
+        help="items' popularity exponent (generate.zipf_exponent; conf's 1.1 leaves most of a "
+        "1M catalogue without events at 500k events: 0.5 with 4M events reaches ~940k items)",
+    )
     args = p.parse_args(argv)
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     sizes = [int(x) for x in args.items.split(",")]
     print(
         f"CLI stages, local[2]: {args.users:,} users, {args.events:,} events, catalogues "
-        f"{', '.join(f'{n:,}' for n in sizes)} items, {args.epochs} epoch(s) of training",
+        f"{', '.join(f'{n:,}' for n in sizes)} items, {args.epochs} epoch(s) of training"
+        + (f", Zipf exponent {args.zipf}" if args.zipf else ""),
         flush=True,
     )
     results = {}
     for n in sizes:
         work = Path(tempfile.mkdtemp(prefix=f"scale-{n}-"))
-        results[n] = one_catalogue(work, n, args.users, args.events, args.epochs, skip)
+        results[n] = one_catalogue(work, n, args.users, args.events, args.epochs, skip, args.zipf)
         if args.keep:
             print(f"  lake: {work}")
         else:

@@ -38,6 +38,8 @@ import pyarrow as pa
 import torch
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import to_arrow_schema
+from pyspark.sql.types import BinaryType, DoubleType, LongType, StructField, StructType
 
 from patternlake import registry
 from patternlake.config import Config
@@ -60,24 +62,22 @@ from patternlake.students.topk import TABLE, store_teacher_topk
 
 log = logging.getLogger(__name__)
 
-RESULT = pa.schema(
+# One row per segment: the head's file and what its training measured.
+RESULT = StructType(
     [
-        ("segment_id", pa.int64()),
-        ("head", pa.binary()),
-        ("best_epoch", pa.int64()),
-        ("epochs", pa.int64()),
-        ("base_ndcg", pa.float64()),
-        ("tune_ndcg", pa.float64()),
-        ("tune_users", pa.int64()),
-        ("users", pa.int64()),
-        ("targets", pa.int64()),
-        ("seconds", pa.float64()),
+        StructField("segment_id", LongType()),
+        StructField("head", BinaryType()),
+        StructField("best_epoch", LongType()),
+        StructField("epochs", LongType()),
+        StructField("base_ndcg", DoubleType()),
+        StructField("tune_ndcg", DoubleType()),
+        StructField("tune_users", LongType()),
+        StructField("users", LongType()),
+        StructField("targets", LongType()),
+        StructField("seconds", DoubleType()),
     ]
 )
-RESULT_DDL = (
-    "segment_id bigint, head binary, best_epoch bigint, epochs bigint, base_ndcg double, "
-    "tune_ndcg double, tune_users bigint, users bigint, targets bigint, seconds double"
-)
+RESULT_ARROW = to_arrow_schema(RESULT)
 
 
 def _ndcg(model: torch.nn.Module, x: np.ndarray, target: np.ndarray) -> float:
@@ -215,10 +215,10 @@ def heads(spark: SparkSession, lake: Lake, config: Config) -> dict[str, Any]:
         g = int(key[0].as_py())
         base = from_bytes(blob[owner[g]])
         out = fit_head(base, table, common | {"segment": g, "base_version": owner[g]})
-        return pa.Table.from_pylist([{"segment_id": g, **out}], schema=RESULT)
+        return pa.Table.from_pylist([{"segment_id": g, **out}], schema=RESULT_ARROW)
 
     try:
-        trained = frame.groupBy("segment_id").applyInArrow(run, RESULT_DDL).collect()
+        trained = frame.groupBy("segment_id").applyInArrow(run, RESULT).collect()
     finally:
         shared.unpersist()
     judged = GateUsers(spark, lake, files, max_len)
