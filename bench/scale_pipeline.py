@@ -17,8 +17,8 @@ process); the stage's rate: training targets/s (``samples_per_s`` of the teacher
 over every process), evaluation users/s (evaluated users over the command's wall time) and
 scoring users/s (users scored, explanations and rules included, over the command's wall
 time); the items the teacher ranks (those with events: Zipf popularity leaves much of a
-large catalogue without any unless ``--zipf`` flattens it). Then each ratio large / small. A stage that fails is recorded with its exit code
-and last error line; after a failed ``run daily`` or ``train`` the catalogue's later stages
+large catalogue without any unless ``--zipf`` flattens it). Then each ratio large / small.
+A stage that fails is recorded with its exit code and last error line; after a failed ``run daily`` or ``train`` the catalogue's later stages
 are not run (after a failed ``distill``, ``compress`` or ``heads``, ``score`` serves what
 the registry says). ``--skip distill,compress,heads`` leaves the students out.
 """
