@@ -18,9 +18,10 @@ over every process), evaluation users/s (evaluated users over the command's wall
 scoring users/s (users scored, explanations and rules included, over the command's wall
 time); the items the teacher ranks (those with events: Zipf popularity leaves much of a
 large catalogue without any unless ``--zipf`` flattens it). Then each ratio large / small.
-A stage that fails is recorded with its exit code and last error line; after a failed ``run daily`` or ``train`` the catalogue's later stages
-are not run (after a failed ``distill``, ``compress`` or ``heads``, ``score`` serves what
-the registry says). ``--skip distill,compress,heads`` leaves the students out.
+A stage that fails is recorded with its exit code and last error line; after a failed
+``run daily`` or ``train`` the catalogue's later stages are not run (after a failed
+``distill``, ``compress`` or ``heads``, ``score`` serves what the registry says).
+``--skip distill,compress,heads`` leaves the students out.
 """
 
 from __future__ import annotations
@@ -177,10 +178,10 @@ def trained_catalogue(train: dict) -> dict:
     path = train.get("best_path")
     if not path or not Path(path).exists():
         return {}
-    import torch
+    from patternlake.models.backends import load_best
 
-    config = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["config"]
-    return {"model_items": config["n_items"], "sampled_softmax": config.get("sampled_softmax")}
+    config = load_best(train).config
+    return {"model_items": config.n_items, "sampled_softmax": config.sampled_softmax}
 
 
 def _rates(stages: dict, users: int) -> None:
